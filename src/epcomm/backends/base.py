@@ -1,0 +1,193 @@
+"""The mode interface every transport implements, with the validated requests it receives.
+
+The facade (``epcomm.buffer``) validates arguments, picks a backend and runs it on the right
+stream; a backend only moves data. Requests carry already-checked tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+import torch
+
+from epcomm.config import Config
+from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.layout import DispatchLayout
+
+__all__ = [
+    "Backend",
+    "CombineRequest",
+    "CombineResult",
+    "DispatchRequest",
+    "DispatchResult",
+    "LowLatencyCombineRequest",
+    "LowLatencyCombineResult",
+    "LowLatencyDispatchRequest",
+    "LowLatencyDispatchResult",
+    "RecvHook",
+]
+
+RecvHook = Callable[[], None]
+
+
+@dataclass(frozen=True)
+class DispatchRequest:
+    """A checked normal-mode dispatch (fresh layout when ``handle`` is ``None``, else cached).
+
+    Fields:
+        x: ``[num_tokens, hidden]`` bf16 or float8_e4m3fn.
+        x_scales: ``[num_tokens, num_scales]`` float32 or int32 (packed UE8M0), any strides, or
+            ``None`` for bf16.
+        topk_idx: ``[num_tokens, num_topk]`` int64 or ``None``.
+        topk_weights: ``[num_tokens, num_topk]`` float32 or ``None``.
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+        num_tokens_per_expert: ``[num_experts]`` int32 (``None`` in cached mode).
+        handle: the layout of an earlier dispatch (cached mode) or ``None``.
+        expert_alignment: per-expert counts are rounded up to this.
+        num_worst_tokens: ``> 0``: receive exactly this many rows, no CPU synchronization.
+        config: performance knobs.
+    """
+
+    x: torch.Tensor
+    x_scales: torch.Tensor | None
+    topk_idx: torch.Tensor | None
+    topk_weights: torch.Tensor | None
+    is_token_in_rank: torch.Tensor
+    num_tokens_per_expert: torch.Tensor | None
+    handle: DispatchHandle | None
+    expert_alignment: int
+    num_worst_tokens: int
+    config: Config
+
+
+class DispatchResult(NamedTuple):
+    """What a backend's dispatch returns (``recv_x_scales`` is ``None`` for bf16)."""
+
+    recv_x: torch.Tensor
+    recv_x_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    num_recv_tokens_per_expert_list: list[int]
+    handle: DispatchHandle
+
+
+@dataclass(frozen=True)
+class CombineRequest:
+    """A checked normal-mode combine.
+
+    Fields:
+        x: ``[num_recv_rows, hidden]`` bf16, the rows dispatch delivered (after the experts).
+        handle: the dispatch's handle.
+        topk_weights: ``[num_recv_rows, num_topk]`` float32 or ``None``.
+        bias: 0, 1 or 2 tensors ``[num_tokens, hidden]`` bf16 added to the result.
+        config: performance knobs.
+    """
+
+    x: torch.Tensor
+    handle: DispatchHandle
+    topk_weights: torch.Tensor | None
+    bias: tuple[torch.Tensor, ...]
+    config: Config
+
+
+class CombineResult(NamedTuple):
+    """``combined_x [num_tokens, hidden]`` bf16 and the summed weights (or ``None``)."""
+
+    combined_x: torch.Tensor
+    combined_topk_weights: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class LowLatencyDispatchRequest:
+    """A checked low-latency dispatch (see ``Buffer.low_latency_dispatch``)."""
+
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    num_max_dispatch_tokens_per_rank: int
+    num_experts: int
+    cumulative_local_expert_recv_stats: torch.Tensor | None
+    dispatch_wait_recv_cost_stats: torch.Tensor | None
+    use_fp8: bool
+    round_scale: bool
+    use_ue8m0: bool
+    return_recv_hook: bool
+
+
+class LowLatencyDispatchResult(NamedTuple):
+    """``recv_x`` (a tensor, or ``(x_fp8, scales)``), ``recv_count``, handle, receive hook."""
+
+    recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor]
+    recv_count: torch.Tensor
+    handle: LowLatencyHandle
+    hook: RecvHook | None
+
+
+@dataclass(frozen=True)
+class LowLatencyCombineRequest:
+    """A checked low-latency combine (see ``Buffer.low_latency_combine``)."""
+
+    x: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+    handle: LowLatencyHandle
+    zero_copy: bool
+    return_recv_hook: bool
+    out: torch.Tensor | None
+    combine_wait_recv_cost_stats: torch.Tensor | None
+
+
+class LowLatencyCombineResult(NamedTuple):
+    """``combined_x [num_tokens, hidden]`` bf16 and the receive hook (or ``None``)."""
+
+    combined_x: torch.Tensor
+    hook: RecvHook | None
+
+
+class Backend(Protocol):
+    """A transport: moves the data of every mode for one ``Buffer``."""
+
+    name: str
+
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+        """Routing counts for ``topk_idx [num_tokens, num_topk]``."""
+        ...
+
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """Normal-mode dispatch, fresh or cached (``request.handle``)."""
+        ...
+
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """Normal-mode combine."""
+        ...
+
+    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """Low-latency dispatch into the expert-major fixed-capacity layout."""
+        ...
+
+    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """Low-latency weighted combine back onto each token's rank."""
+        ...
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The ``[num_local_experts, num_ranks * M, hidden]`` bf16 buffer zero-copy combine reads."""
+        ...
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Reset low-latency state after normal-mode use of the same memory."""
+        ...
+
+    def set_rank_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: mark ``rank`` as masked (skipped) or unmasked."""
+        ...
+
+    def rank_mask(self) -> torch.Tensor:
+        """Shrink mode: ``[num_ranks]`` int32, 1 where a rank is masked."""
+        ...
+
+    def destroy(self) -> None:
+        """Release every resource."""
+        ...

@@ -1,0 +1,46 @@
+"""Pack several per-token tensors into one byte row per token, and back (reference backend).
+
+One message per peer instead of four keeps the reference simple and moves any dtype (bf16, fp8,
+int64) over gloo, which only knows a few.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["RowLayout"]
+
+
+class RowLayout:
+    """Byte layout of a packed row: one column block per field.
+
+    Arguments:
+        fields: per field ``(columns, dtype)``; a field of a ``[num_tokens, columns]`` tensor.
+    """
+
+    def __init__(self, fields: Sequence[tuple[int, torch.dtype]]) -> None:
+        self.fields = list(fields)
+        self.offsets: list[int] = []
+        offset = 0
+        for columns, dtype in self.fields:
+            self.offsets.append(offset)
+            offset += columns * dtype.itemsize
+        self.row_bytes = offset
+
+    def pack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+        """``[num_tokens, row_bytes]`` uint8 from tensors ``[num_tokens, columns]`` (any strides)."""
+        parts = [
+            t.contiguous().view(torch.uint8).reshape(t.size(0), columns * dtype.itemsize)
+            for t, (columns, dtype) in zip(tensors, self.fields)
+        ]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+    def unpack(self, packed: torch.Tensor) -> list[torch.Tensor]:
+        """Contiguous ``[num_rows, columns]`` tensors of each field from ``[num_rows, row_bytes]`` uint8."""
+        out = []
+        for (columns, dtype), offset in zip(self.fields, self.offsets):
+            block = packed[:, offset : offset + columns * dtype.itemsize].contiguous()
+            out.append(block.view(dtype).reshape(packed.size(0), columns))
+        return out

@@ -1,0 +1,711 @@
+"""``Buffer``: the DeepEP V1-compatible facade. Validates arguments, picks the backend, runs it on
+the right stream and packs results into DeepEP's tuples. It launches no kernel itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from epcomm import env, validation
+from epcomm._logging import log_once
+from epcomm.backends import create_backend
+from epcomm.backends.base import (
+    Backend,
+    CombineRequest,
+    DispatchRequest,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+)
+from epcomm.config import Config, combine_config_preset, dispatch_config_preset
+from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
+from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.ll_layout import low_latency_rdma_size_hint
+from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
+
+__all__ = ["Buffer"]
+
+DispatchOutput = tuple[
+    torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    torch.Tensor | None,
+    torch.Tensor | None,
+    list[int] | None,
+    DispatchHandle | None,
+    EventOverlap,
+]
+
+
+def _noop_hook() -> None:
+    """The receive hook returned when ``return_recv_hook=False``: nothing left to do."""
+
+
+def _num_ranks_per_node(group: Any) -> int:
+    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    num_ranks = dist.get_world_size(group)
+    if local_world_size is not None and num_ranks % int(local_world_size) == 0:
+        return min(int(local_world_size), num_ranks)
+    hosts: list[Any] = [None] * num_ranks
+    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    return hosts.count(hosts[dist.get_rank(group)])
+
+
+class Buffer:
+    """The communication buffer of one process group (DeepEP's ``deep_ep.Buffer``).
+
+    Arguments:
+        group: the ``torch.distributed`` process group (NCCL or gloo; with GPU data a gloo group
+            works too, as vLLM uses it).
+        num_nvl_bytes: bytes for intranode normal-mode buffers (DeepEP's meaning).
+        num_rdma_bytes: bytes for internode / low-latency buffers; in low-latency mode it must be
+            at least ``get_low_latency_rdma_size_hint(...)``.
+        low_latency_mode: enable the low-latency calls.
+        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, comm:
+            DeepEP's RDMA options; accepted for compatibility.
+        explicitly_destroy: resources are released only by ``destroy()``.
+        enable_shrink: enable the rank mask of shrink mode.
+        backend: ``"auto"`` (default: ``EPCOMM_BACKEND``, else picked from the devices),
+            ``"reference"``, ``"nvlink"`` or ``"nvshmem"`` (extra keyword, not in DeepEP).
+
+    Attributes:
+        rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name.
+    """
+
+    num_sms: ClassVar[int] = 20
+
+    def __init__(
+        self,
+        group: Any,
+        num_nvl_bytes: int = 0,
+        num_rdma_bytes: int = 0,
+        low_latency_mode: bool = False,
+        num_qps_per_rank: int = 24,
+        allow_nvlink_for_low_latency_mode: bool = True,
+        allow_mnnvl: bool = False,
+        use_fabric: bool = False,
+        explicitly_destroy: bool = False,
+        enable_shrink: bool = False,
+        comm: Any = None,
+        backend: str | None = None,
+    ) -> None:
+        if group is None:
+            if not dist.is_initialized():
+                raise ValueError("group: torch.distributed is not initialized; call init_process_group first")
+            group = dist.group.WORLD
+        check_int("num_nvl_bytes", num_nvl_bytes, 0)
+        check_int("num_rdma_bytes", num_rdma_bytes, 0)
+        self.group = group
+        self.rank: int = dist.get_rank(group)
+        self.group_size: int = dist.get_world_size(group)
+        self.num_nvl_bytes = num_nvl_bytes
+        self.num_rdma_bytes = num_rdma_bytes
+        self.low_latency_mode = low_latency_mode
+        self.explicitly_destroy = explicitly_destroy
+        self.enable_shrink = enable_shrink
+        self.num_ranks_per_node = _num_ranks_per_node(group)
+        choice = env.BackendChoice(backend.lower()) if backend is not None else env.backend_choice()
+        self._backend: Backend | None = create_backend(
+            choice, group, env.timeout_s(), self.num_ranks_per_node, enable_shrink
+        )
+        self.backend_name: str = self._backend.name
+        self._comm_stream: torch.cuda.Stream | None = None
+        self._local_buffers: dict[bool, torch.Tensor] = {}
+
+    # ---- lifetime -----------------------------------------------------------------------------
+    def destroy(self) -> None:
+        """Release every resource; the buffer cannot be used afterwards."""
+        if self._backend is not None:
+            self._backend.destroy()
+            self._backend = None
+            self._local_buffers.clear()
+
+    def __enter__(self) -> Buffer:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_value: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.destroy()
+
+    @property
+    def backend(self) -> Backend:
+        """The live backend (raises once ``destroy()`` was called)."""
+        if self._backend is None:
+            raise RuntimeError("Buffer: used after destroy()")
+        return self._backend
+
+    # ---- static helpers -----------------------------------------------------------------------
+    @staticmethod
+    def set_num_sms(new_num_sms: int) -> None:
+        """Set the SMs the normal-mode kernels use (class-wide, even, as DeepEP)."""
+        check_int("new_num_sms", new_num_sms, 2)
+        if new_num_sms % 2 != 0:
+            raise ValueError(f"new_num_sms must be even; got {new_num_sms}")
+        Buffer.num_sms = new_num_sms
+
+    @staticmethod
+    def capture() -> EventOverlap:
+        """An ``EventOverlap`` recorded on the current stream now."""
+        return EventOverlap(EventHandle())
+
+    @staticmethod
+    def get_dispatch_config(num_ranks: int) -> Config:
+        """The default dispatch ``Config`` for ``num_ranks`` (uses the current ``Buffer.num_sms``)."""
+        return dispatch_config_preset(Buffer.num_sms, num_ranks)
+
+    @staticmethod
+    def get_combine_config(num_ranks: int) -> Config:
+        """The default combine ``Config`` for ``num_ranks`` (uses the current ``Buffer.num_sms``)."""
+        return combine_config_preset(Buffer.num_sms, num_ranks)
+
+    @staticmethod
+    def get_low_latency_rdma_size_hint(
+        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    ) -> int:
+        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes."""
+        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+
+    @staticmethod
+    def is_sm90_compiled() -> bool:
+        """Whether the SM90 (Hopper) kernels can be built here: true when Triton is importable."""
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return False
+        return True
+
+    def get_comm_stream(self) -> torch.cuda.Stream | None:
+        """The communication stream (``None`` without CUDA)."""
+        if self._comm_stream is None and torch.cuda.is_available():
+            self._comm_stream = torch.cuda.Stream()
+        return self._comm_stream
+
+    def get_local_buffer_tensor(
+        self,
+        dtype: torch.dtype,
+        size: torch.Size | None = None,
+        offset: int = 0,
+        use_rdma_buffer: bool = False,
+    ) -> torch.Tensor:
+        """A view of this rank's NVLink (or RDMA) buffer bytes as ``dtype``.
+
+        Arguments:
+            dtype: element type of the view.
+            size: shape of the view (default: all elements after ``offset``).
+            offset: byte offset into the buffer.
+            use_rdma_buffer: view the RDMA buffer instead of the NVLink one.
+
+        Returns:
+            Tensor of ``size`` and ``dtype`` on the current device.
+        """
+        num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
+        if use_rdma_buffer not in self._local_buffers:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            self._local_buffers[use_rdma_buffer] = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
+        raw = self._local_buffers[use_rdma_buffer][offset:]
+        count = raw.numel() // dtype.itemsize
+        view = raw[: count * dtype.itemsize].view(dtype)
+        if size is None:
+            return view
+        numel = 1
+        for dim in size:
+            numel *= dim
+        if numel > count:
+            raise ValueError(
+                f"size {list(size)} needs {numel * dtype.itemsize} bytes; the buffer has {raw.numel()}"
+            )
+        return view[:numel].view(size)
+
+    def _stream_for(self, tensor: torch.Tensor) -> torch.cuda.Stream | None:
+        return self.get_comm_stream() if tensor.is_cuda else None
+
+    # ---- normal mode --------------------------------------------------------------------------
+    def _check_events(self, previous_event: Any, async_finish: bool, allocate_on_comm_stream: bool) -> None:
+        if allocate_on_comm_stream and (previous_event is None or not async_finish):
+            raise ValueError(
+                "allocate_on_comm_stream=True requires previous_event and async_finish=True; got "
+                f"previous_event={previous_event!r}, async_finish={async_finish}"
+            )
+
+    def get_dispatch_layout(
+        self,
+        topk_idx: torch.Tensor,
+        num_experts: int,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor, EventOverlap]:
+        """Count where each token goes.
+
+        Arguments:
+            topk_idx: ``[num_tokens, num_topk]`` int64 (``epcomm.topk_idx_t``), ``-1`` = no expert.
+            num_experts: total experts, a multiple of the group size.
+            previous_event, async_finish, allocate_on_comm_stream: as in ``dispatch``.
+
+        Returns:
+            ``num_tokens_per_rank [num_ranks]`` int32, ``num_tokens_per_rdma_rank [num_nodes]``
+            int32 (``None`` within one node), ``num_tokens_per_expert [num_experts]`` int32,
+            ``is_token_in_rank [num_tokens, num_ranks]`` bool, and the event.
+        """
+        validation.check_num_experts("num_experts", num_experts, self.group_size)
+        idx, _ = validation.check_topk(topk_idx, None, None, None)
+        self._check_events(previous_event, async_finish, allocate_on_comm_stream)
+        if validation.should_check_values(idx, synchronizes_anyway=False):
+            validation.check_expert_ids("topk_idx", idx, num_experts)
+        backend = self.backend
+        with comm_stream_scope(self._stream_for(idx), previous_event, [idx]) as scope:
+            layout = backend.get_dispatch_layout(idx, num_experts)
+            event = scope.finish(
+                tuple(t for t in layout if t is not None), async_finish, allocate_on_comm_stream
+            )
+        return (*layout, event)
+
+    def dispatch(
+        self,
+        x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        handle: DispatchHandle | tuple[Any, ...] | None = None,
+        num_tokens_per_rank: torch.Tensor | None = None,
+        num_tokens_per_rdma_rank: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+        num_tokens_per_expert: torch.Tensor | None = None,
+        topk_idx: torch.Tensor | None = None,
+        topk_weights: torch.Tensor | None = None,
+        expert_alignment: int = 1,
+        num_worst_tokens: int = 0,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> DispatchOutput:
+        """Send each token once to every rank that holds one of its experts.
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bf16, or ``(x_fp8 [num_tokens, hidden] float8_e4m3fn,
+                x_scales [num_tokens, num_scales] float32 or int32 (packed UE8M0), any strides)``.
+            handle: an earlier dispatch's handle: cached mode (no layout or top-k arguments).
+            num_tokens_per_rank: ``[num_ranks]`` int32 from ``get_dispatch_layout``.
+            num_tokens_per_rdma_rank: ``[num_nodes]`` int32 or ``None`` (unused within a node).
+            is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+            num_tokens_per_expert: ``[num_experts]`` int32.
+            topk_idx: ``[num_tokens, num_topk]`` int64 or ``None``.
+            topk_weights: ``[num_tokens, num_topk]`` float32 or ``None``.
+            expert_alignment: round each per-expert receive count up to this.
+            num_worst_tokens: ``> 0``: receive exactly this many rows with no CPU synchronization
+                (rows past the real count have ``recv_topk_idx == -1``).
+            config: performance knobs (default ``get_dispatch_config(group_size)``).
+            previous_event: wait for this event instead of the current stream.
+            async_finish: return an event instead of ordering the current stream after the work.
+            allocate_on_comm_stream: allocate outputs on the communication stream.
+
+        Returns:
+            ``recv_x`` (same form as ``x``; rows ordered by source rank, then source token),
+            ``recv_topk_idx [num_recv_tokens, num_topk]`` int64 (local expert ids, ``-1``
+            elsewhere), ``recv_topk_weights`` float32 (``0.0`` where not local),
+            ``num_recv_tokens_per_expert_list`` (``list[int]`` of ``num_local_experts``, empty with
+            ``num_worst_tokens``), ``handle`` and the event. Cached mode returns
+            ``(recv_x, None, None, None, None, event)``.
+        """
+        data, scales = validation.split_x(x)
+        num_tokens, device = data.size(0), data.device
+        check_int("expert_alignment", expert_alignment, 1)
+        check_int("num_worst_tokens", num_worst_tokens, 0)
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config must be an epcomm.Config or None; got {type(config).__name__}")
+        self._check_events(previous_event, async_finish, allocate_on_comm_stream)
+        config = config or self.get_dispatch_config(self.group_size)
+        if handle is not None:
+            cached = self._check_handle(handle)
+            if topk_idx is not None or topk_weights is not None:
+                raise ValueError("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
+            check_shape("x (cached dispatch)", data, [cached.is_token_in_rank.size(0), None])
+            request = DispatchRequest(
+                data, scales, None, None, cached.is_token_in_rank, None, cached, 1, 0, config
+            )
+        else:
+            for name, value in (
+                ("num_tokens_per_rank", num_tokens_per_rank),
+                ("is_token_in_rank", is_token_in_rank),
+                ("num_tokens_per_expert", num_tokens_per_expert),
+            ):
+                if value is None:
+                    raise ValueError(
+                        f"dispatch: {name} is required without a handle (use get_dispatch_layout)"
+                    )
+            per_rank = check_tensor("num_tokens_per_rank", num_tokens_per_rank)
+            in_rank = check_tensor("is_token_in_rank", is_token_in_rank)
+            per_expert = check_tensor("num_tokens_per_expert", num_tokens_per_expert)
+            check_dtype("num_tokens_per_rank", per_rank, torch.int32)
+            check_shape("num_tokens_per_rank", per_rank, [self.group_size])
+            check_dtype("is_token_in_rank", in_rank, torch.bool)
+            check_shape("is_token_in_rank", in_rank, [num_tokens, self.group_size])
+            check_dtype("num_tokens_per_expert", per_expert, torch.int32)
+            check_shape("num_tokens_per_expert", per_expert, [None])
+            num_experts = validation.check_num_experts(
+                "num_tokens_per_expert.size(0) (num_experts)", per_expert.size(0), self.group_size
+            )
+            for name, tensor in (
+                ("num_tokens_per_rank", per_rank),
+                ("is_token_in_rank", in_rank),
+                ("num_tokens_per_expert", per_expert),
+            ):
+                check_same_device(name, tensor, device, "x")
+            idx = weights = None
+            if topk_idx is not None:
+                idx, weights = validation.check_topk(topk_idx, topk_weights, num_tokens, device)
+                if validation.should_check_values(idx, synchronizes_anyway=num_worst_tokens == 0):
+                    validation.check_expert_ids("topk_idx", idx, num_experts)
+            elif topk_weights is not None:
+                raise ValueError("dispatch: topk_weights needs topk_idx")
+            request = DispatchRequest(
+                data,
+                scales,
+                idx,
+                weights,
+                in_rank,
+                per_expert,
+                None,
+                expert_alignment,
+                num_worst_tokens,
+                config,
+            )
+        backend = self.backend
+        inputs = [data, scales, request.topk_idx, request.topk_weights, request.is_token_in_rank]
+        with comm_stream_scope(self._stream_for(data), previous_event, inputs) as scope:
+            result = backend.dispatch(request)
+            recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = result.recv_x
+            if result.recv_x_scales is not None:
+                recv_x = (result.recv_x, result.recv_x_scales)
+            outputs = (result.recv_x, result.recv_x_scales, result.recv_topk_idx, result.recv_topk_weights)
+            event = scope.finish(outputs, async_finish, allocate_on_comm_stream)
+        if handle is not None:
+            return recv_x, None, None, None, None, event
+        return (
+            recv_x,
+            result.recv_topk_idx,
+            result.recv_topk_weights,
+            result.num_recv_tokens_per_expert_list,
+            result.handle,
+            event,
+        )
+
+    @staticmethod
+    def _check_handle(handle: Any) -> DispatchHandle:
+        if isinstance(handle, DispatchHandle):
+            return handle
+        if isinstance(handle, tuple) and len(handle) == len(DispatchHandle._fields):
+            return DispatchHandle(*handle)
+        raise TypeError(f"handle must be the handle a dispatch returned; got {type(handle).__name__}")
+
+    def combine(
+        self,
+        x: torch.Tensor,
+        handle: DispatchHandle | tuple[Any, ...],
+        topk_weights: torch.Tensor | None = None,
+        bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        config: Config | None = None,
+        previous_event: EventOverlap | None = None,
+        async_finish: bool = False,
+        allocate_on_comm_stream: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, EventOverlap]:
+        """Sum the rows dispatch delivered back onto each token's rank (unweighted).
+
+        Arguments:
+            x: ``[num_recv_tokens, hidden]`` bf16 (the rows of ``recv_x``, after the experts).
+            handle: the handle of the dispatch that delivered them.
+            topk_weights: ``[num_recv_tokens, num_topk]`` float32, summed the same way, or ``None``.
+            bias: ``None``, one or two ``[num_tokens, hidden]`` bf16 tensors added to the result.
+            config, previous_event, async_finish, allocate_on_comm_stream: as in ``dispatch``.
+
+        Returns:
+            ``combined_x [num_tokens, hidden]`` bf16, ``combined_topk_weights [num_tokens,
+            num_topk]`` float32 or ``None``, and the event.
+        """
+        cached = self._check_handle(handle)
+        data = check_tensor("x", x)
+        check_dtype("x", data, torch.bfloat16)
+        check_shape("x", data, [cached.num_recv_rows, None])
+        num_tokens = cached.is_token_in_rank.size(0)
+        weights = None
+        if topk_weights is not None:
+            weights = check_tensor("topk_weights", topk_weights)
+            check_dtype("topk_weights", weights, torch.float32)
+            check_shape("topk_weights", weights, [cached.num_recv_rows, None])
+            check_same_device("topk_weights", weights, data.device, "x")
+        biases: tuple[torch.Tensor, ...] = ()
+        if bias is not None:
+            biases = bias if isinstance(bias, tuple) else (bias,)
+            if len(biases) > 2:
+                raise ValueError(
+                    f"bias must be None, a tensor or a tuple of up to 2 tensors; got {len(biases)}"
+                )
+            for i, b in enumerate(biases):
+                check_tensor(f"bias[{i}]", b)
+                check_dtype(f"bias[{i}]", b, torch.bfloat16)
+                check_shape(f"bias[{i}]", b, [num_tokens, data.size(1)])
+                check_same_device(f"bias[{i}]", b, data.device, "x")
+        if config is not None and not isinstance(config, Config):
+            raise TypeError(f"config must be an epcomm.Config or None; got {type(config).__name__}")
+        self._check_events(previous_event, async_finish, allocate_on_comm_stream)
+        request = CombineRequest(
+            data, cached, weights, biases, config or self.get_combine_config(self.group_size)
+        )
+        backend = self.backend
+        with comm_stream_scope(self._stream_for(data), previous_event, [data, weights, *biases]) as scope:
+            result = backend.combine(request)
+            event = scope.finish(tuple(result), async_finish, allocate_on_comm_stream)
+        return result.combined_x, result.combined_topk_weights, event
+
+    # ---- low-latency mode ---------------------------------------------------------------------
+    def _check_low_latency(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        if not self.low_latency_mode:
+            raise ValueError(
+                "low-latency calls need Buffer(..., low_latency_mode=True); got low_latency_mode=False"
+            )
+        needed = self.get_low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, self.group_size, num_experts
+        )
+        if self.num_rdma_bytes < needed:
+            raise ValueError(
+                f"num_rdma_bytes={self.num_rdma_bytes} is too small for low-latency mode with "
+                f"num_max_dispatch_tokens_per_rank={num_max_dispatch_tokens_per_rank}, hidden={hidden}, "
+                f"num_ranks={self.group_size}, num_experts={num_experts}: needs {needed} "
+                "(Buffer.get_low_latency_rdma_size_hint)"
+            )
+
+    def low_latency_dispatch(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        num_max_dispatch_tokens_per_rank: int,
+        num_experts: int,
+        cumulative_local_expert_recv_stats: torch.Tensor | None = None,
+        dispatch_wait_recv_cost_stats: torch.Tensor | None = None,
+        use_fp8: bool = True,
+        round_scale: bool = False,
+        use_ue8m0: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+    ) -> tuple[
+        torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+        torch.Tensor,
+        LowLatencyHandle,
+        EventOverlap,
+        Callable[[], None],
+    ]:
+        """Decode-time dispatch into fixed-capacity, expert-major buffers (no CPU synchronization).
+
+        Arguments:
+            x: ``[num_tokens, hidden]`` bf16, ``num_tokens <= num_max_dispatch_tokens_per_rank``,
+                ``hidden`` a multiple of 128.
+            topk_idx: ``[num_tokens, num_topk]`` int64, ``-1`` = no expert.
+            num_max_dispatch_tokens_per_rank: capacity per rank (same on every rank).
+            num_experts: total experts, a multiple of the group size.
+            cumulative_local_expert_recv_stats: ``[num_local_experts]`` int32, incremented by the
+                received counts, or ``None``.
+            dispatch_wait_recv_cost_stats: ``[num_ranks, num_ranks]`` int64 (as DeepEP, the time
+                waited for source rank ``s`` is added at flat index ``s``), or ``None``.
+            use_fp8: cast to FP8 with per-token, per-128-channel scales.
+            round_scale: round scales up to powers of two.
+            use_ue8m0: pack the (power-of-two) scales as UE8M0 bytes, 4 per int32.
+            async_finish: return an event instead of ordering the current stream after the work.
+            return_recv_hook: only issue the sends; ``hook()`` completes the receive.
+
+        Returns:
+            ``recv_x``: bf16 ``[num_local_experts, num_ranks * M, hidden]``, or with ``use_fp8``
+            ``(float8_e4m3fn [same], scales)`` where scales are float32 ``[.., .., hidden // 128]``
+            or, with ``use_ue8m0``, int32 ``[.., .., ceil(hidden / 512)]``, column-major in their
+            last two dims. Only the first ``recv_count[e]`` rows of expert ``e`` are valid, ordered
+            by source rank then source token. ``recv_count [num_local_experts]`` int32, the
+            handle, the event and the hook (a no-op without ``return_recv_hook``).
+        """
+        data = check_tensor("x", x)
+        check_dtype("x", data, torch.bfloat16)
+        check_shape("x", data, [None, None])
+        capacity = check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        num_tokens, hidden = data.shape
+        if num_tokens > capacity:
+            raise ValueError(
+                f"x has {num_tokens} tokens but num_max_dispatch_tokens_per_rank={capacity}: too many tokens "
+                "for the low-latency capacity"
+            )
+        if hidden % 128 != 0 or hidden == 0:
+            raise ValueError(
+                f"x.size(1) (hidden) must be a positive multiple of 128 in low-latency mode; got {hidden}"
+            )
+        validation.check_num_experts("num_experts", num_experts, self.group_size)
+        idx, _ = validation.check_topk(topk_idx, None, num_tokens, data.device)
+        if use_ue8m0 and not (use_fp8 and round_scale):
+            raise ValueError(
+                f"use_ue8m0=True needs use_fp8=True and round_scale=True; got use_fp8={use_fp8}, round_scale={round_scale}"
+            )
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be True")
+        num_local_experts = num_experts // self.group_size
+        if cumulative_local_expert_recv_stats is not None:
+            stats = check_tensor("cumulative_local_expert_recv_stats", cumulative_local_expert_recv_stats)
+            check_dtype("cumulative_local_expert_recv_stats", stats, torch.int32)
+            check_shape("cumulative_local_expert_recv_stats", stats, [num_local_experts])
+            check_same_device("cumulative_local_expert_recv_stats", stats, data.device, "x")
+        self._check_wait_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
+        self._check_low_latency(capacity, hidden, num_experts)
+        if validation.should_check_values(idx, synchronizes_anyway=False):
+            validation.check_expert_ids("topk_idx", idx, num_experts)
+        request = LowLatencyDispatchRequest(
+            data,
+            idx,
+            capacity,
+            num_experts,
+            cumulative_local_expert_recv_stats,
+            dispatch_wait_recv_cost_stats,
+            use_fp8,
+            round_scale,
+            use_ue8m0,
+            return_recv_hook,
+        )
+        backend = self.backend
+        stream = None if return_recv_hook else self._stream_for(data)
+        with comm_stream_scope(stream, None, [data, idx]) as scope:
+            result = backend.low_latency_dispatch(request)
+            event = scope.finish((result.recv_x, result.recv_count), async_finish, False)
+        return result.recv_x, result.recv_count, result.handle, event, result.hook or _noop_hook
+
+    def _check_wait_stats(self, name: str, stats: torch.Tensor | None) -> None:
+        if stats is None:
+            return
+        check_tensor(name, stats)
+        check_dtype(name, stats, torch.int64)
+        if stats.numel() < self.group_size:
+            raise ValueError(
+                f"{name} must have shape [{self.group_size}, {self.group_size}]; got {list(stats.shape)}"
+            )
+
+    def low_latency_combine(
+        self,
+        x: torch.Tensor,
+        topk_idx: torch.Tensor,
+        topk_weights: torch.Tensor,
+        handle: LowLatencyHandle | tuple[Any, ...],
+        use_logfmt: bool = False,
+        zero_copy: bool = False,
+        async_finish: bool = False,
+        return_recv_hook: bool = False,
+        out: torch.Tensor | None = None,
+        combine_wait_recv_cost_stats: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, EventOverlap, Callable[[], None]]:
+        """Bring expert outputs back and reduce them: ``sum_k topk_weights[t, k] * out[expert_k, t]``.
+
+        Arguments:
+            x: ``[num_local_experts, num_ranks * M, hidden]`` bf16 expert outputs in the layout
+                ``low_latency_dispatch`` delivered.
+            topk_idx: ``[num_tokens, num_topk]`` int64, the same as given to the dispatch.
+            topk_weights: ``[num_tokens, num_topk]`` float32.
+            handle: the dispatch's handle.
+            use_logfmt: DeepEP's lossy LogFMT compression; accepted, the data travel as bf16.
+            zero_copy: read the expert outputs from ``get_next_low_latency_combine_buffer(handle)``.
+            async_finish, return_recv_hook: as in ``low_latency_dispatch``.
+            out: optional ``[num_tokens, hidden]`` bf16 result tensor.
+            combine_wait_recv_cost_stats: ``[num_ranks, num_ranks]`` int64 or ``None``.
+
+        Returns:
+            ``combined_x [num_tokens, hidden]`` bf16, the event and the hook.
+        """
+        if not isinstance(handle, LowLatencyHandle):
+            if isinstance(handle, tuple) and len(handle) == len(LowLatencyHandle._fields):
+                handle = LowLatencyHandle(*handle)
+            else:
+                raise TypeError(
+                    f"handle must be the handle low_latency_dispatch returned; got {type(handle).__name__}"
+                )
+        num_local_experts = handle.num_experts // self.group_size
+        rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
+        data = check_tensor("x", x)
+        check_dtype("x", data, torch.bfloat16)
+        check_shape("x", data, [num_local_experts, rows, handle.hidden])
+        idx, weights = validation.check_topk(topk_idx, topk_weights, None, data.device)
+        if weights is None:
+            raise TypeError("topk_weights must be a torch.Tensor; got None")
+        if idx.size(0) > handle.num_max_dispatch_tokens_per_rank:
+            raise ValueError(
+                f"topk_idx has {idx.size(0)} tokens but the dispatch capacity is {handle.num_max_dispatch_tokens_per_rank}"
+            )
+        if idx.size(1) != handle.combine_gather_idx.size(2):
+            raise ValueError(
+                f"topk_idx must have the dispatch's num_topk={handle.combine_gather_idx.size(2)} columns; got {idx.size(1)}"
+            )
+        if out is not None:
+            check_tensor("out", out)
+            check_dtype("out", out, torch.bfloat16)
+            check_shape("out", out, [idx.size(0), handle.hidden])
+            check_same_device("out", out, data.device, "x")
+        if async_finish and return_recv_hook:
+            raise ValueError("async_finish and return_recv_hook cannot both be True")
+        self._check_wait_stats("combine_wait_recv_cost_stats", combine_wait_recv_cost_stats)
+        self._check_low_latency(handle.num_max_dispatch_tokens_per_rank, handle.hidden, handle.num_experts)
+        if use_logfmt:
+            log_once(
+                "logfmt",
+                "low_latency_combine: use_logfmt is accepted but data travel as bf16",
+                logging.WARNING,
+            )
+        request = LowLatencyCombineRequest(
+            data, idx, weights, handle, zero_copy, return_recv_hook, out, combine_wait_recv_cost_stats
+        )
+        backend = self.backend
+        stream = None if return_recv_hook else self._stream_for(data)
+        with comm_stream_scope(stream, None, [data, idx, weights]) as scope:
+            result = backend.low_latency_combine(request)
+            event = scope.finish((result.combined_x,), async_finish, False)
+        return result.combined_x, event, result.hook or _noop_hook
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle | tuple[Any, ...]) -> torch.Tensor:
+        """The buffer zero-copy combine reads: ``[num_local_experts, num_ranks * M, hidden]`` bf16."""
+        if not isinstance(handle, LowLatencyHandle):
+            handle = LowLatencyHandle(*handle)
+        return self.backend.get_next_low_latency_combine_buffer(handle)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Reset the low-latency state; required between normal-mode and low-latency use."""
+        check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
+        check_int("hidden", hidden, 1)
+        validation.check_num_experts("num_experts", num_experts, self.group_size)
+        self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+
+    # ---- shrink mode --------------------------------------------------------------------------
+    def _check_shrink(self) -> None:
+        if not self.enable_shrink:
+            raise ValueError("shrink-mode calls need Buffer(..., enable_shrink=True)")
+
+    def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
+        """Mask (``mask=True``) or unmask ``rank_to_mask``: masked ranks are neither sent to nor waited for."""
+        self._check_shrink()
+        check_int("rank_to_mask", rank_to_mask, 0)
+        if rank_to_mask >= self.group_size:
+            raise ValueError(f"rank_to_mask must be < {self.group_size}; got {rank_to_mask}")
+        self.backend.set_rank_mask(rank_to_mask, bool(mask))
+
+    def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
+        """Copy the mask (``[num_ranks]``, 1 = masked) into ``mask_status`` (int32)."""
+        self._check_shrink()
+        check_tensor("mask_status", mask_status)
+        check_dtype("mask_status", mask_status, torch.int32)
+        check_shape("mask_status", mask_status, [self.group_size])
+        mask_status.copy_(self.backend.rank_mask())
+
+    def low_latency_clean_mask_buffer(self) -> None:
+        """Unmask every rank."""
+        self._check_shrink()
+        for rank in range(self.group_size):
+            self.backend.set_rank_mask(rank, False)

@@ -1,0 +1,152 @@
+"""``Config``: the performance knobs of normal-mode dispatch/combine, with DeepEP's field order.
+
+``num_sms`` bounds the streaming multiprocessors our kernels use. The four chunk sizes are
+DeepEP's ring-buffer knobs; they are accepted and kept (so DeepEP code that builds or tunes
+configs runs unchanged) and feed the buffer-size hints, but our backends write each token once
+into its final place and need no rings (see ``../shared/KERNELS.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = [
+    "NUM_MAX_NVL_PEERS",
+    "Config",
+    "combine_config_preset",
+    "dispatch_config_preset",
+]
+
+# DeepEP's constants that enter its buffer-size hints; kept equal so hints match DeepEP's.
+NUM_MAX_NVL_PEERS = 8
+NUM_MAX_TOPK = 128
+NUM_MAX_SCALES = 128
+SOURCE_META_BYTES = 8
+
+
+def _align(num_bytes: int, alignment: int = 128) -> int:
+    return (num_bytes + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class Config:
+    """Performance knobs, positional order as DeepEP's ``Config``.
+
+    Arguments:
+        num_sms: SMs the normal-mode kernels may use (even, as DeepEP requires).
+        num_max_nvl_chunked_send_tokens: DeepEP's NVLink send chunk (tokens).
+        num_max_nvl_chunked_recv_tokens: DeepEP's NVLink receive ring size (tokens).
+        num_max_rdma_chunked_send_tokens: DeepEP's RDMA send chunk (tokens).
+        num_max_rdma_chunked_recv_tokens: DeepEP's RDMA receive ring size (tokens).
+    """
+
+    num_sms: int = 20
+    num_max_nvl_chunked_send_tokens: int = 6
+    num_max_nvl_chunked_recv_tokens: int = 256
+    num_max_rdma_chunked_send_tokens: int = 6
+    num_max_rdma_chunked_recv_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        for name in (
+            "num_sms",
+            "num_max_nvl_chunked_send_tokens",
+            "num_max_nvl_chunked_recv_tokens",
+            "num_max_rdma_chunked_send_tokens",
+            "num_max_rdma_chunked_recv_tokens",
+        ):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"Config.{name} must be a positive int; got {value!r}")
+        if self.num_sms % 2 != 0:
+            raise ValueError(f"Config.num_sms must be even (as in DeepEP); got {self.num_sms}")
+
+    def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of NVLink buffer DeepEP would need for this config (same formula as DeepEP V1).
+
+        Arguments:
+            hidden_bytes: bytes of one token row, e.g. ``hidden * 2`` for bf16.
+            num_ranks: ranks of the group.
+
+        Returns:
+            int, a multiple of 128.
+        """
+        num_channels = self.num_sms // 2
+        num_nvl_ranks = min(num_ranks, NUM_MAX_NVL_PEERS)
+        num_rdma_ranks = max(num_ranks // NUM_MAX_NVL_PEERS, 1)
+        slots = num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
+        num_bytes = num_channels * num_nvl_ranks * (2 * num_rdma_ranks + 3) * 4
+        num_bytes += slots * (hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4)
+        return _align(num_bytes)
+
+    def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
+        """Bytes of RDMA buffer DeepEP would need for this config; 0 within one node.
+
+        Arguments:
+            hidden_bytes: bytes of one token row.
+            num_ranks: ranks of the group.
+
+        Returns:
+            int, a multiple of 128 (0 when ``num_ranks <= 8``).
+        """
+        if num_ranks <= NUM_MAX_NVL_PEERS:
+            return 0
+        num_rdma_ranks = num_ranks // NUM_MAX_NVL_PEERS
+        num_channels = self.num_sms // 2
+        slots = num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * 2
+        num_bytes = num_channels * num_rdma_ranks * (NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4
+        num_bytes += slots * (hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4)
+        return _align(num_bytes)
+
+
+# DeepEP V1's tuned chunk sizes per rank count: (nvl send, nvl recv, rdma send, rdma recv).
+_DISPATCH_CHUNKS: dict[int, tuple[int, int, int, int]] = {
+    2: (24, 256, 6, 128),
+    4: (6, 256, 6, 128),
+    8: (6, 256, 6, 128),
+    16: (36, 288, 20, 128),
+    24: (32, 288, 8, 128),
+    32: (32, 288, 8, 128),
+    48: (32, 288, 8, 128),
+    64: (32, 288, 8, 128),
+    96: (20, 480, 12, 128),
+    128: (20, 560, 12, 128),
+    144: (32, 720, 12, 128),
+    160: (28, 720, 12, 128),
+}
+_COMBINE_CHUNKS: dict[int, tuple[int, int, int, int]] = {
+    2: (10, 256, 6, 128),
+    4: (9, 256, 6, 128),
+    8: (4, 256, 6, 128),
+    16: (4, 288, 12, 128),
+    24: (1, 288, 8, 128),
+    32: (1, 288, 8, 128),
+    48: (1, 288, 8, 128),
+    64: (1, 288, 8, 128),
+    96: (1, 480, 8, 128),
+    128: (1, 560, 8, 128),
+    144: (2, 720, 8, 128),
+    160: (2, 720, 8, 128),
+}
+
+
+def _preset(table: dict[int, tuple[int, int, int, int]], num_sms: int, num_ranks: int) -> Config:
+    if num_ranks < 1:
+        raise ValueError(f"num_ranks must be >= 1; got {num_ranks}")
+    if num_ranks in table:
+        chunks = table[num_ranks]
+    else:
+        # Any other count (DeepEP raises): the preset of the nearest covered count at or above it,
+        # or the largest one, so a 6- or 12-rank group still gets a sensible config.
+        covered = sorted(table)
+        chunks = table[next((n for n in covered if n >= num_ranks), covered[-1])]
+    return Config(num_sms, *chunks)
+
+
+def dispatch_config_preset(num_sms: int, num_ranks: int) -> Config:
+    """The default dispatch ``Config`` for ``num_ranks`` ranks with ``num_sms`` SMs."""
+    return _preset(_DISPATCH_CHUNKS, num_sms, num_ranks)
+
+
+def combine_config_preset(num_sms: int, num_ranks: int) -> Config:
+    """The default combine ``Config`` for ``num_ranks`` ranks with ``num_sms`` SMs."""
+    return _preset(_COMBINE_CHUNKS, num_sms, num_ranks)

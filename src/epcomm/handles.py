@@ -1,0 +1,66 @@
+"""Handles returned by dispatch and consumed by combine / cached dispatch.
+
+They are ``NamedTuple``s: tuple-compatible with DeepEP (element 0 of the normal-mode handle is
+``rank_prefix_matrix``; the low-latency handle starts with DeepEP's five fields), with names and
+types for everything else.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+__all__ = ["DispatchHandle", "LowLatencyHandle"]
+
+
+class DispatchHandle(NamedTuple):
+    """Layout of one normal-mode dispatch: everything cached dispatch and combine need.
+
+    Fields:
+        rank_prefix_matrix: ``[num_ranks, num_ranks]`` int32; ``[i][j]`` = tokens ranks ``0..i``
+            send to rank ``j`` (cumulative over ``i``). Rows from source ``i`` land at
+            ``[rank_prefix_matrix[i-1][me], rank_prefix_matrix[i][me])`` of ``recv_x``.
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool, the sender's routing.
+        recv_row_of_token: ``[num_tokens, num_ranks]`` int32, the row each local token occupies in
+            rank ``j``'s ``recv_x``, or ``-1`` when it is not sent there.
+        recv_src_idx: ``[num_recv_rows]`` int32, the source token index of each received row
+            (``-1`` for padding rows past the real count).
+        num_recv_tokens: ``[1]`` int32 on the data's device, the real number of received rows.
+        num_recv_rows: rows of ``recv_x`` (``num_worst_tokens`` when that was given, otherwise
+            the real count).
+    """
+
+    rank_prefix_matrix: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    recv_row_of_token: torch.Tensor
+    recv_src_idx: torch.Tensor
+    num_recv_tokens: torch.Tensor
+    num_recv_rows: int
+
+
+class LowLatencyHandle(NamedTuple):
+    """Layout of one low-latency dispatch (DeepEP's five fields first, then ours).
+
+    Fields:
+        recv_src_info: ``[num_local_experts, num_ranks * num_max_dispatch_tokens_per_rank]`` int32,
+            the source token index of each received row (``-1`` past ``recv_count``).
+        recv_layout_range: ``[num_local_experts, num_ranks]`` int64, ``(begin << 32) | count`` of
+            the rows each source rank occupies in each local expert's block (as DeepEP).
+        num_max_dispatch_tokens_per_rank: capacity per rank.
+        hidden: hidden size.
+        num_experts: total experts.
+        combine_gather_idx: ``[num_ranks, num_max_dispatch_tokens_per_rank, num_topk]`` int64, for
+            each (source rank, token, top-k slot) routed to a local expert, the flat row
+            ``e * num_ranks * num_max_dispatch_tokens_per_rank + row`` of its expert output;
+            ``-1`` otherwise.
+        buffer_parity: which of the two alternating result buffers holds this call's data.
+    """
+
+    recv_src_info: torch.Tensor
+    recv_layout_range: torch.Tensor
+    num_max_dispatch_tokens_per_rank: int
+    hidden: int
+    num_experts: int
+    combine_gather_idx: torch.Tensor
+    buffer_parity: int
