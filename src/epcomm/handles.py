@@ -29,6 +29,9 @@ class DispatchHandle(NamedTuple):
         num_recv_tokens: ``[1]`` int32 on the data's device, the real number of received rows.
         num_recv_rows: rows of ``recv_x`` (``num_worst_tokens`` when that was given, otherwise
             the real count).
+        num_max_rows: the largest number of rows any rank receives in this dispatch or sends in
+            it (so receives back in combine); ``num_worst_tokens`` in that mode. Host value, the
+            same on every rank: it sizes the NVLink buffers.
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -37,6 +40,7 @@ class DispatchHandle(NamedTuple):
     recv_src_idx: torch.Tensor
     num_recv_tokens: torch.Tensor
     num_recv_rows: int
+    num_max_rows: int
 
 
 class LowLatencyHandle(NamedTuple):

@@ -15,7 +15,12 @@ __all__ = ["Backend", "create_backend"]
 
 
 def create_backend(
-    choice: BackendChoice, group: Any, timeout_s: float, num_ranks_per_node: int, enable_shrink: bool
+    choice: BackendChoice,
+    group: Any,
+    timeout_s: float,
+    num_ranks_per_node: int,
+    enable_shrink: bool,
+    num_nvl_bytes: int = 0,
 ) -> Backend:
     """Build the backend ``choice`` names (``AUTO`` picks from the devices, never from the group).
 
@@ -25,22 +30,37 @@ def create_backend(
         timeout_s: bound of every wait for a peer.
         num_ranks_per_node: ranks per node.
         enable_shrink: keep a rank mask (shrink mode).
+        num_nvl_bytes: initial size of the NVLink symmetric buffer.
 
     Returns:
         The backend.
     """
     from epcomm.backends.reference import ReferenceBackend
 
-    if choice in (BackendChoice.NVLINK, BackendChoice.NVSHMEM):
+    if choice is BackendChoice.NVSHMEM:
         raise NotImplementedError(
-            f"backend {choice.value!r} is not available in this version of epcomm; "
-            "use backend='reference' (or EPCOMM_BACKEND=reference)"
+            "backend 'nvshmem' (internode) is not available in this version of epcomm; "
+            "use 'nvlink' within a node or 'reference'"
         )
-    if choice is BackendChoice.AUTO and torch.cuda.is_available():
+    if choice is BackendChoice.REFERENCE:
+        return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)
+    if torch.cuda.is_available():
+        from epcomm.backends.nvlink import NvlinkBackend, nvlink_available
+
+        if nvlink_available(group):
+            log_once("auto-nvlink", "epcomm: using the NVLink backend (symmetric memory + Triton)")
+            return NvlinkBackend(group, timeout_s, num_ranks_per_node, enable_shrink, num_nvl_bytes)
+        if choice is BackendChoice.NVLINK:
+            raise ValueError(
+                "backend 'nvlink' needs every rank on a CUDA device with peer access to the others "
+                "(one node, at most 8 GPUs)"
+            )
         log_once(
-            "auto-reference",
-            "epcomm: the NVLink/NVSHMEM backends are not built yet; using the reference backend "
-            "(torch.distributed point-to-point messages)",
+            "auto-reference-cuda",
+            "epcomm: CUDA is present but the ranks do not share an NVLink domain; using the "
+            "reference backend (torch.distributed point-to-point messages)",
             logging.WARNING,
         )
+    elif choice is BackendChoice.NVLINK:
+        raise ValueError("backend 'nvlink' needs CUDA devices; none is available")
     return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)

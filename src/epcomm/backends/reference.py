@@ -162,6 +162,8 @@ class ReferenceBackend:
             recv_src_idx=recv_src_idx,
             num_recv_tokens=torch.tensor([num_recv], dtype=torch.int32, device=device),
             num_recv_rows=num_rows,
+            num_max_rows=request.num_worst_tokens
+            or int(max(int(matrix.sum(dim=0).max()), int(matrix.sum(dim=1).max()))),
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 

@@ -1,0 +1,5 @@
+"""Intranode transport: PyTorch symmetric memory (CUDA IPC over NVLink) + Triton kernels."""
+
+from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_available
+
+__all__ = ["NvlinkBackend", "nvlink_available"]

@@ -1,0 +1,378 @@
+"""The NVLink backend: normal mode on symmetric memory with Triton kernels (write-once push).
+
+Dispatch: publish counts to every peer (barrier + count table), read the table on the host (one
+small device-to-host copy; skipped with ``num_worst_tokens``), push each token row straight into
+its final row of every destination's receive area, barrier, copy the rows out. Combine: push each
+received row back into the token rank's area in (rank, token) order, barrier, reduce in float32 in
+rank order. Low-latency mode runs on the reference path until its kernels land.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from epcomm.backends.base import (
+    CombineRequest,
+    CombineResult,
+    DispatchRequest,
+    DispatchResult,
+    LowLatencyCombineRequest,
+    LowLatencyCombineResult,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
+from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
+from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
+from epcomm.backends.p2p import PeerGroup
+from epcomm.backends.reference_ll import ReferenceLowLatency
+from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.kernels.normal_combine import launch_combine_reduce
+from epcomm.kernels.normal_push import launch_push_rows
+from epcomm.layout import DispatchLayout, compute_dispatch_layout
+
+__all__ = ["NvlinkBackend", "nvlink_available"]
+
+
+def nvlink_available(group: Any) -> bool:
+    """Whether every rank of ``group`` has a CUDA device with peer access to all others."""
+    import torch.distributed as dist
+
+    if not torch.cuda.is_available():
+        return False
+    num_ranks = dist.get_world_size(group)
+    if num_ranks > 8:
+        return False
+    device = torch.cuda.current_device()
+    local_ok = all(
+        torch.cuda.can_device_access_peer(device, other)
+        for other in range(torch.cuda.device_count())
+        if other != device
+    )
+    flags: list[Any] = [None] * num_ranks
+    dist.all_gather_object(flags, (local_ok, torch.cuda.device_count()), group=group)
+    return all(ok for ok, _ in flags) and num_ranks <= flags[0][1]
+
+
+class NvlinkBackend:
+    """Normal mode over NVLink symmetric memory; low-latency mode via the reference path for now.
+
+    Arguments:
+        group: the process group.
+        timeout_s: bound of every wait.
+        num_ranks_per_node: ranks per node.
+        enable_shrink: keep a rank mask (shrink mode).
+        num_nvl_bytes: initial symmetric buffer size (grown when a call needs more).
+    """
+
+    name = "nvlink"
+
+    def __init__(
+        self, group: Any, timeout_s: float, num_ranks_per_node: int, enable_shrink: bool, num_nvl_bytes: int
+    ) -> None:
+        self.device = torch.device("cuda", torch.cuda.current_device())
+        self.transport = SymmetricTransport(group, self.device, timeout_s, num_nvl_bytes)
+        self.rank = self.transport.rank
+        self.num_ranks = self.transport.num_ranks
+        self.num_ranks_per_node = num_ranks_per_node
+        self.low_latency = ReferenceLowLatency(PeerGroup(group, timeout_s))
+        self._table_host: torch.Tensor | None = None
+
+    # ---- layout -------------------------------------------------------------------------------
+    def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
+        """See ``epcomm.layout.compute_dispatch_layout`` (sync-free torch ops on the device)."""
+        return compute_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
+
+    # ---- helpers ------------------------------------------------------------------------------
+    def _read_table(self, table: torch.Tensor) -> torch.Tensor:
+        """One small device-to-host copy of the count table (no stream-wide synchronize)."""
+        if self._table_host is None or self._table_host.numel() < table.numel():
+            self._table_host = torch.empty(table.numel(), dtype=torch.int32, pin_memory=True)
+        host = self._table_host[: table.numel()].view(table.shape)
+        host.copy_(table, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        event.synchronize()
+        self.transport.check_error()
+        return host.clone()
+
+    @staticmethod
+    def _words(tensor: torch.Tensor, name: str) -> torch.Tensor:
+        contiguous = tensor.contiguous()
+        if contiguous.size(1) * contiguous.element_size() % 16 != 0:
+            raise ValueError(
+                f"{name}: the NVLink backend needs rows of a multiple of 16 bytes; "
+                f"got {contiguous.size(1)} x {contiguous.element_size()} bytes"
+            )
+        return contiguous.view(torch.int32)
+
+    def _sms(self, request_sms: int) -> int:
+        return max(1, request_sms)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """Normal-mode dispatch; see ``Buffer.dispatch``."""
+        self.transport.check_error()
+        if request.handle is not None:
+            return self._cached_dispatch(request, request.handle)
+        assert request.num_tokens_per_expert is not None
+        x, is_token_in_rank = request.x, request.is_token_in_rank
+        rank, num_ranks = self.rank, self.num_ranks
+        num_experts = request.num_tokens_per_expert.numel()
+        num_local_experts = num_experts // num_ranks
+        num_counts = num_ranks + num_experts
+        counts = torch.cat([is_token_in_rank.sum(dim=0, dtype=torch.int32), request.num_tokens_per_expert])
+        self.transport.barrier(Operation.DISPATCH_COUNTS, counts)
+        table = self.transport.count_table(num_counts).clone()
+        matrix = table[:, :num_ranks]
+        rank_prefix_matrix = matrix.cumsum(dim=0, dtype=torch.int32)
+
+        x_words = self._words(x, "x")
+        scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        num_topk = (
+            request.topk_idx.size(1)
+            if request.topk_idx is not None
+            else (request.topk_weights.size(1) if request.topk_weights is not None else 0)
+        )
+        per_expert_list: list[int] = []
+        if request.num_worst_tokens > 0:
+            num_rows = num_max_rows = request.num_worst_tokens
+            num_recv_tokens = matrix[:, rank].sum().view(1).to(torch.int32)
+        else:
+            host = self._read_table(table)
+            host_matrix = host[:, :num_ranks].long()
+            num_rows = int(host_matrix[:, rank].sum())
+            num_max_rows = int(max(int(host_matrix.sum(dim=0).max()), int(host_matrix.sum(dim=1).max())))
+            start = num_ranks + rank * num_local_experts
+            alignment = request.expert_alignment
+            per_expert_list = [
+                (int(c) + alignment - 1) // alignment * alignment
+                for c in host[:, start : start + num_local_experts].long().sum(dim=0).tolist()
+            ]
+            num_recv_tokens = torch.tensor([num_rows], dtype=torch.int32, device=self.device)
+
+        dispatch_regions = DispatchRegions(
+            num_max_rows,
+            x_words.size(1),
+            scale_words.size(1) if scale_words is not None else 0,
+            max(num_topk, 1),
+        )
+        # Reserve the combine that follows too (its rows are bf16), so it never has to grow.
+        combine_regions = CombineRegions(num_max_rows, x.size(1) // 2, max(num_topk, 1))
+        self.transport.ensure_payload(max(dispatch_regions.total_words, combine_regions.total_words))
+
+        previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
+        positions = (
+            is_token_in_rank.to(torch.int32).cumsum(dim=0, dtype=torch.int32) - 1 + previous.view(1, -1)
+        )
+        recv_row_of_token = torch.where(is_token_in_rank, positions, torch.full_like(positions, -1))
+        launch_push_rows(
+            self._payload_views(),
+            x_words,
+            scale_words,
+            request.topk_idx,
+            request.topk_weights,
+            recv_row_of_token,
+            dispatch_regions.push,
+            rank,
+            num_local_experts,
+            localize_topk=request.topk_idx is not None,
+            write_src_idx=True,
+            num_sms=self._sms(request.config.num_sms),
+        )
+        self.transport.barrier(Operation.DISPATCH)
+
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
+            dispatch_regions,
+            num_rows,
+            x.dtype,
+            request.x_scales,
+            request.topk_idx is not None,
+            request.topk_weights is not None,
+            num_recv_tokens if request.num_worst_tokens > 0 else None,
+        )
+        handle = DispatchHandle(
+            rank_prefix_matrix=rank_prefix_matrix,
+            is_token_in_rank=is_token_in_rank,
+            recv_row_of_token=recv_row_of_token,
+            recv_src_idx=recv_src_idx,
+            num_recv_tokens=num_recv_tokens,
+            num_recv_rows=num_rows,
+            num_max_rows=num_max_rows,
+        )
+        return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
+
+    def _payload_views(self) -> list[torch.Tensor]:
+        from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET
+
+        return [buffer[PAYLOAD_OFFSET:] for buffer in self.transport.peer_buffers]
+
+    def _copy_out(
+        self,
+        regions: DispatchRegions,
+        num_rows: int,
+        x_dtype: torch.dtype,
+        x_scales: torch.Tensor | None,
+        has_topk_idx: bool,
+        has_topk_weights: bool,
+        num_real_rows: torch.Tensor | None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        push = regions.push
+        capacity = regions.capacity
+        payload = self.transport.payload
+        x_area = payload(push.x, capacity * regions.x_words, torch.int32).view(capacity, regions.x_words)
+        recv_x = x_area[:num_rows].clone().view(x_dtype)
+        recv_scales = None
+        if x_scales is not None:
+            s_area = payload(push.scales, capacity * regions.scale_words, torch.int32)
+            recv_scales = s_area.view(capacity, regions.scale_words)[:num_rows].clone().view(x_scales.dtype)
+        k = regions.num_topk
+        recv_src_idx = payload(push.src_idx, capacity, torch.int32)[:num_rows].clone()
+        valid = None
+        if num_real_rows is not None:
+            valid = torch.arange(num_rows, device=self.device) < num_real_rows
+            recv_src_idx = torch.where(valid, recv_src_idx, -1)
+        recv_topk_idx = recv_topk_weights = None
+        if has_topk_idx:
+            idx_area = (
+                payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64).view(capacity, k)
+            )
+            recv_topk_idx = idx_area[:num_rows].clone()
+            if valid is not None:
+                recv_topk_idx = torch.where(valid.view(-1, 1), recv_topk_idx, -1)
+        if has_topk_weights:
+            w_area = payload(push.topk_weights, capacity * k, torch.float32).view(capacity, k)
+            recv_topk_weights = w_area[:num_rows].clone()
+            if valid is not None:
+                recv_topk_weights = torch.where(valid.view(-1, 1), recv_topk_weights, 0.0)
+        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx
+
+    def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
+        x_words = self._words(request.x, "x")
+        scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        regions = DispatchRegions(
+            handle.num_max_rows, x_words.size(1), scale_words.size(1) if scale_words is not None else 0, 1
+        )
+        self.transport.ensure_payload(regions.total_words)
+        self.transport.barrier(Operation.CACHED_DISPATCH_ENTRY)
+        launch_push_rows(
+            self._payload_views(),
+            x_words,
+            scale_words,
+            None,
+            None,
+            handle.recv_row_of_token,
+            regions.push,
+            self.rank,
+            1,
+            localize_topk=False,
+            write_src_idx=False,
+            num_sms=self._sms(request.config.num_sms),
+        )
+        self.transport.barrier(Operation.CACHED_DISPATCH)
+        recv_x, recv_scales, _, _, _ = self._copy_out(
+            regions, handle.num_recv_rows, request.x.dtype, request.x_scales, False, False, None
+        )
+        return DispatchResult(recv_x, recv_scales, None, None, [], handle)
+
+    # ---- combine ------------------------------------------------------------------------------
+    def combine(self, request: CombineRequest) -> CombineResult:
+        """Normal-mode combine; see ``Buffer.combine``."""
+        self.transport.check_error()
+        handle, x = request.handle, request.x
+        rank, num_ranks = self.rank, self.num_ranks
+        num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
+        regions = CombineRegions(handle.num_max_rows, x.size(1) // 2, num_topk)
+        self.transport.ensure_payload(regions.total_words)
+        rpm = handle.rank_prefix_matrix
+        matrix = torch.diff(rpm, dim=0, prepend=torch.zeros_like(rpm[:1]))
+        # send_offset[s][j]: where rank j's rows start in rank s's combine area ((rank, token) order).
+        send_offset = matrix.cumsum(dim=1, dtype=torch.int32) - matrix
+        # Expert side: received row r came from source s = the first s with rpm[s][me] > r.
+        num_rows = x.size(0)
+        rows = torch.arange(num_rows, device=self.device, dtype=torch.int32)
+        column = rpm[:, rank].contiguous()
+        source = torch.searchsorted(column, rows, right=True).clamp(max=num_ranks - 1)
+        start = column - matrix[:, rank]
+        slot = send_offset[source, rank] + rows - start[source]
+        is_real = rows < column[-1]
+        dst_row = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=self.device)
+        dst_row.scatter_(
+            1, source.view(-1, 1).long(), torch.where(is_real, slot, -1).view(-1, 1).to(torch.int32)
+        )
+        # Token side: the (token, rank j) row sits at send_offset[me][j] + its index among tokens sent to j.
+        in_rank = handle.is_token_in_rank
+        positions = (
+            in_rank.to(torch.int32).cumsum(dim=0, dtype=torch.int32) - 1 + send_offset[rank].view(1, -1)
+        )
+        token_slot = torch.where(in_rank, positions, torch.full_like(positions, -1))
+
+        self.transport.barrier(Operation.COMBINE_ENTRY)
+        launch_push_rows(
+            self._payload_views(),
+            self._words(x, "x"),
+            None,
+            None,
+            request.topk_weights,
+            dst_row,
+            regions.push,
+            rank,
+            1,
+            localize_topk=False,
+            write_src_idx=False,
+            num_sms=self._sms(request.config.num_sms),
+        )
+        self.transport.barrier(Operation.COMBINE)
+        push = regions.push
+        capacity = regions.capacity
+        area_x = self.transport.payload(push.x, capacity * regions.x_words, torch.int32).view(torch.bfloat16)
+        area_weights = None
+        combined_weights = None
+        num_tokens = in_rank.size(0)
+        if request.topk_weights is not None:
+            area_weights = self.transport.payload(push.topk_weights, capacity * num_topk, torch.float32)
+            combined_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
+        combined = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=self.device)
+        launch_combine_reduce(
+            area_x,
+            area_weights,
+            token_slot,
+            tuple(b.contiguous() for b in request.bias),
+            combined,
+            combined_weights,
+            self._sms(request.config.num_sms),
+        )
+        return CombineResult(combined, combined_weights)
+
+    # ---- low-latency mode (reference path until the NVLink LL kernels land) --------------------
+    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """See ``Buffer.low_latency_dispatch``."""
+        return self.low_latency.dispatch(request)
+
+    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """See ``Buffer.low_latency_combine``."""
+        return self.low_latency.combine(request)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """See ``Buffer.get_next_low_latency_combine_buffer``."""
+        return self.low_latency.combine_buffer(handle)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Drop the low-latency result buffers."""
+        self.low_latency.clean()
+
+    def set_rank_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: ``rank`` is skipped while masked."""
+        self.low_latency.mask[rank] = int(masked)
+
+    def rank_mask(self) -> torch.Tensor:
+        """``[num_ranks]`` int32, 1 where a rank is masked."""
+        return self.low_latency.mask
+
+    def destroy(self) -> None:
+        """Release the symmetric buffer."""
+        self.transport.destroy()
+        self.low_latency.clean()

@@ -1,0 +1,191 @@
+"""Normal mode: push rows into peers' symmetric buffers, each byte written once into its final row.
+
+Used by dispatch (a token row goes to every rank in ``is_token_in_rank``, with its top-k ids made
+local to that rank) and by combine (an expert-output row goes back to its token's rank). Each
+program walks rows ``pid, pid + grid, ...``; per row it loads the payload once, then stores it to
+every destination, visiting destinations in an order rotated by program and rank so that no peer
+is written by everyone at once (EP4: 205 -> 261-287 GB/s, ``../shared/PERFORMANCE.md``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from epcomm.kernels.exchange import MAX_PEERS, _peer
+
+__all__ = ["PushRegions", "launch_push_rows"]
+
+
+@triton.jit(do_not_specialize=["num_rows", "rank", "num_local_experts"])
+def push_rows_kernel(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    x_ptr,
+    scales_ptr,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    dst_row_ptr,
+    num_rows,
+    rank,
+    num_local_experts,
+    x_offset,
+    scales_offset,
+    topk_idx_offset,
+    topk_weights_offset,
+    src_idx_offset,
+    NUM_RANKS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    S_WORDS: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_TOPK_IDX: tl.constexpr,
+    HAS_TOPK_WEIGHTS: tl.constexpr,
+    LOCALIZE_TOPK: tl.constexpr,
+    WRITE_SRC_IDX: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)
+    x_mask = x_cols < X_WORDS
+    s_cols = tl.arange(0, S_BLOCK)
+    s_mask = s_cols < S_WORDS
+    k_cols = tl.arange(0, K_BLOCK)
+    k_mask = k_cols < NUM_TOPK
+    for row in range(pid, num_rows, grid):
+        row64 = row.to(tl.int64)
+        # Every load of the row is issued before the first store.
+        x = tl.load(x_ptr + row64 * X_WORDS + x_cols, mask=x_mask)
+        if HAS_SCALES:
+            scales = tl.load(scales_ptr + row64 * S_WORDS + s_cols, mask=s_mask)
+        if HAS_TOPK_IDX:
+            topk_idx = tl.load(topk_idx_ptr + row64 * NUM_TOPK + k_cols, mask=k_mask, other=-1)
+        if HAS_TOPK_WEIGHTS:
+            topk_weights = tl.load(topk_weights_ptr + row64 * NUM_TOPK + k_cols, mask=k_mask, other=0.0)
+        for step in tl.static_range(NUM_RANKS):
+            dst = (step + pid + rank) % NUM_RANKS
+            dst_row = tl.load(dst_row_ptr + row64 * NUM_RANKS + dst).to(tl.int64)
+            if dst_row >= 0:
+                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7)
+                tl.store(base + x_offset + dst_row * X_WORDS + x_cols, x, mask=x_mask)
+                if HAS_SCALES:
+                    tl.store(base + scales_offset + dst_row * S_WORDS + s_cols, scales, mask=s_mask)
+                if LOCALIZE_TOPK:
+                    local_idx = topk_idx - dst * num_local_experts
+                    is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+                    if HAS_TOPK_IDX:
+                        out_idx = tl.where(is_local, local_idx, -1)
+                        idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                        tl.store(idx_base + dst_row * NUM_TOPK + k_cols, out_idx, mask=k_mask)
+                    if HAS_TOPK_WEIGHTS:
+                        out_weights = tl.where(is_local, topk_weights, 0.0)
+                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                        tl.store(w_base + dst_row * NUM_TOPK + k_cols, out_weights, mask=k_mask)
+                else:
+                    if HAS_TOPK_WEIGHTS:
+                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                        tl.store(w_base + dst_row * NUM_TOPK + k_cols, topk_weights, mask=k_mask)
+                if WRITE_SRC_IDX:
+                    tl.store(base + src_idx_offset + dst_row, row)
+
+
+@dataclass(frozen=True)
+class PushRegions:
+    """int32-word offsets of the destination regions inside every rank's symmetric buffer."""
+
+    x: int
+    scales: int = 0
+    topk_idx: int = 0
+    topk_weights: int = 0
+    src_idx: int = 0
+
+
+def launch_push_rows(
+    peer_buffers: list[torch.Tensor],
+    x_words: torch.Tensor,
+    scales_words: torch.Tensor | None,
+    topk_idx: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    dst_row: torch.Tensor,
+    regions: PushRegions,
+    rank: int,
+    num_local_experts: int,
+    localize_topk: bool,
+    write_src_idx: bool,
+    num_sms: int,
+) -> None:
+    """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
+
+    Arguments:
+        peer_buffers: per rank an int32 view of its symmetric buffer.
+        x_words: ``[num_rows, x_words]`` int32, the payload rows as 32-bit words, contiguous.
+        scales_words: ``[num_rows, s_words]`` int32 contiguous, or ``None``.
+        topk_idx: ``[num_rows, num_topk]`` int64 or ``None``.
+        topk_weights: ``[num_rows, num_topk]`` float32 or ``None``.
+        dst_row: ``[num_rows, num_ranks]`` int32, destination row at each rank, ``-1`` = none.
+        regions: destination region offsets (int32 words, each a multiple of 4).
+        rank: this rank.
+        num_local_experts: experts per rank (for ``localize_topk``).
+        localize_topk: rewrite top-k ids relative to the destination, ``-1``/``0.0`` elsewhere.
+        write_src_idx: store the source row index (int32) at the destination.
+        num_sms: programs to launch (one per SM).
+
+    Example:
+        Dispatch of 2 tokens to 2 ranks, token 0 to both, token 1 to rank 1 (rank 0 sent 3 rows
+        to rank 1 before us): ``dst_row = [[0, 3], [-1, 4]]``.
+    """
+    num_rows, num_words = x_words.shape
+    num_ranks = len(peer_buffers)
+    if num_rows == 0:
+        return
+    for name, offset in vars(regions).items():
+        if offset % 4 != 0:
+            raise ValueError(f"region {name} offset {offset} must be a multiple of 4 words (16 bytes)")
+    num_topk = (
+        topk_idx.size(1)
+        if topk_idx is not None
+        else (topk_weights.size(1) if topk_weights is not None else 1)
+    )
+    padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
+    s_words = scales_words.size(1) if scales_words is not None else 1
+    push_rows_kernel[(max(1, min(num_sms, num_rows)),)](
+        *padded,
+        x_words,
+        scales_words if scales_words is not None else x_words,
+        topk_idx if topk_idx is not None else dst_row,
+        topk_weights if topk_weights is not None else x_words,
+        dst_row,
+        num_rows,
+        rank,
+        num_local_experts,
+        regions.x,
+        regions.scales,
+        regions.topk_idx,
+        regions.topk_weights,
+        regions.src_idx,
+        NUM_RANKS=num_ranks,
+        X_WORDS=num_words,
+        X_BLOCK=triton.next_power_of_2(num_words),
+        S_WORDS=s_words,
+        S_BLOCK=triton.next_power_of_2(s_words),
+        NUM_TOPK=num_topk,
+        K_BLOCK=triton.next_power_of_2(num_topk),
+        HAS_SCALES=scales_words is not None,
+        HAS_TOPK_IDX=topk_idx is not None,
+        HAS_TOPK_WEIGHTS=topk_weights is not None,
+        LOCALIZE_TOPK=localize_topk,
+        WRITE_SRC_IDX=write_src_idx,
+        num_warps=16,
+    )

@@ -1,0 +1,60 @@
+"""Every memory-ordering helper the kernels use: release signals, acquire loads, bounded waits.
+
+Writers: block barrier, then one system-scope release (an atomic exchange of the epoch) per
+signal. Readers: acquire loads at system scope until the epoch arrives or the time bound passes.
+Peer-written payloads are read with ``.cg`` loads (bypass the non-coherent L1), never ``.nc``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+__all__ = ["global_timer_ns", "load_acquire_sys", "signal_release_sys", "wait_epoch"]
+
+# Written into the error word's first slot when a wait expired.
+TIMEOUT_ERROR_CODE = 1
+
+
+@triton.jit
+def global_timer_ns():
+    """The GPU's global nanosecond timer (``%globaltimer``)."""
+    return tl.inline_asm_elementwise(
+        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def load_acquire_sys(pointer):
+    """Load one int32 with acquire semantics at system scope (sees peers' released writes)."""
+    return tl.inline_asm_elementwise(
+        "ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [pointer], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def signal_release_sys(pointer, value):
+    """Publish ``value`` at ``pointer`` (possibly a peer's) after every prior write of this block."""
+    tl.debug_barrier()
+    tl.atomic_xchg(pointer, value, sem="release", scope="sys")
+
+
+@triton.jit
+def wait_epoch(flag_pointer, epoch, timeout_ns, error_pointer, operation_code, peer, rank):
+    """Spin until ``*flag_pointer >= epoch`` or ``timeout_ns`` passes.
+
+    On expiry writes ``[1, operation_code, peer, rank]`` to ``error_pointer`` (host-mapped memory
+    the host reads without synchronizing) and returns, so the stream never hangs.
+    """
+    start = global_timer_ns()
+    value = load_acquire_sys(flag_pointer)
+    expired = False
+    while (value < epoch) & (not expired):
+        value = load_acquire_sys(flag_pointer)
+        expired = (global_timer_ns() - start) > timeout_ns
+    if value < epoch:
+        tl.store(error_pointer + 1, operation_code)
+        tl.store(error_pointer + 2, peer)
+        tl.store(error_pointer + 3, rank)
+        tl.atomic_xchg(error_pointer, 1, sem="release", scope="sys")
+    tl.debug_barrier()

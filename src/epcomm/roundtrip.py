@@ -1,0 +1,709 @@
+"""``python -m epcomm`` / ``epcomm-roundtrip``: an end-to-end, self-checking MoE round trip.
+
+The job starts N local processes (NCCL on GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every
+rank and sends it through both of the library's modes with one ``Buffer``:
+
+* normal mode: ``get_dispatch_layout`` -> ``dispatch`` -> stand-in experts -> ``combine``;
+* low-latency mode: ``low_latency_dispatch`` -> stand-in experts -> ``low_latency_combine``.
+
+The stand-in expert ``e`` multiplies its rows by ``1 + e / num_experts``, so the whole MoE layer has a closed
+form every rank computes for its own tokens without communication: ``y[t] = sum_k w[t, k] * (1 +
+topk_idx[t, k] / num_experts) * x[t]`` over the entries with ``topk_idx != -1``. Every batch is a pure
+function of ``(seed, rank)``, so each rank also rebuilds its peers' batches and checks what it received
+row by row. Rank reports are gathered by the launching process, which prints one table (the slowest rank's
+time per phase) and exits with 0 only when every check passed on every rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from enum import Enum
+from functools import partial
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+from epcomm._version import __version__
+from epcomm.buffer import Buffer
+from epcomm.handles import LowLatencyHandle
+from epcomm.quant import FP8_GROUP_SIZE, per_token_cast_back, per_token_cast_to_fp8
+from epcomm.testing.launch import ProcessGroupInfo, parallel_launch
+
+__all__ = ["CheckResult", "PhaseResult", "RankReport", "RoundtripConfig", "build_parser", "main", "run"]
+
+FP8_TOLERANCE = 0.08
+"""Per-token relative error allowed with FP8 dispatch: e4m3 keeps 3 mantissa bits, so rounding moves a value
+by at most 16/448 (~0.036) of its 128-channel group's maximum; bf16 roundings add ~0.004 more."""
+
+BF16_TOLERANCE = 0.02
+"""Per-token relative error allowed with bf16 dispatch: two or three bf16 roundings (2**-9 each)."""
+
+_ERROR_FLOOR = 0.01
+"""A token's error is divided by its own max |expected|, floored at this fraction of the largest token's, so
+tokens whose expectation is (near) zero are still checked on a meaningful scale."""
+
+_MASKED_FRACTION = 0.05
+"""Fraction of top-k entries set to -1 (no expert), so the ``-1`` paths are exercised too."""
+
+# (hidden, num_experts, num_topk, num_tokens, num_decode_tokens, iters): DeepSeek-V3 on GPU; on CPU scaled
+# down so the default 2-process gloo run takes ~10 s on 2 cores.
+_GPU_DEFAULTS = (7168, 256, 8, 4096, 128, 20)
+_CPU_DEFAULTS = (1024, 64, 8, 256, 32, 5)
+_T = TypeVar("_T")
+
+
+class Phase(str, Enum):
+    """The timed steps of the round trip, in order."""
+
+    LAYOUT = "get_dispatch_layout"
+    DISPATCH = "dispatch"
+    COMBINE = "combine"
+    LL_DISPATCH = "low_latency_dispatch"
+    LL_COMBINE = "low_latency_combine"
+
+
+@dataclass(frozen=True)
+class RoundtripConfig:
+    """Shapes and options of one run (the same on every rank)."""
+
+    hidden: int
+    num_experts: int
+    num_topk: int
+    num_tokens: int
+    num_decode_tokens: int
+    iters: int
+    warmup: int
+    seed: int
+    use_fp8: bool
+    modes: tuple[str, ...]
+    transport: str | None
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """One rank's verdict on one phase: ``error`` (a relative error, or a mismatch count) vs ``tolerance``."""
+
+    passed: bool
+    error: float
+    tolerance: float
+    detail: str
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """One rank's numbers for one phase: median seconds, bytes received per call, the check."""
+
+    phase: Phase
+    median_s: float
+    recv_bytes: int
+    check: CheckResult
+
+
+@dataclass(frozen=True)
+class RankReport:
+    """Everything one rank sends back to the launching process."""
+
+    rank: int
+    device: str
+    transport: str
+    phases: tuple[PhaseResult, ...]
+
+
+@dataclass(frozen=True)
+class _Batch:
+    x: torch.Tensor  # [num_tokens, hidden] bf16
+    topk_idx: torch.Tensor  # [num_tokens, num_topk] int64, -1 = no expert
+    topk_weights: torch.Tensor  # [num_tokens, num_topk] float32
+
+
+def _make_batch(
+    cfg: RoundtripConfig, rank: int, num_tokens: int, stream_id: int, device: torch.device
+) -> _Batch:
+    """The batch of ``rank`` (a pure function of the seed, so peers can rebuild it): random bf16 rows, distinct
+    random experts per token with ~5% of entries masked to -1, positive weights summing to 1 per token."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(cfg.seed * 1_000_003 + rank * 2 + stream_id)
+    x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
+    scores = torch.rand(num_tokens, cfg.num_experts, generator=gen, device=device)
+    topk_idx = scores.topk(cfg.num_topk, dim=1).indices.to(torch.int64)
+    masked = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) < _MASKED_FRACTION
+    topk_idx = topk_idx.masked_fill(masked, -1)
+    weights = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) + 0.1
+    return _Batch(x, topk_idx, weights / weights.sum(dim=1, keepdim=True))
+
+
+def _expert_scale(global_expert_idx: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """The stand-in expert's factor ``1 + e / num_experts`` (float32)."""
+    return 1.0 + global_expert_idx.float() / num_experts
+
+
+def _token_factor(
+    topk_idx: torch.Tensor, topk_weights: torch.Tensor, offset: int, num_experts: int
+) -> torch.Tensor:
+    """``sum_k w[t, k] * scale(topk_idx[t, k] + offset)`` over the entries ``>= 0``: ``[num_tokens]`` float32."""
+    terms = topk_weights.float() * _expert_scale(topk_idx + offset, num_experts)
+    return torch.where(topk_idx >= 0, terms, torch.zeros_like(terms)).sum(dim=1)
+
+
+def _expected_output(batch: _Batch, num_experts: int) -> torch.Tensor:
+    """The MoE output of a rank's own tokens, computed without communication: ``[num_tokens, hidden]`` float32."""
+    return batch.x.float() * _token_factor(batch.topk_idx, batch.topk_weights, 0, num_experts)[:, None]
+
+
+def _relative_check(actual: torch.Tensor, expected: torch.Tensor, tolerance: float) -> CheckResult:
+    """Per-token max |actual - expected| over that token's max |expected| (floored), max over tokens."""
+    if actual.shape != expected.shape:
+        return CheckResult(
+            False, float("inf"), tolerance, f"shape {list(actual.shape)} != {list(expected.shape)}"
+        )
+    diff = (actual.float() - expected.float()).abs().amax(dim=1)
+    scale = expected.float().abs().amax(dim=1)
+    floor = max(scale.max().item() * _ERROR_FLOOR, 1e-30) if scale.numel() else 1.0
+    error = (diff / scale.clamp(min=floor)).max().item() if diff.numel() else 0.0
+    passed = error <= tolerance  # False for NaN
+    return CheckResult(
+        passed, error, tolerance, f"rel. err {error:.4f} {'<=' if passed else '>'} {tolerance}"
+    )
+
+
+def _exact_check(
+    pairs: Sequence[tuple[str, torch.Tensor | list[int], torch.Tensor | list[int]]],
+) -> CheckResult:
+    """Bitwise comparison of ``(name, actual, expected)`` pairs; names the first mismatch."""
+    for name, actual, expected in pairs:
+        a = torch.tensor(actual) if isinstance(actual, list) else actual
+        e = torch.tensor(expected) if isinstance(expected, list) else expected
+        if a.shape != e.shape:
+            return CheckResult(False, float("inf"), 0.0, f"{name}: shape {list(a.shape)} != {list(e.shape)}")
+        if a.dtype != e.dtype:
+            return CheckResult(False, float("inf"), 0.0, f"{name}: dtype {a.dtype} != {e.dtype}")
+        if a.dtype.itemsize == 1 and a.is_floating_point():  # fp8: compare the bytes
+            a, e = a.view(torch.uint8), e.view(torch.uint8)
+        wrong = (a.cpu() != e.cpu()).nonzero()
+        if wrong.numel():
+            first = wrong[0].tolist()
+            return CheckResult(
+                False, float(wrong.size(0)), 0.0, f"{name}: {wrong.size(0)} mismatches, first at {first}"
+            )
+    return CheckResult(True, 0.0, 0.0, "exact")
+
+
+def _combine_checks(*checks: CheckResult) -> CheckResult:
+    """The first failing check, else the first one."""
+    return next((c for c in checks if not c.passed), checks[0])
+
+
+class _Timer:
+    """Times one phase per call: barrier, device sync, ``perf_counter`` around the call, device sync."""
+
+    def __init__(self, pgi: ProcessGroupInfo) -> None:
+        self.pgi = pgi
+        self.samples: dict[Phase, list[float]] = {}
+
+    def _sync(self) -> None:
+        if self.pgi.device.type == "cuda":
+            torch.cuda.synchronize(self.pgi.device)
+
+    def __call__(self, phase: Phase, record: bool, fn: Callable[[], _T]) -> _T:
+        dist.barrier(group=self.pgi.group)
+        self._sync()
+        start = time.perf_counter()
+        out = fn()
+        self._sync()
+        if record:
+            self.samples.setdefault(phase, []).append(time.perf_counter() - start)
+        return out
+
+    def median(self, phase: Phase) -> float:
+        return statistics.median(self.samples[phase])
+
+
+def _normal_round_trip(
+    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer
+) -> list[PhaseResult]:
+    """Normal mode: layout -> dispatch -> stand-in experts -> combine, checked on the warm-up iteration."""
+    rank, num_ranks, device = pgi.rank, pgi.world_size, pgi.device
+    num_local_experts = cfg.num_experts // num_ranks
+    batches = [_make_batch(cfg, src, cfg.num_tokens, 0, device) for src in range(num_ranks)]
+    mine = batches[rank]
+    x_in: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = (
+        per_token_cast_to_fp8(mine.x) if cfg.use_fp8 else mine.x
+    )
+    checks: dict[Phase, CheckResult] = {}
+    first_output: torch.Tensor | None = None
+    recv_rows = 0
+    for i in range(cfg.warmup + cfg.iters):
+        record = i >= cfg.warmup
+        num_per_rank, _, num_per_expert, in_rank, _ = timer(
+            Phase.LAYOUT, record, partial(buffer.get_dispatch_layout, mine.topk_idx, cfg.num_experts)
+        )
+        recv_x, recv_idx, recv_weights, recv_counts, handle, _ = timer(
+            Phase.DISPATCH,
+            record,
+            partial(
+                buffer.dispatch,
+                x_in,
+                num_tokens_per_rank=num_per_rank,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=num_per_expert,
+                topk_idx=mine.topk_idx,
+                topk_weights=mine.topk_weights,
+            ),
+        )
+        assert recv_idx is not None
+        assert recv_weights is not None
+        assert handle is not None
+        rows = per_token_cast_back(*recv_x) if isinstance(recv_x, tuple) else recv_x
+        factor = _token_factor(recv_idx, recv_weights, rank * num_local_experts, cfg.num_experts)
+        expert_out = (rows.float() * factor[:, None]).to(torch.bfloat16)
+        combined, _, _ = timer(Phase.COMBINE, record, partial(buffer.combine, expert_out, handle))
+        recv_rows = rows.size(0)
+        if i == 0:
+            first_output = combined.clone()
+            checks = _check_normal(
+                cfg, rank, num_ranks, batches, x_in, recv_x, recv_idx, recv_weights, recv_counts
+            )
+            checks[Phase.LAYOUT] = _check_layout(cfg, num_ranks, mine, num_per_rank, num_per_expert, in_rank)
+            tolerance = FP8_TOLERANCE if cfg.use_fp8 else BF16_TOLERANCE
+            checks[Phase.COMBINE] = _relative_check(
+                combined, _expected_output(mine, cfg.num_experts), tolerance
+            )
+    assert first_output is not None
+    checks[Phase.COMBINE] = _combine_checks(checks[Phase.COMBINE], _repeat_check(first_output, combined))
+    row_bytes = cfg.hidden + cfg.hidden // FP8_GROUP_SIZE * 4 if cfg.use_fp8 else cfg.hidden * 2
+    sizes = {
+        Phase.LAYOUT: 0,
+        Phase.DISPATCH: recv_rows * row_bytes,
+        Phase.COMBINE: recv_rows * cfg.hidden * 2,
+    }
+    return [PhaseResult(p, timer.median(p), sizes[p], checks[p]) for p in sizes]
+
+
+def _repeat_check(first: torch.Tensor, last: torch.Tensor) -> CheckResult:
+    """The last iteration's output must equal the first bitwise (the library is deterministic)."""
+    result = _exact_check([("output of the last iteration vs the first", last, first)])
+    return result if not result.passed else CheckResult(True, 0.0, 0.0, "")
+
+
+def _check_layout(
+    cfg: RoundtripConfig,
+    num_ranks: int,
+    mine: _Batch,
+    num_per_rank: torch.Tensor,
+    num_per_expert: torch.Tensor,
+    in_rank: torch.Tensor,
+) -> CheckResult:
+    """Counts and ``is_token_in_rank`` against a local recount of ``topk_idx``."""
+    valid = mine.topk_idx >= 0
+    expert_rank = torch.where(valid, mine.topk_idx // (cfg.num_experts // num_ranks), -1)
+    expected_in_rank = (expert_rank[:, :, None] == torch.arange(num_ranks, device=in_rank.device)).any(dim=1)
+    expected_per_expert = torch.bincount(mine.topk_idx[valid], minlength=cfg.num_experts).to(torch.int32)
+    return _exact_check(
+        [
+            ("is_token_in_rank", in_rank, expected_in_rank),
+            ("num_tokens_per_rank", num_per_rank, expected_in_rank.sum(dim=0).to(torch.int32)),
+            ("num_tokens_per_expert", num_per_expert, expected_per_expert),
+        ]
+    )
+
+
+def _check_normal(
+    cfg: RoundtripConfig,
+    rank: int,
+    num_ranks: int,
+    batches: list[_Batch],
+    x_in: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    recv_idx: torch.Tensor,
+    recv_weights: torch.Tensor,
+    recv_counts: list[int] | None,
+) -> dict[Phase, CheckResult]:
+    """Dispatch only moves data: the received rows (ordered by source rank, then token) must be exact."""
+    num_local_experts = cfg.num_experts // num_ranks
+    rows, scales, idx, weights = [], [], [], []
+    for batch in batches:
+        local = (batch.topk_idx >= 0) & (batch.topk_idx // num_local_experts == rank)
+        sent = local.any(dim=1)
+        src_x = per_token_cast_to_fp8(batch.x) if isinstance(x_in, tuple) else (batch.x, batch.x)
+        rows.append(src_x[0][sent])
+        scales.append(src_x[1][sent])
+        idx.append(torch.where(local, batch.topk_idx - rank * num_local_experts, -1)[sent])
+        weights.append(torch.where(local, batch.topk_weights, 0.0)[sent])
+    expected_idx = torch.cat(idx)
+    expected_counts = [int((expected_idx == e).sum().item()) for e in range(num_local_experts)]
+    pairs: list[tuple[str, torch.Tensor | list[int], torch.Tensor | list[int]]] = []
+    if isinstance(recv_x, tuple):
+        pairs += [
+            ("recv_x[0] (fp8)", recv_x[0], torch.cat(rows)),
+            ("recv_x[1] (scales)", recv_x[1], torch.cat(scales)),
+        ]
+    else:
+        pairs.append(("recv_x", recv_x, torch.cat(rows)))
+    pairs += [
+        ("recv_topk_idx", recv_idx, expected_idx),
+        ("recv_topk_weights", recv_weights, torch.cat(weights)),
+        ("num_recv_tokens_per_expert_list", list(recv_counts or []), expected_counts),
+    ]
+    return {Phase.DISPATCH: _exact_check(pairs)}
+
+
+def _low_latency_round_trip(
+    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer
+) -> list[PhaseResult]:
+    """Low-latency mode: dispatch (FP8 by default) -> per-expert stand-in -> weighted combine."""
+    rank, num_ranks, device = pgi.rank, pgi.world_size, pgi.device
+    num_local_experts = cfg.num_experts // num_ranks
+    capacity = cfg.num_decode_tokens
+    batches = [_make_batch(cfg, src, capacity, 1, device) for src in range(num_ranks)]
+    mine = batches[rank]
+    local_ids = torch.arange(num_local_experts, device=device) + rank * num_local_experts
+    local_scale = _expert_scale(local_ids, cfg.num_experts)[:, None, None]
+    buffer.clean_low_latency_buffer(capacity, cfg.hidden, cfg.num_experts)
+    checks: dict[Phase, CheckResult] = {}
+    first_output: torch.Tensor | None = None
+    num_received = 0
+    for i in range(cfg.warmup + cfg.iters):
+        record = i >= cfg.warmup
+        recv_x, recv_count, handle, _, _ = timer(
+            Phase.LL_DISPATCH,
+            record,
+            partial(
+                buffer.low_latency_dispatch,
+                mine.x,
+                mine.topk_idx,
+                capacity,
+                cfg.num_experts,
+                use_fp8=cfg.use_fp8,
+            ),
+        )
+        rows = per_token_cast_back(*recv_x) if isinstance(recv_x, tuple) else recv_x
+        expert_out = (rows.float() * local_scale).to(torch.bfloat16)
+        combined, _, _ = timer(
+            Phase.LL_COMBINE,
+            record,
+            partial(buffer.low_latency_combine, expert_out, mine.topk_idx, mine.topk_weights, handle),
+        )
+        num_received = int(recv_count.sum().item())
+        if i == 0:
+            first_output = combined.clone()
+            checks[Phase.LL_DISPATCH] = _check_low_latency_dispatch(
+                cfg, rank, batches, rows, recv_count, handle
+            )
+            tolerance = FP8_TOLERANCE if cfg.use_fp8 else BF16_TOLERANCE
+            expected = _expected_output(mine, cfg.num_experts)
+            checks[Phase.LL_COMBINE] = _relative_check(combined, expected, tolerance)
+    assert first_output is not None
+    checks[Phase.LL_COMBINE] = _combine_checks(
+        checks[Phase.LL_COMBINE], _repeat_check(first_output, combined)
+    )
+    row_bytes = cfg.hidden + cfg.hidden // FP8_GROUP_SIZE * 4 if cfg.use_fp8 else cfg.hidden * 2
+    sizes = {Phase.LL_DISPATCH: num_received * row_bytes, Phase.LL_COMBINE: num_received * cfg.hidden * 2}
+    return [PhaseResult(p, timer.median(p), sizes[p], checks[p]) for p in sizes]
+
+
+def _check_low_latency_dispatch(
+    cfg: RoundtripConfig,
+    rank: int,
+    batches: list[_Batch],
+    rows: torch.Tensor,
+    recv_count: torch.Tensor,
+    handle: LowLatencyHandle,
+) -> CheckResult:
+    """Every (source rank, token) routed to a local expert arrives exactly once, where the handle says
+    (``recv_layout_range`` / ``recv_src_info``), and its row matches the source's (FP8: within tolerance)."""
+    num_ranks, capacity = len(batches), cfg.num_decode_tokens
+    num_local_experts = cfg.num_experts // num_ranks
+    all_idx = torch.stack([b.topk_idx for b in batches])  # [num_ranks, capacity, num_topk]
+    local_ids = torch.arange(num_local_experts, device=rows.device) + rank * num_local_experts
+    routed = (all_idx[:, :, :, None] == local_ids).any(dim=2)  # [num_ranks, capacity, num_local_experts]
+    count_check = _exact_check([("recv_count", recv_count, routed.sum(dim=(0, 1)).to(torch.int32))])
+    if not count_check.passed:
+        return count_check
+    row_idx = torch.arange(num_ranks * capacity, device=rows.device)
+    src_rank = torch.full((num_local_experts, num_ranks * capacity), -1, device=rows.device)
+    for source in range(num_ranks):
+        begin = (handle.recv_layout_range[:, source] >> 32)[:, None]
+        count = (handle.recv_layout_range[:, source] & 0xFFFFFFFF)[:, None]
+        src_rank = torch.where((row_idx >= begin) & (row_idx < begin + count), source, src_rank)
+    valid = row_idx[None, :] < recv_count[:, None].long()
+    expert, slot = valid.nonzero(as_tuple=True)
+    src, token = src_rank[expert, slot], handle.recv_src_info[expert, slot].long()
+    if bool((src < 0).any()) or bool((token < 0).any()) or bool((token >= capacity).any()):
+        return CheckResult(False, float("inf"), 0.0, "a received row has no valid source in the handle")
+    keys = (expert * num_ranks + src) * capacity + token
+    if keys.unique().numel() != keys.numel() or not bool(routed[src, token, expert].all()):
+        return CheckResult(False, float("inf"), 0.0, "received (source, token) pairs differ from the routing")
+    expected = torch.stack([b.x for b in batches])[src, token]
+    if cfg.use_fp8:
+        return _relative_check(rows[expert, slot], expected.float(), FP8_TOLERANCE)
+    return _exact_check([("recv_x rows", rows[expert, slot], expected)])
+
+
+def _worker(pgi: ProcessGroupInfo, cfg: RoundtripConfig) -> RankReport:
+    """One rank's job: build the buffer, run the selected modes, return the per-phase results."""
+    hidden_bytes = cfg.hidden * 2
+    num_nvl_bytes = max(
+        config.get_nvl_buffer_size_hint(hidden_bytes, pgi.world_size)
+        for config in (Buffer.get_dispatch_config(pgi.world_size), Buffer.get_combine_config(pgi.world_size))
+    )
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
+        cfg.num_decode_tokens, cfg.hidden, pgi.world_size, cfg.num_experts
+    )
+    timer = _Timer(pgi)
+    phases: list[PhaseResult] = []
+    with Buffer(
+        pgi.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True, backend=cfg.transport
+    ) as buffer:
+        if "normal" in cfg.modes:
+            phases += _normal_round_trip(cfg, pgi, buffer, timer)
+        if "low-latency" in cfg.modes:
+            phases += _low_latency_round_trip(cfg, pgi, buffer, timer)
+        transport = buffer.backend_name
+        dist.barrier(group=pgi.group)
+    name = torch.cuda.get_device_name(pgi.device) if pgi.device.type == "cuda" else "cpu"
+    return RankReport(
+        pgi.rank, f"{pgi.device} ({name})" if name != "cpu" else "cpu", transport, tuple(phases)
+    )
+
+
+# ---- command line ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``argparse`` parser of ``python -m epcomm`` (every knob documented in ``--help``)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m epcomm",
+        description=(
+            "Self-checking MoE round trip through epcomm. Spawns N local processes, builds a "
+            "DeepSeek-V3-shaped batch on each rank and runs it through normal mode (get_dispatch_layout -> "
+            "dispatch -> stand-in experts -> combine) and low-latency mode (low_latency_dispatch -> stand-in "
+            "experts -> low_latency_combine) on one Buffer. Stand-in expert e scales its rows by "
+            "1 + e/num_experts, so each rank checks its MoE output against sum_k w[t,k] * (1 + "
+            "topk_idx[t,k]/num_experts) * x[t], computed locally; layout and dispatch results are checked "
+            "exactly against batches rebuilt from the seed. Prints per phase the slowest rank's median time, "
+            "the bytes each rank receives and the check. Exit code 0: every check passed on every rank; "
+            "1: a check failed; 2: bad arguments; 3: a rank raised or timed out."
+        ),
+        epilog=(
+            "Defaults: on >= 2 CUDA GPUs, one NCCL process per GPU and DeepSeek-V3 shapes (hidden 7168, 256 "
+            "experts, top-8, 4096 prefill / 128 decode tokens per rank, 20 iterations); otherwise 2 gloo "
+            "processes on CPU with scaled-down shapes (hidden 1024, 64 experts, top-8, 256 / 32 tokens, "
+            "5 iterations). Environment: EPCOMM_BACKEND (transport, when --transport is not given), "
+            "EPCOMM_TIMEOUT_S (peer-wait timeout)."
+        ),
+    )
+    add = parser.add_argument
+    add(
+        "--num-processes",
+        type=int,
+        default=None,
+        help="ranks to spawn (default: CUDA device count if >= 2, else 2)",
+    )
+    add(
+        "--backend",
+        choices=["auto", "gloo", "nccl"],
+        default="auto",
+        help="torch.distributed backend; auto = nccl when there is a GPU per process, else gloo (CPU) (default: %(default)s)",
+    )
+    add(
+        "--transport",
+        choices=["auto", "reference", "nvlink", "nvshmem"],
+        default=None,
+        help="epcomm transport (Buffer(backend=...)); default: EPCOMM_BACKEND, else auto",
+    )
+    add(
+        "--mode",
+        choices=["all", "normal", "low-latency"],
+        default="all",
+        help="which mode(s) to run (default: %(default)s)",
+    )
+    add(
+        "--hidden",
+        type=int,
+        default=None,
+        help="hidden size, a multiple of 128 (default: 7168 GPU / 1024 CPU)",
+    )
+    add(
+        "--num-experts",
+        type=int,
+        default=None,
+        help="total experts, a multiple of the number of processes (default: 256 GPU / 64 CPU)",
+    )
+    add("--num-topk", type=int, default=None, help="experts per token (default: 8)")
+    add(
+        "--num-tokens",
+        type=int,
+        default=None,
+        help="normal-mode (prefill) tokens per rank (default: 4096 GPU / 256 CPU)",
+    )
+    add(
+        "--num-decode-tokens",
+        type=int,
+        default=None,
+        help="low-latency (decode) tokens per rank, also the capacity per rank (default: 128 GPU / 32 CPU)",
+    )
+    add(
+        "--iters",
+        type=int,
+        default=None,
+        help="timed iterations; the median is reported (default: 20 GPU / 5 CPU)",
+    )
+    add(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed iterations before the timed ones (the first iteration is always checked) (default: %(default)s)",
+    )
+    add("--seed", type=int, default=0, help="seed of the per-rank batches (default: %(default)s)")
+    add(
+        "--fp8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send FP8 (e4m3, per-token x 128-channel scales) in both dispatches instead of bf16 (default: --fp8)",
+    )
+    add(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds the whole job may take before the ranks are killed (default: %(default)s)",
+    )
+    return parser
+
+
+def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, str, RoundtripConfig]:
+    """Fill the device-dependent defaults and validate; ``parser.error`` (exit 2) on bad arguments."""
+    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    num_processes = (
+        args.num_processes if args.num_processes is not None else (num_gpus if num_gpus >= 2 else 2)
+    )
+    if num_processes < 1:
+        parser.error(f"--num-processes must be >= 1; got {num_processes}")
+    backend = args.backend
+    if backend == "auto":
+        backend = "nccl" if num_gpus >= num_processes else "gloo"
+    if backend == "nccl" and num_gpus < num_processes:
+        parser.error(
+            f"--backend nccl needs one CUDA GPU per process: {num_processes} processes, {num_gpus} GPUs"
+        )
+    defaults = _GPU_DEFAULTS if backend == "nccl" else _CPU_DEFAULTS
+    given = (
+        args.hidden,
+        args.num_experts,
+        args.num_topk,
+        args.num_tokens,
+        args.num_decode_tokens,
+        args.iters,
+    )
+    hidden, num_experts, num_topk, num_tokens, num_decode_tokens, iters = (
+        d if v is None else v for v, d in zip(given, defaults)
+    )
+    if hidden <= 0 or hidden % FP8_GROUP_SIZE != 0:
+        parser.error(f"--hidden must be a positive multiple of {FP8_GROUP_SIZE}; got {hidden}")
+    if num_experts <= 0 or num_experts % num_processes != 0:
+        parser.error(
+            f"--num-experts must be a positive multiple of --num-processes={num_processes}; got {num_experts}"
+        )
+    if not 1 <= num_topk <= num_experts:
+        parser.error(f"--num-topk must be in [1, num_experts={num_experts}]; got {num_topk}")
+    for flag, value, minimum in (
+        ("--num-tokens", num_tokens, 1),
+        ("--num-decode-tokens", num_decode_tokens, 1),
+        ("--iters", iters, 1),
+        ("--warmup", args.warmup, 0),
+    ):
+        if value < minimum:
+            parser.error(f"{flag} must be >= {minimum}; got {value}")
+    modes = ("normal", "low-latency") if args.mode == "all" else (args.mode,)
+    cfg = RoundtripConfig(
+        hidden,
+        num_experts,
+        num_topk,
+        num_tokens,
+        num_decode_tokens,
+        iters,
+        args.warmup,
+        args.seed,
+        args.fp8,
+        modes,
+        args.transport,
+    )
+    return num_processes, backend, cfg
+
+
+def _format_bytes(num_bytes: int) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if num_bytes >= size:
+            return f"{num_bytes / size:.2f} {unit}"
+    return f"{num_bytes} B" if num_bytes else "-"
+
+
+def format_report(reports: Sequence[RankReport], backend: str, cfg: RoundtripConfig) -> tuple[str, bool]:
+    """The printed table: per phase, the slowest rank's median time, the largest per-rank received bytes,
+    the slowest rank's bandwidth and the check (PASS only if it passed on every rank; worst error shown).
+
+    Returns:
+        The text and whether every check passed on every rank.
+    """
+    num_ranks = len(reports)
+    dtype = "FP8 e4m3 + scales" if cfg.use_fp8 else "bf16"
+    lines = [
+        f"epcomm {__version__} round trip | transport: {reports[0].transport} | torch.distributed: {backend} | "
+        f"world size: {num_ranks} | device: {reports[0].device}",
+        f"  normal mode : {cfg.num_tokens} tokens/rank x hidden {cfg.hidden}, {cfg.num_experts} experts "
+        f"({cfg.num_experts // num_ranks}/rank), top-{cfg.num_topk}, dispatch in {dtype}",
+        f"  low-latency : {cfg.num_decode_tokens} tokens/rank (= capacity) x hidden {cfg.hidden}, same experts, "
+        f"dispatch in {dtype}",
+        f"  timing      : median of {cfg.iters} iteration(s) after {cfg.warmup} warm-up; time: slowest rank, "
+        "recv bytes: largest rank, GB/s: slowest rank's recv bytes / time",
+        f"  checks      : layout and dispatch exact (FP8 low-latency rows: rel. err <= {FP8_TOLERANCE}); "
+        f"combine vs local MoE, per-token rel. err <= {FP8_TOLERANCE if cfg.use_fp8 else BF16_TOLERANCE}",
+        "",
+    ]
+    header = f"{'phase':<22} {'time (ms)':>10} {'recv bytes/rank':>16} {'GB/s':>8}  check"
+    lines += [header, "-" * (len(header) + 40)]
+    all_passed = True
+    for i, first in enumerate(reports[0].phases):
+        per_rank = [r.phases[i] for r in reports]
+        time_s = max(p.median_s for p in per_rank)
+        num_bytes = max(p.recv_bytes for p in per_rank)
+        bandwidth = min(p.recv_bytes / p.median_s / 1e9 if p.median_s > 0 else 0.0 for p in per_rank)
+        failed = [(r.rank, p.check) for r, p in zip(reports, per_rank) if not p.check.passed]
+        all_passed &= not failed
+        if failed:
+            rank, check = failed[0]
+            verdict = f"FAIL on ranks {[rank for rank, _ in failed]} (rank {rank}: {check.detail})"
+        else:
+            worst = max((p.check for p in per_rank), key=lambda c: c.error)
+            verdict = f"PASS ({worst.detail}{', repeatable' if first.phase in (Phase.COMBINE, Phase.LL_COMBINE) else ''})"
+        gbps = f"{bandwidth:.2f}" if num_bytes else "-"
+        lines.append(
+            f"{first.phase.value:<22} {time_s * 1e3:>10.3f} {_format_bytes(num_bytes):>16} {gbps:>8}  {verdict}"
+        )
+    num_checks = len(reports[0].phases)
+    lines += ["", f"RESULT: {'PASS' if all_passed else 'FAIL'} ({num_checks} checks on {num_ranks} ranks)"]
+    return "\n".join(lines), all_passed
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, launch the ranks, print the table; returns the exit code (0 only if all passed)."""
+    parser = build_parser()
+    num_processes, backend, cfg = _resolve(parser.parse_args(argv), parser)
+    try:
+        reports: list[RankReport] = parallel_launch(
+            num_processes, _worker, cfg, backend=backend, timeout_s=float(parser.parse_args(argv).timeout)
+        )
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"epcomm round trip: FAIL: the job did not complete\n{exc}", file=sys.stderr)
+        return 3
+    text, passed = format_report(reports, backend, cfg)
+    print(text, flush=True)
+    return 0 if passed else 1
+
+
+def main() -> None:
+    """Console entry point (``epcomm-roundtrip``, ``python -m epcomm``): exits with ``run()``'s code."""
+    sys.exit(run())

@@ -1,0 +1,37 @@
+"""Named scenarios of the tier, turned into ``Case``s for a world size (fresh seed per test and size)."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+from .naive import Case, Routing
+
+WORLD_SIZES = (2, 4)
+
+# name -> overrides of the default case (24 tokens per rank, hidden 128, 4 experts per rank, top-4).
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "balanced": {},
+    "hot_rank_0": {"routing": Routing.HOT_RANK_0},
+    "masked_slots": {"drop_prob": 0.3},
+    "empty_rank_1": {"empty_ranks": (1,), "drop_prob": 0.1},
+    "no_tokens_anywhere": {"num_tokens": 0},
+    "topk_gt_local_experts": {"experts_per_rank": 2, "num_topk": 3},
+    "hidden_256": {"hidden": 256, "drop_prob": 0.1},
+    "hidden_7168": {"hidden": 7168, "num_tokens": 5, "drop_prob": 0.1},
+}
+
+
+def make_case(test: str, world_size: int, scenario: str = "balanced", **overrides: Any) -> Case:
+    """The ``Case`` of ``scenario`` on ``world_size`` ranks, seeded from the test's name."""
+    params: dict[str, Any] = {
+        "num_tokens": 24,
+        "hidden": 128,
+        "experts_per_rank": 4,
+        "num_topk": 4,
+        **SCENARIOS[scenario],
+        **overrides,
+    }
+    experts_per_rank = params.pop("experts_per_rank")
+    seed = zlib.crc32(f"{test}/{scenario}/{world_size}/{sorted(overrides.items())}".encode())
+    return Case(seed=seed, num_experts=experts_per_rank * world_size, **params)

@@ -1,0 +1,51 @@
+"""Fixtures of the multi-process CPU tier: one gloo ``ProcessGroupPool`` per world size per session.
+
+Spawning processes that import torch costs seconds (more on a 2-core CI machine), so every test of
+this tier runs its worker on a shared pool instead of spawning its own processes.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# Without an installed epcomm (e.g. a plain checkout), import it from ``src/``. Spawned children
+# inherit this ``sys.path`` (multiprocessing's spawn hands the parent's path to the child).
+if importlib.util.find_spec("epcomm") is None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
+
+from epcomm.testing import ProcessGroupPool  # noqa: E402
+
+# Seconds one pool run may take before its ranks are killed (the pool restarts on the next run).
+# A normal case takes well under a second; a hung one waits EPCOMM_TIMEOUT_S (30 s) first.
+RUN_TIMEOUT_S = 120.0
+
+RunOnRanks = Callable[..., list[Any]]
+
+
+@pytest.fixture(scope="session")
+def _pools() -> Iterator[dict[int, ProcessGroupPool]]:
+    pools: dict[int, ProcessGroupPool] = {}
+    yield pools
+    for pool in pools.values():
+        pool.close()
+
+
+@pytest.fixture
+def run_on_ranks(_pools: dict[int, ProcessGroupPool]) -> RunOnRanks:
+    """``run_on_ranks(world_size, worker, *args)``: run ``worker(pgi, *args)`` on a gloo pool.
+
+    The pool of each world size is started on first use and shared by the whole session.
+    """
+
+    def run(world_size: int, worker: Callable[..., Any], *args: Any) -> list[Any]:
+        if world_size not in _pools:
+            _pools[world_size] = ProcessGroupPool(world_size, backend="gloo", timeout_s=RUN_TIMEOUT_S)
+        return _pools[world_size].run(worker, *args)
+
+    return run

@@ -1,0 +1,95 @@
+"""Tests of ``python -m epcomm`` (``epcomm.roundtrip``): the self-checking round trip on 2 gloo processes."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+_SRC = Path(__file__).resolve().parents[2] / "src"
+
+
+def _load_roundtrip() -> ModuleType:
+    """``epcomm.roundtrip``, from the installed package or else from this checkout's ``src``."""
+    try:
+        return importlib.import_module("epcomm.roundtrip")
+    except ImportError:
+        sys.path.insert(0, str(_SRC))
+        return importlib.import_module("epcomm.roundtrip")
+
+
+roundtrip = _load_roundtrip()
+_SMALL = [
+    "--backend", "gloo", "--hidden", "256", "--num-experts", "8", "--num-topk", "4",
+    "--num-tokens", "64", "--num-decode-tokens", "8",
+]  # fmt: skip
+
+
+def _run_cli(*args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m epcomm ARGS`` with ``src`` on ``PYTHONPATH``; returns the finished process."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(_SRC), env.get("PYTHONPATH", "")) if p)
+    return subprocess.run(
+        [sys.executable, "-m", "epcomm", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout_s,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("dtype_flag", ["--fp8", "--no-fp8"])
+def test_round_trip_passes(dtype_flag: str) -> None:
+    proc = _run_cli("--num-processes", "2", "--iters", "1", dtype_flag, *_SMALL)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, output
+    assert "PASS" in proc.stdout, output
+    assert "FAIL" not in output, output
+    for phase in roundtrip.Phase:
+        assert phase.value in proc.stdout, output
+    assert "world size: 2" in proc.stdout
+
+
+def test_help_explains_every_knob() -> None:
+    proc = _run_cli("--help", timeout_s=60.0)
+    assert proc.returncode == 0, proc.stderr
+    for flag in (
+        "--num-processes", "--backend", "--hidden", "--num-experts", "--num-topk", "--num-tokens",
+        "--num-decode-tokens", "--iters", "--seed", "--fp8", "--no-fp8",
+    ):  # fmt: skip
+        assert flag in proc.stdout
+    assert "round trip" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "bad_args",
+    [["--hidden", "100"], ["--num-experts", "7", "--num-processes", "2"], ["--num-topk", "0"]],
+)
+def test_bad_arguments_exit_2(bad_args: list[str]) -> None:
+    proc = _run_cli(*bad_args, timeout_s=60.0)
+    assert proc.returncode == 2
+    assert "error" in proc.stderr
+
+
+def test_report_fails_when_one_rank_fails() -> None:
+    cfg = roundtrip.RoundtripConfig(256, 8, 4, 64, 8, 1, 1, 0, True, ("normal",), None)
+    good = roundtrip.CheckResult(True, 0.01, 0.08, "rel. err 0.0100 <= 0.08")
+    bad = roundtrip.CheckResult(False, 0.5, 0.08, "rel. err 0.5000 > 0.08")
+    reports = [
+        roundtrip.RankReport(
+            rank, "cpu", "reference", (roundtrip.PhaseResult(roundtrip.Phase.COMBINE, 1e-3, 1000, check),)
+        )
+        for rank, check in enumerate([good, bad])
+    ]
+    text, passed = roundtrip.format_report(reports, "gloo", cfg)
+    assert not passed
+    assert "FAIL on ranks [1]" in text
+    text, passed = roundtrip.format_report(reports[:1], "gloo", cfg)
+    assert passed
+    assert "FAIL" not in text
