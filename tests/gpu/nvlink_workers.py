@@ -1,0 +1,131 @@
+"""Workers for the multi-GPU tier: the NVLink backend against the reference backend in the same processes."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+import epcomm
+from epcomm import quant
+from epcomm.testing import ProcessGroupInfo
+
+
+def _routing(
+    num_tokens: int, num_experts: int, num_topk: int, seed: int, device: torch.device
+) -> torch.Tensor:
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    scores = torch.randn(num_tokens, num_experts, generator=generator).abs() + 1
+    topk_idx = torch.topk(scores, num_topk, dim=-1).indices
+    drop = torch.rand(num_tokens, num_topk, generator=generator) < 0.05
+    return torch.where(drop, torch.full_like(topk_idx, -1), topk_idx).to(device)
+
+
+def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
+    if got.shape != want.shape:
+        return f"shape {list(got.shape)} != {list(want.shape)}"
+    if got.numel() == 0:
+        return "equal"
+    diff = (got.view(torch.uint8) != want.view(torch.uint8)).reshape(got.size(0), -1).any(dim=1).nonzero()
+    return "equal" if diff.numel() == 0 else f"first differing row {int(diff[0])}"
+
+
+def compare_normal_mode(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -> list[str]:
+    """Run every setting on both backends; return one line per failed check (empty = all passed)."""
+    failures: list[str] = []
+    nvlink = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 24, backend="nvlink")
+    reference = epcomm.Buffer(pgi.group, backend="reference")
+    assert nvlink.backend_name == "nvlink"
+    for setting in settings:
+        num_tokens, hidden, num_experts, num_topk = (
+            setting["num_tokens"],
+            setting["hidden"],
+            setting["num_experts"],
+            setting["num_topk"],
+        )
+        if setting.get("zero_tokens_rank") == pgi.rank:
+            num_tokens = 0
+        seed = setting["seed"] * 1000 + pgi.rank
+        torch.manual_seed(seed)
+        x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
+        x[:, 0] = pgi.rank
+        x[:, 1] = torch.arange(num_tokens, device=pgi.device) % 256
+        topk_idx = _routing(num_tokens, num_experts, num_topk, seed, pgi.device)
+        topk_weights = torch.rand(num_tokens, num_topk, device=pgi.device)
+        worst = setting.get("num_worst_tokens", 0)
+        bias = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16() if setting.get("bias") else None
+        payload: Any = quant.per_token_cast_to_fp8(x) if setting.get("fp8") else x
+        outputs = []
+        for buffer in (nvlink, reference):
+            layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+            recv = buffer.dispatch(
+                payload,
+                num_tokens_per_rank=layout[0],
+                is_token_in_rank=layout[3],
+                num_tokens_per_expert=layout[2],
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+                num_worst_tokens=worst,
+                expert_alignment=setting.get("alignment", 1),
+            )
+            recv_x, recv_idx, recv_w, counts, handle, _ = recv
+            cached = buffer.dispatch(payload, handle=handle)[0]
+            expert_x = (recv_x if not setting.get("fp8") else quant.per_token_cast_back(*recv_x)).contiguous()
+            combined, combined_w, _ = buffer.combine(expert_x, handle, topk_weights=recv_w, bias=bias)
+            again, _, _ = buffer.combine(expert_x, handle, topk_weights=recv_w, bias=bias)
+            outputs.append((recv_x, recv_idx, recv_w, counts, handle, cached, combined, combined_w, again))
+        name = f"rank {pgi.rank} {setting}"
+        got, want = outputs
+        got_x = got[0] if not setting.get("fp8") else got[0][0]
+        want_x = want[0] if not setting.get("fp8") else want[0][0]
+        real = int(want[4].num_recv_tokens)
+        checks = {
+            "recv_x": _first_mismatch(got_x[:real], want_x[:real]),
+            "recv_topk_idx": _first_mismatch(got[1], want[1]),
+            "recv_topk_weights": _first_mismatch(got[2][:real], want[2][:real]),
+            "rank_prefix_matrix": _first_mismatch(got[4].rank_prefix_matrix, want[4].rank_prefix_matrix),
+            "cached recv_x": _first_mismatch(
+                (got[5] if not setting.get("fp8") else got[5][0])[:real],
+                (want[5] if not setting.get("fp8") else want[5][0])[:real],
+            ),
+            "combine (bitwise vs reference)": _first_mismatch(got[6], want[6]),
+            "combine repeat": _first_mismatch(got[6], got[8]),
+            "combined weights": _first_mismatch(got[7], want[7]),
+        }
+        if setting.get("fp8"):
+            checks["recv scales"] = _first_mismatch(got[0][1][:real], want[0][1][:real])
+        if got[3] != want[3]:
+            checks["num_recv_tokens_per_expert_list"] = f"{got[3]} != {want[3]}"
+        for check, result in checks.items():
+            if result != "equal":
+                failures.append(f"{name}: {check}: {result}")
+    nvlink.destroy()
+    reference.destroy()
+    torch.cuda.synchronize()
+    return failures
+
+
+def skip_one_dispatch(pgi: ProcessGroupInfo, timeout_s: float) -> str:
+    """Rank 1 skips a dispatch; rank 0 must fail with an error naming the operation and rank 1."""
+    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
+    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 22, backend="nvlink")
+    x = torch.randn(64, 256, device=pgi.device).bfloat16()
+    topk_idx = _routing(64, 8 * pgi.world_size, 4, pgi.rank, pgi.device)
+    layout = buffer.get_dispatch_layout(topk_idx, 8 * pgi.world_size)
+    if pgi.rank == 1:
+        time.sleep(timeout_s * 3)
+        return "skipped"
+    begin = time.monotonic()
+    try:
+        buffer.dispatch(
+            x,
+            num_tokens_per_rank=layout[0],
+            is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2],
+            topk_idx=topk_idx,
+        )
+    except epcomm.errors.PeerTimeoutError as error:
+        return f"raised after {time.monotonic() - begin:.1f}s: {error}"
+    return "no error"

@@ -1,0 +1,47 @@
+"""Multi-GPU tier: the NVLink backend's normal mode against the reference backend (same processes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from nvlink_workers import compare_normal_mode, skip_one_dispatch
+
+from epcomm.testing import parallel_launch
+
+NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
+
+SETTINGS = [
+    {"seed": 1, "num_tokens": 128, "hidden": 256, "num_experts": 16, "num_topk": 4},
+    {"seed": 2, "num_tokens": 300, "hidden": 7168, "num_experts": 32, "num_topk": 8, "bias": True},
+    {"seed": 3, "num_tokens": 200, "hidden": 1024, "num_experts": 16, "num_topk": 8, "fp8": True},
+    {"seed": 4, "num_tokens": 100, "hidden": 512, "num_experts": 8, "num_topk": 6, "zero_tokens_rank": 1},
+    {
+        "seed": 5,
+        "num_tokens": 64,
+        "hidden": 256,
+        "num_experts": 16,
+        "num_topk": 2,
+        "num_worst_tokens": 64 * 4,
+    },
+    {"seed": 6, "num_tokens": 96, "hidden": 384, "num_experts": 8, "num_topk": 3, "alignment": 4},
+]
+
+
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 or more CUDA GPUs")
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_nvlink_matches_reference(world_size: int) -> None:
+    if world_size > NUM_GPUS:
+        pytest.skip(f"needs {world_size} GPUs")
+    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, backend="nccl", timeout_s=600)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 or more CUDA GPUs")
+def test_skipped_call_raises_named_timeout() -> None:
+    results = parallel_launch(2, skip_one_dispatch, 3.0, backend="nccl", timeout_s=120)
+    assert results[0].startswith("raised"), results[0]
+    for expected in ("dispatch", "rank 0", "[1]"):
+        assert expected in results[0], results[0]
