@@ -109,13 +109,25 @@ class Buffer:
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
         self.num_ranks_per_node = _num_ranks_per_node(group)
-        choice = env.BackendChoice(backend.lower()) if backend is not None else env.backend_choice()
+        choice = self._check_backend(backend) if backend is not None else env.backend_choice()
         self._backend: Backend | None = create_backend(
             choice, group, env.timeout_s(), self.num_ranks_per_node, enable_shrink, num_nvl_bytes
         )
         self.backend_name: str = self._backend.name
         self._comm_stream: torch.cuda.Stream | None = None
         self._local_buffers: dict[bool, torch.Tensor] = {}
+
+    @staticmethod
+    def _check_backend(backend: Any) -> env.BackendChoice:
+        choices = ", ".join(repr(c.value) for c in env.BackendChoice)
+        if not isinstance(backend, str):
+            raise TypeError(
+                f"backend must be a str ({choices}) or None; got {type(backend).__name__} {backend!r}"
+            )
+        try:
+            return env.BackendChoice(backend.lower())
+        except ValueError:
+            raise ValueError(f"backend must be one of {choices}; got {backend!r}") from None
 
     # ---- lifetime -----------------------------------------------------------------------------
     def destroy(self) -> None:
@@ -207,6 +219,7 @@ class Buffer:
         Returns:
             Tensor of ``size`` and ``dtype`` on the current device.
         """
+        check_int("offset", offset, 0)
         num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
@@ -686,7 +699,9 @@ class Buffer:
     # ---- shrink mode --------------------------------------------------------------------------
     def _check_shrink(self) -> None:
         if not self.enable_shrink:
-            raise ValueError("shrink-mode calls need Buffer(..., enable_shrink=True)")
+            raise ValueError(
+                "shrink-mode calls need Buffer(..., enable_shrink=True); got enable_shrink=False"
+            )
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Mask (``mask=True``) or unmask ``rank_to_mask``: masked ranks are neither sent to nor waited for."""

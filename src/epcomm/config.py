@@ -17,7 +17,8 @@ __all__ = [
     "dispatch_config_preset",
 ]
 
-# DeepEP's constants that enter its buffer-size hints; kept equal so hints match DeepEP's.
+# DeepEP's constants that enter its buffer-size hints (same formula as DeepEP V1's intranode
+# hint; our backends size their own buffers and grow them when a call needs more).
 NUM_MAX_NVL_PEERS = 8
 NUM_MAX_TOPK = 128
 NUM_MAX_SCALES = 128
@@ -55,7 +56,9 @@ class Config:
             "num_max_rdma_chunked_recv_tokens",
         ):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise TypeError(f"Config.{name} must be an int; got {type(value).__name__} {value!r}")
+            if value <= 0:
                 raise ValueError(f"Config.{name} must be a positive int; got {value!r}")
         if self.num_sms % 2 != 0:
             raise ValueError(f"Config.num_sms must be even (as in DeepEP); got {self.num_sms}")

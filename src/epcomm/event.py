@@ -119,7 +119,8 @@ class StreamContext:
         communication stream and the returned ``EventOverlap`` has no event.
         """
         if self.stream is None or self.compute_stream is None:
-            return EventOverlap(None)
+            # Synchronous (CPU) work is complete already: async callers get a completed no-op event.
+            return EventOverlap(EventHandle() if async_finish else None)
         compute_stream = self.compute_stream
         if self.stream != compute_stream:
             # Tensors used on the comm stream but owned by the compute stream's allocator (and the
