@@ -111,7 +111,14 @@ class Buffer:
         self.num_ranks_per_node = _num_ranks_per_node(group)
         choice = self._check_backend(backend) if backend is not None else env.backend_choice()
         self._backend: Backend | None = create_backend(
-            choice, group, env.timeout_s(), self.num_ranks_per_node, enable_shrink, num_nvl_bytes
+            choice,
+            group,
+            env.timeout_s(),
+            self.num_ranks_per_node,
+            enable_shrink,
+            num_nvl_bytes,
+            low_latency_mode,
+            num_rdma_bytes,
         )
         self.backend_name: str = self._backend.name
         self._comm_stream: torch.cuda.Stream | None = None

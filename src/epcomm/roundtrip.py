@@ -473,6 +473,29 @@ def _worker(pgi: ProcessGroupInfo, cfg: RoundtripConfig) -> RankReport:
 
 
 # ---- command line ------------------------------------------------------------------------------------------
+
+_BACKEND_HELP = (
+    "torch.distributed backend; auto: nccl with one GPU per process, else gloo on CPU (default: auto)"
+)
+_TRANSPORT_HELP = "epcomm transport, Buffer(backend=...) (default: EPCOMM_BACKEND, else auto)"
+_FP8_HELP = "dispatch FP8 e4m3 with per-token x 128-channel scales in both modes, else bf16 (default: --fp8)"
+_INT_KNOBS: tuple[tuple[str, int | None, str], ...] = (
+    ("--num-processes", None, "ranks to spawn (default: the CUDA device count if >= 2, else 2)"),
+    ("--hidden", None, "hidden size, a multiple of 128 (default: 7168 on GPU / 1024 on CPU)"),
+    ("--num-experts", None, "total experts, a multiple of --num-processes (default: 256 GPU / 64 CPU)"),
+    ("--num-topk", None, "experts per token (default: 8)"),
+    ("--num-tokens", None, "normal-mode (prefill) tokens per rank (default: 4096 GPU / 256 CPU)"),
+    (
+        "--num-decode-tokens",
+        None,
+        "low-latency (decode) tokens per rank = capacity (default: 128 GPU / 32 CPU)",
+    ),
+    ("--iters", None, "timed iterations, the median is reported (default: 20 GPU / 5 CPU)"),
+    ("--warmup", 1, "untimed iterations first; the first iteration is always checked (default: 1)"),
+    ("--seed", 0, "seed of the per-rank batches (default: 0)"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``argparse`` parser of ``python -m epcomm`` (every knob documented in ``--help``)."""
     parser = argparse.ArgumentParser(
@@ -497,80 +520,18 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add(
-        "--num-processes",
-        type=int,
-        default=None,
-        help="ranks to spawn (default: CUDA device count if >= 2, else 2)",
-    )
-    add(
-        "--backend",
-        choices=["auto", "gloo", "nccl"],
-        default="auto",
-        help="torch.distributed backend; auto = nccl when there is a GPU per process, else gloo (CPU) (default: %(default)s)",
-    )
-    add(
-        "--transport",
-        choices=["auto", "reference", "nvlink", "nvshmem"],
-        default=None,
-        help="epcomm transport (Buffer(backend=...)); default: EPCOMM_BACKEND, else auto",
-    )
+    add("--backend", choices=["auto", "gloo", "nccl"], default="auto", help=_BACKEND_HELP)
+    add("--transport", choices=["auto", "reference", "nvlink", "nvshmem"], default=None, help=_TRANSPORT_HELP)
     add(
         "--mode",
         choices=["all", "normal", "low-latency"],
         default="all",
-        help="which mode(s) to run (default: %(default)s)",
+        help="mode(s) to run (default: all)",
     )
-    add(
-        "--hidden",
-        type=int,
-        default=None,
-        help="hidden size, a multiple of 128 (default: 7168 GPU / 1024 CPU)",
-    )
-    add(
-        "--num-experts",
-        type=int,
-        default=None,
-        help="total experts, a multiple of the number of processes (default: 256 GPU / 64 CPU)",
-    )
-    add("--num-topk", type=int, default=None, help="experts per token (default: 8)")
-    add(
-        "--num-tokens",
-        type=int,
-        default=None,
-        help="normal-mode (prefill) tokens per rank (default: 4096 GPU / 256 CPU)",
-    )
-    add(
-        "--num-decode-tokens",
-        type=int,
-        default=None,
-        help="low-latency (decode) tokens per rank, also the capacity per rank (default: 128 GPU / 32 CPU)",
-    )
-    add(
-        "--iters",
-        type=int,
-        default=None,
-        help="timed iterations; the median is reported (default: 20 GPU / 5 CPU)",
-    )
-    add(
-        "--warmup",
-        type=int,
-        default=1,
-        help="untimed iterations before the timed ones (the first iteration is always checked) (default: %(default)s)",
-    )
-    add("--seed", type=int, default=0, help="seed of the per-rank batches (default: %(default)s)")
-    add(
-        "--fp8",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="send FP8 (e4m3, per-token x 128-channel scales) in both dispatches instead of bf16 (default: --fp8)",
-    )
-    add(
-        "--timeout",
-        type=float,
-        default=300.0,
-        help="seconds the whole job may take before the ranks are killed (default: %(default)s)",
-    )
+    for flag, default, text in _INT_KNOBS:
+        add(flag, type=int, default=default, help=text)
+    add("--fp8", action=argparse.BooleanOptionalAction, default=True, help=_FP8_HELP)
+    add("--timeout", type=float, default=300.0, help="seconds the whole job may take (default: 300)")
     return parser
 
 

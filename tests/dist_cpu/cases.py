@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import zlib
+from collections.abc import Callable
 from typing import Any
 
 from .naive import Case, Routing
 
 WORLD_SIZES = (2, 4)
+
+RunOnRanks = Callable[..., list[Any]]
+"""The ``run_on_ranks`` fixture: ``run_on_ranks(world_size, worker, *args) -> per-rank results``."""
 
 # name -> overrides of the default case (24 tokens per rank, hidden 128, 4 experts per rank, top-4).
 SCENARIOS: dict[str, dict[str, Any]] = {
@@ -17,6 +21,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "empty_rank_1": {"empty_ranks": (1,), "drop_prob": 0.1},
     "no_tokens_anywhere": {"num_tokens": 0},
     "topk_gt_local_experts": {"experts_per_rank": 2, "num_topk": 3},
+    "topk_16": {"experts_per_rank": 8, "num_topk": 16, "drop_prob": 0.2},
+    "single_token": {"num_tokens": 1, "empty_ranks": (1, 2, 3)},
     "hidden_256": {"hidden": 256, "drop_prob": 0.1},
     "hidden_7168": {"hidden": 7168, "num_tokens": 5, "drop_prob": 0.1},
 }
@@ -35,3 +41,12 @@ def make_case(test: str, world_size: int, scenario: str = "balanced", **override
     experts_per_rank = params.pop("experts_per_rank")
     seed = zlib.crc32(f"{test}/{scenario}/{world_size}/{sorted(overrides.items())}".encode())
     return Case(seed=seed, num_experts=experts_per_rank * world_size, **params)
+
+
+# Scenarios in which some rank receives at most one token in normal mode.
+FEW_ROWS_SCENARIOS = frozenset({"hot_rank_0", "no_tokens_anywhere", "single_token"})
+
+
+def normal_mode_scenarios() -> list[Any]:
+    """Every scenario (those in ``FEW_ROWS_SCENARIOS`` once exposed a row-unpacking bug)."""
+    return list(SCENARIOS)

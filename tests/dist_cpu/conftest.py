@@ -19,13 +19,13 @@ import pytest
 if importlib.util.find_spec("epcomm") is None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from epcomm.testing import ProcessGroupPool  # noqa: E402
+from epcomm.testing import ProcessGroupPool
+
+from .cases import RunOnRanks
 
 # Seconds one pool run may take before its ranks are killed (the pool restarts on the next run).
 # A normal case takes well under a second; a hung one waits EPCOMM_TIMEOUT_S (30 s) first.
 RUN_TIMEOUT_S = 120.0
-
-RunOnRanks = Callable[..., list[Any]]
 
 
 @pytest.fixture(scope="session")

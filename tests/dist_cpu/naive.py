@@ -186,9 +186,7 @@ def naive_dispatch(
             keys.append((src, token))
             rows.append(x[token])
             local = [
-                expert - me * num_local_experts
-                if expert >= 0 and expert // num_local_experts == me
-                else -1
+                expert - me * num_local_experts if expert >= 0 and expert // num_local_experts == me else -1
                 for expert in experts
             ]
             local_idx_rows.append(local)
@@ -301,7 +299,7 @@ def naive_low_latency_combine(
     ``power_of_two_scale(e)``; experts on masked ranks contribute nothing.
     """
     num_local_experts = num_experts // num_ranks
-    num_tokens, hidden = inputs.x.shape
+    hidden = inputs.x.size(1)
     weights = inputs.topk_weights.tolist()
     out = []
     for token, experts in enumerate(inputs.topk_idx.tolist()):
@@ -379,12 +377,15 @@ def assert_rows_close(
     atol_of_max: float,
     group_size: int | None = None,
     candidates: dict[RowKey, torch.Tensor] | None = None,
+    rows_are_structured: bool = True,
 ) -> None:
     """``|got - expected| <= rtol * |expected| + atol_of_max * amax`` element-wise.
 
     ``amax`` is the absolute maximum of ``expected`` over the whole tensor, or over each group of
     ``group_size`` channels of a row (FP8 scales are per 128 channels). Names the first wrong row;
-    with ``candidates`` (every row any rank sent) also the sent row nearest to what arrived.
+    with ``candidates`` (every row any rank sent) also the sent row nearest to what arrived, else
+    the origin decoded from the structured channels (unless ``rows_are_structured`` is false, as
+    for combined sums).
     """
     assert tuple(got.shape) == tuple(expected.shape), (
         f"{what}: shape {tuple(got.shape)}, expected {tuple(expected.shape)}"
@@ -404,13 +405,15 @@ def assert_rows_close(
     if bool(wrong.any()):
         row = int(wrong.nonzero()[0])
         column = int(bad[row].reshape(-1).nonzero()[0])
-        origin = describe_row(got[row])
+        origin = ""
         if candidates:
-            origin = f"nearest to {_key_text(closest_key(got[row], candidates))}"
+            origin = f", got a row nearest to {_key_text(closest_key(got[row], candidates))}"
+        elif rows_are_structured:
+            origin = f", got {describe_row(got[row])}"
         raise AssertionError(
             f"{what}: {int(wrong.sum())} of {got.size(0)} rows out of tolerance (rtol={rtol}, "
-            f"atol={atol_of_max} x amax); first wrong row {row}: expected {_key_text(keys[row])}, "
-            f"got a row {origin}; column {column}: expected "
+            f"atol={atol_of_max} x amax); first wrong row {row}: expected {_key_text(keys[row])}"
+            f"{origin}; column {column}: expected "
             f"{expected32[row].reshape(-1)[column].item():.6g}, got {got32[row].reshape(-1)[column].item():.6g}"
         )
 

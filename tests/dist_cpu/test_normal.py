@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from .cases import SCENARIOS, WORLD_SIZES, make_case
-from .conftest import RunOnRanks
+from .cases import SCENARIOS, WORLD_SIZES, RunOnRanks, make_case, normal_mode_scenarios
 from .workers_normal import (
     combine_bias_worker,
     expert_alignment_worker,
     fp8_dispatch_worker,
     layout_dispatch_combine_worker,
+    layout_worker,
     no_topk_worker,
     worst_tokens_worker,
 )
@@ -18,6 +18,13 @@ from .workers_normal import (
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_get_dispatch_layout(run_on_ranks: RunOnRanks, scenario: str, world_size: int) -> None:
+    case = make_case("get_dispatch_layout", world_size, scenario)
+    run_on_ranks(world_size, layout_worker, case)
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
+@pytest.mark.parametrize("scenario", normal_mode_scenarios())
 def test_layout_dispatch_combine(run_on_ranks: RunOnRanks, scenario: str, world_size: int) -> None:
     case = make_case("layout_dispatch_combine", world_size, scenario)
     run_on_ranks(world_size, layout_dispatch_combine_worker, case)
@@ -33,7 +40,9 @@ def test_combine_bias(run_on_ranks: RunOnRanks, num_biases: int, world_size: int
 @pytest.mark.parametrize(
     ("world_size", "scenario"), [(2, "balanced"), (4, "masked_slots"), (2, "hidden_7168")]
 )
-@pytest.mark.parametrize("scale_kind", ["float32", "float32_column_major", "ue8m0_int32"])
+@pytest.mark.parametrize(
+    "scale_kind", ["float32", "float32_column_major", "ue8m0_int32", "ue8m0_int32_column_major"]
+)
 def test_fp8_dispatch(run_on_ranks: RunOnRanks, scale_kind: str, world_size: int, scenario: str) -> None:
     case = make_case("fp8_dispatch", world_size, scenario, hidden=SCENARIOS[scenario].get("hidden", 640))
     run_on_ranks(world_size, fp8_dispatch_worker, case, scale_kind)

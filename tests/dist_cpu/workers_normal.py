@@ -16,6 +16,7 @@ from .naive import (
     Case,
     ExpectedDispatch,
     RankInputs,
+    RowKey,
     all_rows,
     assert_rows_close,
     assert_rows_equal,
@@ -27,12 +28,28 @@ from .naive import (
     power_of_two_scale,
 )
 
+# This tier tests the pure-PyTorch reference backend on CPU tensors (asked for explicitly: on a
+# machine with GPUs the automatic choice would be the NVLink backend, which needs CUDA tensors).
+BACKEND = "reference"
+
 # Combine sums bf16 rows in float32 and rounds once to bf16: one bf16 ulp (2**-8) of slack.
 COMBINE_RTOL = 1e-2
 COMBINE_ATOL_OF_MAX = 1e-5
 # e4m3 keeps 3 mantissa bits (relative error <= 2**-4), plus the bf16 rounding of the cast-back.
 FP8_RTOL = 0.07
 FP8_ATOL_OF_GROUP_MAX = 1e-4
+
+
+def assert_combined_close(
+    got: torch.Tensor,
+    expected: torch.Tensor,
+    token_keys: list[RowKey],
+    what: str,
+    rtol: float = COMBINE_RTOL,
+    atol_of_max: float = COMBINE_ATOL_OF_MAX,
+) -> None:
+    """Combined rows (sums, so their channels no longer encode an origin) within tolerance."""
+    assert_rows_close(got, expected, token_keys, what, rtol, atol_of_max, rows_are_structured=False)
 
 
 def _layout_kwargs(buffer: Buffer, inputs: RankInputs, num_experts: int) -> dict[str, torch.Tensor]:
@@ -71,13 +88,45 @@ def _check_dispatch_metadata(
     )
 
 
+def _check_layout(layout: tuple[object, ...], mine: RankInputs, case: Case, num_ranks: int) -> None:
+    """``get_dispatch_layout``'s outputs against ``naive_layout``."""
+    num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, event = layout
+    assert isinstance(num_tokens_per_rank, torch.Tensor)
+    assert isinstance(num_tokens_per_expert, torch.Tensor)
+    assert isinstance(is_token_in_rank, torch.Tensor)
+    expected_layout = naive_layout(mine.topk_idx, case.num_experts, num_ranks)
+    assert num_tokens_per_rank.dtype == torch.int32
+    assert num_tokens_per_expert.dtype == torch.int32
+    assert is_token_in_rank.dtype == torch.bool
+    assert num_tokens_per_rdma_rank is None, "one node: num_tokens_per_rdma_rank must be None"
+    assert num_tokens_per_rank.tolist() == expected_layout.num_tokens_per_rank, (
+        f"num_tokens_per_rank {num_tokens_per_rank.tolist()}, expected {expected_layout.num_tokens_per_rank}"
+    )
+    assert num_tokens_per_expert.tolist() == expected_layout.num_tokens_per_expert, (
+        f"num_tokens_per_expert {num_tokens_per_expert.tolist()}, expected {expected_layout.num_tokens_per_expert}"
+    )
+    assert list(is_token_in_rank.shape) == [mine.x.size(0), num_ranks]
+    assert is_token_in_rank.tolist() == expected_layout.is_token_in_rank, "is_token_in_rank differs"
+    assert getattr(event, "event", "no EventOverlap") is None, (
+        "async_finish=False: EventOverlap without event"
+    )
+
+
+def layout_worker(pgi: ProcessGroupInfo, case: Case) -> None:
+    """``get_dispatch_layout`` alone (no communication), including the scenarios dispatch fails on."""
+    mine = make_all_inputs(case, pgi.world_size)[pgi.rank]
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
+        layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
+    _check_layout(layout, mine, case, pgi.world_size)
+
+
 def layout_dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case) -> None:
     """Layout, dispatch (with top-k), combine (with weights, twice), cached dispatch (same and new x)."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
     second_xs = [make_x(case, rank, salt=1) for rank in range(num_ranks)]
-    with Buffer(pgi.group) as buffer:
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
         layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = layout
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(
@@ -98,19 +147,7 @@ def layout_dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case) -> None:
         cached_same = buffer.dispatch(mine.x, handle=handle)
         cached_new = buffer.dispatch(second_xs[me], handle=handle)
 
-    expected_layout = naive_layout(mine.topk_idx, case.num_experts, num_ranks)
-    assert num_tokens_per_rank.dtype == torch.int32
-    assert num_tokens_per_expert.dtype == torch.int32
-    assert is_token_in_rank.dtype == torch.bool
-    assert num_tokens_per_rdma_rank is None, "one node: num_tokens_per_rdma_rank must be None"
-    assert num_tokens_per_rank.tolist() == expected_layout.num_tokens_per_rank, (
-        f"num_tokens_per_rank {num_tokens_per_rank.tolist()}, expected {expected_layout.num_tokens_per_rank}"
-    )
-    assert num_tokens_per_expert.tolist() == expected_layout.num_tokens_per_expert, (
-        f"num_tokens_per_expert {num_tokens_per_expert.tolist()}, expected {expected_layout.num_tokens_per_expert}"
-    )
-    assert list(is_token_in_rank.shape) == [mine.x.size(0), num_ranks]
-    assert is_token_in_rank.tolist() == expected_layout.is_token_in_rank, "is_token_in_rank differs"
+    _check_layout(layout, mine, case, num_ranks)
 
     expected = naive_dispatch(all_inputs, me, case.num_experts)
     assert event.event is None, "async_finish=False must return an EventOverlap without event"
@@ -123,9 +160,9 @@ def layout_dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case) -> None:
     expected_combined, expected_weights = naive_combine(mine, num_ranks, case.num_experts)
     token_keys = [(me, token) for token in range(mine.x.size(0))]
     assert combined.dtype == torch.bfloat16
-    assert_rows_close(combined, expected_combined, token_keys, "combined_x", COMBINE_RTOL, COMBINE_ATOL_OF_MAX)
+    assert_combined_close(combined, expected_combined, token_keys, "combined_x")
     assert combined_weights is not None
-    assert_rows_close(combined_weights, expected_weights, token_keys, "combined_topk_weights", 1e-6, 0.0)
+    assert_combined_close(combined_weights, expected_weights, token_keys, "combined_topk_weights", 1e-6, 0.0)
     assert_rows_equal(combined_again, combined, token_keys, "combined_x of a second identical combine")
     assert combined_weights_again is not None
     assert_rows_equal(combined_weights_again, combined_weights, token_keys, "combined_topk_weights (again)")
@@ -145,8 +182,8 @@ def combine_bias_worker(pgi: ProcessGroupInfo, case: Case, num_biases: int) -> N
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
     biases = tuple(make_x(case, me, salt=10 + i) for i in range(num_biases))
-    with Buffer(pgi.group) as buffer:
-        recv_x, _, recv_topk_weights, _, handle, _ = buffer.dispatch(
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
+        recv_x, _, _, _, handle, _ = buffer.dispatch(
             mine.x,
             topk_idx=mine.topk_idx,
             topk_weights=mine.topk_weights,
@@ -157,16 +194,13 @@ def combine_bias_worker(pgi: ProcessGroupInfo, case: Case, num_biases: int) -> N
         combined, _, _ = buffer.combine(recv_x * power_of_two_scale(me), handle, bias=bias)
     expected_combined, _ = naive_combine(mine, num_ranks, case.num_experts, biases=biases)
     token_keys = [(me, token) for token in range(mine.x.size(0))]
-    assert_rows_close(
-        combined, expected_combined, token_keys, f"combined_x with {num_biases} bias", COMBINE_RTOL, 1e-5
-    )
+    assert_combined_close(combined, expected_combined, token_keys, f"combined_x with {num_biases} bias")
 
 
 def _fp8_inputs(x: torch.Tensor, scale_kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    if scale_kind == "ue8m0_int32":
-        return per_token_cast_to_fp8(x, round_scale=True, use_ue8m0=True)
-    x_fp8, scales = per_token_cast_to_fp8(x)
-    if scale_kind == "float32_column_major":
+    use_ue8m0 = scale_kind.startswith("ue8m0")
+    x_fp8, scales = per_token_cast_to_fp8(x, round_scale=use_ue8m0, use_ue8m0=use_ue8m0)
+    if scale_kind.endswith("column_major"):
         scales = scales.t().contiguous().t()
         assert scales.size(0) <= 1 or scales.stride(0) == 1
     return x_fp8, scales
@@ -178,7 +212,7 @@ def fp8_dispatch_worker(pgi: ProcessGroupInfo, case: Case, scale_kind: str) -> N
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
     sent = [_fp8_inputs(inputs.x, scale_kind) for inputs in all_inputs]
-    with Buffer(pgi.group) as buffer:
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, _ = buffer.dispatch(
             sent[me],
             topk_idx=mine.topk_idx,
@@ -200,8 +234,12 @@ def fp8_dispatch_worker(pgi: ProcessGroupInfo, case: Case, scale_kind: str) -> N
             f"{what}: recv_x[0] (fp8 bytes)",
             candidates=all_rows([s[0] for s in sent]),
         )
-        assert recv_scales.is_contiguous(), f"{what}: recv scales must be contiguous; strides {recv_scales.stride()}"
-        assert_rows_equal(recv_scales, expected_scales.x.contiguous(), expected.keys, f"{what}: recv_x[1] (scales)")
+        assert recv_scales.is_contiguous(), (
+            f"{what}: recv scales must be contiguous; strides {recv_scales.stride()}"
+        )
+        assert_rows_equal(
+            recv_scales, expected_scales.x.contiguous(), expected.keys, f"{what}: recv_x[1] (scales)"
+        )
         assert_rows_close(
             per_token_cast_back(recv_fp8, recv_scales),
             expected.x,
@@ -223,7 +261,7 @@ def worst_tokens_worker(pgi: ProcessGroupInfo, case: Case, num_worst_tokens: int
     mine = all_inputs[me]
     garbage_generator = torch.Generator().manual_seed(case.seed * 31 + me)
     padding_garbage = torch.randn(num_worst_tokens, case.hidden, generator=garbage_generator).bfloat16()
-    with Buffer(pgi.group) as buffer:
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
         layout = _layout_kwargs(buffer, mine, case.num_experts)
         args = {"topk_idx": mine.topk_idx, "topk_weights": mine.topk_weights, **layout}
         plain = buffer.dispatch(mine.x, **args)
@@ -237,20 +275,24 @@ def worst_tokens_worker(pgi: ProcessGroupInfo, case: Case, num_worst_tokens: int
 
     expected = naive_dispatch(all_inputs, me, case.num_experts)
     num_recv = len(expected.keys)
-    assert recv_x.size(0) == num_worst_tokens, f"recv_x has {recv_x.size(0)} rows, expected {num_worst_tokens}"
+    assert recv_x.size(0) == num_worst_tokens, (
+        f"recv_x has {recv_x.size(0)} rows, expected {num_worst_tokens}"
+    )
     assert_rows_equal(recv_x[:num_recv], plain[0], expected.keys, "recv_x (real rows) with num_worst_tokens")
     assert_rows_equal(recv_x[:num_recv], expected.x, expected.keys, "recv_x with num_worst_tokens")
     _check_dispatch_metadata(expected, recv_topk_idx, recv_topk_weights, handle, num_worst_tokens)
     assert recv_topk_idx is not None
     assert bool((recv_topk_idx[num_recv:] == -1).all()), "rows past the real count need recv_topk_idx == -1"
-    assert per_expert_list == [], f"num_worst_tokens: the per-expert list must be empty; got {per_expert_list}"
+    assert per_expert_list == [], (
+        f"num_worst_tokens: the per-expert list must be empty; got {per_expert_list}"
+    )
     expected_combined, expected_weights = naive_combine(mine, num_ranks, case.num_experts)
     token_keys = [(me, token) for token in range(mine.x.size(0))]
-    assert_rows_close(
-        combined, expected_combined, token_keys, "combined_x (worst)", COMBINE_RTOL, COMBINE_ATOL_OF_MAX
-    )
+    assert_combined_close(combined, expected_combined, token_keys, "combined_x (worst)")
     assert combined_weights is not None
-    assert_rows_close(combined_weights, expected_weights, token_keys, "combined_topk_weights (worst)", 1e-6, 0.0)
+    assert_combined_close(
+        combined_weights, expected_weights, token_keys, "combined_topk_weights (worst)", 1e-6, 0.0
+    )
 
 
 def expert_alignment_worker(pgi: ProcessGroupInfo, case: Case, expert_alignment: int) -> None:
@@ -258,7 +300,7 @@ def expert_alignment_worker(pgi: ProcessGroupInfo, case: Case, expert_alignment:
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
-    with Buffer(pgi.group) as buffer:
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
         recv_x, _, _, per_expert_list, _, _ = buffer.dispatch(
             mine.x,
             topk_idx=mine.topk_idx,
@@ -281,7 +323,7 @@ def no_topk_worker(pgi: ProcessGroupInfo, case: Case) -> None:
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
-    with Buffer(pgi.group) as buffer:
+    with Buffer(pgi.group, backend=BACKEND) as buffer:
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, _ = buffer.dispatch(
             mine.x, **_layout_kwargs(buffer, mine, case.num_experts)
         )
@@ -295,6 +337,4 @@ def no_topk_worker(pgi: ProcessGroupInfo, case: Case) -> None:
     assert combined_weights is None
     expected_combined, _ = naive_combine(mine, num_ranks, case.num_experts)
     token_keys = [(me, token) for token in range(mine.x.size(0))]
-    assert_rows_close(
-        combined, expected_combined, token_keys, "combined_x (no topk)", COMBINE_RTOL, COMBINE_ATOL_OF_MAX
-    )
+    assert_combined_close(combined, expected_combined, token_keys, "combined_x (no topk)")

@@ -21,6 +21,8 @@ def create_backend(
     num_ranks_per_node: int,
     enable_shrink: bool,
     num_nvl_bytes: int = 0,
+    low_latency_mode: bool = False,
+    num_rdma_bytes: int = 0,
 ) -> Backend:
     """Build the backend ``choice`` names (``AUTO`` picks from the devices, never from the group).
 
@@ -31,6 +33,8 @@ def create_backend(
         num_ranks_per_node: ranks per node.
         enable_shrink: keep a rank mask (shrink mode).
         num_nvl_bytes: initial size of the NVLink symmetric buffer.
+        low_latency_mode: whether the low-latency buffer is needed.
+        num_rdma_bytes: size of the low-latency buffer.
 
     Returns:
         The backend.
@@ -49,7 +53,15 @@ def create_backend(
 
         if nvlink_available(group):
             log_once("auto-nvlink", "epcomm: using the NVLink backend (symmetric memory + Triton)")
-            return NvlinkBackend(group, timeout_s, num_ranks_per_node, enable_shrink, num_nvl_bytes)
+            return NvlinkBackend(
+                group,
+                timeout_s,
+                num_ranks_per_node,
+                enable_shrink,
+                num_nvl_bytes,
+                low_latency_mode,
+                num_rdma_bytes,
+            )
         if choice is BackendChoice.NVLINK:
             raise ValueError(
                 "backend 'nvlink' needs every rank on a CUDA device with peer access to the others "

@@ -41,6 +41,8 @@ class RowLayout:
         """Contiguous ``[num_rows, columns]`` tensors of each field from ``[num_rows, row_bytes]`` uint8."""
         out = []
         for (columns, dtype), offset in zip(self.fields, self.offsets):
-            block = packed[:, offset : offset + columns * dtype.itemsize].contiguous()
+            # A fresh copy, not .contiguous(): a 0- or 1-row slice counts as contiguous but keeps
+            # its unaligned storage offset / row stride, and the dtype view below needs alignment.
+            block = packed[:, offset : offset + columns * dtype.itemsize].clone(memory_format=torch.contiguous_format)
             out.append(block.view(dtype).reshape(packed.size(0), columns))
         return out

@@ -23,10 +23,9 @@ from epcomm.backends.base import (
     LowLatencyDispatchRequest,
     LowLatencyDispatchResult,
 )
+from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
-from epcomm.backends.p2p import PeerGroup
-from epcomm.backends.reference_ll import ReferenceLowLatency
 from epcomm.handles import DispatchHandle, LowLatencyHandle
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_push import launch_push_rows
@@ -56,7 +55,7 @@ def nvlink_available(group: Any) -> bool:
 
 
 class NvlinkBackend:
-    """Normal mode over NVLink symmetric memory; low-latency mode via the reference path for now.
+    """Normal and low-latency modes over NVLink symmetric memory.
 
     Arguments:
         group: the process group.
@@ -64,19 +63,31 @@ class NvlinkBackend:
         num_ranks_per_node: ranks per node.
         enable_shrink: keep a rank mask (shrink mode).
         num_nvl_bytes: initial symmetric buffer size (grown when a call needs more).
+        low_latency_mode: allocate the low-latency buffer (``num_rdma_bytes`` bytes).
+        num_rdma_bytes: size of the low-latency symmetric buffer.
     """
 
     name = "nvlink"
 
     def __init__(
-        self, group: Any, timeout_s: float, num_ranks_per_node: int, enable_shrink: bool, num_nvl_bytes: int
+        self,
+        group: Any,
+        timeout_s: float,
+        num_ranks_per_node: int,
+        enable_shrink: bool,
+        num_nvl_bytes: int,
+        low_latency_mode: bool = False,
+        num_rdma_bytes: int = 0,
     ) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.transport = SymmetricTransport(group, self.device, timeout_s, num_nvl_bytes)
         self.rank = self.transport.rank
         self.num_ranks = self.transport.num_ranks
         self.num_ranks_per_node = num_ranks_per_node
-        self.low_latency = ReferenceLowLatency(PeerGroup(group, timeout_s))
+        # Low-latency mode gets its own symmetric buffer (``num_rdma_bytes``), as DeepEP's.
+        self.low_latency: NvlinkLowLatency | None = None
+        if low_latency_mode:
+            self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
         self._table_host: torch.Tensor | None = None
 
     # ---- layout -------------------------------------------------------------------------------
@@ -345,34 +356,42 @@ class NvlinkBackend:
         )
         return CombineResult(combined, combined_weights)
 
-    # ---- low-latency mode (reference path until the NVLink LL kernels land) --------------------
+    # ---- low-latency mode ---------------------------------------------------------------------
+    @property
+    def _low_latency(self) -> NvlinkLowLatency:
+        if self.low_latency is None:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        return self.low_latency
+
     def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
         """See ``Buffer.low_latency_dispatch``."""
-        return self.low_latency.dispatch(request)
+        return self._low_latency.dispatch(request)
 
     def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
         """See ``Buffer.low_latency_combine``."""
-        return self.low_latency.combine(request)
+        return self._low_latency.combine(request)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """See ``Buffer.get_next_low_latency_combine_buffer``."""
-        return self.low_latency.combine_buffer(handle)
+        return self._low_latency.combine_buffer(handle)
 
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Drop the low-latency result buffers."""
-        self.low_latency.clean()
+        """Drop the low-latency result buffers (the symmetric flags need no cleaning: sequence numbers)."""
+        if self.low_latency is not None:
+            self.low_latency.clean()
 
     def set_rank_mask(self, rank: int, masked: bool) -> None:
-        """Shrink mode: ``rank`` is skipped while masked."""
-        self.low_latency.mask[rank] = int(masked)
+        """Shrink mode: ``rank`` is skipped (no send, no wait) while masked."""
+        self._low_latency.set_mask(rank, masked)
 
     def rank_mask(self) -> torch.Tensor:
         """``[num_ranks]`` int32, 1 where a rank is masked."""
-        return self.low_latency.mask
+        return self._low_latency.mask
 
     def destroy(self) -> None:
-        """Release the symmetric buffer."""
+        """Release the symmetric buffers."""
         self.transport.destroy()
-        self.low_latency.clean()
+        if self.low_latency is not None:
+            self.low_latency.destroy()

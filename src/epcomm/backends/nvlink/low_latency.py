@@ -1,0 +1,356 @@
+"""Low-latency mode on NVLink symmetric memory: Triton send / signal / receive kernels, no host
+synchronization anywhere (capturable in a CUDA graph), a receive hook that holds no SM.
+
+Symmetric payload layout (int32 words): ``[flags: 2 phases x 2 parities x MAX_PEERS]`` then, per
+parity, the dispatch staging area ``[num_ranks, M, message_words]`` (slot = source rank, token)
+and the combine staging area ``[M, num_topk, hidden / 2]`` (slot = token, top-k slot). Sequence
+numbers live in device memory on both sides, so replays of a captured graph stay in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import triton
+
+from epcomm import quant
+from epcomm.backends.base import (
+    LowLatencyCombineRequest,
+    LowLatencyCombineResult,
+    LowLatencyDispatchRequest,
+    LowLatencyDispatchResult,
+)
+from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, SymmetricTransport
+from epcomm.handles import LowLatencyHandle
+from epcomm.kernels.exchange import MAX_PEERS
+from epcomm.kernels.low_latency_combine import (
+    ll_combine_recv_kernel,
+    ll_combine_send_kernel,
+    ll_combine_signal_kernel,
+)
+from epcomm.kernels.low_latency_dispatch import (
+    ll_dispatch_recv_kernel,
+    ll_dispatch_send_kernel,
+    ll_dispatch_signal_kernel,
+)
+
+__all__ = ["NvlinkLowLatency"]
+
+_R = TypeVar("_R", LowLatencyDispatchResult, LowLatencyCombineResult)
+_FLAG_WORDS = 2 * 2 * MAX_PEERS
+_ALIGN = 32
+_DISPATCH, _COMBINE = 0, 1
+
+
+def _align(words: int) -> int:
+    return (words + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Payload offsets (int32 words) for one (M, hidden, num_topk); the same on every rank."""
+
+    num_ranks: int
+    capacity: int
+    hidden: int
+    num_topk: int
+
+    @property
+    def message_words(self) -> int:
+        # bf16 payload is the larger format; FP8 rows use hidden / 4 + hidden / 128 words of it.
+        return (self.hidden // 2 + self.num_topk + 3) // 4 * 4
+
+    @property
+    def dispatch_words(self) -> int:
+        return _align(self.num_ranks * self.capacity * self.message_words)
+
+    @property
+    def combine_words(self) -> int:
+        return _align(self.capacity * self.num_topk * self.hidden // 2)
+
+    def dispatch_offset(self, parity: int) -> int:
+        return _align(_FLAG_WORDS) + parity * (self.dispatch_words + self.combine_words)
+
+    def combine_offset(self, parity: int) -> int:
+        return self.dispatch_offset(parity) + self.dispatch_words
+
+    @property
+    def total_words(self) -> int:
+        return self.dispatch_offset(2)
+
+
+def _flag_offset(phase: int, parity: int) -> int:
+    return (phase * 2 + parity) * MAX_PEERS
+
+
+class NvlinkLowLatency:
+    """Low-latency dispatch/combine over NVLink with two alternating result buffers.
+
+    Arguments:
+        group: the process group.
+        device: this rank's CUDA device.
+        timeout_s: bound of every wait.
+        num_rdma_bytes: bytes of symmetric memory to allocate (validated against the size hint).
+    """
+
+    def __init__(self, group: Any, device: torch.device, timeout_s: float, num_rdma_bytes: int) -> None:
+        self.transport = SymmetricTransport(group, device, timeout_s, num_rdma_bytes)
+        self.device = device
+        self.rank = self.transport.rank
+        self.num_ranks = self.transport.num_ranks
+        self.mask = torch.zeros(self.num_ranks, dtype=torch.int32)
+        self._mask_device = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
+        self._send_seq = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
+        self._recv_expected = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
+        self._parity = 0
+        self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
+        self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
+        self._buffer_id = self.transport.local.data_ptr()
+
+    # ---- state --------------------------------------------------------------------------------
+    def set_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: skip ``rank`` (no send, no wait) while masked."""
+        self.mask[rank] = int(masked)
+        self._mask_device[rank] = int(masked)
+
+    def clean(self) -> None:
+        """Forget the result buffers."""
+        self._buffers.clear()
+
+    def _buffer(self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        key = (parity, name, shape, dtype)
+        if key not in self._buffers:
+            storage_dtype = torch.uint8 if dtype.itemsize == 1 else dtype
+            self._buffers[key] = torch.zeros(shape, dtype=storage_dtype, device=self.device).view(dtype)
+        return self._buffers[key]
+
+    def _prepare(self, layout: _Layout) -> None:
+        self.transport.check_error()
+        self.transport.ensure_payload(layout.total_words)
+        if self.transport.local.data_ptr() != self._buffer_id:  # reallocated: flags start over
+            self._buffer_id = self.transport.local.data_ptr()
+            self._send_seq.zero_()
+            self._recv_expected.zero_()
+
+    def _peers(self) -> list[torch.Tensor]:
+        views = [buffer[PAYLOAD_OFFSET:] for buffer in self.transport.peer_buffers]
+        return views + [views[0]] * (MAX_PEERS - len(views))
+
+    def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The zero-copy combine buffer of ``handle``'s parity, ``[L, R * M, hidden]`` bf16."""
+        shape = (
+            handle.num_experts // self.num_ranks,
+            self.num_ranks * handle.num_max_dispatch_tokens_per_rank,
+            handle.hidden,
+        )
+        return self._buffer(handle.buffer_parity, "combine", shape, torch.bfloat16)
+
+    # ---- dispatch -----------------------------------------------------------------------------
+    def dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """See ``Buffer.low_latency_dispatch``."""
+        x, topk_idx = request.x.contiguous(), request.topk_idx.contiguous()
+        num_tokens, hidden = x.shape
+        num_topk = topk_idx.size(1)
+        capacity = request.num_max_dispatch_tokens_per_rank
+        num_ranks, rank = self.num_ranks, self.rank
+        num_local_experts = request.num_experts // num_ranks
+        num_rows = num_ranks * capacity
+        layout = _Layout(num_ranks, capacity, hidden, num_topk)
+        self._prepare(layout)
+        parity, self._parity = self._parity, self._parity ^ 1
+
+        shape = (num_local_experts, num_rows, hidden)
+        num_groups = hidden // 128
+        scale_columns = quant.num_packed_ue8m0(hidden) if request.use_ue8m0 else num_groups
+        if request.use_fp8:
+            recv_data = self._buffer(parity, "x_fp8", shape, torch.float8_e4m3fn)
+            scale_dtype = torch.int32 if request.use_ue8m0 else torch.float32
+            scale_storage = self._buffer(
+                parity, "scales", (num_local_experts, scale_columns, num_rows), scale_dtype
+            )
+            recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = (
+                recv_data,
+                scale_storage.transpose(1, 2),
+            )
+        else:
+            recv_data = self._buffer(parity, "x_bf16", shape, torch.bfloat16)
+            scale_storage = recv_data
+            recv_x = recv_data
+        recv_count = self._buffer(parity, "count", (num_local_experts,), torch.int32)
+        scratch = self._buffer(parity, "scratch", (num_local_experts, num_rows), torch.int32)
+        recv_src_info = torch.empty(num_local_experts, num_rows, dtype=torch.int32, device=self.device)
+        recv_layout_range = torch.empty(num_local_experts, num_ranks, dtype=torch.int64, device=self.device)
+        combine_gather_idx = torch.full(
+            (num_ranks, capacity, num_topk), -1, dtype=torch.int64, device=self.device
+        )
+        handle = LowLatencyHandle(
+            recv_src_info,
+            recv_layout_range,
+            capacity,
+            hidden,
+            request.num_experts,
+            combine_gather_idx,
+            parity,
+        )
+        x_words = hidden // 4 if request.use_fp8 else hidden // 2
+        g_block = max(4, triton.next_power_of_2(num_groups))
+        peers = self._peers()
+        ll_dispatch_send_kernel[(min(capacity, self.num_sms),)](
+            *peers,
+            x,
+            topk_idx,
+            self._mask_device,
+            num_tokens,
+            rank,
+            layout.dispatch_offset(parity),
+            NUM_RANKS=num_ranks,
+            NUM_LOCAL_EXPERTS=num_local_experts,
+            CAPACITY=capacity,
+            HIDDEN=hidden,
+            NUM_TOPK=num_topk,
+            K_BLOCK=triton.next_power_of_2(num_topk),
+            MESSAGE_WORDS=layout.message_words,
+            X_WORDS=x_words,
+            X_BLOCK=triton.next_power_of_2(x_words),
+            G_BLOCK=g_block,
+            USE_FP8=request.use_fp8,
+            ROUND_SCALE=request.round_scale,
+            num_warps=8,
+        )
+        self._signal(ll_dispatch_signal_kernel, _DISPATCH, parity)
+        cumulative = request.cumulative_local_expert_recv_stats
+        wait_stats = request.dispatch_wait_recv_cost_stats
+        local = self.transport.local[PAYLOAD_OFFSET:]
+
+        def receive() -> None:
+            ll_dispatch_recv_kernel[(num_local_experts,)](
+                local,
+                self._mask_device,
+                self._recv_expected[_DISPATCH, parity],
+                scratch,
+                recv_data.view(torch.int32)
+                if not request.use_fp8
+                else recv_data.view(torch.uint8).view(torch.int32),
+                scale_storage.view(torch.int32),
+                recv_count,
+                recv_src_info,
+                recv_layout_range,
+                combine_gather_idx,
+                cumulative if cumulative is not None else recv_count,
+                wait_stats if wait_stats is not None else recv_layout_range,
+                rank,
+                self.transport.timeout_ns,
+                self.transport.error_word.data_ptr(),
+                _flag_offset(_DISPATCH, parity),
+                layout.dispatch_offset(parity),
+                NUM_RANKS=num_ranks,
+                NUM_LOCAL_EXPERTS=num_local_experts,
+                CAPACITY=capacity,
+                HIDDEN=hidden,
+                NUM_TOPK=num_topk,
+                K_BLOCK=triton.next_power_of_2(num_topk),
+                ROWS_BLOCK=triton.next_power_of_2(num_rows),
+                MESSAGE_WORDS=layout.message_words,
+                X_WORDS=x_words,
+                X_BLOCK=triton.next_power_of_2(x_words),
+                G_BLOCK=g_block,
+                USE_FP8=request.use_fp8,
+                USE_UE8M0=request.use_ue8m0,
+                SCALE_COLUMNS=scale_columns,
+                HAS_CUMULATIVE_STATS=cumulative is not None,
+                HAS_WAIT_STATS=wait_stats is not None,
+                num_warps=16,
+            )
+
+        return self._finish(
+            LowLatencyDispatchResult(recv_x, recv_count, handle, None), receive, request.return_recv_hook
+        )
+
+    def _signal(self, kernel: Any, phase: int, parity: int) -> None:
+        kernel[(self.num_ranks,)](
+            *self._peers(),
+            self._mask_device,
+            self._send_seq[phase, parity],
+            self._recv_expected[phase, parity],
+            self.rank,
+            _flag_offset(phase, parity),
+            num_warps=1,
+        )
+
+    @staticmethod
+    def _finish(result: _R, receive: Callable[[], None], return_recv_hook: bool) -> _R:
+        if return_recv_hook:
+            return result._replace(hook=receive)
+        receive()
+        return result
+
+    # ---- combine ------------------------------------------------------------------------------
+    def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """See ``Buffer.low_latency_combine``."""
+        handle = request.handle
+        capacity, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
+        num_tokens, num_topk = request.topk_idx.shape
+        parity = handle.buffer_parity
+        layout = _Layout(self.num_ranks, capacity, hidden, num_topk)
+        self._prepare(layout)
+        x = self.combine_buffer(handle) if request.zero_copy else request.x.contiguous()
+        x_words = hidden // 2
+        items = self.num_ranks * capacity * num_topk
+        ll_combine_send_kernel[(min(items, self.num_sms),)](
+            *self._peers(),
+            x.view(torch.int32),
+            handle.combine_gather_idx,
+            self._mask_device,
+            self.rank,
+            layout.combine_offset(parity),
+            NUM_RANKS=self.num_ranks,
+            CAPACITY=capacity,
+            NUM_TOPK=num_topk,
+            X_WORDS=x_words,
+            X_BLOCK=triton.next_power_of_2(x_words),
+            num_warps=8,
+        )
+        self._signal(ll_combine_signal_kernel, _COMBINE, parity)
+        out = (
+            request.out
+            if request.out is not None
+            else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
+        )
+        topk_idx, topk_weights = request.topk_idx.contiguous(), request.topk_weights.contiguous()
+        wait_stats = request.combine_wait_recv_cost_stats
+        local = self.transport.local[PAYLOAD_OFFSET:]
+        num_local_experts = handle.num_experts // self.num_ranks
+
+        def receive() -> None:
+            ll_combine_recv_kernel[(max(1, min(num_tokens, self.num_sms)),)](
+                local,
+                self._mask_device,
+                self._recv_expected[_COMBINE, parity],
+                topk_idx,
+                topk_weights,
+                out,
+                wait_stats if wait_stats is not None else topk_idx,
+                num_tokens,
+                self.rank,
+                self.transport.timeout_ns,
+                self.transport.error_word.data_ptr(),
+                _flag_offset(_COMBINE, parity),
+                layout.combine_offset(parity),
+                NUM_RANKS=self.num_ranks,
+                NUM_LOCAL_EXPERTS=num_local_experts,
+                HIDDEN=hidden,
+                H_BLOCK=triton.next_power_of_2(hidden),
+                NUM_TOPK=num_topk,
+                HAS_WAIT_STATS=wait_stats is not None,
+                num_warps=16,
+            )
+
+        return self._finish(LowLatencyCombineResult(out, None), receive, request.return_recv_hook)
+
+    def destroy(self) -> None:
+        """Release the symmetric buffer."""
+        self.transport.destroy()
+        self._buffers.clear()

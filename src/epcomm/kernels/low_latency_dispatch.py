@@ -1,0 +1,274 @@
+"""Low-latency dispatch over NVLink: one message per (token, destination rank), expanded into the
+expert-major layout on the receiver.
+
+Send (``ll_dispatch_send_kernel``): per token, cast to FP8 with per-128-channel scales (fused),
+then write the payload into slot ``[source rank, token]`` of every destination rank holding one of
+its experts, and the token's top-k row to every destination (so a receiver tells this call's
+tokens from stale slots without a count). Signal (``ll_dispatch_signal_kernel``): after the send
+kernel, one release per peer. Receive (``ll_dispatch_recv_kernel``, the hook): one program per
+local expert waits (bounded) for every unmasked source, ranks the hits in (source, token) order
+with a prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves
+~2.2x fewer bytes (``../shared/KERNELS.md``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from epcomm.kernels.exchange import _peer
+from epcomm.kernels.primitives import global_timer_ns, load_acquire_sys
+
+__all__ = ["ll_dispatch_recv_kernel", "ll_dispatch_send_kernel", "ll_dispatch_signal_kernel", "ll_signal"]
+
+
+@triton.jit
+def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
+    """``amax / 448`` (IEEE division, as ``epcomm.quant``), rounded up to a power of two if asked."""
+    scale = tl.math.div_rn(tl.maximum(amax, 1e-4), tl.full(amax.shape, 448.0, tl.float32))
+    if ROUND_SCALE:
+        bits = scale.to(tl.int32, bitcast=True)
+        exponent_bits = bits & 0x7F800000
+        bits = tl.where((bits & 0x007FFFFF) != 0, exponent_bits + 0x00800000, exponent_bits)
+        scale = bits.to(tl.float32, bitcast=True)
+    return scale
+
+
+@triton.jit(do_not_specialize=["num_tokens", "rank", "parity_offset"])
+def ll_dispatch_send_kernel(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    x_ptr,
+    topk_idx_ptr,
+    mask_ptr,
+    num_tokens,
+    rank,
+    parity_offset,
+    NUM_RANKS: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    G_BLOCK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    k_cols = tl.arange(0, K_BLOCK)
+    k_mask = k_cols < NUM_TOPK
+    NUM_GROUPS: tl.constexpr = HIDDEN // 128
+    for token in range(pid, CAPACITY, grid):
+        is_real = token < num_tokens
+        topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask & is_real, other=-1).to(tl.int32)
+        if USE_FP8:
+            columns = tl.arange(0, G_BLOCK * 128)
+            groups = tl.load(x_ptr + token * HIDDEN + columns, mask=(columns < HIDDEN) & is_real, other=0.0)
+            groups = tl.reshape(groups.to(tl.float32), (G_BLOCK, 128))
+            scale = _fp8_scale(tl.max(tl.abs(groups), axis=1), ROUND_SCALE)
+            quantized = tl.math.div_rn(groups, tl.broadcast_to(scale[:, None], (G_BLOCK, 128)))
+            quantized = quantized.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            shifts = tl.arange(0, 4) * 8
+            words = tl.sum(tl.reshape(quantized, (G_BLOCK * 32, 4)) << shifts[None, :], axis=1)
+            scale_words = scale.to(tl.int32, bitcast=True)
+        else:
+            x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            word_cols = tl.arange(0, X_BLOCK)
+            words = tl.load(x_words + token * X_WORDS + word_cols, mask=(word_cols < X_WORDS) & is_real)
+        for step in tl.static_range(NUM_RANKS):
+            dst = (step + rank + pid) % NUM_RANKS
+            if tl.load(mask_ptr + dst) == 0:
+                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
+                slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
+                tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
+                hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
+                if hits > 0:
+                    out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
+                    tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
+                    if USE_FP8:
+                        group_cols = tl.arange(0, G_BLOCK)
+                        tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+
+
+@triton.jit
+def ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset):
+    """Program ``peer``: release the next sequence number at ``peer``'s flag for this rank and
+    advance what this rank expects from ``peer`` (both device-resident, so graph replays work)."""
+    peer = tl.program_id(0)
+    if tl.load(mask_ptr + peer) == 0:
+        sequence = tl.load(send_seq_ptr + peer) + 1
+        tl.store(send_seq_ptr + peer, sequence)
+        tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
+        flag = _peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + flag_offset + rank
+        tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
+
+
+@triton.jit(do_not_specialize=["rank", "flag_offset"])
+def ll_dispatch_signal_kernel(
+    p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset
+):
+    ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset)
+
+
+@triton.jit
+def wait_sources(
+    flag_ptr,
+    mask_ptr,
+    expected_ptr,
+    timeout_ns,
+    error_ptr,
+    operation_code,
+    rank,
+    stats_ptr,
+    record_stats,
+    NUM_RANKS: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+):
+    """Bounded wait for every unmasked source's flag; optional per-source wait time (ns) stats."""
+    for src in tl.static_range(NUM_RANKS):
+        if tl.load(mask_ptr + src) == 0:
+            expected = tl.load(expected_ptr + src)
+            start = global_timer_ns()
+            value = load_acquire_sys(flag_ptr + src)
+            expired = False
+            while (value < expected) & (not expired):
+                value = load_acquire_sys(flag_ptr + src)
+                expired = (global_timer_ns() - start) > timeout_ns
+            if value < expected:
+                tl.store(error_ptr + 1, operation_code)
+                tl.store(error_ptr + 2, src)
+                tl.store(error_ptr + 3, rank)
+                tl.atomic_xchg(error_ptr, 1, sem="release", scope="sys")
+            if HAS_STATS:
+                if record_stats:
+                    tl.atomic_add(stats_ptr + src, global_timer_ns() - start)
+    tl.debug_barrier()
+
+
+@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset", "parity_offset"])
+def ll_dispatch_recv_kernel(
+    local_ptr,
+    mask_ptr,
+    expected_ptr,
+    scratch_ptr,
+    recv_x_ptr,
+    recv_scales_ptr,
+    recv_count_ptr,
+    recv_src_info_ptr,
+    recv_layout_range_ptr,
+    combine_gather_idx_ptr,
+    cumulative_stats_ptr,
+    wait_stats_ptr,
+    rank,
+    timeout_ns,
+    error_address,
+    flag_offset,
+    parity_offset,
+    NUM_RANKS: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    G_BLOCK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SCALE_COLUMNS: tl.constexpr,
+    HAS_CUMULATIVE_STATS: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+):
+    expert = tl.program_id(0)
+    error_ptr = error_address.to(tl.pointer_type(tl.int32))
+    wait_sources(
+        local_ptr + flag_offset,
+        mask_ptr,
+        expected_ptr,
+        timeout_ns,
+        error_ptr,
+        1,
+        rank,
+        wait_stats_ptr,
+        expert == 0,
+        NUM_RANKS,
+        HAS_WAIT_STATS,
+    )
+    NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
+    NUM_GROUPS: tl.constexpr = HIDDEN // 128
+    rows = tl.arange(0, ROWS_BLOCK)
+    row_mask = rows < NUM_ROWS
+    src_of_row = rows // CAPACITY
+    token_of_row = rows % CAPACITY
+    source_unmasked = tl.load(mask_ptr + src_of_row, mask=row_mask, other=1) == 0
+    staging = local_ptr + parity_offset
+    global_expert = rank * NUM_LOCAL_EXPERTS + expert
+    hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
+    hit_slot = tl.full([ROWS_BLOCK], -1, dtype=tl.int32)
+    for k in tl.static_range(NUM_TOPK):
+        topk = tl.load(
+            staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k,
+            mask=row_mask & source_unmasked,
+            other=-1,
+            cache_modifier=".cg",
+        )
+        is_hit = topk == global_expert
+        hit_slot = tl.where(is_hit & (hit_slot < 0), k, hit_slot)
+        hit = hit | is_hit.to(tl.int32)
+    position = tl.cumsum(hit, axis=0) - 1
+    count = tl.sum(hit, axis=0)
+    tl.store(scratch_ptr + expert * NUM_ROWS + position, rows, mask=hit > 0)
+    gather_row = (expert * NUM_ROWS + position).to(tl.int64)
+    tl.store(
+        combine_gather_idx_ptr + (src_of_row * CAPACITY + token_of_row) * NUM_TOPK + hit_slot,
+        gather_row,
+        mask=hit > 0,
+    )
+    tl.store(recv_count_ptr + expert, count)
+    if HAS_CUMULATIVE_STATS:
+        tl.store(cumulative_stats_ptr + expert, tl.load(cumulative_stats_ptr + expert) + count)
+    begin = 0
+    for src in tl.static_range(NUM_RANKS):
+        per_source = tl.sum(tl.where(src_of_row == src, hit, 0), axis=0)
+        tl.store(
+            recv_layout_range_ptr + expert * NUM_RANKS + src,
+            (begin.to(tl.int64) << 32) | per_source.to(tl.int64),
+        )
+        begin += per_source
+    tl.debug_barrier()
+    words = tl.arange(0, X_BLOCK)
+    word_mask = words < X_WORDS
+    groups = tl.arange(0, G_BLOCK)
+    group_mask = groups < NUM_GROUPS
+    for i in range(count):
+        row = tl.load(scratch_ptr + expert * NUM_ROWS + i)
+        message = staging + row.to(tl.int64) * MESSAGE_WORDS
+        out_row = (expert * NUM_ROWS + i).to(tl.int64)
+        data = tl.load(message + words, mask=word_mask, cache_modifier=".cg")
+        tl.store(recv_x_ptr + out_row * X_WORDS + words, data, mask=word_mask)
+        tl.store(recv_src_info_ptr + out_row, row % CAPACITY)
+        if USE_FP8:
+            scales = tl.load(message + X_WORDS + groups, mask=group_mask, other=0, cache_modifier=".cg")
+            column_base = recv_scales_ptr + expert.to(tl.int64) * SCALE_COLUMNS * NUM_ROWS + i
+            if USE_UE8M0:
+                exponent = (scales >> 23) & 0xFF
+                shifted = tl.reshape(exponent, (G_BLOCK // 4, 4)) << (tl.arange(0, 4) * 8)[None, :]
+                packed = tl.sum(shifted, axis=1)
+                packed_cols = tl.arange(0, G_BLOCK // 4)
+                tl.store(column_base + packed_cols * NUM_ROWS, packed, mask=packed_cols < SCALE_COLUMNS)
+            else:
+                tl.store(column_base + groups * NUM_ROWS, scales, mask=group_mask)
+    for i in range(count, NUM_ROWS):
+        tl.store(recv_src_info_ptr + expert * NUM_ROWS + i, -1)

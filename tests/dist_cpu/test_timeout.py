@@ -1,0 +1,38 @@
+"""A peer that skips a call makes the waiting rank fail with ``PeerTimeoutError`` within the bound."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from epcomm.testing import parallel_launch
+
+from .cases import make_case
+from .workers_timeout import TIMEOUT_S, skipped_peer_worker
+
+# Slack over EPCOMM_TIMEOUT_S for a loaded 2-core machine; the error must not wait much longer.
+TIMEOUT_SLACK_S = 7.0
+
+
+@pytest.mark.parametrize("operation", ["dispatch", "low_latency_dispatch"])
+def test_skipped_peer_times_out(tmp_path: Path, operation: str) -> None:
+    case = make_case("timeout", 2, "balanced")
+    done_file = tmp_path / "rank0_done"
+    outcomes = parallel_launch(
+        2, skipped_peer_worker, case, operation, str(done_file), backend="gloo", timeout_s=120
+    )
+    result = outcomes[0]
+    assert result["message"] is not None, (
+        f"{operation}: returned after {result['elapsed_s']:.1f} s instead of raising PeerTimeoutError"
+    )
+    message = result["message"]
+    assert TIMEOUT_S - 0.5 <= result["elapsed_s"] <= TIMEOUT_S + TIMEOUT_SLACK_S, (
+        f"{operation} raised after {result['elapsed_s']:.1f} s; the bound is EPCOMM_TIMEOUT_S={TIMEOUT_S}"
+    )
+    assert result["operation"].startswith(operation), result["operation"]
+    assert operation in message, message
+    assert result["rank"] == 0
+    assert "rank 0" in message, message
+    assert result["missing_peers"] == [1], result["missing_peers"]
+    assert "[1]" in message, message

@@ -1,0 +1,75 @@
+"""Workers of the timeout test: rank 1 skips the calls, rank 0 must fail naming it within the bound."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from epcomm import Buffer
+from epcomm.errors import PeerTimeoutError
+from epcomm.testing import ProcessGroupInfo
+
+from .naive import Case, make_inputs
+from .workers_normal import BACKEND
+
+TIMEOUT_S = 3
+# Rank 1 stays alive (without calling anything) at most this long, waiting for rank 0 to finish:
+# exiting earlier would close the connections and fail rank 0 for another reason than the timeout.
+PEER_LINGER_S = 60.0
+
+
+def _timed(call: Any) -> dict[str, Any]:
+    start = time.monotonic()
+    try:
+        call()
+    except PeerTimeoutError as error:
+        return {
+            "elapsed_s": time.monotonic() - start,
+            "message": str(error),
+            "operation": error.operation,
+            "rank": error.rank,
+            "missing_peers": error.missing_peers,
+        }
+    return {"elapsed_s": time.monotonic() - start, "message": None}
+
+
+def skipped_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, done_file: str) -> dict[str, Any]:
+    """Rank 0 calls ``operation`` (``dispatch`` or ``low_latency_dispatch``); rank 1 does not.
+
+    One operation per launch: after a timeout gloo closes the connection to the peer, so the group
+    cannot be used for a second one.
+    """
+    os.environ["EPCOMM_TIMEOUT_S"] = str(TIMEOUT_S)  # read when the Buffer is built
+    capacity = max(case.num_tokens, 1)
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
+        capacity, case.hidden, pgi.world_size, case.num_experts
+    )
+    outcome: dict[str, Any] = {}
+    with Buffer(pgi.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True, backend=BACKEND) as buffer:
+        if pgi.rank == 1:
+            deadline = time.monotonic() + PEER_LINGER_S
+            while not Path(done_file).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            return outcome
+        mine = make_inputs(case, pgi.rank, pgi.world_size)
+        if operation == "dispatch":
+            layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
+            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = layout
+            outcome = _timed(
+                lambda: buffer.dispatch(
+                    mine.x,
+                    num_tokens_per_rank=num_tokens_per_rank,
+                    is_token_in_rank=is_token_in_rank,
+                    num_tokens_per_expert=num_tokens_per_expert,
+                    topk_idx=mine.topk_idx,
+                    topk_weights=mine.topk_weights,
+                )
+            )
+        else:
+            outcome = _timed(
+                lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts)
+            )
+    Path(done_file).touch()
+    return outcome
