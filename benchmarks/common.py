@@ -453,7 +453,7 @@ def _git(args: Sequence[str], cwd: Path) -> str | None:
 def environment_info(world_size: int, device_kind: str) -> dict[str, Any]:
     """GPU model, world size, git commit (``'unknown'`` outside a checkout), versions, host, time."""
     repo = Path(__file__).resolve().parent.parent
-    commit = _git(["rev-parse", "HEAD"], repo) or "unknown"
+    commit = _git(["rev-parse", "HEAD"], repo) or os.environ.get("EPCOMM_GIT_COMMIT", "unknown")
     dirty: bool | None = None
     if commit != "unknown":
         status = _git(["status", "--porcelain", "--untracked-files=no"], repo)

@@ -96,7 +96,7 @@ def ll_combine_recv_kernel(
         expected_ptr,
         timeout_ns,
         error_ptr,
-        2,
+        9,  # Operation.LOW_LATENCY_COMBINE
         rank,
         wait_stats_ptr,
         pid == 0,

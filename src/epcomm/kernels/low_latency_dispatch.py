@@ -199,7 +199,7 @@ def ll_dispatch_recv_kernel(
         expected_ptr,
         timeout_ns,
         error_ptr,
-        1,
+        8,  # Operation.LOW_LATENCY_DISPATCH
         rank,
         wait_stats_ptr,
         expert == 0,

@@ -37,6 +37,8 @@ class Operation(enum.IntEnum):
     CACHED_DISPATCH = 5
     COMBINE_ENTRY = 6
     COMBINE = 7
+    LOW_LATENCY_DISPATCH = 8
+    LOW_LATENCY_COMBINE = 9
 
 
 _OPERATION_NAMES = {
@@ -47,6 +49,8 @@ _OPERATION_NAMES = {
     Operation.CACHED_DISPATCH: "cached dispatch (data)",
     Operation.COMBINE_ENTRY: "combine (entry barrier)",
     Operation.COMBINE: "combine (data)",
+    Operation.LOW_LATENCY_DISPATCH: "low_latency_dispatch (receive)",
+    Operation.LOW_LATENCY_COMBINE: "low_latency_combine (receive)",
 }
 
 

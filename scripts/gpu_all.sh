@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# One device call: the GPU test tier, then both benchmarks. Logs and JSON under $OUT.
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all]
+set -u
+what=${1:-all}
+export PYTHONPATH=src:tests/gpu PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/epcomm-out}
+mkdir -p "$OUT"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+if [ "$what" = tests ] || [ "$what" = all ]; then
+  timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+fi
+if [ "$what" = bench ] || [ "$what" = all ]; then
+  timeout 240 python3 benchmarks/bench_low_latency.py --out "$OUT/low_latency.jsonl" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -20
+  timeout 300 python3 benchmarks/bench_normal.py --num-ranks 4 --out "$OUT/normal.jsonl" --plot "$OUT/normal.png" 2>&1 \
+    | tee "$OUT/bench_normal.log" | grep -v "it/s" | tail -60
+fi

@@ -1,0 +1,234 @@
+"""Workers for the multi-GPU low-latency tier: NVLink LL kernels against the reference backend."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+import torch
+
+import epcomm
+from epcomm import quant
+from epcomm.testing import ProcessGroupInfo
+
+
+def _inputs(
+    pgi: ProcessGroupInfo, num_tokens: int, hidden: int, num_experts: int, num_topk: int, seed: int
+) -> Any:
+    generator = torch.Generator(device="cpu").manual_seed(seed * 100 + pgi.rank)
+    x = torch.randn(num_tokens, hidden, generator=generator).bfloat16()
+    x[:, 0] = pgi.rank
+    x[:, 1] = torch.arange(num_tokens) % 256
+    scores = torch.randn(num_tokens, num_experts, generator=generator).abs() + 1
+    topk_idx = torch.topk(scores, num_topk, dim=-1).indices
+    topk_idx = torch.where(torch.rand(num_tokens, num_topk, generator=generator) < 0.05, -1, topk_idx)
+    weights = torch.rand(num_tokens, num_topk, generator=generator)
+    return x.to(pgi.device), topk_idx.to(pgi.device), weights.to(pgi.device)
+
+
+def _buffers(
+    pgi: ProcessGroupInfo, capacity: int, hidden: int, num_experts: int, **kwargs: Any
+) -> tuple[Any, Any]:
+    size = epcomm.Buffer.get_low_latency_rdma_size_hint(capacity, hidden, pgi.world_size, num_experts)
+    nvlink = epcomm.Buffer(pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="nvlink", **kwargs)
+    reference = epcomm.Buffer(
+        pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="reference", **kwargs
+    )
+    return nvlink, reference
+
+
+def _valid_rows_equal(name: str, got: Any, want: Any, counts: torch.Tensor) -> list[str]:
+    failures = []
+    for expert, count in enumerate(counts.tolist()):
+        g, w = got[expert, :count], want[expert, :count]
+        if g.dtype != torch.bool and g.element_size() in (1, 2):
+            g, w = g.view(torch.uint8), w.view(torch.uint8)
+        if not torch.equal(g, w):
+            bad = (g != w).reshape(count, -1).any(dim=1).nonzero()
+            failures.append(f"{name}: expert {expert} first differing row {int(bad[0])} of {count}")
+            break
+    return failures
+
+
+def _dispatch_both(
+    buffers: Any, x: Any, topk_idx: Any, capacity: int, num_experts: int, **kwargs: Any
+) -> list[Any]:
+    results = []
+    for buffer in buffers:
+        recv_x, count, handle, _, hook = buffer.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, **kwargs
+        )
+        hook()
+        results.append((recv_x, count, handle))
+    return results
+
+
+def compare_low_latency(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -> list[str]:
+    """Dispatch/combine on both backends for each setting; return the failed checks."""
+    failures: list[str] = []
+    for setting in settings:
+        capacity, hidden, num_experts, num_topk = (
+            setting["capacity"],
+            setting["hidden"],
+            setting["num_experts"],
+            setting["num_topk"],
+        )
+        num_tokens = setting.get("num_tokens", capacity)
+        use_fp8, round_scale, use_ue8m0 = (
+            setting.get("fp8", False),
+            setting.get("round", False),
+            setting.get("ue8m0", False),
+        )
+        buffers = _buffers(pgi, capacity, hidden, num_experts)
+        x, topk_idx, weights = _inputs(pgi, num_tokens, hidden, num_experts, num_topk, setting["seed"])
+        kwargs = {
+            "use_fp8": use_fp8,
+            "round_scale": round_scale,
+            "use_ue8m0": use_ue8m0,
+            "return_recv_hook": setting.get("hook", False),
+        }
+        stats = [
+            torch.zeros(num_experts // pgi.world_size, dtype=torch.int32, device=pgi.device) for _ in buffers
+        ]
+        (got_x, got_count, got_handle), (want_x, want_count, want_handle) = [
+            _dispatch_both(
+                [b], x, topk_idx, capacity, num_experts, cumulative_local_expert_recv_stats=s, **kwargs
+            )[0]
+            for b, s in zip(buffers, stats, strict=True)
+        ]
+        name = f"rank {pgi.rank} {setting}"
+        if not torch.equal(got_count, want_count):
+            failures.append(f"{name}: recv_count {got_count.tolist()} != {want_count.tolist()}")
+            continue
+        if not torch.equal(stats[0], stats[1]):
+            failures.append(f"{name}: cumulative stats differ")
+        if use_fp8:
+            failures += _valid_rows_equal(f"{name} x_fp8", got_x[0], want_x[0], want_count)
+            failures += _valid_rows_equal(f"{name} scales", got_x[1], want_x[1], want_count)
+            if got_x[1].stride(-2) != 1:
+                failures.append(f"{name}: scales are not column-major: strides {got_x[1].stride()}")
+            expert_x = quant.per_token_cast_back(got_x[0], got_x[1])
+        else:
+            failures += _valid_rows_equal(f"{name} x", got_x, want_x, want_count)
+            expert_x = got_x
+        failures += _valid_rows_equal(
+            f"{name} src_info", got_handle.recv_src_info, want_handle.recv_src_info, want_count
+        )
+        if not torch.equal(got_handle.recv_layout_range, want_handle.recv_layout_range):
+            failures.append(f"{name}: recv_layout_range differs")
+        if not torch.equal(got_handle.combine_gather_idx, want_handle.combine_gather_idx):
+            failures.append(f"{name}: combine_gather_idx differs")
+        # Same expert outputs into both combines: a deterministic per-expert scaling.
+        scale = (1 + torch.arange(expert_x.size(0), device=pgi.device) / 8).view(-1, 1, 1)
+        expert_out = (expert_x.float() * scale).bfloat16()
+        outs = []
+        for buffer, handle in zip(buffers, (got_handle, want_handle), strict=True):
+            out, _, hook = buffer.low_latency_combine(
+                expert_out, topk_idx, weights, handle, return_recv_hook=setting.get("hook", False)
+            )
+            hook()
+            outs.append(out)
+        error = (outs[0].float() - outs[1].float()).abs().max().item()
+        bound = 1e-2 * max(outs[1].float().abs().max().item(), 1e-6)
+        if error > bound:
+            failures.append(f"{name}: combine differs from reference by {error} (bound {bound})")
+        again, _, hook = buffers[0].low_latency_combine(expert_out, topk_idx, weights, got_handle)
+        if not torch.equal(again, outs[0]):
+            failures.append(f"{name}: combine not repeatable")
+        for buffer in buffers:
+            buffer.destroy()
+    torch.cuda.synchronize()
+    return failures
+
+
+def graph_replay(
+    pgi: ProcessGroupInfo, capacity: int, hidden: int, num_experts: int, num_topk: int
+) -> list[str]:
+    """Capture dispatch + experts + combine in a CUDA graph; replay it with new data; compare to the reference."""
+    failures: list[str] = []
+    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts)
+    x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 1)
+    static_x, static_idx, static_w = x.clone(), topk_idx.clone(), weights.clone()
+
+    def step() -> torch.Tensor:
+        (x_fp8, scales), _, handle, _, _ = nvlink.low_latency_dispatch(
+            static_x, static_idx, capacity, num_experts
+        )
+        expert_out = quant.per_token_cast_back(x_fp8, scales)
+        out, _, _ = nvlink.low_latency_combine(expert_out, static_idx, static_w, handle)
+        return out
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step()  # warm-up: compiles every kernel outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    for seed in (2, 3, 4):
+        x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, seed)
+        static_x.copy_(x)
+        static_idx.copy_(topk_idx)
+        static_w.copy_(weights)
+        graph.replay()
+        (x_fp8, scales), _, handle, _, _ = reference.low_latency_dispatch(x, topk_idx, capacity, num_experts)
+        want, _, _ = reference.low_latency_combine(
+            quant.per_token_cast_back(x_fp8, scales), topk_idx, weights, handle
+        )
+        error = (static_out.float() - want.float()).abs().max().item()
+        bound = 1e-2 * want.float().abs().max().item()
+        if error > bound:
+            failures.append(f"rank {pgi.rank} replay seed {seed}: error {error} > {bound}")
+    torch.cuda.synchronize()
+    nvlink.destroy()
+    reference.destroy()
+    return failures
+
+
+def shrink_masked_rank(pgi: ProcessGroupInfo) -> list[str]:
+    """Every rank masks the last rank, which then stops calling; the others still get correct results."""
+    capacity, hidden, num_experts, num_topk = 32, 512, 8 * pgi.world_size, 4
+    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts, enable_shrink=True)
+    dead = pgi.world_size - 1
+    for buffer in (nvlink, reference):
+        buffer.low_latency_update_mask_buffer(dead, True)
+    status = torch.zeros(pgi.world_size, dtype=torch.int32, device=pgi.device)
+    nvlink.low_latency_query_mask_buffer(status)
+    if pgi.rank == dead:
+        return [] if status[dead] == 1 else ["mask not reported"]
+    x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 9)
+    outs = []
+    for buffer in (nvlink, reference):
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False
+        )
+        out, _, _ = buffer.low_latency_combine(recv_x, topk_idx, weights, handle)
+        outs.append(out)
+    torch.cuda.synchronize()
+    failures = []
+    if not (outs[0].float() - outs[1].float()).abs().max() <= 1e-2 * outs[1].float().abs().max():
+        failures.append(f"rank {pgi.rank}: shrink-mode combine differs from reference")
+    return failures
+
+
+def skip_low_latency(pgi: ProcessGroupInfo, timeout_s: float) -> str:
+    """Rank 1 never calls; rank 0's receive times out and the next call raises a named error."""
+    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
+    size = epcomm.Buffer.get_low_latency_rdma_size_hint(16, 256, pgi.world_size, 16)
+    buffer = epcomm.Buffer(pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="nvlink")
+    x, topk_idx, _ = _inputs(pgi, 16, 256, 16, 2, 5)
+    if pgi.rank == 1:
+        time.sleep(timeout_s * 3)
+        return "skipped"
+    begin = time.monotonic()
+    buffer.low_latency_dispatch(x, topk_idx, 16, 16, use_fp8=False)
+    torch.cuda.synchronize()
+    waited = time.monotonic() - begin
+    try:
+        buffer.low_latency_dispatch(x, topk_idx, 16, 16, use_fp8=False)
+    except epcomm.errors.PeerTimeoutError as error:
+        return f"raised after {waited:.1f}s: {error}"
+    return "no error"

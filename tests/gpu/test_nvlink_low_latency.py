@@ -1,0 +1,72 @@
+"""Multi-GPU tier: NVLink low-latency kernels against the reference backend, graph replay, shrink, timeouts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from ll_workers import compare_low_latency, graph_replay, shrink_masked_rank, skip_low_latency
+
+from epcomm.testing import parallel_launch
+
+NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
+pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2+ GPUs")]
+
+SETTINGS = [
+    {"seed": 1, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8},
+    {"seed": 2, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8, "fp8": True},
+    {"seed": 3, "capacity": 64, "hidden": 2048, "num_experts": 32, "num_topk": 6, "fp8": True, "round": True},
+    {
+        "seed": 4,
+        "capacity": 64,
+        "hidden": 640,
+        "num_experts": 16,
+        "num_topk": 4,
+        "fp8": True,
+        "round": True,
+        "ue8m0": True,
+        "num_tokens": 37,
+    },
+    {
+        "seed": 5,
+        "capacity": 100,
+        "hidden": 384,
+        "num_experts": 32,
+        "num_topk": 16,
+        "num_tokens": 3,
+        "hook": True,
+    },
+]
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_low_latency_matches_reference(world_size: int) -> None:
+    if world_size > NUM_GPUS:
+        pytest.skip(f"needs {world_size} GPUs")
+    results = parallel_launch(world_size, compare_low_latency, SETTINGS, backend="nccl", timeout_s=600)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_cuda_graph_replay(world_size: int) -> None:
+    if world_size > NUM_GPUS:
+        pytest.skip(f"needs {world_size} GPUs")
+    results = parallel_launch(
+        world_size, graph_replay, 64, 1024, 8 * world_size, 4, backend="nccl", timeout_s=600
+    )
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures)
+
+
+def test_shrink_mode_skips_masked_rank() -> None:
+    world_size = min(NUM_GPUS, 4)
+    results = parallel_launch(world_size, shrink_masked_rank, backend="nccl", timeout_s=300)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures)
+
+
+def test_skipped_low_latency_call_raises_named_timeout() -> None:
+    results = parallel_launch(2, skip_low_latency, 3.0, backend="nccl", timeout_s=120)
+    assert results[0].startswith("raised"), results[0]
+    for expected in ("low_latency_dispatch", "rank 0", "[1]"):
+        assert expected in results[0], results[0]
