@@ -4,7 +4,7 @@
 |---|---|---|
 | ``EPCOMM_BACKEND`` | ``auto`` | ``auto``, ``reference``, ``nvlink`` or ``nvshmem``: which transport a new ``Buffer`` uses |
 | ``EPCOMM_TIMEOUT_S`` | ``30`` | seconds any wait for a peer may last before it fails with an error naming the peer |
-| ``EPCOMM_CHECK_VALUES`` | ``auto`` | ``1``: check tensor *values* (expert ids in range) even where that costs a device-to-host read; ``0``: never; ``auto``: only on CPU tensors and on calls that synchronize anyway |
+| ``EPCOMM_CHECK_VALUES`` | ``auto`` | ``1``: check tensor *values* (expert ids in range) even where that costs a device-to-host read; ``0``: never; ``auto``: only on CPU tensors (on GPUs the read would stall the host) |
 | ``EPCOMM_LOG_LEVEL`` | ``WARNING`` | level of the ``epcomm`` logger |
 
 Values are read when asked for (no import-time side effects), so tests may change them.

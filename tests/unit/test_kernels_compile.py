@@ -144,3 +144,169 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
     compiled = _compile(combine_reduce_kernel, signature, constexprs, aligned, num_warps=16)
     accesses = _accesses(compiled)
     assert any(a.startswith("ld.global.cg") for a in accesses), accesses
+
+
+LL_DISPATCH_RECV_SIGNATURE = {
+    "local_ptr": "*i32",
+    "mask_ptr": "*i32",
+    "expected_ptr": "*i32",
+    "scratch_ptr": "*i32",
+    "recv_x_ptr": "*i32",
+    "recv_scales_ptr": "*i32",
+    "recv_count_ptr": "*i32",
+    "recv_src_info_ptr": "*i32",
+    "recv_layout_range_ptr": "*i64",
+    "combine_gather_idx_ptr": "*i64",
+    "cumulative_stats_ptr": "*i32",
+    "wait_stats_ptr": "*i64",
+    "rank": "i32",
+    "timeout_ns": "i64",
+    "error_address": "i64",
+    "flag_offset": "i32",
+    "parity_offset": "i32",
+}
+
+
+@pytest.mark.parametrize(
+    ("use_fp8", "round_scale", "use_ue8m0", "hidden"),
+    [
+        (False, False, False, 7168),
+        (True, False, False, 7168),
+        (True, True, True, 640),
+        (True, True, False, 128),
+    ],
+)
+def test_low_latency_dispatch_kernels_compile(
+    use_fp8: bool, round_scale: bool, use_ue8m0: bool, hidden: int
+) -> None:
+    from epcomm.kernels.low_latency_dispatch import (
+        ll_dispatch_recv_kernel,
+        ll_dispatch_send_kernel,
+        ll_dispatch_signal_kernel,
+    )
+
+    num_groups = hidden // 128
+    x_words = hidden // 4 if use_fp8 else hidden // 2
+    common = {
+        "NUM_RANKS": 4,
+        "NUM_LOCAL_EXPERTS": 64,
+        "CAPACITY": 128,
+        "HIDDEN": hidden,
+        "NUM_TOPK": 8,
+        "K_BLOCK": 8,
+        "MESSAGE_WORDS": (hidden // 2 + 8 + 3) // 4 * 4,
+        "X_WORDS": x_words,
+        "X_BLOCK": triton.next_power_of_2(x_words),
+        "G_BLOCK": max(4, triton.next_power_of_2(num_groups)),
+        "USE_FP8": use_fp8,
+    }
+    send_signature = {
+        **PEERS,
+        "x_ptr": "*bf16",
+        "topk_idx_ptr": "*i64",
+        "mask_ptr": "*i32",
+        "num_tokens": "i32",
+        "rank": "i32",
+        "parity_offset": "i32",
+    }
+    send = _compile(
+        ll_dispatch_send_kernel,
+        send_signature,
+        {**common, "ROUND_SCALE": round_scale},
+        [*(n for n, t in send_signature.items() if t.startswith("*")), "parity_offset"],
+        num_warps=8,
+    )
+    # parity_offset is specialized by Triton (a multiple of 16): the message stores stay 16-byte wide
+    # (for small rows 256 threads hold one word each, so there is nothing to vectorize).
+    if hidden >= 4096:
+        assert "st.global.v4.b32" in _accesses(send)
+    if use_fp8:
+        assert "cvt.rn.satfinite.e4m3x2.f32" in send.asm["ptx"]
+    recv_constexprs = {
+        **common,
+        "ROWS_BLOCK": 512,
+        "USE_UE8M0": use_ue8m0,
+        "SCALE_COLUMNS": (num_groups + 3) // 4 if use_ue8m0 else num_groups,
+        "HAS_CUMULATIVE_STATS": True,
+        "HAS_WAIT_STATS": True,
+    }
+    recv = _compile(
+        ll_dispatch_recv_kernel,
+        LL_DISPATCH_RECV_SIGNATURE,
+        recv_constexprs,
+        [*(n for n, t in LL_DISPATCH_RECV_SIGNATURE.items() if t.startswith("*")), "parity_offset"],
+        num_warps=16,
+    )
+    assert "ld.acquire.sys" in recv.asm["ptx"]
+    signal_signature = {
+        **PEERS,
+        "mask_ptr": "*i32",
+        "send_seq_ptr": "*i32",
+        "recv_expected_ptr": "*i32",
+        "rank": "i32",
+        "flag_offset": "i32",
+    }
+    _compile(ll_dispatch_signal_kernel, signal_signature, {}, list(PEERS), num_warps=1)
+
+
+def test_low_latency_combine_kernels_compile() -> None:
+    from epcomm.kernels.low_latency_combine import (
+        ll_combine_recv_kernel,
+        ll_combine_send_kernel,
+        ll_combine_signal_kernel,
+    )
+
+    send_signature = {
+        **PEERS,
+        "x_ptr": "*i32",
+        "gather_idx_ptr": "*i64",
+        "mask_ptr": "*i32",
+        "rank": "i32",
+        "parity_offset": "i32",
+    }
+    send = _compile(
+        ll_combine_send_kernel,
+        send_signature,
+        {"NUM_RANKS": 4, "CAPACITY": 128, "NUM_TOPK": 8, "X_WORDS": 3584, "X_BLOCK": 4096},
+        [*(n for n, t in send_signature.items() if t.startswith("*")), "parity_offset"],
+        num_warps=8,
+    )
+    assert "st.global.v4.b32" in _accesses(send)
+    recv_signature = {
+        "local_ptr": "*i32",
+        "mask_ptr": "*i32",
+        "expected_ptr": "*i32",
+        "topk_idx_ptr": "*i64",
+        "topk_weights_ptr": "*fp32",
+        "out_ptr": "*bf16",
+        "wait_stats_ptr": "*i64",
+        "num_tokens": "i32",
+        "rank": "i32",
+        "timeout_ns": "i64",
+        "error_address": "i64",
+        "flag_offset": "i32",
+        "parity_offset": "i32",
+    }
+    _compile(
+        ll_combine_recv_kernel,
+        recv_signature,
+        {
+            "NUM_RANKS": 4,
+            "NUM_LOCAL_EXPERTS": 64,
+            "HIDDEN": 7168,
+            "H_BLOCK": 8192,
+            "NUM_TOPK": 8,
+            "HAS_WAIT_STATS": True,
+        },
+        [*(n for n, t in recv_signature.items() if t.startswith("*")), "parity_offset"],
+        num_warps=16,
+    )
+    signal_signature = {
+        **PEERS,
+        "mask_ptr": "*i32",
+        "send_seq_ptr": "*i32",
+        "recv_expected_ptr": "*i32",
+        "rank": "i32",
+        "flag_offset": "i32",
+    }
+    _compile(ll_combine_signal_kernel, signal_signature, {}, list(PEERS), num_warps=1)

@@ -43,6 +43,8 @@ class RowLayout:
         for (columns, dtype), offset in zip(self.fields, self.offsets):
             # A fresh copy, not .contiguous(): a 0- or 1-row slice counts as contiguous but keeps
             # its unaligned storage offset / row stride, and the dtype view below needs alignment.
-            block = packed[:, offset : offset + columns * dtype.itemsize].clone(memory_format=torch.contiguous_format)
+            block = packed[:, offset : offset + columns * dtype.itemsize].clone(
+                memory_format=torch.contiguous_format
+            )
             out.append(block.view(dtype).reshape(packed.size(0), columns))
         return out

@@ -19,7 +19,7 @@ from epcomm.kernels.low_latency_dispatch import ll_signal, wait_sources
 __all__ = ["ll_combine_recv_kernel", "ll_combine_send_kernel", "ll_combine_signal_kernel"]
 
 
-@triton.jit(do_not_specialize=["rank", "parity_offset"])
+@triton.jit(do_not_specialize=["rank"])
 def ll_combine_send_kernel(
     p0,
     p1,
@@ -63,9 +63,7 @@ def ll_combine_signal_kernel(
     ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset)
 
 
-@triton.jit(
-    do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "flag_offset", "parity_offset"]
-)
+@triton.jit(do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "flag_offset"])
 def ll_combine_recv_kernel(
     local_ptr,
     mask_ptr,
@@ -108,16 +106,18 @@ def ll_combine_recv_kernel(
     col_mask = cols < HIDDEN
     for token in range(pid, num_tokens, grid):
         accumulator = tl.zeros([H_BLOCK], dtype=tl.float32)
+        # Masked loads, no branches: all top-k rows are in flight before the first multiply-add.
         for k in tl.static_range(NUM_TOPK):
             expert = tl.load(topk_idx_ptr + token * NUM_TOPK + k)
-            if expert >= 0:
-                if tl.load(mask_ptr + expert // NUM_LOCAL_EXPERTS) == 0:
-                    weight = tl.load(topk_weights_ptr + token * NUM_TOPK + k)
-                    row = tl.load(
-                        staging + (token * NUM_TOPK + k).to(tl.int64) * HIDDEN + cols,
-                        mask=col_mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    accumulator += weight * row.to(tl.float32)
+            present = expert >= 0
+            unmasked = tl.load(mask_ptr + tl.where(present, expert // NUM_LOCAL_EXPERTS, 0)) == 0
+            use = present & unmasked
+            weight = tl.load(topk_weights_ptr + token * NUM_TOPK + k)
+            row = tl.load(
+                staging + (token * NUM_TOPK + k).to(tl.int64) * HIDDEN + cols,
+                mask=col_mask & use,
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            accumulator += tl.where(use, weight, 0.0) * row.to(tl.float32)
         tl.store(out_ptr + token.to(tl.int64) * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=col_mask)

@@ -4,7 +4,10 @@ expert-major layout on the receiver.
 Send (``ll_dispatch_send_kernel``): per token, cast to FP8 with per-128-channel scales (fused),
 then write the payload into slot ``[source rank, token]`` of every destination rank holding one of
 its experts, and the token's top-k row to every destination (so a receiver tells this call's
-tokens from stale slots without a count). Signal (``ll_dispatch_signal_kernel``): after the send
+tokens from stale slots without a count). ``parity_offset`` is specialized on purpose: both parities' offsets are multiples of 32 words
+(never 1), so they share one compiled kernel, and Triton then knows the 16-byte alignment that
+vector stores need (a ``tl.multiple_of`` hint on a scalar did not give them). Signal
+(``ll_dispatch_signal_kernel``): after the send
 kernel, one release per peer. Receive (``ll_dispatch_recv_kernel``, the hook): one program per
 local expert waits (bounded) for every unmasked source, ranks the hits in (source, token) order
 with a prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves
@@ -34,7 +37,7 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
     return scale
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rank", "parity_offset"])
+@triton.jit(do_not_specialize=["num_tokens", "rank"])
 def ll_dispatch_send_kernel(
     p0,
     p1,
@@ -155,7 +158,7 @@ def wait_sources(
     tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset", "parity_offset"])
+@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset"])
 def ll_dispatch_recv_kernel(
     local_ptr,
     mask_ptr,
@@ -252,23 +255,47 @@ def ll_dispatch_recv_kernel(
     word_mask = words < X_WORDS
     groups = tl.arange(0, G_BLOCK)
     group_mask = groups < NUM_GROUPS
-    for i in range(count):
-        row = tl.load(scratch_ptr + expert * NUM_ROWS + i)
-        message = staging + row.to(tl.int64) * MESSAGE_WORDS
-        out_row = (expert * NUM_ROWS + i).to(tl.int64)
-        data = tl.load(message + words, mask=word_mask, cache_modifier=".cg")
-        tl.store(recv_x_ptr + out_row * X_WORDS + words, data, mask=word_mask)
-        tl.store(recv_src_info_ptr + out_row, row % CAPACITY)
+    # Rows past the count: -1, one vector store.
+    tl.store(recv_src_info_ptr + expert * NUM_ROWS + rows, -1, mask=row_mask & (rows >= count))
+    # Copy 4 messages per step, all loads in flight before the stores.
+    steps = tl.arange(0, 4)
+    for first in range(0, count, 4):
+        index = first + steps
+        valid = index < count
+        source_row = tl.load(scratch_ptr + expert * NUM_ROWS + index, mask=valid, other=0)
+        message = staging + source_row.to(tl.int64)[:, None] * MESSAGE_WORDS
+        out_row = (expert * NUM_ROWS + index).to(tl.int64)
+        data = tl.load(
+            message + words[None, :], mask=valid[:, None] & word_mask[None, :], cache_modifier=".cg"
+        )
         if USE_FP8:
-            scales = tl.load(message + X_WORDS + groups, mask=group_mask, other=0, cache_modifier=".cg")
-            column_base = recv_scales_ptr + expert.to(tl.int64) * SCALE_COLUMNS * NUM_ROWS + i
+            scales = tl.load(
+                message + X_WORDS + groups[None, :],
+                mask=valid[:, None] & group_mask[None, :],
+                other=0,
+                cache_modifier=".cg",
+            )
+        tl.store(
+            recv_x_ptr + out_row[:, None] * X_WORDS + words[None, :],
+            data,
+            mask=valid[:, None] & word_mask[None, :],
+        )
+        tl.store(recv_src_info_ptr + out_row, source_row % CAPACITY, mask=valid)
+        if USE_FP8:
+            column_base = recv_scales_ptr + expert.to(tl.int64) * SCALE_COLUMNS * NUM_ROWS + index
             if USE_UE8M0:
                 exponent = (scales >> 23) & 0xFF
-                shifted = tl.reshape(exponent, (G_BLOCK // 4, 4)) << (tl.arange(0, 4) * 8)[None, :]
-                packed = tl.sum(shifted, axis=1)
+                shifted = tl.reshape(exponent, (4, G_BLOCK // 4, 4)) << (tl.arange(0, 4) * 8)[None, None, :]
+                packed = tl.sum(shifted, axis=2)
                 packed_cols = tl.arange(0, G_BLOCK // 4)
-                tl.store(column_base + packed_cols * NUM_ROWS, packed, mask=packed_cols < SCALE_COLUMNS)
+                tl.store(
+                    column_base[:, None] + packed_cols[None, :] * NUM_ROWS,
+                    packed,
+                    mask=valid[:, None] & (packed_cols < SCALE_COLUMNS)[None, :],
+                )
             else:
-                tl.store(column_base + groups * NUM_ROWS, scales, mask=group_mask)
-    for i in range(count, NUM_ROWS):
-        tl.store(recv_src_info_ptr + expert * NUM_ROWS + i, -1)
+                tl.store(
+                    column_base[:, None] + groups[None, :] * NUM_ROWS,
+                    scales,
+                    mask=valid[:, None] & group_mask[None, :],
+                )

@@ -42,20 +42,24 @@ def combine_reduce_kernel(
         token64 = token.to(tl.int64)
         accumulator = tl.zeros([H_BLOCK], dtype=tl.float32)
         weights = tl.zeros([K_BLOCK], dtype=tl.float32)
+        # Masked loads, no branches: every rank's row is in flight before the first add. Adding the
+        # +0.0 of a missing row changes no bit of the sum (which starts at +0.0, like the reference).
         for rank in tl.static_range(NUM_RANKS):
             slot = tl.load(slot_ptr + token64 * NUM_RANKS + rank).to(tl.int64)
-            if slot >= 0:
-                # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
-                row = tl.load(area_x_ptr + slot * HIDDEN + cols, mask=mask, other=0.0, cache_modifier=".cg")
-                accumulator += row.to(tl.float32)
-                if HAS_WEIGHTS:
-                    w = tl.load(
-                        area_weights_ptr + slot * NUM_TOPK + k_cols,
-                        mask=k_mask,
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                    weights += w
+            present = slot >= 0
+            # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
+            row = tl.load(
+                area_x_ptr + slot * HIDDEN + cols, mask=mask & present, other=0.0, cache_modifier=".cg"
+            )
+            accumulator += row.to(tl.float32)
+            if HAS_WEIGHTS:
+                w = tl.load(
+                    area_weights_ptr + slot * NUM_TOPK + k_cols,
+                    mask=k_mask & present,
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                weights += w
         if NUM_BIAS >= 1:
             accumulator += tl.load(bias0_ptr + token64 * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
         if NUM_BIAS >= 2:

@@ -54,6 +54,21 @@ def nvlink_available(group: Any) -> bool:
     return all(ok for ok, _ in flags) and num_ranks <= flags[0][1]
 
 
+def _rows_in_order(is_token_in_rank: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+    """``[num_tokens, num_ranks]`` int32: for each rank ``j`` the tokens it gets, numbered in token
+    order from ``first_row[j]``; ``-1`` where a token does not go to ``j``.
+
+    The prefix sum runs along the token axis of the transposed mask: torch scans an outer dim of
+    only ``num_ranks`` columns with almost no parallelism (245 us for 4096 x 4 on an H200, against
+    a few us along the inner dim).
+    """
+    mask = is_token_in_rank.t().contiguous()
+    positions = (
+        mask.to(torch.int32).cumsum(dim=1, dtype=torch.int32) - 1 + first_row.view(-1, 1).to(torch.int32)
+    )
+    return torch.where(mask, positions, -1).t().contiguous()
+
+
 class NvlinkBackend:
     """Normal and low-latency modes over NVLink symmetric memory.
 
@@ -174,10 +189,7 @@ class NvlinkBackend:
         self.transport.ensure_payload(max(dispatch_regions.total_words, combine_regions.total_words))
 
         previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
-        positions = (
-            is_token_in_rank.to(torch.int32).cumsum(dim=0, dtype=torch.int32) - 1 + previous.view(1, -1)
-        )
-        recv_row_of_token = torch.where(is_token_in_rank, positions, torch.full_like(positions, -1))
+        recv_row_of_token = _rows_in_order(is_token_in_rank, previous)
         launch_push_rows(
             self._payload_views(),
             x_words,
@@ -314,10 +326,7 @@ class NvlinkBackend:
         )
         # Token side: the (token, rank j) row sits at send_offset[me][j] + its index among tokens sent to j.
         in_rank = handle.is_token_in_rank
-        positions = (
-            in_rank.to(torch.int32).cumsum(dim=0, dtype=torch.int32) - 1 + send_offset[rank].view(1, -1)
-        )
-        token_slot = torch.where(in_rank, positions, torch.full_like(positions, -1))
+        token_slot = _rows_in_order(in_rank, send_offset[rank])
 
         self.transport.barrier(Operation.COMBINE_ENTRY)
         launch_push_rows(

@@ -299,7 +299,7 @@ class NvlinkLowLatency:
         x = self.combine_buffer(handle) if request.zero_copy else request.x.contiguous()
         x_words = hidden // 2
         items = self.num_ranks * capacity * num_topk
-        ll_combine_send_kernel[(min(items, self.num_sms),)](
+        ll_combine_send_kernel[(min(items, 4 * self.num_sms),)](
             *self._peers(),
             x.view(torch.int32),
             handle.combine_gather_idx,

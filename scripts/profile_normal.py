@@ -1,0 +1,81 @@
+"""Where does normal-mode time go? Back-to-back timing and a torch.profiler breakdown on rank 0."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, "src")
+import epcomm
+from epcomm import quant
+from epcomm.testing import parallel_launch
+
+
+def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
+    torch.manual_seed(pgi.rank)
+    x = torch.randn(tokens, hidden, device=pgi.device).bfloat16()
+    scores = torch.randn(tokens, experts, device=pgi.device).abs() + 1
+    topk_idx = torch.topk(scores, topk, dim=-1).indices
+    weights = torch.rand(tokens, topk, device=pgi.device)
+    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 30, backend="nvlink")
+    config = epcomm.Config(24, 6, 256, 6, 128)
+    layout = buffer.get_dispatch_layout(topk_idx, experts)
+    xq = quant.per_token_cast_to_fp8(x)
+
+    def dispatch(payload):
+        return buffer.dispatch(
+            payload,
+            num_tokens_per_rank=layout[0],
+            is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2],
+            topk_idx=topk_idx,
+            topk_weights=weights,
+            config=config,
+        )
+
+    out = dispatch(x)
+    handle = out[4]
+    lines = []
+    for name, fn in (
+        ("layout", lambda: buffer.get_dispatch_layout(topk_idx, experts)),
+        ("dispatch_bf16", lambda: dispatch(x)),
+        ("dispatch_fp8", lambda: dispatch(xq)),
+        ("cached_bf16", lambda: buffer.dispatch(x, handle=handle, config=config)),
+        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
+    ):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        begin = time.perf_counter()
+        for _ in range(10):
+            fn()
+        torch.cuda.synchronize()
+        lines.append(
+            f"rank {pgi.rank} {name}: {(time.perf_counter() - begin) / 10 * 1e6:.0f} us/call back-to-back"
+        )
+    if pgi.rank == 0:
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            for _ in range(3):
+                dispatch(x)
+                buffer.combine(out[0], handle, config=config)
+            torch.cuda.synchronize()
+        lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
+        lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
+    else:
+        for _ in range(3):
+            dispatch(x)
+            buffer.combine(out[0], handle, config=config)
+        torch.cuda.synchronize()
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    results = parallel_launch(4, worker, 4096, 7168, 256, 8, backend="nccl", timeout_s=600)
+    for r in results:
+        print(r)
