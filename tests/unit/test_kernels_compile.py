@@ -47,6 +47,7 @@ PUSH_SIGNATURE = {
     "num_rows": "i32",
     "rank": "i32",
     "num_local_experts": "i32",
+    "capacity": "i32",
     "x_offset": "i32",
     "scales_offset": "i32",
     "topk_idx_offset": "i32",

@@ -39,6 +39,7 @@ def _store_row(
     pid,
     rank,
     num_local_experts,
+    capacity,
     x_offset,
     scales_offset,
     topk_idx_offset,
@@ -64,7 +65,9 @@ def _store_row(
     for step in tl.static_range(NUM_RANKS):
         dst = (step + pid + rank) % NUM_RANKS
         dst_row = tl.load(dst_row_ptr + row * NUM_RANKS + dst).to(tl.int64)
-        if dst_row >= 0:
+        # Rows past the capacity are left for the host to see in the count table (then it grows
+        # the buffer and every rank pushes again): never write past the area.
+        if (dst_row >= 0) & (dst_row < capacity):
             base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7)
             tl.store(base + x_offset + dst_row * X_WORDS + x_cols, x, mask=x_mask)
             if HAS_SCALES:
@@ -122,7 +125,7 @@ def _load_row(
     return x, scales, topk_idx, topk_weights
 
 
-@triton.jit(do_not_specialize=["num_rows", "rank", "num_local_experts"])
+@triton.jit(do_not_specialize=["num_rows", "rank", "num_local_experts", "capacity"])
 def push_rows_kernel(
     p0,
     p1,
@@ -140,6 +143,7 @@ def push_rows_kernel(
     num_rows,
     rank,
     num_local_experts,
+    capacity,
     x_offset,
     scales_offset,
     topk_idx_offset,
@@ -230,6 +234,7 @@ def push_rows_kernel(
             pid,
             rank,
             num_local_experts,
+            capacity,
             x_offset,
             scales_offset,
             topk_idx_offset,
@@ -270,6 +275,7 @@ def push_rows_kernel(
                 pid + 1,
                 rank,
                 num_local_experts,
+                capacity,
                 x_offset,
                 scales_offset,
                 topk_idx_offset,
@@ -312,6 +318,7 @@ def launch_push_rows(
     topk_weights: torch.Tensor | None,
     dst_row: torch.Tensor,
     regions: PushRegions,
+    capacity: int,
     rank: int,
     num_local_experts: int,
     localize_topk: bool,
@@ -328,6 +335,7 @@ def launch_push_rows(
         topk_weights: ``[num_rows, num_topk]`` float32 or ``None``.
         dst_row: ``[num_rows, num_ranks]`` int32, destination row at each rank, ``-1`` = none.
         regions: destination region offsets (int32 words, each a multiple of 4).
+        capacity: rows each destination area holds; rows at or past it are skipped.
         rank: this rank.
         num_local_experts: experts per rank (for ``localize_topk``).
         localize_topk: rewrite top-k ids relative to the destination, ``-1``/``0.0`` elsewhere.
@@ -362,6 +370,7 @@ def launch_push_rows(
         num_rows,
         rank,
         num_local_experts,
+        capacity,
         regions.x,
         regions.scales,
         regions.topk_idx,

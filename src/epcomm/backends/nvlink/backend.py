@@ -104,6 +104,10 @@ class NvlinkBackend:
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
         self._table_host: torch.Tensor | None = None
+        # num_worst_tokens mode cannot read the receive count without a sync: it is copied into
+        # pinned memory asynchronously and checked at the next call.
+        self._worst_received = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        self._worst_check: tuple[torch.Tensor, int] | None = None
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -111,17 +115,43 @@ class NvlinkBackend:
         return compute_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _read_table(self, table: torch.Tensor) -> torch.Tensor:
-        """One small device-to-host copy of the count table (no stream-wide synchronize)."""
+    def _start_table_read(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+        """Start one small device-to-host copy of the count table; the device runs on meanwhile."""
         if self._table_host is None or self._table_host.numel() < table.numel():
             self._table_host = torch.empty(table.numel(), dtype=torch.int32, pin_memory=True)
         host = self._table_host[: table.numel()].view(table.shape)
         host.copy_(table, non_blocking=True)
         event = torch.cuda.Event()
         event.record()
+        return host, event
+
+    def _finish_table_read(self, pending: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
+        """Wait for the copy only (not for the kernels queued after it) and check for peer errors."""
+        host, event = pending
         event.synchronize()
         self.transport.check_error()
         return host.clone()
+
+    def _check_worst(self) -> None:
+        """Raise if an earlier ``num_worst_tokens`` dispatch received more rows than it allowed."""
+        if self._worst_check is not None:
+            received, allowed = self._worst_check
+            if int(received[0]) > allowed:
+                self._worst_check = None
+                raise ValueError(
+                    f"dispatch: num_worst_tokens={allowed} but rank {self.rank} received {int(received[0])} "
+                    "tokens in an earlier call (rows past num_worst_tokens were dropped); num_worst_tokens "
+                    "must be >= the largest receive count"
+                )
+
+    def _capacity(self, row_words: int) -> int:
+        """Rows of ``row_words`` words the payload holds, the same on every rank (same buffer size)."""
+        return max(0, (self.transport.payload_words - 8 * 32) // row_words)
+
+    def _ensure_rows(self, num_rows: int, row_words: int) -> None:
+        """Grow the payload to ``num_rows`` rows (collective: every rank passes the same numbers)."""
+        if num_rows > self._capacity(row_words):
+            self.transport.ensure_payload(num_rows * row_words + 8 * 32)
 
     @staticmethod
     def _words(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -138,8 +168,14 @@ class NvlinkBackend:
 
     # ---- dispatch -----------------------------------------------------------------------------
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
-        """Normal-mode dispatch; see ``Buffer.dispatch``."""
+        """Normal-mode dispatch; see ``Buffer.dispatch``.
+
+        The count table is read on the host *while* the push runs: the push targets the capacity
+        the buffer already has (the same on every rank); if the table shows a rank needs more,
+        every rank sees it, grows the buffer and pushes again.
+        """
         self.transport.check_error()
+        self._check_worst()
         if request.handle is not None:
             return self._cached_dispatch(request, request.handle)
         assert request.num_tokens_per_expert is not None
@@ -151,25 +187,61 @@ class NvlinkBackend:
         counts = torch.cat([is_token_in_rank.sum(dim=0, dtype=torch.int32), request.num_tokens_per_expert])
         self.transport.barrier(Operation.DISPATCH_COUNTS, counts)
         table = self.transport.count_table(num_counts).clone()
+        worst = request.num_worst_tokens
+        pending = self._start_table_read(table) if worst == 0 else None
         matrix = table[:, :num_ranks]
         rank_prefix_matrix = matrix.cumsum(dim=0, dtype=torch.int32)
 
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
-        num_topk = (
+        num_topk = max(
+            1,
             request.topk_idx.size(1)
             if request.topk_idx is not None
-            else (request.topk_weights.size(1) if request.topk_weights is not None else 0)
+            else (request.topk_weights.size(1) if request.topk_weights is not None else 0),
         )
+        num_scale_words = scale_words.size(1) if scale_words is not None else 0
+        # One capacity for the dispatch rows and the bf16 rows of the combine that follows.
+        row_words = max(x_words.size(1) + num_scale_words + 3 * num_topk + 1, x.size(1) // 2 + num_topk)
+        self._ensure_rows(worst, row_words)
+        previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
+        recv_row_of_token = _rows_in_order(is_token_in_rank, previous)
+
+        def push() -> DispatchRegions:
+            regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
+            launch_push_rows(
+                self._payload_views(),
+                x_words,
+                scale_words,
+                request.topk_idx,
+                request.topk_weights,
+                recv_row_of_token,
+                regions.push,
+                regions.capacity,
+                rank,
+                num_local_experts,
+                localize_topk=request.topk_idx is not None,
+                write_src_idx=True,
+                num_sms=self._sms(request.config.num_sms),
+            )
+            self.transport.barrier(Operation.DISPATCH)
+            return regions
+
+        regions = push()
         per_expert_list: list[int] = []
-        if request.num_worst_tokens > 0:
-            num_rows = num_max_rows = request.num_worst_tokens
+        if pending is None:
+            num_rows = num_max_rows = worst
             num_recv_tokens = matrix[:, rank].sum().view(1).to(torch.int32)
+            self._worst_received.copy_(num_recv_tokens, non_blocking=True)
+            self._worst_check = (self._worst_received, worst)
         else:
-            host = self._read_table(table)
+            host = self._finish_table_read(pending)
             host_matrix = host[:, :num_ranks].long()
             num_rows = int(host_matrix[:, rank].sum())
             num_max_rows = int(max(int(host_matrix.sum(dim=0).max()), int(host_matrix.sum(dim=1).max())))
+            if num_max_rows > regions.capacity:  # every rank reads the same table: all grow and push again
+                self._ensure_rows(num_max_rows, row_words)
+                regions = push()
             start = num_ranks + rank * num_local_experts
             alignment = request.expert_alignment
             per_expert_list = [
@@ -178,42 +250,14 @@ class NvlinkBackend:
             ]
             num_recv_tokens = torch.tensor([num_rows], dtype=torch.int32, device=self.device)
 
-        dispatch_regions = DispatchRegions(
-            num_max_rows,
-            x_words.size(1),
-            scale_words.size(1) if scale_words is not None else 0,
-            max(num_topk, 1),
-        )
-        # Reserve the combine that follows too (its rows are bf16), so it never has to grow.
-        combine_regions = CombineRegions(num_max_rows, x.size(1) // 2, max(num_topk, 1))
-        self.transport.ensure_payload(max(dispatch_regions.total_words, combine_regions.total_words))
-
-        previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
-        recv_row_of_token = _rows_in_order(is_token_in_rank, previous)
-        launch_push_rows(
-            self._payload_views(),
-            x_words,
-            scale_words,
-            request.topk_idx,
-            request.topk_weights,
-            recv_row_of_token,
-            dispatch_regions.push,
-            rank,
-            num_local_experts,
-            localize_topk=request.topk_idx is not None,
-            write_src_idx=True,
-            num_sms=self._sms(request.config.num_sms),
-        )
-        self.transport.barrier(Operation.DISPATCH)
-
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
-            dispatch_regions,
+            regions,
             num_rows,
             x.dtype,
             request.x_scales,
             request.topk_idx is not None,
             request.topk_weights is not None,
-            num_recv_tokens if request.num_worst_tokens > 0 else None,
+            num_recv_tokens if worst > 0 else None,
         )
         handle = DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
@@ -274,10 +318,10 @@ class NvlinkBackend:
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
         x_words = self._words(request.x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
-        regions = DispatchRegions(
-            handle.num_max_rows, x_words.size(1), scale_words.size(1) if scale_words is not None else 0, 1
-        )
-        self.transport.ensure_payload(regions.total_words)
+        num_scale_words = scale_words.size(1) if scale_words is not None else 0
+        row_words = x_words.size(1) + num_scale_words + 4
+        self._ensure_rows(handle.num_max_rows, row_words)
+        regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, 1)
         self.transport.barrier(Operation.CACHED_DISPATCH_ENTRY)
         launch_push_rows(
             self._payload_views(),
@@ -287,6 +331,7 @@ class NvlinkBackend:
             None,
             handle.recv_row_of_token,
             regions.push,
+            regions.capacity,
             self.rank,
             1,
             localize_topk=False,
@@ -303,11 +348,13 @@ class NvlinkBackend:
     def combine(self, request: CombineRequest) -> CombineResult:
         """Normal-mode combine; see ``Buffer.combine``."""
         self.transport.check_error()
+        self._check_worst()
         handle, x = request.handle, request.x
         rank, num_ranks = self.rank, self.num_ranks
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
-        regions = CombineRegions(handle.num_max_rows, x.size(1) // 2, num_topk)
-        self.transport.ensure_payload(regions.total_words)
+        row_words = x.size(1) // 2 + num_topk
+        self._ensure_rows(handle.num_max_rows, row_words)
+        regions = CombineRegions(self._capacity(row_words), x.size(1) // 2, num_topk)
         rpm = handle.rank_prefix_matrix
         matrix = torch.diff(rpm, dim=0, prepend=torch.zeros_like(rpm[:1]))
         # send_offset[s][j]: where rank j's rows start in rank s's combine area ((rank, token) order).
@@ -337,6 +384,7 @@ class NvlinkBackend:
             request.topk_weights,
             dst_row,
             regions.push,
+            regions.capacity,
             rank,
             1,
             localize_topk=False,
