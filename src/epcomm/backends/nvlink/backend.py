@@ -231,7 +231,7 @@ class NvlinkBackend:
         per_expert_list: list[int] = []
         if pending is None:
             num_rows = num_max_rows = worst
-            num_recv_tokens = matrix[:, rank].sum().view(1).to(torch.int32)
+            num_recv_tokens = matrix[:, rank].sum(dtype=torch.int32).view(1)
             self._worst_received.copy_(num_recv_tokens, non_blocking=True)
             self._worst_check = (self._worst_received, worst)
         else:
@@ -248,7 +248,9 @@ class NvlinkBackend:
                 (int(c) + alignment - 1) // alignment * alignment
                 for c in host[:, start : start + num_local_experts].long().sum(dim=0).tolist()
             ]
-            num_recv_tokens = torch.tensor([num_rows], dtype=torch.int32, device=self.device)
+            # From the device table, not torch.tensor(host value): a host-to-device copy from pageable
+            # memory would block the host until the push kernel queued before it has finished.
+            num_recv_tokens = matrix[:, rank].sum(dtype=torch.int32).view(1)
 
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
             regions,
