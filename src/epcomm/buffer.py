@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from epcomm import env, validation
+from epcomm._collectives import all_gather_ints, host_id
 from epcomm._logging import log_once
 from epcomm.backends import create_backend
 from epcomm.backends.base import (
@@ -51,8 +52,7 @@ def _num_ranks_per_node(group: Any) -> int:
     num_ranks = dist.get_world_size(group)
     if local_world_size is not None and num_ranks % int(local_world_size) == 0:
         return min(int(local_world_size), num_ranks)
-    hosts: list[Any] = [None] * num_ranks
-    dist.all_gather_object(hosts, socket.gethostname(), group=group)
+    hosts = [row[0] for row in all_gather_ints([host_id(socket.gethostname())], group)]
     return hosts.count(hosts[dist.get_rank(group)])
 
 

@@ -28,7 +28,9 @@ from .cases import RunOnRanks
 RUN_TIMEOUT_S = 120.0
 
 
-@pytest.fixture(scope="session")
+# Package scope: the pools' processes end when this tier ends, before other tiers (test_launch
+# checks that no child process is left) run.
+@pytest.fixture(scope="package")
 def _pools() -> Iterator[dict[int, ProcessGroupPool]]:
     pools: dict[int, ProcessGroupPool] = {}
     yield pools
@@ -40,7 +42,7 @@ def _pools() -> Iterator[dict[int, ProcessGroupPool]]:
 def run_on_ranks(_pools: dict[int, ProcessGroupPool]) -> RunOnRanks:
     """``run_on_ranks(world_size, worker, *args)``: run ``worker(pgi, *args)`` on a gloo pool.
 
-    The pool of each world size is started on first use and shared by the whole session.
+    The pool of each world size is started on first use and shared by the whole tier.
     """
 
     def run(world_size: int, worker: Callable[..., Any], *args: Any) -> list[Any]:

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from epcomm._collectives import all_gather_ints
 from epcomm.backends.base import (
     CombineRequest,
     CombineResult,
@@ -49,8 +50,7 @@ def nvlink_available(group: Any) -> bool:
         for other in range(torch.cuda.device_count())
         if other != device
     )
-    flags: list[Any] = [None] * num_ranks
-    dist.all_gather_object(flags, (local_ok, torch.cuda.device_count()), group=group)
+    flags = all_gather_ints([int(local_ok), torch.cuda.device_count()], group)
     return all(ok for ok, _ in flags) and num_ranks <= flags[0][1]
 
 
