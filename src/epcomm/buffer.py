@@ -4,7 +4,6 @@ the right stream and packs results into DeepEP's tuples. It launches no kernel i
 
 from __future__ import annotations
 
-import os
 import socket
 from types import TracebackType
 from typing import Any, ClassVar
@@ -40,10 +39,13 @@ DispatchOutput = tuple[
 
 
 def _num_ranks_per_node(group: Any) -> int:
-    local_world_size = os.environ.get("LOCAL_WORLD_SIZE")
+    """Ranks per node: ``LOCAL_WORLD_SIZE`` when it divides the group size, else counted from the
+    ranks' host names (a collective, so every rank must take the same branch: launchers set the
+    variable on all ranks or none)."""
+    local_world_size = env.local_world_size()
     num_ranks = dist.get_world_size(group)
-    if local_world_size is not None and num_ranks % int(local_world_size) == 0:
-        return min(int(local_world_size), num_ranks)
+    if local_world_size is not None and num_ranks % local_world_size == 0:
+        return min(local_world_size, num_ranks)
     hosts = [row[0] for row in all_gather_ints([host_id(socket.gethostname())], group)]
     return hosts.count(hosts[dist.get_rank(group)])
 

@@ -6,6 +6,7 @@
 | ``EPCOMM_TIMEOUT_S`` | ``30`` | seconds any wait for a peer may last before it fails with an error naming the peer |
 | ``EPCOMM_CHECK_VALUES`` | ``auto`` | ``1``: check tensor *values* (expert ids in range) even where that costs a device-to-host read; ``0``: never; ``auto``: only on CPU tensors (on GPUs the read would stall the host) |
 | ``EPCOMM_LOG_LEVEL`` | ``WARNING`` | level of the ``epcomm`` logger |
+| ``LOCAL_WORLD_SIZE`` | unset | ranks per node (set by torchrun); unset: counted from host names |
 
 Values are read when asked for (no import-time side effects), so tests may change them.
 """
@@ -15,7 +16,15 @@ from __future__ import annotations
 import os
 from enum import Enum
 
-__all__ = ["BackendChoice", "ValueCheck", "backend_choice", "log_level", "timeout_s", "value_check"]
+__all__ = [
+    "BackendChoice",
+    "ValueCheck",
+    "backend_choice",
+    "local_world_size",
+    "log_level",
+    "timeout_s",
+    "value_check",
+]
 
 
 class BackendChoice(str, Enum):
@@ -76,3 +85,17 @@ def value_check() -> ValueCheck:
 def log_level() -> str:
     """``EPCOMM_LOG_LEVEL``: level name for the ``epcomm`` logger (default ``WARNING``)."""
     return _read("EPCOMM_LOG_LEVEL", "WARNING").upper()
+
+
+def local_world_size() -> int | None:
+    """``LOCAL_WORLD_SIZE`` (ranks per node, as torchrun sets it), or ``None`` when unset."""
+    value = os.environ.get("LOCAL_WORLD_SIZE")
+    if value is None or not value.strip():
+        return None
+    try:
+        ranks = int(value)
+    except ValueError:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {value!r}") from None
+    if ranks <= 0:
+        raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {ranks}")
+    return ranks
