@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["DispatchLayout", "compute_dispatch_layout"]
+__all__ = ["DispatchLayout", "compute_dispatch_layout", "rows_in_order"]
 
 
 class DispatchLayout(NamedTuple):
@@ -65,3 +65,28 @@ def compute_dispatch_layout(
     return DispatchLayout(
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank
     )
+
+
+def rows_in_order(is_token_in_rank: torch.Tensor, first_row: torch.Tensor) -> torch.Tensor:
+    """Number, for each rank, the tokens it gets in token order, starting at ``first_row``.
+
+    Arguments:
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+        first_row: ``[num_ranks]`` integer, the number of the first token going to each rank.
+
+    Returns:
+        ``[num_tokens, num_ranks]`` int32: ``first_row[j]`` + the token's index among the tokens
+        going to rank ``j``; ``-1`` where the token does not go to ``j``.
+
+    The prefix sum runs along the token axis of the transposed mask: torch scans an outer dim of
+    only ``num_ranks`` columns with almost no parallelism (245 us for 4096 x 4 on an H200, against
+    4.5 us along the inner dim).
+
+    Example:
+        ``is_token_in_rank = [[1, 1], [0, 1], [1, 1]]`` and ``first_row = [0, 5]`` give
+        ``[[0, 5], [-1, 6], [1, 7]]``.
+    """
+    mask = is_token_in_rank.t().contiguous()
+    positions = mask.to(torch.int32).cumsum(dim=1, dtype=torch.int32) - 1
+    positions += first_row.view(-1, 1).to(torch.int32)
+    return torch.where(mask, positions, -1).t().contiguous()

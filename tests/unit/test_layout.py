@@ -164,3 +164,23 @@ def test_returns_a_named_tuple_in_deepep_order() -> None:
         "num_tokens_per_expert",
         "is_token_in_rank",
     )
+
+
+@pytest.mark.parametrize(("num_tokens", "num_ranks", "seed"), [(0, 2, 0), (1, 4, 1), (37, 4, 2), (300, 8, 3)])
+def test_rows_in_order_matches_a_loop(num_tokens: int, num_ranks: int, seed: int) -> None:
+    from epcomm.layout import rows_in_order
+
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.rand(num_tokens, num_ranks, generator=generator) < 0.6
+    first_row = torch.randint(0, 1000, (num_ranks,), generator=generator)
+    expected = [[-1] * num_ranks for _ in range(num_tokens)]
+    for rank in range(num_ranks):
+        row = int(first_row[rank])
+        for token in range(num_tokens):
+            if mask[token, rank]:
+                expected[token][rank] = row
+                row += 1
+    got = rows_in_order(mask, first_row)
+    assert got.dtype == torch.int32
+    assert got.shape == (num_tokens, num_ranks)
+    assert got.tolist() == expected

@@ -25,7 +25,7 @@ from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_ll import ReferenceLowLatency
 from epcomm.backends.rows import RowLayout
 from epcomm.handles import DispatchHandle, LowLatencyHandle
-from epcomm.layout import DispatchLayout, compute_dispatch_layout
+from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
 
 __all__ = ["ReferenceBackend"]
 
@@ -151,10 +151,7 @@ class ReferenceBackend:
             )
 
         previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
-        positions = is_token_in_rank.to(torch.int32).cumsum(dim=0) - 1 + previous.to(device).view(1, -1)
-        recv_row_of_token = torch.where(is_token_in_rank, positions, torch.full_like(positions, -1)).to(
-            torch.int32
-        )
+        recv_row_of_token = rows_in_order(is_token_in_rank, previous.to(device))
         handle = DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix.to(device),
             is_token_in_rank=is_token_in_rank,
