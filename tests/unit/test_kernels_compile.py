@@ -311,3 +311,14 @@ def test_low_latency_combine_kernels_compile() -> None:
         "flag_offset": "i32",
     }
     _compile(ll_combine_signal_kernel, signal_signature, {}, list(PEERS), num_warps=1)
+
+
+def test_low_latency_kernel_names_say_their_operation() -> None:
+    """A profiler trace attributes each launched low-latency kernel to dispatch or combine."""
+    from epcomm.kernels import low_latency_combine, low_latency_dispatch
+
+    for module, operation in ((low_latency_dispatch, "dispatch"), (low_latency_combine, "combine")):
+        kernels = [name for name in vars(module) if name.endswith("_kernel")]
+        assert kernels, module.__name__
+        for name in kernels:
+            assert operation in name, f"{module.__name__}.{name} does not say {operation!r}"
