@@ -17,7 +17,7 @@ from epcomm._logging import log_once
 from epcomm.backends.base import Backend, LowLatencyCombineRequest, LowLatencyDispatchRequest
 from epcomm.event import EventOverlap, comm_stream_scope
 from epcomm.handles import LowLatencyHandle
-from epcomm.ll_layout import low_latency_rdma_size_hint
+from epcomm.ll_layout import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["LowLatencyMethods"]
@@ -123,6 +123,10 @@ class LowLatencyMethods:
             )
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         idx, _ = validation.check_topk(topk_idx, None, num_tokens, data.device)
+        if idx.size(1) > MAX_LOW_LATENCY_TOPK:
+            raise ValueError(
+                f"topk_idx has {idx.size(1)} columns; low-latency mode supports num_topk <= {MAX_LOW_LATENCY_TOPK}"
+            )
         if use_ue8m0 and not (use_fp8 and round_scale):
             raise ValueError(
                 f"use_ue8m0=True needs use_fp8=True and round_scale=True; got use_fp8={use_fp8}, round_scale={round_scale}"

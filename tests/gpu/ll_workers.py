@@ -136,6 +136,24 @@ def compare_low_latency(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -
         again, _, hook = buffers[0].low_latency_combine(expert_out, topk_idx, weights, got_handle)
         if not torch.equal(again, outs[0]):
             failures.append(f"{name}: combine not repeatable")
+        # zero_copy (expert outputs written into the library's buffer), out= and wait statistics.
+        staged = buffers[0].get_next_low_latency_combine_buffer(got_handle)
+        staged.copy_(expert_out)
+        out = torch.empty_like(outs[0])
+        stats = torch.zeros(pgi.world_size, pgi.world_size, dtype=torch.int64, device=pgi.device)
+        zero_copy, _, _ = buffers[0].low_latency_combine(
+            torch.randn_like(expert_out),
+            topk_idx,
+            weights,
+            got_handle,
+            zero_copy=True,
+            out=out,
+            combine_wait_recv_cost_stats=stats,
+        )
+        if zero_copy.data_ptr() != out.data_ptr() or not torch.equal(out, outs[0]):
+            failures.append(f"{name}: zero_copy/out= combine differs from the plain combine")
+        if int(stats.view(-1)[: pgi.world_size].min()) < 0:
+            failures.append(f"{name}: negative combine_wait_recv_cost_stats: {stats.view(-1).tolist()}")
         for buffer in buffers:
             buffer.destroy()
     torch.cuda.synchronize()
@@ -232,3 +250,40 @@ def skip_low_latency(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     except epcomm.errors.PeerTimeoutError as error:
         return f"raised after {waited:.1f}s: {error}"
     return "no error"
+
+
+def two_outstanding(pgi: ProcessGroupInfo) -> list[str]:
+    """Two dispatches issued before either is consumed (two micro-batches): both stay valid."""
+    capacity, hidden, num_experts, num_topk = 32, 1024, 8 * pgi.world_size, 4
+    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts)
+    batches = [_inputs(pgi, capacity, hidden, num_experts, num_topk, seed) for seed in (11, 12)]
+    pending = []
+    for x, topk_idx, _ in batches:
+        recv_x, count, handle, _, hook = nvlink.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False, return_recv_hook=True
+        )
+        pending.append((recv_x, count, handle, hook))
+    for _, _, _, hook in pending:
+        hook()
+    failures = []
+    for (x, topk_idx, _), (recv_x, count, _, _) in zip(batches, pending, strict=True):
+        want_x, want_count, _, _, _ = reference.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False
+        )
+        if not torch.equal(count, want_count):
+            failures.append(f"rank {pgi.rank}: outstanding dispatch counts differ")
+            continue
+        failures += _valid_rows_equal(f"rank {pgi.rank} outstanding", recv_x, want_x, want_count)
+    stats = torch.zeros(pgi.world_size, pgi.world_size, dtype=torch.int64, device=pgi.device)
+    x, topk_idx, _ = batches[0]
+    for _ in range(10):  # the global timer ticks coarsely: accumulate over several calls
+        nvlink.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False, dispatch_wait_recv_cost_stats=stats
+        )
+    torch.cuda.synchronize()
+    waited = stats.view(-1)[: pgi.world_size]
+    if int(waited.min()) < 0 or int(waited.sum()) <= 0:
+        failures.append(f"rank {pgi.rank}: dispatch_wait_recv_cost_stats not filled: {waited.tolist()}")
+    nvlink.destroy()
+    reference.destroy()
+    return failures

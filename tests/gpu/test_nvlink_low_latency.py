@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from ll_workers import compare_low_latency, graph_replay, shrink_masked_rank, skip_low_latency
+from ll_workers import (
+    compare_low_latency,
+    graph_replay,
+    shrink_masked_rank,
+    skip_low_latency,
+    two_outstanding,
+)
 
 from epcomm.testing import parallel_launch
 
@@ -70,3 +76,9 @@ def test_skipped_low_latency_call_raises_named_timeout() -> None:
     assert results[0].startswith("raised"), results[0]
     for expected in ("low_latency_dispatch", "rank 0", "[1]"):
         assert expected in results[0], results[0]
+
+
+def test_two_outstanding_dispatches_and_wait_stats() -> None:
+    results = parallel_launch(min(NUM_GPUS, 4), two_outstanding, backend="nccl", timeout_s=300)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures)

@@ -520,6 +520,12 @@ CASES: list[Case] = [
         ("num_max_dispatch_tokens_per_rank=8", "9 tokens"),
     ),
     Case(
+        "ll_dispatch_num_topk_above_limit",
+        lambda c: _ll_dispatch(c, topk_idx=torch.zeros(NUM_TOKENS, 33, dtype=topk_idx_t)),
+        ValueError,
+        ("topk_idx", "33 columns", "num_topk <= 32"),
+    ),
+    Case(
         "ll_dispatch_hidden_not_multiple_of_128",
         lambda c: _ll_dispatch(c, x=_bf16(NUM_TOKENS, 192)),
         ValueError,

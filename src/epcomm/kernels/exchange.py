@@ -10,11 +10,12 @@ import torch
 import triton
 import triton.language as tl
 
+from epcomm.config import NUM_MAX_NVL_PEERS
 from epcomm.kernels.primitives import signal_release_sys, wait_epoch
 
 __all__ = ["MAX_PEERS", "launch_exchange"]
 
-MAX_PEERS = 8
+MAX_PEERS = NUM_MAX_NVL_PEERS
 
 
 @triton.jit

@@ -1,16 +1,13 @@
 """Low-latency mode on NVLink symmetric memory: Triton send / signal / receive kernels, no host
 synchronization anywhere (capturable in a CUDA graph), a receive hook that holds no SM.
 
-Symmetric payload layout (int32 words): ``[flags: 2 phases x 2 parities x MAX_PEERS]`` then, per
-parity, the dispatch staging area ``[num_ranks, M, message_words]`` (slot = source rank, token)
-and the combine staging area ``[M, num_topk, hidden / 2]`` (slot = token, top-k slot). Sequence
+The symmetric payload layout is ``epcomm.ll_layout.LowLatencyLayout`` (also the size hint). Sequence
 numbers live in device memory on both sides, so replays of a captured graph stay in step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import torch
@@ -36,54 +33,12 @@ from epcomm.kernels.low_latency_dispatch import (
     ll_dispatch_send_kernel,
     ll_dispatch_signal_kernel,
 )
+from epcomm.ll_layout import LowLatencyLayout, flag_offset
 
 __all__ = ["NvlinkLowLatency"]
 
 _R = TypeVar("_R", LowLatencyDispatchResult, LowLatencyCombineResult)
-_FLAG_WORDS = 2 * 2 * MAX_PEERS
-_ALIGN = 32
 _DISPATCH, _COMBINE = 0, 1
-
-
-def _align(words: int) -> int:
-    return (words + _ALIGN - 1) // _ALIGN * _ALIGN
-
-
-@dataclass(frozen=True)
-class _Layout:
-    """Payload offsets (int32 words) for one (M, hidden, num_topk); the same on every rank."""
-
-    num_ranks: int
-    capacity: int
-    hidden: int
-    num_topk: int
-
-    @property
-    def message_words(self) -> int:
-        # bf16 payload is the larger format; FP8 rows use hidden / 4 + hidden / 128 words of it.
-        return (self.hidden // 2 + self.num_topk + 3) // 4 * 4
-
-    @property
-    def dispatch_words(self) -> int:
-        return _align(self.num_ranks * self.capacity * self.message_words)
-
-    @property
-    def combine_words(self) -> int:
-        return _align(self.capacity * self.num_topk * self.hidden // 2)
-
-    def dispatch_offset(self, parity: int) -> int:
-        return _align(_FLAG_WORDS) + parity * (self.dispatch_words + self.combine_words)
-
-    def combine_offset(self, parity: int) -> int:
-        return self.dispatch_offset(parity) + self.dispatch_words
-
-    @property
-    def total_words(self) -> int:
-        return self.dispatch_offset(2)
-
-
-def _flag_offset(phase: int, parity: int) -> int:
-    return (phase * 2 + parity) * MAX_PEERS
 
 
 class NvlinkLowLatency:
@@ -127,7 +82,7 @@ class NvlinkLowLatency:
             self._buffers[key] = torch.zeros(shape, dtype=storage_dtype, device=self.device).view(dtype)
         return self._buffers[key]
 
-    def _prepare(self, layout: _Layout) -> None:
+    def _prepare(self, layout: LowLatencyLayout) -> None:
         self.transport.check_error()
         self.transport.ensure_payload(layout.total_words)
         if self.transport.local.data_ptr() != self._buffer_id:  # reallocated: flags start over
@@ -158,7 +113,7 @@ class NvlinkLowLatency:
         num_ranks, rank = self.num_ranks, self.rank
         num_local_experts = request.num_experts // num_ranks
         num_rows = num_ranks * capacity
-        layout = _Layout(num_ranks, capacity, hidden, num_topk)
+        layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
         parity, self._parity = self._parity, self._parity ^ 1
 
@@ -244,7 +199,7 @@ class NvlinkLowLatency:
                 rank,
                 self.transport.timeout_ns,
                 self.transport.error_word.data_ptr(),
-                _flag_offset(_DISPATCH, parity),
+                flag_offset(_DISPATCH, parity),
                 layout.dispatch_offset(parity),
                 NUM_RANKS=num_ranks,
                 NUM_LOCAL_EXPERTS=num_local_experts,
@@ -276,7 +231,7 @@ class NvlinkLowLatency:
             self._send_seq[phase, parity],
             self._recv_expected[phase, parity],
             self.rank,
-            _flag_offset(phase, parity),
+            flag_offset(phase, parity),
             num_warps=1,
         )
 
@@ -294,7 +249,7 @@ class NvlinkLowLatency:
         capacity, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
         num_tokens, num_topk = request.topk_idx.shape
         parity = handle.buffer_parity
-        layout = _Layout(self.num_ranks, capacity, hidden, num_topk)
+        layout = LowLatencyLayout(self.num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
         x = self.combine_buffer(handle) if request.zero_copy else request.x.contiguous()
         x_words = hidden // 2
@@ -337,7 +292,7 @@ class NvlinkLowLatency:
                 self.rank,
                 self.transport.timeout_ns,
                 self.transport.error_word.data_ptr(),
-                _flag_offset(_COMBINE, parity),
+                flag_offset(_COMBINE, parity),
                 layout.combine_offset(parity),
                 NUM_RANKS=self.num_ranks,
                 NUM_LOCAL_EXPERTS=num_local_experts,
