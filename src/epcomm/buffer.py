@@ -273,7 +273,7 @@ class Buffer(LowLatencyMethods):
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         idx, _ = validation.check_topk(topk_idx, None, None, None)
         self._check_events(previous_event, async_finish, allocate_on_comm_stream)
-        if validation.should_check_values(idx, synchronizes_anyway=False):
+        if validation.should_check_values(idx):
             validation.check_expert_ids("topk_idx", idx, num_experts)
         backend = self.backend
         with comm_stream_scope(self._stream_for(idx), previous_event, [idx]) as scope:
@@ -375,7 +375,7 @@ class Buffer(LowLatencyMethods):
             idx = weights = None
             if topk_idx is not None:
                 idx, weights = validation.check_topk(topk_idx, topk_weights, num_tokens, device)
-                if validation.should_check_values(idx, synchronizes_anyway=num_worst_tokens == 0):
+                if validation.should_check_values(idx):
                     validation.check_expert_ids("topk_idx", idx, num_experts)
             elif topk_weights is not None:
                 raise ValueError("dispatch: topk_weights needs topk_idx")

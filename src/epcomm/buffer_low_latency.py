@@ -141,7 +141,7 @@ class LowLatencyMethods:
             check_same_device("cumulative_local_expert_recv_stats", stats, data.device, "x")
         self._check_wait_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
         self._check_low_latency(capacity, hidden, num_experts)
-        if validation.should_check_values(idx, synchronizes_anyway=False):
+        if validation.should_check_values(idx):
             validation.check_expert_ids("topk_idx", idx, num_experts)
         request = LowLatencyDispatchRequest(
             data,

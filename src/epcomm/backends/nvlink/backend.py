@@ -26,13 +26,16 @@ from epcomm.backends.base import (
 )
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
-from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
+from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle, LowLatencyHandle
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
 
 __all__ = ["NvlinkBackend", "nvlink_available"]
+
+# Up to five regions per area, each aligned to 32 words: this much slack always covers them.
+_REGION_SLACK_WORDS = 8 * 32
 
 
 def nvlink_available(group: Any) -> bool:
@@ -130,13 +133,14 @@ class NvlinkBackend:
                 )
 
     def _capacity(self, row_words: int) -> int:
-        """Rows of ``row_words`` words the payload holds, the same on every rank (same buffer size)."""
-        return max(0, (self.transport.payload_words - 8 * 32) // row_words)
+        """Rows of ``row_words`` words the payload holds, the same on every rank (same buffer size);
+        ``_REGION_SLACK_WORDS`` covers the 32-word alignment of each field's region."""
+        return max(0, (self.transport.payload_words - _REGION_SLACK_WORDS) // row_words)
 
     def _ensure_rows(self, num_rows: int, row_words: int) -> None:
         """Grow the payload to ``num_rows`` rows (collective: every rank passes the same numbers)."""
         if num_rows > self._capacity(row_words):
-            self.transport.ensure_payload(num_rows * row_words + 8 * 32)
+            self.transport.ensure_payload(num_rows * row_words + _REGION_SLACK_WORDS)
 
     @staticmethod
     def _words(tensor: torch.Tensor, name: str) -> torch.Tensor:
@@ -187,7 +191,10 @@ class NvlinkBackend:
         )
         num_scale_words = scale_words.size(1) if scale_words is not None else 0
         # One capacity for the dispatch rows and the bf16 rows of the combine that follows.
-        row_words = max(x_words.size(1) + num_scale_words + 3 * num_topk + 1, x.size(1) // 2 + num_topk)
+        row_words = max(
+            DispatchRegions.row_words(x_words.size(1), num_scale_words, num_topk),
+            CombineRegions.row_words(x.size(1) // 2, num_topk),
+        )
         self._ensure_rows(worst, row_words)
         previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
         recv_row_of_token = rows_in_order(is_token_in_rank, previous)
@@ -258,8 +265,6 @@ class NvlinkBackend:
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
     def _payload_views(self) -> list[torch.Tensor]:
-        from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET
-
         return [buffer[PAYLOAD_OFFSET:] for buffer in self.transport.peer_buffers]
 
     def _copy_out(
@@ -306,7 +311,7 @@ class NvlinkBackend:
         x_words = self._words(request.x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
         num_scale_words = scale_words.size(1) if scale_words is not None else 0
-        row_words = x_words.size(1) + num_scale_words + 4
+        row_words = DispatchRegions.row_words(x_words.size(1), num_scale_words, 1)
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, 1)
         self.transport.barrier(Operation.CACHED_DISPATCH_ENTRY)
@@ -339,7 +344,7 @@ class NvlinkBackend:
         handle, x = request.handle, request.x
         rank, num_ranks = self.rank, self.num_ranks
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
-        row_words = x.size(1) // 2 + num_topk
+        row_words = CombineRegions.row_words(x.size(1) // 2, num_topk)
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = CombineRegions(self._capacity(row_words), x.size(1) // 2, num_topk)
         rpm = handle.rank_prefix_matrix

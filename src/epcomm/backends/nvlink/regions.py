@@ -1,7 +1,8 @@
 """Where each field of a dispatch or combine lives in the symmetric payload (int32 words).
 
 Offsets depend only on values every rank shares (row capacity, hidden, scales, top-k), so a
-sender computes the same addresses the receiver reads.
+sender computes the same addresses the receiver reads. Each field's region is aligned to 32
+words, so a payload of ``capacity * row_words + 8 * 32`` words holds every region.
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ class DispatchRegions:
         src_idx = topk_weights + _align(self.capacity * self.num_topk)
         return PushRegions(x, scales, topk_idx, topk_weights, src_idx)
 
-    @property
-    def total_words(self) -> int:
-        """Payload words the area needs."""
-        return self.push.src_idx + _align(self.capacity)
+    @staticmethod
+    def row_words(x_words: int, scale_words: int, num_topk: int) -> int:
+        """Words one row takes over all fields (int64 top-k ids count twice, plus the source index)."""
+        return x_words + scale_words + 3 * num_topk + 1
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class CombineRegions:
         """Offsets for the push kernel."""
         return PushRegions(x=0, topk_weights=_align(self.capacity * self.x_words))
 
-    @property
-    def total_words(self) -> int:
-        """Payload words the area needs."""
-        return self.push.topk_weights + _align(self.capacity * self.num_topk)
+    @staticmethod
+    def row_words(x_words: int, num_topk: int) -> int:
+        """Words one row takes over all fields."""
+        return x_words + num_topk
