@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import torch
 
@@ -24,9 +24,13 @@ __all__ = [
     "DispatchResult",
     "LowLatencyCombineRequest",
     "LowLatencyCombineResult",
+    "LowLatencyDelegation",
     "LowLatencyDispatchRequest",
     "LowLatencyDispatchResult",
+    "LowLatencyEngine",
     "RecvHook",
+    "ResultBuffers",
+    "finish_receive",
 ]
 
 RecvHook = Callable[[], None]
@@ -191,3 +195,105 @@ class Backend(Protocol):
     def destroy(self) -> None:
         """Release every resource."""
         ...
+
+
+# ---- shared by the low-latency engines (reference and NVLink) ------------------------------------
+
+_Result = TypeVar("_Result", LowLatencyDispatchResult, LowLatencyCombineResult)
+
+
+def finish_receive(result: _Result, receive: RecvHook, return_recv_hook: bool) -> _Result:
+    """Hand ``receive`` back as the hook, or run it now when no hook was asked for."""
+    if return_recv_hook:
+        return result._replace(hook=receive)
+    receive()
+    return result
+
+
+class ResultBuffers:
+    """Tensors reused across calls, one set per parity: the two alternating result buffers."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[tuple[object, ...], torch.Tensor] = {}
+
+    def get(
+        self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
+        """The zero-initialized ``shape``/``dtype`` tensor ``name`` of ``parity`` (made on first use)."""
+        key = (parity, name, shape, dtype, device)
+        if key not in self._tensors:
+            storage_dtype = torch.uint8 if dtype.itemsize == 1 else dtype  # float8 has no zero fill
+            self._tensors[key] = torch.zeros(shape, dtype=storage_dtype, device=device).view(dtype)
+        return self._tensors[key]
+
+    def clear(self) -> None:
+        """Forget every tensor."""
+        self._tensors.clear()
+
+
+class LowLatencyEngine(Protocol):
+    """What a backend's low-latency implementation offers (see ``LowLatencyDelegation``)."""
+
+    mask: torch.Tensor
+
+    def dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """Low-latency dispatch."""
+        ...
+
+    def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """Low-latency combine."""
+        ...
+
+    def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """The zero-copy combine buffer of ``handle``'s parity."""
+        ...
+
+    def set_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: mask or unmask ``rank``."""
+        ...
+
+    def clean(self) -> None:
+        """Forget the result buffers."""
+        ...
+
+
+class LowLatencyDelegation:
+    """Backend mixin: the low-latency and shrink-mode methods of ``Backend``, forwarded to the
+    engine ``_low_latency_engine()`` returns (``None`` when the buffer has no low-latency mode)."""
+
+    def _low_latency_engine(self) -> LowLatencyEngine | None:
+        raise NotImplementedError
+
+    def _engine(self) -> LowLatencyEngine:
+        engine = self._low_latency_engine()
+        if engine is None:
+            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+        return engine
+
+    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
+        """See ``Buffer.low_latency_dispatch``."""
+        return self._engine().dispatch(request)
+
+    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
+        """See ``Buffer.low_latency_combine``."""
+        return self._engine().combine(request)
+
+    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
+        """See ``Buffer.get_next_low_latency_combine_buffer``."""
+        return self._engine().combine_buffer(handle)
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Drop the low-latency result buffers (flags need no cleaning: they carry sequence numbers)."""
+        engine = self._low_latency_engine()
+        if engine is not None:
+            engine.clean()
+
+    def set_rank_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: ``rank`` is skipped (no send, no wait) while masked."""
+        self._engine().set_mask(rank, masked)
+
+    def rank_mask(self) -> torch.Tensor:
+        """``[num_ranks]`` int32, 1 where a rank is masked."""
+        return self._engine().mask

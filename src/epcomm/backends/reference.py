@@ -16,15 +16,12 @@ from epcomm.backends.base import (
     CombineResult,
     DispatchRequest,
     DispatchResult,
-    LowLatencyCombineRequest,
-    LowLatencyCombineResult,
-    LowLatencyDispatchRequest,
-    LowLatencyDispatchResult,
+    LowLatencyDelegation,
 )
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_ll import ReferenceLowLatency
 from epcomm.backends.rows import RowLayout
-from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.handles import DispatchHandle
 from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
 
 __all__ = ["ReferenceBackend"]
@@ -45,7 +42,7 @@ def _exchange_rows(
     return [send_rows[src] if src == peers.rank else recvs[src] for src in range(peers.num_ranks)]
 
 
-class ReferenceBackend:
+class ReferenceBackend(LowLatencyDelegation):
     """Normal and low-latency modes over ``torch.distributed``.
 
     Arguments:
@@ -218,32 +215,9 @@ class ReferenceBackend:
             combined += bias.float()
         return CombineResult(combined.to(torch.bfloat16), combined_weights)
 
-    # ---- low-latency mode ---------------------------------------------------------------------
-    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
-        """See ``Buffer.low_latency_dispatch``."""
-        return self.low_latency.dispatch(request)
-
-    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
-        """See ``Buffer.low_latency_combine``."""
-        return self.low_latency.combine(request)
-
-    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """See ``Buffer.get_next_low_latency_combine_buffer``."""
-        return self.low_latency.combine_buffer(handle)
-
-    def clean_low_latency_buffer(
-        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
-    ) -> None:
-        """Drop the low-latency result buffers (they are re-made on the next call)."""
-        self.low_latency.clean()
-
-    def set_rank_mask(self, rank: int, masked: bool) -> None:
-        """Shrink mode: ``rank`` is skipped (no send, no wait) while masked."""
-        self.low_latency.mask[rank] = int(masked)
-
-    def rank_mask(self) -> torch.Tensor:
-        """``[num_ranks]`` int32, 1 where a rank is masked."""
-        return self.low_latency.mask
+    # ---- low-latency mode: LowLatencyDelegation forwards to ReferenceLowLatency -----------------
+    def _low_latency_engine(self) -> ReferenceLowLatency:
+        return self.low_latency
 
     def destroy(self) -> None:
         """Release the result buffers."""

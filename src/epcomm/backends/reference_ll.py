@@ -9,9 +9,6 @@ token's rank applies the weights in top-k order in float32.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import TypeVar
-
 import torch
 
 from epcomm import quant
@@ -20,14 +17,14 @@ from epcomm.backends.base import (
     LowLatencyCombineResult,
     LowLatencyDispatchRequest,
     LowLatencyDispatchResult,
+    ResultBuffers,
+    finish_receive,
 )
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.rows import RowLayout
 from epcomm.handles import LowLatencyHandle
 
 __all__ = ["ReferenceLowLatency"]
-
-_R = TypeVar("_R", LowLatencyDispatchResult, LowLatencyCombineResult)
 
 
 class ReferenceLowLatency:
@@ -37,21 +34,15 @@ class ReferenceLowLatency:
         self.peers = peers
         self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32)
         self._parity = 0
-        self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
+        self._buffers = ResultBuffers()
 
     def clean(self) -> None:
         """Forget the result buffers."""
         self._buffers.clear()
 
-    def _buffer(
-        self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
-    ) -> torch.Tensor:
-        key = (parity, name, shape, dtype, device)
-        if key not in self._buffers:
-            self._buffers[key] = torch.zeros(
-                shape, dtype=torch.uint8 if dtype.itemsize == 1 else dtype, device=device
-            ).view(dtype)
-        return self._buffers[key]
+    def set_mask(self, rank: int, masked: bool) -> None:
+        """Shrink mode: skip ``rank`` (no send, no wait) while masked."""
+        self.mask[rank] = int(masked)
 
     def _active_peers(self) -> list[int]:
         return [r for r in range(self.peers.num_ranks) if r != self.peers.rank and int(self.mask[r]) == 0]
@@ -64,7 +55,7 @@ class ReferenceLowLatency:
             num_ranks * handle.num_max_dispatch_tokens_per_rank,
             handle.hidden,
         )
-        return self._buffer(
+        return self._buffers.get(
             handle.buffer_parity, "combine", shape, torch.bfloat16, handle.recv_src_info.device
         )
 
@@ -92,11 +83,11 @@ class ReferenceLowLatency:
 
         shape = (num_local_experts, num_rows, hidden)
         if request.use_fp8:
-            recv_x_fp8 = self._buffer(parity, "x_fp8", shape, torch.float8_e4m3fn, device)
+            recv_x_fp8 = self._buffers.get(parity, "x_fp8", shape, torch.float8_e4m3fn, device)
             num_scale_cols = quant.num_packed_ue8m0(hidden) if request.use_ue8m0 else quant.num_scales(hidden)
             scale_dtype = torch.int32 if request.use_ue8m0 else torch.float32
             # Column-major in the last two dims, as DeepEP: stored [L, num_scales, rows].
-            scale_storage = self._buffer(
+            scale_storage = self._buffers.get(
                 parity, "scales", (num_local_experts, num_scale_cols, num_rows), scale_dtype, device
             )
             recv_x: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = (
@@ -104,9 +95,9 @@ class ReferenceLowLatency:
                 scale_storage.transpose(1, 2),
             )
         else:
-            recv_x_bf16 = self._buffer(parity, "x_bf16", shape, torch.bfloat16, device)
+            recv_x_bf16 = self._buffers.get(parity, "x_bf16", shape, torch.bfloat16, device)
             recv_x = recv_x_bf16
-        recv_count = self._buffer(parity, "count", (num_local_experts,), torch.int32, device)
+        recv_count = self._buffers.get(parity, "count", (num_local_experts,), torch.int32, device)
         recv_src_info = torch.empty(num_local_experts, num_rows, dtype=torch.int32, device=device)
         recv_layout_range = torch.empty(num_local_experts, num_ranks, dtype=torch.int64, device=device)
         combine_gather_idx = torch.empty(num_ranks, capacity, num_topk, dtype=torch.int64, device=device)
@@ -174,7 +165,7 @@ class ReferenceLowLatency:
                 request.cumulative_local_expert_recv_stats.add_(recv_count)
             _add_wait_stats(request.dispatch_wait_recv_cost_stats, pending.wait_ns)
 
-        return _finish(
+        return finish_receive(
             LowLatencyDispatchResult(recv_x, recv_count, handle, None), complete, request.return_recv_hook
         )
 
@@ -213,7 +204,7 @@ class ReferenceLowLatency:
             out.copy_(accumulator)
             _add_wait_stats(request.combine_wait_recv_cost_stats, pending.wait_ns)
 
-        return _finish(LowLatencyCombineResult(out, None), complete, request.return_recv_hook)
+        return finish_receive(LowLatencyCombineResult(out, None), complete, request.return_recv_hook)
 
 
 def _add_wait_stats(stats: torch.Tensor | None, wait_ns: dict[int, int]) -> None:
@@ -222,10 +213,3 @@ def _add_wait_stats(stats: torch.Tensor | None, wait_ns: dict[int, int]) -> None
         return
     for src, nanoseconds in wait_ns.items():
         stats.view(-1)[src] += nanoseconds
-
-
-def _finish(result: _R, complete: Callable[[], None], return_recv_hook: bool) -> _R:
-    if return_recv_hook:
-        return result._replace(hook=complete)
-    complete()
-    return result

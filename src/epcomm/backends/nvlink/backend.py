@@ -19,15 +19,12 @@ from epcomm.backends.base import (
     CombineResult,
     DispatchRequest,
     DispatchResult,
-    LowLatencyCombineRequest,
-    LowLatencyCombineResult,
-    LowLatencyDispatchRequest,
-    LowLatencyDispatchResult,
+    LowLatencyDelegation,
 )
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
-from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.handles import DispatchHandle
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
@@ -57,7 +54,7 @@ def nvlink_available(group: Any) -> bool:
     return all(ok for ok, _ in flags) and num_ranks <= flags[0][1]
 
 
-class NvlinkBackend:
+class NvlinkBackend(LowLatencyDelegation):
     """Normal and low-latency modes over NVLink symmetric memory.
 
     Arguments:
@@ -405,39 +402,9 @@ class NvlinkBackend:
         )
         return CombineResult(combined, combined_weights)
 
-    # ---- low-latency mode ---------------------------------------------------------------------
-    @property
-    def _low_latency(self) -> NvlinkLowLatency:
-        if self.low_latency is None:
-            raise ValueError("low-latency calls need Buffer(..., low_latency_mode=True)")
+    # ---- low-latency mode: LowLatencyDelegation forwards to NvlinkLowLatency -------------------
+    def _low_latency_engine(self) -> NvlinkLowLatency | None:
         return self.low_latency
-
-    def low_latency_dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
-        """See ``Buffer.low_latency_dispatch``."""
-        return self._low_latency.dispatch(request)
-
-    def low_latency_combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
-        """See ``Buffer.low_latency_combine``."""
-        return self._low_latency.combine(request)
-
-    def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
-        """See ``Buffer.get_next_low_latency_combine_buffer``."""
-        return self._low_latency.combine_buffer(handle)
-
-    def clean_low_latency_buffer(
-        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
-    ) -> None:
-        """Drop the low-latency result buffers (the symmetric flags need no cleaning: sequence numbers)."""
-        if self.low_latency is not None:
-            self.low_latency.clean()
-
-    def set_rank_mask(self, rank: int, masked: bool) -> None:
-        """Shrink mode: ``rank`` is skipped (no send, no wait) while masked."""
-        self._low_latency.set_mask(rank, masked)
-
-    def rank_mask(self) -> torch.Tensor:
-        """``[num_ranks]`` int32, 1 where a rank is masked."""
-        return self._low_latency.mask
 
     def destroy(self) -> None:
         """Release the symmetric buffers."""

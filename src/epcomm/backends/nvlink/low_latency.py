@@ -7,8 +7,7 @@ numbers live in device memory on both sides, so replays of a captured graph stay
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import torch
 import triton
@@ -19,6 +18,8 @@ from epcomm.backends.base import (
     LowLatencyCombineResult,
     LowLatencyDispatchRequest,
     LowLatencyDispatchResult,
+    ResultBuffers,
+    finish_receive,
 )
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, SymmetricTransport
 from epcomm.handles import LowLatencyHandle
@@ -37,7 +38,6 @@ from epcomm.ll_layout import LowLatencyLayout, flag_offset
 
 __all__ = ["NvlinkLowLatency"]
 
-_R = TypeVar("_R", LowLatencyDispatchResult, LowLatencyCombineResult)
 _DISPATCH, _COMBINE = 0, 1
 
 
@@ -61,7 +61,7 @@ class NvlinkLowLatency:
         self._send_seq = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
         self._recv_expected = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
         self._parity = 0
-        self._buffers: dict[tuple[object, ...], torch.Tensor] = {}
+        self._buffers = ResultBuffers()
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._buffer_id = self.transport.local.data_ptr()
 
@@ -76,11 +76,7 @@ class NvlinkLowLatency:
         self._buffers.clear()
 
     def _buffer(self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        key = (parity, name, shape, dtype)
-        if key not in self._buffers:
-            storage_dtype = torch.uint8 if dtype.itemsize == 1 else dtype
-            self._buffers[key] = torch.zeros(shape, dtype=storage_dtype, device=self.device).view(dtype)
-        return self._buffers[key]
+        return self._buffers.get(parity, name, shape, dtype, self.device)
 
     def _prepare(self, layout: LowLatencyLayout) -> None:
         self.transport.check_error()
@@ -220,7 +216,7 @@ class NvlinkLowLatency:
                 num_warps=16,
             )
 
-        return self._finish(
+        return finish_receive(
             LowLatencyDispatchResult(recv_x, recv_count, handle, None), receive, request.return_recv_hook
         )
 
@@ -234,13 +230,6 @@ class NvlinkLowLatency:
             flag_offset(phase, parity),
             num_warps=1,
         )
-
-    @staticmethod
-    def _finish(result: _R, receive: Callable[[], None], return_recv_hook: bool) -> _R:
-        if return_recv_hook:
-            return result._replace(hook=receive)
-        receive()
-        return result
 
     # ---- combine ------------------------------------------------------------------------------
     def combine(self, request: LowLatencyCombineRequest) -> LowLatencyCombineResult:
@@ -303,7 +292,7 @@ class NvlinkLowLatency:
                 num_warps=16,
             )
 
-        return self._finish(LowLatencyCombineResult(out, None), receive, request.return_recv_hook)
+        return finish_receive(LowLatencyCombineResult(out, None), receive, request.return_recv_hook)
 
     def destroy(self) -> None:
         """Release the symmetric buffer."""
