@@ -10,9 +10,14 @@ point-to-point) and the "user path" (``all_to_all_single`` + ``index_select`` / 
 see ``common.py``). Before timing, every backend is checked against the reference (dispatch bitwise,
 combine allclose): PASS/FAIL per setting.
 
-Timing follows PERFORMANCE.md "How to measure": per iteration an L2 flush, a host barrier, CUDA
-events around the one call, inputs rotated among ``--num-inputs`` preallocated sets that are
-refilled with fresh random data after use; the median per rank, then the max over ranks.
+Timing follows PERFORMANCE.md "How to measure": per iteration an L2 flush, a host barrier, then a
+device barrier (an NCCL ``all_reduce`` of one int32 on the run's group, enqueued without the host
+waiting, so the start event fires only once every rank's stream reached it: the ranks' skew in
+leaving the host barrier is not timed), CUDA events around the one call (host work inside it, such
+as dispatch's CPU read of the counts, is still timed), inputs rotated among ``--num-inputs``
+preallocated sets that are refilled with fresh random data after use; the median per rank, then
+the max over ranks. Every backend and baseline is timed this same way. On CPU (gloo) there is no
+device barrier: wall clock after the host barrier.
 
 Without CUDA (or with ``--cpu``) it runs on gloo with 2 processes, a tiny shape and only the
 reference and user-path backends: a smoke test of the harness itself.
@@ -205,6 +210,10 @@ class _Rank:
             spec.env["gpu"] = torch.cuda.get_device_name(pgi.device)
         # Barriers and result gathers on a gloo group: pure host synchronization, no GPU work.
         self.host_group = dist.new_group(backend="gloo") if pgi.backend != "gloo" else pgi.group
+        # The device barrier before each timed call: one int32 all-reduced on the run's NCCL group.
+        self._sync_tensor: torch.Tensor | None = None
+        if self.cuda:
+            self._sync_tensor = torch.zeros(1, dtype=torch.int32, device=self.device)
         self.buffers: dict[str, Buffer] = {}
         for name in dict.fromkeys(("reference", *spec.backends)):
             nvl = spec.nvl_bytes if name != "reference" else 0
@@ -219,6 +228,11 @@ class _Rank:
     # ---- collectives on the host group ----
     def barrier(self) -> None:
         dist.barrier(group=self.host_group)
+
+    def device_barrier(self) -> None:
+        """All ranks' streams meet here (the host does not wait): an NCCL all-reduce of one int32."""
+        assert self._sync_tensor is not None
+        dist.all_reduce(self._sync_tensor, group=self.pgi.group)
 
     def gather(self, obj: Any) -> list[Any]:
         out: list[Any] = [None] * self.world
@@ -447,6 +461,7 @@ class _Rank:
                     cuda=self.cuda,
                     refresh=refresh,
                     flush=self.flush,
+                    device_barrier=self.device_barrier if self.cuda else None,
                 )
         except Exception as exc:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"

@@ -10,6 +10,12 @@ The "user path" (``user_dispatch`` / ``user_combine``) is what a user writes wit
 and sums them onto their tokens with ``index_add_``. Each token goes once to every rank that holds
 one of its experts (as epcomm's and DeepEP's dispatch), and rows arrive ordered by source rank,
 then source token index: exactly epcomm's order, so its ``recv_x`` is comparable bit for bit.
+
+Timing (``time_op``): per iteration an L2 flush, ``cuda.synchronize()``, a host barrier, then on
+CUDA a device barrier (an NCCL ``all_reduce`` of one int32 enqueued on the stream, not waited for
+by the host) right before the start event, so every rank's GPU starts the timed call together and
+the host barrier's skew between ranks (up to ~100s of us) is not timed; the same for every backend
+and baseline. Host work inside the timed call (a dispatch's CPU read of its counts) is still timed.
 """
 
 from __future__ import annotations
@@ -263,13 +269,22 @@ def time_op(
     cuda: bool,
     refresh: Callable[[int], None] | None = None,
     flush: torch.Tensor | None = None,
+    device_barrier: Callable[[], None] | None = None,
 ) -> list[float]:
     """Time ``fn(slot)`` once per iteration; return the ``iters`` times in microseconds.
 
     Every iteration: overwrite the L2 flush buffer (if any), wait for the device, ``barrier()`` (all
-    ranks start together), then time ``fn`` alone with CUDA events (wall clock on CPU), then
-    ``refresh(slot)`` (fresh random data in the input set just used; not timed). Iteration ``i`` uses
-    input set ``i % num_slots``, so with enough slots the inputs are not served from L2.
+    ranks start together), ``device_barrier()`` (if given), then time ``fn`` alone with CUDA events
+    (wall clock on CPU), then ``refresh(slot)`` (fresh random data in the input set just used; not
+    timed). Iteration ``i`` uses input set ``i % num_slots``, so with enough slots the inputs are not
+    served from L2.
+
+    Why a device barrier: ranks leave the host barrier up to ~100s of us apart, so without it the
+    first collective kernel of ``fn`` waits on the GPU for the slowest rank and that host skew is
+    timed. ``device_barrier`` enqueues a collective on the stream (the benchmarks pass an NCCL
+    ``all_reduce`` of one element) without blocking the host: the start event then fires only when
+    every rank's stream has reached it, while the host already enqueues ``fn`` behind it. Host work
+    inside ``fn`` (e.g. a dispatch reading its counts on the CPU) is still timed.
 
     Arguments:
         fn: the operation; called with the input slot.
@@ -280,6 +295,8 @@ def time_op(
         cuda: use CUDA events (else ``time.perf_counter``).
         refresh: called with the slot after each iteration.
         flush: a large device buffer to overwrite before each iteration (evicts L2).
+        device_barrier: enqueues a barrier over all ranks on the current stream, called after
+            ``barrier()`` and before the start event (CUDA only; ignored when ``cuda`` is false).
 
     Returns:
         ``iters`` times in microseconds.
@@ -294,6 +311,8 @@ def time_op(
             torch.cuda.synchronize()
         barrier()
         if cuda:
+            if device_barrier is not None:
+                device_barrier()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             fn(slot)

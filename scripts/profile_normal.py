@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
@@ -65,6 +66,9 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
                 dispatch(x)
                 buffer.combine(out[0], handle, config=config)
             torch.cuda.synchronize()
+        out_dir = os.environ.get("OUT")
+        if out_dir:
+            prof.export_chrome_trace(os.path.join(out_dir, "trace_normal_rank0.json"))
         lines.append(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18))
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
     else:

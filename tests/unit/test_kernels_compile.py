@@ -15,6 +15,7 @@ from triton.compiler import ASTSource  # noqa: E402
 from epcomm.kernels.exchange import exchange_counts_barrier_kernel  # noqa: E402
 from epcomm.kernels.normal_combine import combine_reduce_kernel  # noqa: E402
 from epcomm.kernels.normal_push import push_rows_kernel  # noqa: E402
+from epcomm.kernels.normal_rows import combine_rows_kernel, dispatch_rows_kernel  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 PEERS = {f"p{i}": "*i32" for i in range(8)}
@@ -70,15 +71,16 @@ PUSH_ALIGNED = [
 
 
 @pytest.mark.parametrize(
-    ("num_ranks", "x_words", "scale_words", "has_topk", "localize"),
+    ("num_ranks", "x_words", "scale_words", "has_topk", "localize", "rows", "warps"),
     [
-        (4, 3584, 1, True, True),  # bf16 dispatch, hidden 7168
-        (8, 1792, 56, True, True),  # fp8 dispatch with scales
-        (2, 3584, 1, False, False),  # cached dispatch / combine push
+        (4, 3584, 1, True, True, 2, 16),  # bf16 dispatch, hidden 7168
+        (8, 1792, 56, True, True, 2, 16),  # fp8 dispatch with scales
+        (2, 3584, 1, False, False, 2, 16),  # cached dispatch / combine push
+        (4, 3584, 1, True, True, 4, 32),  # the tuning variants
     ],
 )
 def test_push_rows_compiles_with_vector_accesses(
-    num_ranks: int, x_words: int, scale_words: int, has_topk: bool, localize: bool
+    num_ranks: int, x_words: int, scale_words: int, has_topk: bool, localize: bool, rows: int, warps: int
 ) -> None:
     constexprs = {
         "NUM_RANKS": num_ranks,
@@ -91,27 +93,38 @@ def test_push_rows_compiles_with_vector_accesses(
         "HAS_SCALES": scale_words > 1,
         "HAS_TOPK_IDX": has_topk,
         "HAS_TOPK_WEIGHTS": True,
+        "ROWS": rows,
         "LOCALIZE_TOPK": localize,
         "WRITE_SRC_IDX": has_topk,
     }
-    compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=16)
+    compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=warps)
     accesses = _accesses(compiled)
     assert "ld.global.v4.b32" in accesses, accesses
     assert "st.global.v4.b32" in accesses, accesses
 
 
-@pytest.mark.parametrize("num_counts", [0, 4 + 256])
-def test_exchange_compiles_with_system_scope_ordering(num_counts: int) -> None:
+@pytest.mark.parametrize(("num_counts", "num_rank_counts"), [(0, 0), (4 + 256, 4), (8 + 256, 0)])
+def test_exchange_compiles_with_system_scope_ordering(num_counts: int, num_rank_counts: int) -> None:
     signature = {
         **PEERS,
         "counts_ptr": "*i32",
+        "in_rank_ptr": "*i8",
+        "num_tokens": "i32",
         "rank": "i32",
         "epoch": "i32",
         "timeout_ns": "i64",
         "error_address": "i64",
         "operation_code": "i32",
     }
-    constexprs = {"FLAG_OFFSET": 0, "TABLE_OFFSET": 64, "NUM_COUNTS": num_counts, "BLOCK": 512}
+    constexprs = {
+        "FLAG_OFFSET": 0,
+        "TABLE_OFFSET": 64,
+        "NUM_COUNTS": num_counts,
+        "BLOCK": 512,
+        "NUM_RANK_COUNTS": num_rank_counts,
+        "T_BLOCK": 512,
+        "R_BLOCK": 4,
+    }
     compiled = _compile(exchange_counts_barrier_kernel, signature, constexprs, [*PEERS, "counts_ptr"], 4)
     ptx = compiled.asm["ptx"]
     assert "ld.acquire.sys" in ptx
@@ -138,6 +151,7 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
         "H_BLOCK": triton.next_power_of_2(hidden),
         "NUM_TOPK": 8,
         "K_BLOCK": 8,
+        "TOKENS": 2,
         "HAS_WEIGHTS": True,
         "NUM_BIAS": num_bias,
     }
@@ -322,3 +336,32 @@ def test_low_latency_kernel_names_say_their_operation() -> None:
         assert kernels, module.__name__
         for name in kernels:
             assert operation in name, f"{module.__name__}.{name} does not say {operation!r}"
+
+
+@pytest.mark.parametrize("num_ranks", [2, 4, 8])
+def test_normal_rows_kernels_compile(num_ranks: int) -> None:
+    r_block = max(triton.next_power_of_2(num_ranks), 2)
+    dispatch_signature = {
+        "in_rank_ptr": "*i8",
+        "table_ptr": "*i32",
+        "recv_row_ptr": "*i32",
+        "rank_prefix_ptr": "*i32",
+        "num_recv_ptr": "*i32",
+        "num_tokens": "i32",
+        "rank": "i32",
+    }
+    constexprs = {"NUM_RANKS": num_ranks, "NUM_COUNTS": num_ranks + 256, "R_BLOCK": r_block, "T_BLOCK": 1024}
+    aligned = [name for name in dispatch_signature if name.endswith("_ptr")]
+    _compile(dispatch_rows_kernel, dispatch_signature, constexprs, aligned, num_warps=4)
+    combine_signature = {
+        "rank_prefix_ptr": "*i32",
+        "recv_row_ptr": "*i32",
+        "dst_row_ptr": "*i32",
+        "token_slot_ptr": "*i32",
+        "num_rows": "i32",
+        "num_tokens": "i32",
+        "rank": "i32",
+    }
+    aligned = [name for name in combine_signature if name.endswith("_ptr")]
+    constexprs = {"NUM_RANKS": num_ranks, "R_BLOCK": r_block, "BLOCK": 256}
+    _compile(combine_rows_kernel, combine_signature, constexprs, aligned, num_warps=4)

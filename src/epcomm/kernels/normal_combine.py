@@ -7,11 +7,16 @@ bitwise equal to it and identical across runs), then the biases, then one bf16 w
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-__all__ = ["launch_combine_reduce"]
+__all__ = ["REDUCE_TOKENS", "launch_combine_reduce"]
+
+# Tokens reduced per program step (a tuning knob for side-by-side runs: ``EPCOMM_REDUCE_TOKENS``).
+REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "2"))
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -29,44 +34,56 @@ def combine_reduce_kernel(
     H_BLOCK: tl.constexpr,
     NUM_TOPK: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    TOKENS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     NUM_BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, H_BLOCK), H_BLOCK), H_BLOCK)
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, H_BLOCK), H_BLOCK), H_BLOCK)[None, :]
     mask = cols < HIDDEN
-    k_cols = tl.arange(0, K_BLOCK)
+    k_cols = tl.arange(0, K_BLOCK)[None, :]
     k_mask = k_cols < NUM_TOPK
-    for token in range(pid, num_tokens, grid):
-        token64 = token.to(tl.int64)
-        accumulator = tl.zeros([H_BLOCK], dtype=tl.float32)
-        weights = tl.zeros([K_BLOCK], dtype=tl.float32)
-        # Masked loads, no branches: every rank's row is in flight before the first add. Adding the
-        # +0.0 of a missing row changes no bit of the sum (which starts at +0.0, like the reference).
+    token_offsets = tl.arange(0, TOKENS)
+    # TOKENS consecutive tokens per step: every rank's row of every token is in flight before the
+    # first add (masked loads, no branches; adding the +0.0 of a missing row changes no bit of the
+    # sum, which starts at +0.0 like the reference's).
+    for first in range(pid * TOKENS, num_tokens, grid * TOKENS):
+        tokens = token_offsets.to(tl.int64) + first
+        valid = tokens < num_tokens
+        accumulator = tl.zeros([TOKENS, H_BLOCK], dtype=tl.float32)
+        weights = tl.zeros([TOKENS, K_BLOCK], dtype=tl.float32)
         for rank in tl.static_range(NUM_RANKS):
-            slot = tl.load(slot_ptr + token64 * NUM_RANKS + rank).to(tl.int64)
-            present = slot >= 0
+            slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
+            present = (slot >= 0)[:, None]
             # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
             row = tl.load(
-                area_x_ptr + slot * HIDDEN + cols, mask=mask & present, other=0.0, cache_modifier=".cg"
+                area_x_ptr + slot[:, None] * HIDDEN + cols,
+                mask=mask & present,
+                other=0.0,
+                cache_modifier=".cg",
             )
             accumulator += row.to(tl.float32)
             if HAS_WEIGHTS:
                 w = tl.load(
-                    area_weights_ptr + slot * NUM_TOPK + k_cols,
+                    area_weights_ptr + slot[:, None] * NUM_TOPK + k_cols,
                     mask=k_mask & present,
                     other=0.0,
                     cache_modifier=".cg",
                 )
                 weights += w
+        inside = valid[:, None]
         if NUM_BIAS >= 1:
-            accumulator += tl.load(bias0_ptr + token64 * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
+            accumulator += tl.load(
+                bias0_ptr + tokens[:, None] * HIDDEN + cols, mask=mask & inside, other=0.0
+            ).to(tl.float32)
         if NUM_BIAS >= 2:
-            accumulator += tl.load(bias1_ptr + token64 * HIDDEN + cols, mask=mask, other=0.0).to(tl.float32)
-        tl.store(out_x_ptr + token64 * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=mask)
+            accumulator += tl.load(
+                bias1_ptr + tokens[:, None] * HIDDEN + cols, mask=mask & inside, other=0.0
+            ).to(tl.float32)
+        tl.store(out_x_ptr + tokens[:, None] * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=mask & inside)
         if HAS_WEIGHTS:
-            tl.store(out_weights_ptr + token64 * NUM_TOPK + k_cols, weights, mask=k_mask)
+            tl.store(out_weights_ptr + tokens[:, None] * NUM_TOPK + k_cols, weights, mask=k_mask & inside)
 
 
 def launch_combine_reduce(
@@ -107,6 +124,7 @@ def launch_combine_reduce(
         H_BLOCK=triton.next_power_of_2(hidden),
         NUM_TOPK=num_topk,
         K_BLOCK=triton.next_power_of_2(num_topk),
+        TOKENS=REDUCE_TOKENS,
         HAS_WEIGHTS=out_weights is not None,
         NUM_BIAS=len(bias),
         num_warps=16,

@@ -2,13 +2,15 @@
 
 Used by dispatch (a token row goes to every rank in ``is_token_in_rank``, with its top-k ids made
 local to that rank) and by combine (an expert-output row goes back to its token's rank). Each
-program walks rows ``pid, pid + grid, ...``; per row it loads the payload once, then stores it to
+program takes ``ROWS`` consecutive rows per step, loads all of them (every load in flight before the
+first store: the compiler cannot hoist a load above a store that may alias it), then stores them to
 every destination, visiting destinations in an order rotated by program and rank so that no peer
 is written by everyone at once (EP4: 205 -> 261-287 GB/s, ``../shared/PERFORMANCE.md``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -17,112 +19,12 @@ import triton.language as tl
 
 from epcomm.kernels.exchange import MAX_PEERS, _peer
 
-__all__ = ["PushRegions", "launch_push_rows"]
+__all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushRegions", "launch_push_rows"]
 
-
-@triton.jit
-def _store_row(
-    p0,
-    p1,
-    p2,
-    p3,
-    p4,
-    p5,
-    p6,
-    p7,
-    row,
-    x,
-    scales,
-    topk_idx,
-    topk_weights,
-    dst_row_ptr,
-    pid,
-    rank,
-    num_local_experts,
-    capacity,
-    x_offset,
-    scales_offset,
-    topk_idx_offset,
-    topk_weights_offset,
-    src_idx_offset,
-    x_cols,
-    x_mask,
-    s_cols,
-    s_mask,
-    k_cols,
-    k_mask,
-    NUM_RANKS: tl.constexpr,
-    X_WORDS: tl.constexpr,
-    S_WORDS: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    HAS_SCALES: tl.constexpr,
-    HAS_TOPK_IDX: tl.constexpr,
-    HAS_TOPK_WEIGHTS: tl.constexpr,
-    LOCALIZE_TOPK: tl.constexpr,
-    WRITE_SRC_IDX: tl.constexpr,
-):
-    """Store one loaded row (and its metadata) to every destination ``dst_row_ptr[row]`` names."""
-    for step in tl.static_range(NUM_RANKS):
-        dst = (step + pid + rank) % NUM_RANKS
-        dst_row = tl.load(dst_row_ptr + row * NUM_RANKS + dst).to(tl.int64)
-        # Rows past the capacity are left for the host to see in the count table (then it grows
-        # the buffer and every rank pushes again): never write past the area.
-        if (dst_row >= 0) & (dst_row < capacity):
-            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7)
-            tl.store(base + x_offset + dst_row * X_WORDS + x_cols, x, mask=x_mask)
-            if HAS_SCALES:
-                tl.store(base + scales_offset + dst_row * S_WORDS + s_cols, scales, mask=s_mask)
-            if LOCALIZE_TOPK:
-                local_idx = topk_idx - dst * num_local_experts
-                is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
-                if HAS_TOPK_IDX:
-                    out_idx = tl.where(is_local, local_idx, -1)
-                    idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
-                    tl.store(idx_base + dst_row * NUM_TOPK + k_cols, out_idx, mask=k_mask)
-                if HAS_TOPK_WEIGHTS:
-                    out_weights = tl.where(is_local, topk_weights, 0.0)
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(w_base + dst_row * NUM_TOPK + k_cols, out_weights, mask=k_mask)
-            else:
-                if HAS_TOPK_WEIGHTS:
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(w_base + dst_row * NUM_TOPK + k_cols, topk_weights, mask=k_mask)
-            if WRITE_SRC_IDX:
-                tl.store(base + src_idx_offset + dst_row, row.to(tl.int32))
-
-
-@triton.jit
-def _load_row(
-    row,
-    valid,
-    x_ptr,
-    scales_ptr,
-    topk_idx_ptr,
-    topk_weights_ptr,
-    x_cols,
-    x_mask,
-    s_cols,
-    s_mask,
-    k_cols,
-    k_mask,
-    X_WORDS: tl.constexpr,
-    S_WORDS: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    HAS_SCALES: tl.constexpr,
-    HAS_TOPK_IDX: tl.constexpr,
-    HAS_TOPK_WEIGHTS: tl.constexpr,
-):
-    x = tl.load(x_ptr + row * X_WORDS + x_cols, mask=x_mask & valid)
-    scales = x
-    topk_idx = k_cols.to(tl.int64)
-    topk_weights = k_cols.to(tl.float32)
-    if HAS_SCALES:
-        scales = tl.load(scales_ptr + row * S_WORDS + s_cols, mask=s_mask & valid)
-    if HAS_TOPK_IDX:
-        topk_idx = tl.load(topk_idx_ptr + row * NUM_TOPK + k_cols, mask=k_mask & valid, other=-1)
-    if HAS_TOPK_WEIGHTS:
-        topk_weights = tl.load(topk_weights_ptr + row * NUM_TOPK + k_cols, mask=k_mask & valid, other=0.0)
-    return x, scales, topk_idx, topk_weights
+# Rows in flight per program and warps per program. Tuning knobs for side-by-side measurements
+# (``EPCOMM_PUSH_ROWS`` / ``EPCOMM_PUSH_WARPS``); the defaults are the measured best (docs/performance.md).
+PUSH_ROWS = int(os.environ.get("EPCOMM_PUSH_ROWS", "2"))
+PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
 
 
 @triton.jit(do_not_specialize=["num_rows", "rank", "num_local_experts", "capacity"])
@@ -156,6 +58,7 @@ def push_rows_kernel(
     S_BLOCK: tl.constexpr,
     NUM_TOPK: tl.constexpr,
     K_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
     HAS_SCALES: tl.constexpr,
     HAS_TOPK_IDX: tl.constexpr,
     HAS_TOPK_WEIGHTS: tl.constexpr,
@@ -164,139 +67,67 @@ def push_rows_kernel(
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)
+    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
     x_mask = x_cols < X_WORDS
-    s_cols = tl.arange(0, S_BLOCK)
+    s_cols = tl.arange(0, S_BLOCK)[None, :]
     s_mask = s_cols < S_WORDS
-    k_cols = tl.arange(0, K_BLOCK)
+    k_cols = tl.arange(0, K_BLOCK)[None, :]
     k_mask = k_cols < NUM_TOPK
-    # Two rows per step: both rows' loads are issued before the first store (the compiler cannot
-    # hoist a load above a store that may alias it; ../shared/PERFORMANCE.md: 118 -> 225 GB/s).
-    for first in range(pid, num_rows, 2 * grid):
-        row_a = first.to(tl.int64)
-        row_b = row_a + grid
-        has_b = row_b < num_rows
-        x_a, scales_a, idx_a, w_a = _load_row(
-            row_a,
-            True,
-            x_ptr,
-            scales_ptr,
-            topk_idx_ptr,
-            topk_weights_ptr,
-            x_cols,
-            x_mask,
-            s_cols,
-            s_mask,
-            k_cols,
-            k_mask,
-            X_WORDS,
-            S_WORDS,
-            NUM_TOPK,
-            HAS_SCALES,
-            HAS_TOPK_IDX,
-            HAS_TOPK_WEIGHTS,
-        )
-        x_b, scales_b, idx_b, w_b = _load_row(
-            row_b,
-            has_b,
-            x_ptr,
-            scales_ptr,
-            topk_idx_ptr,
-            topk_weights_ptr,
-            x_cols,
-            x_mask,
-            s_cols,
-            s_mask,
-            k_cols,
-            k_mask,
-            X_WORDS,
-            S_WORDS,
-            NUM_TOPK,
-            HAS_SCALES,
-            HAS_TOPK_IDX,
-            HAS_TOPK_WEIGHTS,
-        )
-        _store_row(
-            p0,
-            p1,
-            p2,
-            p3,
-            p4,
-            p5,
-            p6,
-            p7,
-            row_a,
-            x_a,
-            scales_a,
-            idx_a,
-            w_a,
-            dst_row_ptr,
-            pid,
-            rank,
-            num_local_experts,
-            capacity,
-            x_offset,
-            scales_offset,
-            topk_idx_offset,
-            topk_weights_offset,
-            src_idx_offset,
-            x_cols,
-            x_mask,
-            s_cols,
-            s_mask,
-            k_cols,
-            k_mask,
-            NUM_RANKS,
-            X_WORDS,
-            S_WORDS,
-            NUM_TOPK,
-            HAS_SCALES,
-            HAS_TOPK_IDX,
-            HAS_TOPK_WEIGHTS,
-            LOCALIZE_TOPK,
-            WRITE_SRC_IDX,
-        )
-        if has_b:
-            _store_row(
-                p0,
-                p1,
-                p2,
-                p3,
-                p4,
-                p5,
-                p6,
-                p7,
-                row_b,
-                x_b,
-                scales_b,
-                idx_b,
-                w_b,
-                dst_row_ptr,
-                pid + 1,
-                rank,
-                num_local_experts,
-                capacity,
-                x_offset,
-                scales_offset,
-                topk_idx_offset,
-                topk_weights_offset,
-                src_idx_offset,
-                x_cols,
-                x_mask,
-                s_cols,
-                s_mask,
-                k_cols,
-                k_mask,
-                NUM_RANKS,
-                X_WORDS,
-                S_WORDS,
-                NUM_TOPK,
-                HAS_SCALES,
-                HAS_TOPK_IDX,
-                HAS_TOPK_WEIGHTS,
-                LOCALIZE_TOPK,
-                WRITE_SRC_IDX,
+    row_offsets = tl.arange(0, ROWS)
+    for first in range(pid * ROWS, num_rows, grid * ROWS):
+        rows = row_offsets.to(tl.int64) + first
+        valid = rows < num_rows
+        valid2 = valid[:, None]
+        # Every load of the step is issued before the first store.
+        x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
+        if HAS_SCALES:
+            scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
+        if HAS_TOPK_IDX:
+            topk_idx = tl.load(
+                topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
             )
+        if HAS_TOPK_WEIGHTS:
+            topk_weights = tl.load(
+                topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
+            )
+        for step in tl.static_range(NUM_RANKS):
+            dst = (step + pid + rank) % NUM_RANKS
+            dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
+            # Rows past the capacity are left for the host to see in the count table (then it grows
+            # the buffer and every rank pushes again): never write past the area.
+            send = (dst_rows >= 0) & (dst_rows < capacity)
+            send2 = send[:, None]
+            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7)
+            tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
+            if HAS_SCALES:
+                tl.store(
+                    base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols, scales, mask=send2 & s_mask
+                )
+            if LOCALIZE_TOPK:
+                local_idx = topk_idx - dst * num_local_experts
+                is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+                if HAS_TOPK_IDX:
+                    idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                    tl.store(
+                        idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                        tl.where(is_local, local_idx, -1),
+                        mask=send2 & k_mask,
+                    )
+                if HAS_TOPK_WEIGHTS:
+                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                    tl.store(
+                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                        tl.where(is_local, topk_weights, 0.0),
+                        mask=send2 & k_mask,
+                    )
+            else:
+                if HAS_TOPK_WEIGHTS:
+                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                    tl.store(
+                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
+                    )
+            if WRITE_SRC_IDX:
+                tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
 
 
 @dataclass(frozen=True)
@@ -387,6 +218,7 @@ def launch_push_rows(
         HAS_TOPK_IDX=topk_idx is not None,
         HAS_TOPK_WEIGHTS=topk_weights is not None,
         LOCALIZE_TOPK=localize_topk,
+        ROWS=PUSH_ROWS,
         WRITE_SRC_IDX=write_src_idx,
-        num_warps=16,
+        num_warps=PUSH_WARPS,
     )

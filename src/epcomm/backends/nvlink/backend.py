@@ -27,7 +27,8 @@ from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, Symmetri
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_push import launch_push_rows
-from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
+from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows
+from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
 __all__ = ["NvlinkBackend", "nvlink_available"]
 
@@ -165,18 +166,26 @@ class NvlinkBackend(LowLatencyDelegation):
         if request.handle is not None:
             return self._cached_dispatch(request, request.handle)
         assert request.num_tokens_per_expert is not None
-        x, is_token_in_rank = request.x, request.is_token_in_rank
+        x, is_token_in_rank = request.x, request.is_token_in_rank.contiguous()
         rank, num_ranks = self.rank, self.num_ranks
         num_experts = request.num_tokens_per_expert.numel()
         num_local_experts = num_experts // num_ranks
         num_counts = num_ranks + num_experts
-        counts = torch.cat([is_token_in_rank.sum(dim=0, dtype=torch.int32), request.num_tokens_per_expert])
-        self.transport.barrier(Operation.DISPATCH_COUNTS, counts)
-        table = self.transport.count_table(num_counts).clone()
+        # One kernel counts the tokens per rank, publishes [per-rank, per-expert] counts into every
+        # peer's table and waits for theirs; one more turns the table into every row number.
+        self.transport.barrier(
+            Operation.DISPATCH_COUNTS,
+            request.num_tokens_per_expert.contiguous(),
+            is_token_in_rank=is_token_in_rank,
+        )
+        # Read in place: every reader is queued before this call's closing barrier, and no peer
+        # writes the table again before it has passed that barrier.
+        table = self.transport.count_table(num_counts)
         worst = request.num_worst_tokens
         pending = self._start_table_read(table) if worst == 0 else None
-        matrix = table[:, :num_ranks]
-        rank_prefix_matrix = matrix.cumsum(dim=0, dtype=torch.int32)
+        recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_rows(
+            is_token_in_rank, table, rank
+        )
 
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
@@ -193,8 +202,6 @@ class NvlinkBackend(LowLatencyDelegation):
             CombineRegions.row_words(x.size(1) // 2, num_topk),
         )
         self._ensure_rows(worst, row_words)
-        previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
-        recv_row_of_token = rows_in_order(is_token_in_rank, previous)
 
         def push() -> DispatchRegions:
             regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
@@ -220,7 +227,6 @@ class NvlinkBackend(LowLatencyDelegation):
         per_expert_list: list[int] = []
         if pending is None:
             num_rows = num_max_rows = worst
-            num_recv_tokens = matrix[:, rank].sum(dtype=torch.int32).view(1)
             self._worst_received.copy_(num_recv_tokens, non_blocking=True)
             self._worst_check = (self._worst_received, worst)
         else:
@@ -237,9 +243,6 @@ class NvlinkBackend(LowLatencyDelegation):
                 (int(c) + alignment - 1) // alignment * alignment
                 for c in host[:, start : start + num_local_experts].long().sum(dim=0).tolist()
             ]
-            # From the device table, not torch.tensor(host value): a host-to-device copy from pageable
-            # memory would block the host until the push kernel queued before it has finished.
-            num_recv_tokens = matrix[:, rank].sum(dtype=torch.int32).view(1)
 
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
             regions,
@@ -339,31 +342,19 @@ class NvlinkBackend(LowLatencyDelegation):
         self.transport.check_error()
         self._check_worst()
         handle, x = request.handle, request.x
-        rank, num_ranks = self.rank, self.num_ranks
+        rank = self.rank
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
         row_words = CombineRegions.row_words(x.size(1) // 2, num_topk)
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = CombineRegions(self._capacity(row_words), x.size(1) // 2, num_topk)
-        rpm = handle.rank_prefix_matrix
-        matrix = torch.diff(rpm, dim=0, prepend=torch.zeros_like(rpm[:1]))
-        # send_offset[s][j]: where rank j's rows start in rank s's combine area ((rank, token) order).
-        send_offset = matrix.cumsum(dim=1, dtype=torch.int32) - matrix
-        # Expert side: received row r came from source s = the first s with rpm[s][me] > r.
-        num_rows = x.size(0)
-        rows = torch.arange(num_rows, device=self.device, dtype=torch.int32)
-        column = rpm[:, rank].contiguous()
-        source = torch.searchsorted(column, rows, right=True).clamp(max=num_ranks - 1)
-        start = column - matrix[:, rank]
-        slot = send_offset[source, rank] + rows - start[source]
-        is_real = rows < column[-1]
-        dst_row = torch.full((num_rows, num_ranks), -1, dtype=torch.int32, device=self.device)
-        dst_row.scatter_(
-            1, source.view(-1, 1).long(), torch.where(is_real, slot, -1).view(-1, 1).to(torch.int32)
-        )
-        # Token side: the (token, rank j) row sits at send_offset[me][j] + its index among tokens sent to j.
         in_rank = handle.is_token_in_rank
-        token_slot = rows_in_order(in_rank, send_offset[rank])
-
+        dst_row, token_slot = launch_combine_rows(
+            handle.rank_prefix_matrix.to(torch.int32).contiguous(),
+            handle.recv_row_of_token.contiguous(),
+            x.size(0),
+            rank,
+            self._sms(request.config.num_sms),
+        )
         self.transport.barrier(Operation.COMBINE_ENTRY)
         launch_push_rows(
             self._payload_views(),

@@ -133,8 +133,15 @@ class SymmetricTransport:
         self.epoch += 1
         return self.epoch
 
-    def barrier(self, operation: Operation, counts: torch.Tensor | None = None) -> None:
-        """Entry/exit barrier on the current stream, optionally publishing ``counts`` to every peer."""
+    def barrier(
+        self,
+        operation: Operation,
+        counts: torch.Tensor | None = None,
+        is_token_in_rank: torch.Tensor | None = None,
+    ) -> None:
+        """Entry/exit barrier on the current stream, optionally publishing ``counts`` to every peer
+        (preceded by the per-rank token counts of ``is_token_in_rank`` when given; see
+        ``launch_exchange``)."""
         launch_exchange(
             self.peer_buffers,
             counts,
@@ -145,6 +152,7 @@ class SymmetricTransport:
             int(operation),
             0,
             TABLE_OFFSET,
+            is_token_in_rank,
         )
 
     def count_table(self, num_counts: int) -> torch.Tensor:
