@@ -6,6 +6,11 @@ numbers are GPU time, not Python launch time; the slowest rank's median of 5 suc
 receive hook the send and receive phases are timed separately, and a bf16 matmul is timed alone
 and between the two phases to show no SM is held in between.
 
+The barrier before each timed run is a host barrier (gloo) followed by a device barrier: an NCCL
+``all_reduce`` of one int32 on the run's group, enqueued before the start event without the host
+waiting for it, so every rank's GPU starts together and the ranks' skew in leaving the host
+barrier (up to ~100s of us) is not timed; the same for both backends (as ``bench_normal.py``).
+
     python benchmarks/bench_low_latency.py --out results.jsonl
 """
 
@@ -178,10 +183,14 @@ def _measure(
 def worker(pgi: ProcessGroupInfo, settings: list[dict[str, int]], iters: int) -> list[dict[str, Any]]:
     """Time every setting on this rank; return rows of (setting, op, backend, microseconds, bytes)."""
     host_group = dist.new_group(backend="gloo")
+    sync = torch.zeros(1, dtype=torch.int32, device=pgi.device)
 
     def barrier() -> None:
         torch.cuda.synchronize()
         dist.barrier(group=host_group)
+        # Device barrier: enqueued, not waited for by the host; the start event recorded next fires
+        # only once every rank's stream got here, so the host barrier's skew is not timed.
+        dist.all_reduce(sync, group=pgi.group)
 
     rows: list[dict[str, Any]] = []
     for setting in settings:
