@@ -80,6 +80,6 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
 
 
 if __name__ == "__main__":
-    results = parallel_launch(4, worker, 4096, 7168, 256, 8, backend="nccl", timeout_s=600)
+    results = parallel_launch(max(2, torch.cuda.device_count()), worker, 4096, 7168, 256, 8, backend="nccl", timeout_s=600)
     for r in results:
         print(r)
