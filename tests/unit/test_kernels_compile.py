@@ -14,6 +14,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from epcomm.kernels.exchange import exchange_counts_barrier_kernel  # noqa: E402
 from epcomm.kernels.normal_combine import combine_reduce_kernel  # noqa: E402
+from epcomm.kernels.normal_copy_out import copy_out_meta_kernel  # noqa: E402
 from epcomm.kernels.normal_push import push_rows_kernel  # noqa: E402
 from epcomm.kernels.normal_rows import combine_rows_kernel, dispatch_rows_kernel  # noqa: E402
 
@@ -365,3 +366,28 @@ def test_normal_rows_kernels_compile(num_ranks: int) -> None:
     aligned = [name for name in combine_signature if name.endswith("_ptr")]
     constexprs = {"NUM_RANKS": num_ranks, "R_BLOCK": r_block, "BLOCK": 256}
     _compile(combine_rows_kernel, combine_signature, constexprs, aligned, num_warps=4)
+
+
+@pytest.mark.parametrize(("has_topk", "has_num_real"), [(True, False), (True, True), (False, False)])
+def test_copy_out_meta_compiles(has_topk: bool, has_num_real: bool) -> None:
+    signature = {
+        "src_idx_area_ptr": "*i32",
+        "topk_idx_area_ptr": "*i64",
+        "topk_weights_area_ptr": "*fp32",
+        "src_idx_ptr": "*i32",
+        "topk_idx_ptr": "*i64",
+        "topk_weights_ptr": "*fp32",
+        "num_real_ptr": "*i32",
+        "num_rows": "i32",
+    }
+    constexprs = {
+        "NUM_TOPK": 8,
+        "K_BLOCK": 8,
+        "HAS_TOPK_IDX": has_topk,
+        "HAS_TOPK_WEIGHTS": has_topk,
+        "HAS_NUM_REAL": has_num_real,
+        "BLOCK": 256,
+    }
+    aligned = [name for name in signature if name.endswith("_ptr")]
+    compiled = _compile(copy_out_meta_kernel, signature, constexprs, aligned, num_warps=4)
+    assert any(a.startswith("ld.global.cg") for a in _accesses(compiled))

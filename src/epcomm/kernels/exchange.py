@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from epcomm.config import NUM_MAX_NVL_PEERS
+from epcomm.kernels.launch import launch
 from epcomm.kernels.primitives import signal_release_sys, wait_epoch
 
 __all__ = ["MAX_PEERS", "launch_exchange"]
@@ -121,22 +122,28 @@ def launch_exchange(
     num_rank_counts = 0 if is_token_in_rank is None else num_ranks
     num_extra = 0 if counts is None else counts.numel()
     num_counts = num_rank_counts + num_extra
-    exchange_counts_barrier_kernel[(num_ranks,)](
-        *padded,
-        counts if counts is not None else peer_buffers[rank],
-        is_token_in_rank.view(torch.int8) if is_token_in_rank is not None else peer_buffers[rank],
-        is_token_in_rank.size(0) if is_token_in_rank is not None else 0,
-        rank,
-        epoch,
-        timeout_ns,
-        error_address,
-        operation_code,
-        FLAG_OFFSET=flag_offset,
-        TABLE_OFFSET=table_offset,
-        NUM_COUNTS=num_counts,
-        BLOCK=max(triton.next_power_of_2(max(num_extra, 1)), 32),
-        NUM_RANK_COUNTS=num_rank_counts,
-        T_BLOCK=512,
-        R_BLOCK=max(triton.next_power_of_2(num_ranks), 2),
-        num_warps=4,
+    launch(
+        exchange_counts_barrier_kernel,
+        (num_ranks,),
+        (
+            *padded,
+            counts if counts is not None else peer_buffers[rank],
+            is_token_in_rank.view(torch.int8) if is_token_in_rank is not None else peer_buffers[rank],
+            is_token_in_rank.size(0) if is_token_in_rank is not None else 0,
+            rank,
+            epoch,
+            timeout_ns,
+            error_address,
+            operation_code,
+        ),
+        {
+            "FLAG_OFFSET": flag_offset,
+            "TABLE_OFFSET": table_offset,
+            "NUM_COUNTS": num_counts,
+            "BLOCK": max(triton.next_power_of_2(max(num_extra, 1)), 32),
+            "NUM_RANK_COUNTS": num_rank_counts,
+            "T_BLOCK": 512,
+            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+        },
+        4,
     )

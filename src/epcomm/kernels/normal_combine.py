@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epcomm.kernels.launch import launch
+
 __all__ = ["REDUCE_TOKENS", "launch_combine_reduce"]
 
 # Tokens reduced per program step (a tuning knob for side-by-side runs: ``EPCOMM_REDUCE_TOKENS``).
@@ -110,22 +112,28 @@ def launch_combine_reduce(
     if num_tokens == 0:
         return
     num_topk = out_weights.size(1) if out_weights is not None else 1
-    combine_reduce_kernel[(max(1, min(num_sms, num_tokens)),)](
-        area_x,
-        area_weights if area_weights is not None else area_x,
-        slot,
-        bias[0] if len(bias) >= 1 else out_x,
-        bias[1] if len(bias) >= 2 else out_x,
-        out_x,
-        out_weights if out_weights is not None else area_x,
-        num_tokens,
-        NUM_RANKS=slot.size(1),
-        HIDDEN=hidden,
-        H_BLOCK=triton.next_power_of_2(hidden),
-        NUM_TOPK=num_topk,
-        K_BLOCK=triton.next_power_of_2(num_topk),
-        TOKENS=REDUCE_TOKENS,
-        HAS_WEIGHTS=out_weights is not None,
-        NUM_BIAS=len(bias),
-        num_warps=16,
+    launch(
+        combine_reduce_kernel,
+        (max(1, min(num_sms, num_tokens)),),
+        (
+            area_x,
+            area_weights if area_weights is not None else area_x,
+            slot,
+            bias[0] if len(bias) >= 1 else out_x,
+            bias[1] if len(bias) >= 2 else out_x,
+            out_x,
+            out_weights if out_weights is not None else area_x,
+            num_tokens,
+        ),
+        {
+            "NUM_RANKS": slot.size(1),
+            "HIDDEN": hidden,
+            "H_BLOCK": triton.next_power_of_2(hidden),
+            "NUM_TOPK": num_topk,
+            "K_BLOCK": triton.next_power_of_2(num_topk),
+            "TOKENS": REDUCE_TOKENS,
+            "HAS_WEIGHTS": out_weights is not None,
+            "NUM_BIAS": len(bias),
+        },
+        16,
     )

@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from epcomm.kernels.exchange import MAX_PEERS, _peer
+from epcomm.kernels.launch import launch
 
 __all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushRegions", "launch_push_rows"]
 
@@ -191,34 +192,40 @@ def launch_push_rows(
     )
     padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
     s_words = scales_words.size(1) if scales_words is not None else 1
-    push_rows_kernel[(max(1, min(num_sms, num_rows)),)](
-        *padded,
-        x_words,
-        scales_words if scales_words is not None else x_words,
-        topk_idx if topk_idx is not None else dst_row,
-        topk_weights if topk_weights is not None else x_words,
-        dst_row,
-        num_rows,
-        rank,
-        num_local_experts,
-        capacity,
-        regions.x,
-        regions.scales,
-        regions.topk_idx,
-        regions.topk_weights,
-        regions.src_idx,
-        NUM_RANKS=num_ranks,
-        X_WORDS=num_words,
-        X_BLOCK=triton.next_power_of_2(num_words),
-        S_WORDS=s_words,
-        S_BLOCK=triton.next_power_of_2(s_words),
-        NUM_TOPK=num_topk,
-        K_BLOCK=triton.next_power_of_2(num_topk),
-        HAS_SCALES=scales_words is not None,
-        HAS_TOPK_IDX=topk_idx is not None,
-        HAS_TOPK_WEIGHTS=topk_weights is not None,
-        LOCALIZE_TOPK=localize_topk,
-        ROWS=PUSH_ROWS,
-        WRITE_SRC_IDX=write_src_idx,
-        num_warps=PUSH_WARPS,
+    launch(
+        push_rows_kernel,
+        (max(1, min(num_sms, num_rows)),),
+        (
+            *padded,
+            x_words,
+            scales_words if scales_words is not None else x_words,
+            topk_idx if topk_idx is not None else dst_row,
+            topk_weights if topk_weights is not None else x_words,
+            dst_row,
+            num_rows,
+            rank,
+            num_local_experts,
+            capacity,
+            regions.x,
+            regions.scales,
+            regions.topk_idx,
+            regions.topk_weights,
+            regions.src_idx,
+        ),
+        {
+            "NUM_RANKS": num_ranks,
+            "X_WORDS": num_words,
+            "X_BLOCK": triton.next_power_of_2(num_words),
+            "S_WORDS": s_words,
+            "S_BLOCK": triton.next_power_of_2(s_words),
+            "NUM_TOPK": num_topk,
+            "K_BLOCK": triton.next_power_of_2(num_topk),
+            "HAS_SCALES": scales_words is not None,
+            "HAS_TOPK_IDX": topk_idx is not None,
+            "HAS_TOPK_WEIGHTS": topk_weights is not None,
+            "LOCALIZE_TOPK": localize_topk,
+            "ROWS": PUSH_ROWS,
+            "WRITE_SRC_IDX": write_src_idx,
+        },
+        PUSH_WARPS,
     )

@@ -14,6 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
+from epcomm.kernels.launch import launch
+
 __all__ = ["launch_combine_rows", "launch_dispatch_rows"]
 
 _T_BLOCK = 1024
@@ -76,19 +78,25 @@ def launch_dispatch_rows(
     recv_row = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     rank_prefix = torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device)
     num_recv = torch.empty(1, dtype=torch.int32, device=device)
-    dispatch_rows_kernel[(num_ranks,)](
-        is_token_in_rank.view(torch.int8),
-        table,
-        recv_row,
-        rank_prefix,
-        num_recv,
-        num_tokens,
-        rank,
-        NUM_RANKS=num_ranks,
-        NUM_COUNTS=table.stride(0),
-        R_BLOCK=max(triton.next_power_of_2(num_ranks), 2),
-        T_BLOCK=_T_BLOCK,
-        num_warps=4,
+    launch(
+        dispatch_rows_kernel,
+        (num_ranks,),
+        (
+            is_token_in_rank.view(torch.int8),
+            table,
+            recv_row,
+            rank_prefix,
+            num_recv,
+            num_tokens,
+            rank,
+        ),
+        {
+            "NUM_RANKS": num_ranks,
+            "NUM_COUNTS": table.stride(0),
+            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+            "T_BLOCK": _T_BLOCK,
+        },
+        4,
     )
     return recv_row, rank_prefix, num_recv
 
@@ -173,17 +181,23 @@ def launch_combine_rows(
     token_slot = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     block = 256
     work = triton.cdiv(max(num_rows, num_tokens, 1), block)
-    combine_rows_kernel[(max(1, min(num_sms, work)),)](
-        rank_prefix_matrix,
-        recv_row_of_token,
-        dst_row,
-        token_slot,
-        num_rows,
-        num_tokens,
-        rank,
-        NUM_RANKS=num_ranks,
-        R_BLOCK=max(triton.next_power_of_2(num_ranks), 2),
-        BLOCK=block,
-        num_warps=4,
+    launch(
+        combine_rows_kernel,
+        (max(1, min(num_sms, work)),),
+        (
+            rank_prefix_matrix,
+            recv_row_of_token,
+            dst_row,
+            token_slot,
+            num_rows,
+            num_tokens,
+            rank,
+        ),
+        {
+            "NUM_RANKS": num_ranks,
+            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+            "BLOCK": block,
+        },
+        4,
     )
     return dst_row, token_slot

@@ -26,6 +26,7 @@ from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.normal_combine import launch_combine_reduce
+from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
@@ -116,7 +117,7 @@ class NvlinkBackend(LowLatencyDelegation):
         host, event = pending
         event.synchronize()
         self.transport.check_error()
-        return host.clone()
+        return host
 
     def _check_worst(self) -> None:
         """Raise if an earlier ``num_worst_tokens`` dispatch received more rows than it allowed."""
@@ -230,18 +231,19 @@ class NvlinkBackend(LowLatencyDelegation):
             self._worst_received.copy_(num_recv_tokens, non_blocking=True)
             self._worst_check = (self._worst_received, worst)
         else:
-            host = self._finish_table_read(pending)
-            host_matrix = host[:, :num_ranks].long()
-            num_rows = int(host_matrix[:, rank].sum())
-            num_max_rows = int(max(int(host_matrix.sum(dim=0).max()), int(host_matrix.sum(dim=1).max())))
+            # Plain Python on one list: a dozen small CPU tensor ops cost ~200 us here.
+            host = self._finish_table_read(pending).tolist()
+            sent = [row[:num_ranks] for row in host]
+            num_rows = sum(row[rank] for row in sent)
+            num_max_rows = max(max(sum(row) for row in sent), max(sum(column) for column in zip(*sent)))
             if num_max_rows > regions.capacity:  # every rank reads the same table: all grow and push again
                 self._ensure_rows(num_max_rows, row_words)
                 regions = push()
             start = num_ranks + rank * num_local_experts
             alignment = request.expert_alignment
             per_expert_list = [
-                (int(c) + alignment - 1) // alignment * alignment
-                for c in host[:, start : start + num_local_experts].long().sum(dim=0).tolist()
+                (sum(column) + alignment - 1) // alignment * alignment
+                for column in zip(*(row[start : start + num_local_experts] for row in host))
             ]
 
         recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
@@ -252,7 +254,9 @@ class NvlinkBackend(LowLatencyDelegation):
             request.topk_idx is not None,
             request.topk_weights is not None,
             num_recv_tokens if worst > 0 else None,
+            self._sms(request.config.num_sms),
         )
+        assert recv_src_idx is not None
         handle = DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
             is_token_in_rank=is_token_in_rank,
@@ -276,7 +280,12 @@ class NvlinkBackend(LowLatencyDelegation):
         has_topk_idx: bool,
         has_topk_weights: bool,
         num_real_rows: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+        num_sms: int,
+    ) -> tuple[
+        torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
+    ]:
+        """Copy the received rows out of the symmetric area: the payload (and scales) by copy engine,
+        the metadata (``num_sms > 0``) by one kernel; ``num_sms == 0`` skips the metadata."""
         push = regions.push
         capacity = regions.capacity
         payload = self.transport.payload
@@ -287,24 +296,17 @@ class NvlinkBackend(LowLatencyDelegation):
             s_area = payload(push.scales, capacity * regions.scale_words, torch.int32)
             recv_scales = s_area.view(capacity, regions.scale_words)[:num_rows].clone().view(x_scales.dtype)
         k = regions.num_topk
-        recv_src_idx = payload(push.src_idx, capacity, torch.int32)[:num_rows].clone()
-        valid = None
-        if num_real_rows is not None:
-            valid = torch.arange(num_rows, device=self.device) < num_real_rows
-            recv_src_idx = torch.where(valid, recv_src_idx, -1)
-        recv_topk_idx = recv_topk_weights = None
-        if has_topk_idx:
-            idx_area = (
-                payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64).view(capacity, k)
-            )
-            recv_topk_idx = idx_area[:num_rows].clone()
-            if valid is not None:
-                recv_topk_idx = torch.where(valid.view(-1, 1), recv_topk_idx, -1)
-        if has_topk_weights:
-            w_area = payload(push.topk_weights, capacity * k, torch.float32).view(capacity, k)
-            recv_topk_weights = w_area[:num_rows].clone()
-            if valid is not None:
-                recv_topk_weights = torch.where(valid.view(-1, 1), recv_topk_weights, 0.0)
+        if num_sms == 0:
+            return recv_x, recv_scales, None, None, None
+        recv_src_idx, recv_topk_idx, recv_topk_weights = launch_copy_out_meta(
+            payload(push.src_idx, capacity, torch.int32),
+            payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64) if has_topk_idx else None,
+            payload(push.topk_weights, capacity * k, torch.float32) if has_topk_weights else None,
+            num_rows,
+            k,
+            num_real_rows,
+            num_sms,
+        )
         return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx
 
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
@@ -332,7 +334,7 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         self.transport.barrier(Operation.CACHED_DISPATCH)
         recv_x, recv_scales, _, _, _ = self._copy_out(
-            regions, handle.num_recv_rows, request.x.dtype, request.x_scales, False, False, None
+            regions, handle.num_recv_rows, request.x.dtype, request.x_scales, False, False, None, 0
         )
         return DispatchResult(recv_x, recv_scales, None, None, [], handle)
 
