@@ -162,6 +162,17 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
     assert any(a.startswith("ld.global.cg") for a in accesses), accesses
 
 
+LL_SIGNAL_POINTERS = {"arrival_ptr": "*i32", "send_seq_ptr": "*i32", "recv_expected_ptr": "*i32"}
+
+
+def _assert_fused_signal(ptx: str) -> None:
+    """A send kernel signals by itself: one acquire-release arrival on the counter (system scope),
+    then the last program's system-scope release of the sequence number at each peer's flag."""
+    atomics = re.findall(r"atom\.[a-z0-9_.]+", ptx)
+    assert any("acq_rel" in a and "sys" in a and ".add" in a for a in atomics), atomics
+    assert any("release" in a and "sys" in a and ".exch" in a for a in atomics), atomics
+
+
 LL_DISPATCH_RECV_SIGNATURE = {
     "local_ptr": "*i32",
     "mask_ptr": "*i32",
@@ -195,11 +206,7 @@ LL_DISPATCH_RECV_SIGNATURE = {
 def test_low_latency_dispatch_kernels_compile(
     use_fp8: bool, round_scale: bool, use_ue8m0: bool, hidden: int
 ) -> None:
-    from epcomm.kernels.low_latency_dispatch import (
-        ll_dispatch_recv_kernel,
-        ll_dispatch_send_kernel,
-        ll_dispatch_signal_kernel,
-    )
+    from epcomm.kernels.low_latency_dispatch import ll_dispatch_recv_kernel, ll_dispatch_send_kernel
 
     num_groups = hidden // 128
     x_words = hidden // 4 if use_fp8 else hidden // 2
@@ -221,8 +228,10 @@ def test_low_latency_dispatch_kernels_compile(
         "x_ptr": "*bf16",
         "topk_idx_ptr": "*i64",
         "mask_ptr": "*i32",
+        **LL_SIGNAL_POINTERS,
         "num_tokens": "i32",
         "rank": "i32",
+        "flag_offset": "i32",
         "parity_offset": "i32",
     }
     send = _compile(
@@ -238,6 +247,7 @@ def test_low_latency_dispatch_kernels_compile(
         assert "st.global.v4.b32" in _accesses(send)
     if use_fp8:
         assert "cvt.rn.satfinite.e4m3x2.f32" in send.asm["ptx"]
+    _assert_fused_signal(send.asm["ptx"])
     recv_constexprs = {
         **common,
         "ROWS_BLOCK": 512,
@@ -254,30 +264,19 @@ def test_low_latency_dispatch_kernels_compile(
         num_warps=16,
     )
     assert "ld.acquire.sys" in recv.asm["ptx"]
-    signal_signature = {
-        **PEERS,
-        "mask_ptr": "*i32",
-        "send_seq_ptr": "*i32",
-        "recv_expected_ptr": "*i32",
-        "rank": "i32",
-        "flag_offset": "i32",
-    }
-    _compile(ll_dispatch_signal_kernel, signal_signature, {}, list(PEERS), num_warps=1)
 
 
 def test_low_latency_combine_kernels_compile() -> None:
-    from epcomm.kernels.low_latency_combine import (
-        ll_combine_recv_kernel,
-        ll_combine_send_kernel,
-        ll_combine_signal_kernel,
-    )
+    from epcomm.kernels.low_latency_combine import ll_combine_recv_kernel, ll_combine_send_kernel
 
     send_signature = {
         **PEERS,
         "x_ptr": "*i32",
         "gather_idx_ptr": "*i64",
         "mask_ptr": "*i32",
+        **LL_SIGNAL_POINTERS,
         "rank": "i32",
+        "flag_offset": "i32",
         "parity_offset": "i32",
     }
     send = _compile(
@@ -288,6 +287,7 @@ def test_low_latency_combine_kernels_compile() -> None:
         num_warps=8,
     )
     assert "st.global.v4.b32" in _accesses(send)
+    _assert_fused_signal(send.asm["ptx"])
     recv_signature = {
         "local_ptr": "*i32",
         "mask_ptr": "*i32",
@@ -317,15 +317,6 @@ def test_low_latency_combine_kernels_compile() -> None:
         [*(n for n, t in recv_signature.items() if t.startswith("*")), "parity_offset"],
         num_warps=16,
     )
-    signal_signature = {
-        **PEERS,
-        "mask_ptr": "*i32",
-        "send_seq_ptr": "*i32",
-        "recv_expected_ptr": "*i32",
-        "rank": "i32",
-        "flag_offset": "i32",
-    }
-    _compile(ll_combine_signal_kernel, signal_signature, {}, list(PEERS), num_warps=1)
 
 
 def test_low_latency_kernel_names_say_their_operation() -> None:

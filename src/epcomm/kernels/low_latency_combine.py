@@ -3,9 +3,9 @@ into slot ``[token, k]`` of the token's rank; the token's rank applies the weigh
 
 Send (``ll_combine_send_kernel``): work item ``(source rank, token, slot)`` with a local expert
 (``combine_gather_idx >= 0``) copies that expert output row to the source rank; consecutive items
-go to different ranks. Signal (``ll_combine_signal_kernel``). Receive (``ll_combine_recv_kernel``,
-the hook): bounded wait for every unmasked expert rank, then ``sum_k w[t, k] * row[t, k]`` in
-float32 in slot order, one bf16 write.
+go to different ranks; the last program to finish signals every peer (``ll_arrive_and_signal``).
+Receive (``ll_combine_recv_kernel``, the hook): bounded wait for every unmasked expert rank, then
+``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16 write.
 """
 
 from __future__ import annotations
@@ -14,12 +14,12 @@ import triton
 import triton.language as tl
 
 from epcomm.kernels.exchange import _peer
-from epcomm.kernels.low_latency_dispatch import ll_signal, wait_sources
+from epcomm.kernels.low_latency_dispatch import ll_arrive_and_signal, wait_sources
 
-__all__ = ["ll_combine_recv_kernel", "ll_combine_send_kernel", "ll_combine_signal_kernel"]
+__all__ = ["ll_combine_recv_kernel", "ll_combine_send_kernel"]
 
 
-@triton.jit(do_not_specialize=["rank"])
+@triton.jit(do_not_specialize=["rank", "flag_offset"])
 def ll_combine_send_kernel(
     p0,
     p1,
@@ -32,7 +32,11 @@ def ll_combine_send_kernel(
     x_ptr,
     gather_idx_ptr,
     mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
     rank,
+    flag_offset,
     parity_offset,
     NUM_RANKS: tl.constexpr,
     CAPACITY: tl.constexpr,
@@ -54,13 +58,23 @@ def ll_combine_send_kernel(
                 data = tl.load(x_ptr + row * X_WORDS + words, mask=word_mask)
                 base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
                 tl.store(base + slot.to(tl.int64) * X_WORDS + words, data, mask=word_mask)
-
-
-@triton.jit(do_not_specialize=["rank", "flag_offset"])
-def ll_combine_signal_kernel(
-    p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset
-):
-    ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset)
+    ll_arrive_and_signal(
+        p0,
+        p1,
+        p2,
+        p3,
+        p4,
+        p5,
+        p6,
+        p7,
+        mask_ptr,
+        arrival_ptr,
+        send_seq_ptr,
+        recv_expected_ptr,
+        rank,
+        flag_offset,
+        NUM_RANKS,
+    )
 
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "flag_offset"])

@@ -6,9 +6,10 @@ then write the payload into slot ``[source rank, token]`` of every destination r
 its experts, and the token's top-k row to every destination (so a receiver tells this call's
 tokens from stale slots without a count). ``parity_offset`` is specialized on purpose: both parities' offsets are multiples of 32 words
 (never 1), so they share one compiled kernel, and Triton then knows the 16-byte alignment that
-vector stores need (a ``tl.multiple_of`` hint on a scalar did not give them). Signal
-(``ll_dispatch_signal_kernel``): after the send
-kernel, one release per peer. Receive (``ll_dispatch_recv_kernel``, the hook): one program per
+vector stores need (a ``tl.multiple_of`` hint on a scalar did not give them). The send kernel
+also signals: the last of its programs to finish releases the sequence number at every peer
+(``ll_arrive_and_signal``), so there is no separate signal launch. Receive
+(``ll_dispatch_recv_kernel``, the hook): one program per
 local expert waits (bounded) for every unmasked source, ranks the hits in (source, token) order
 with a prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves
 ~2.2x fewer bytes (``../shared/KERNELS.md``).
@@ -22,7 +23,7 @@ import triton.language as tl
 from epcomm.kernels.exchange import _peer
 from epcomm.kernels.primitives import global_timer_ns, load_acquire_sys
 
-__all__ = ["ll_dispatch_recv_kernel", "ll_dispatch_send_kernel", "ll_dispatch_signal_kernel", "ll_signal"]
+__all__ = ["ll_arrive_and_signal", "ll_dispatch_recv_kernel", "ll_dispatch_send_kernel", "wait_sources"]
 
 
 @triton.jit
@@ -37,7 +38,7 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
     return scale
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rank"])
+@triton.jit(do_not_specialize=["num_tokens", "rank", "flag_offset"])
 def ll_dispatch_send_kernel(
     p0,
     p1,
@@ -50,8 +51,12 @@ def ll_dispatch_send_kernel(
     x_ptr,
     topk_idx_ptr,
     mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
     num_tokens,
     rank,
+    flag_offset,
     parity_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
@@ -101,13 +106,31 @@ def ll_dispatch_send_kernel(
                     if USE_FP8:
                         group_cols = tl.arange(0, G_BLOCK)
                         tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+    ll_arrive_and_signal(
+        p0,
+        p1,
+        p2,
+        p3,
+        p4,
+        p5,
+        p6,
+        p7,
+        mask_ptr,
+        arrival_ptr,
+        send_seq_ptr,
+        recv_expected_ptr,
+        rank,
+        flag_offset,
+        NUM_RANKS,
+    )
 
 
 @triton.jit
-def ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset):
-    """Program ``peer``: release the next sequence number at ``peer``'s flag for this rank and
-    advance what this rank expects from ``peer`` (both device-resident, so graph replays work)."""
-    peer = tl.program_id(0)
+def ll_signal(
+    p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer
+):
+    """Release the next sequence number at ``peer``'s flag for this rank and advance what this rank
+    expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer."""
     if tl.load(mask_ptr + peer) == 0:
         sequence = tl.load(send_seq_ptr + peer) + 1
         tl.store(send_seq_ptr + peer, sequence)
@@ -116,11 +139,56 @@ def ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expec
         tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
 
 
-@triton.jit(do_not_specialize=["rank", "flag_offset"])
-def ll_dispatch_signal_kernel(
-    p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset
+@triton.jit
+def ll_arrive_and_signal(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    rank,
+    flag_offset,
+    NUM_RANKS: tl.constexpr,
 ):
-    ll_signal(p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset)
+    """The end of a send kernel: every program arrives on ``arrival_ptr`` (an int32 counter in local
+    memory, 0 between calls, one per phase and parity); the last one resets it and signals every
+    unmasked peer (``ll_signal``).
+
+    Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
+    before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
+    The arrivals are read-modify-writes of one location, so the last program's arrival (acq_rel)
+    acquires every earlier program's release: all programs' stores happen-before its following
+    system-scope release at each peer's flag, which is cumulative, so a peer that acquires the flag
+    sees them all. The reset is an ordinary store: the counter's next user is a later kernel.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="sys")
+    if arrived == tl.num_programs(0) - 1:
+        tl.store(arrival_ptr, 0)
+        for peer in tl.static_range(NUM_RANKS):
+            ll_signal(
+                p0,
+                p1,
+                p2,
+                p3,
+                p4,
+                p5,
+                p6,
+                p7,
+                mask_ptr,
+                send_seq_ptr,
+                recv_expected_ptr,
+                rank,
+                flag_offset,
+                peer,
+            )
 
 
 @triton.jit

@@ -1,5 +1,5 @@
-"""Low-latency mode on NVLink symmetric memory: Triton send / signal / receive kernels, no host
-synchronization anywhere (capturable in a CUDA graph), a receive hook that holds no SM.
+"""Low-latency mode on NVLink symmetric memory: Triton send (which also signals) / receive kernels,
+no host synchronization anywhere (capturable in a CUDA graph), a receive hook that holds no SM.
 
 The symmetric payload layout is ``epcomm.ll_layout.LowLatencyLayout`` (also the size hint). Sequence
 numbers live in device memory on both sides, so replays of a captured graph stay in step.
@@ -24,16 +24,8 @@ from epcomm.backends.base import (
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, SymmetricTransport
 from epcomm.handles import LowLatencyHandle
 from epcomm.kernels.exchange import MAX_PEERS
-from epcomm.kernels.low_latency_combine import (
-    ll_combine_recv_kernel,
-    ll_combine_send_kernel,
-    ll_combine_signal_kernel,
-)
-from epcomm.kernels.low_latency_dispatch import (
-    ll_dispatch_recv_kernel,
-    ll_dispatch_send_kernel,
-    ll_dispatch_signal_kernel,
-)
+from epcomm.kernels.low_latency_combine import ll_combine_recv_kernel, ll_combine_send_kernel
+from epcomm.kernels.low_latency_dispatch import ll_dispatch_recv_kernel, ll_dispatch_send_kernel
 from epcomm.ll_layout import LowLatencyLayout, flag_offset
 
 __all__ = ["NvlinkLowLatency"]
@@ -58,8 +50,12 @@ class NvlinkLowLatency:
         self.num_ranks = self.transport.num_ranks
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32)
         self._mask_device = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
-        self._send_seq = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
-        self._recv_expected = torch.zeros(2, 2, self.num_ranks, dtype=torch.int32, device=device)
+        # Per (phase, parity): sequence numbers per peer, and the send kernels' arrival counter (0
+        # between calls). Rows padded to MAX_PEERS words keep every row 16-byte aligned, so both
+        # parities share one kernel specialization.
+        self._send_seq = torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32, device=device)
+        self._recv_expected = torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32, device=device)
+        self._arrivals = torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32, device=device)
         self._parity = 0
         self._buffers = ResultBuffers()
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -85,6 +81,7 @@ class NvlinkLowLatency:
             self._buffer_id = self.transport.local.data_ptr()
             self._send_seq.zero_()
             self._recv_expected.zero_()
+            self._arrivals.zero_()
 
     def _peers(self) -> list[torch.Tensor]:
         views = [buffer[PAYLOAD_OFFSET:] for buffer in self.transport.peer_buffers]
@@ -154,8 +151,10 @@ class NvlinkLowLatency:
             x,
             topk_idx,
             self._mask_device,
+            *self._signal_state(_DISPATCH, parity),
             num_tokens,
             rank,
+            flag_offset(_DISPATCH, parity),
             layout.dispatch_offset(parity),
             NUM_RANKS=num_ranks,
             NUM_LOCAL_EXPERTS=num_local_experts,
@@ -171,7 +170,6 @@ class NvlinkLowLatency:
             ROUND_SCALE=request.round_scale,
             num_warps=8,
         )
-        self._signal(ll_dispatch_signal_kernel, _DISPATCH, parity)
         cumulative = request.cumulative_local_expert_recv_stats
         wait_stats = request.dispatch_wait_recv_cost_stats
         local = self.transport.local[PAYLOAD_OFFSET:]
@@ -220,15 +218,12 @@ class NvlinkLowLatency:
             LowLatencyDispatchResult(recv_x, recv_count, handle, None), receive, request.return_recv_hook
         )
 
-    def _signal(self, kernel: Any, phase: int, parity: int) -> None:
-        kernel[(self.num_ranks,)](
-            *self._peers(),
-            self._mask_device,
+    def _signal_state(self, phase: int, parity: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The send kernel's signal arguments: arrival counter, send sequence, expected sequence."""
+        return (
+            self._arrivals[phase, parity],
             self._send_seq[phase, parity],
             self._recv_expected[phase, parity],
-            self.rank,
-            flag_offset(phase, parity),
-            num_warps=1,
         )
 
     # ---- combine ------------------------------------------------------------------------------
@@ -248,7 +243,9 @@ class NvlinkLowLatency:
             x.view(torch.int32),
             handle.combine_gather_idx,
             self._mask_device,
+            *self._signal_state(_COMBINE, parity),
             self.rank,
+            flag_offset(_COMBINE, parity),
             layout.combine_offset(parity),
             NUM_RANKS=self.num_ranks,
             CAPACITY=capacity,
@@ -257,7 +254,6 @@ class NvlinkLowLatency:
             X_BLOCK=triton.next_power_of_2(x_words),
             num_warps=8,
         )
-        self._signal(ll_combine_signal_kernel, _COMBINE, parity)
         out = (
             request.out
             if request.out is not None
