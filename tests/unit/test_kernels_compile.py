@@ -134,8 +134,11 @@ def test_exchange_compiles_with_system_scope_ordering(num_counts: int, num_rank_
     )
 
 
-@pytest.mark.parametrize(("hidden", "num_bias"), [(7168, 0), (4096, 2)])
-def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
+@pytest.mark.parametrize(
+    ("hidden", "num_bias", "num_ranks", "hoist"),
+    [(7168, 0, 4, True), (4096, 2, 8, True), (7168, 0, 2, False)],
+)
+def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int, hoist: bool) -> None:
     signature = {
         "area_x_ptr": "*bf16",
         "area_weights_ptr": "*fp32",
@@ -147,7 +150,7 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
         "num_tokens": "i32",
     }
     constexprs = {
-        "NUM_RANKS": 4,
+        "NUM_RANKS": num_ranks,
         "HIDDEN": hidden,
         "H_BLOCK": triton.next_power_of_2(hidden),
         "NUM_TOPK": 8,
@@ -155,6 +158,7 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int) -> None:
         "TOKENS": 2,
         "HAS_WEIGHTS": True,
         "NUM_BIAS": num_bias,
+        "HOIST": hoist,
     }
     aligned = [name for name in signature if name.endswith("_ptr")]
     compiled = _compile(combine_reduce_kernel, signature, constexprs, aligned, num_warps=16)
@@ -228,6 +232,7 @@ def test_low_latency_dispatch_kernels_compile(
         "x_ptr": "*bf16",
         "topk_idx_ptr": "*i64",
         "mask_ptr": "*i32",
+        "combine_gather_idx_ptr": "*i64",
         **LL_SIGNAL_POINTERS,
         "num_tokens": "i32",
         "rank": "i32",

@@ -7,8 +7,9 @@ its experts, and the token's top-k row to every destination (so a receiver tells
 tokens from stale slots without a count). ``parity_offset`` is specialized on purpose: both parities' offsets are multiples of 32 words
 (never 1), so they share one compiled kernel, and Triton then knows the 16-byte alignment that
 vector stores need (a ``tl.multiple_of`` hint on a scalar did not give them). The send kernel
-also signals: the last of its programs to finish releases the sequence number at every peer
-(``ll_arrive_and_signal``), so there is no separate signal launch. Receive
+also fills this rank's ``combine_gather_idx`` with -1 (the receive kernel, later on the same
+stream, writes the hits) and signals: the last of its programs to finish releases the sequence
+number at every peer (``ll_arrive_and_signal``), so there is no separate signal launch. Receive
 (``ll_dispatch_recv_kernel``, the hook): one program per
 local expert waits (bounded) for every unmasked source, ranks the hits in (source, token) order
 with a prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves
@@ -51,6 +52,7 @@ def ll_dispatch_send_kernel(
     x_ptr,
     topk_idx_ptr,
     mask_ptr,
+    combine_gather_idx_ptr,
     arrival_ptr,
     send_seq_ptr,
     recv_expected_ptr,
@@ -76,7 +78,17 @@ def ll_dispatch_send_kernel(
     k_cols = tl.arange(0, K_BLOCK)
     k_mask = k_cols < NUM_TOPK
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
+    tl.static_assert(NUM_RANKS <= 8)
+    sources = tl.arange(0, 8)  # MAX_PEERS
+    no_expert = tl.full([8, K_BLOCK], -1, tl.int64)
     for token in range(pid, CAPACITY, grid):
+        # combine_gather_idx[:, token, :] = -1 (every source rank): this loop covers every token slot,
+        # and this kernel runs before this rank's receive kernel (same stream), which writes the hits.
+        tl.store(
+            combine_gather_idx_ptr + (sources[:, None] * CAPACITY + token) * NUM_TOPK + k_cols[None, :],
+            no_expert,
+            mask=(sources < NUM_RANKS)[:, None] & k_mask[None, :],
+        )
         is_real = token < num_tokens
         topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask & is_real, other=-1).to(tl.int32)
         if USE_FP8:

@@ -131,9 +131,9 @@ class NvlinkLowLatency:
         scratch = self._buffer(parity, "scratch", (num_local_experts, num_rows), torch.int32)
         recv_src_info = torch.empty(num_local_experts, num_rows, dtype=torch.int32, device=self.device)
         recv_layout_range = torch.empty(num_local_experts, num_ranks, dtype=torch.int64, device=self.device)
-        combine_gather_idx = torch.full(
-            (num_ranks, capacity, num_topk), -1, dtype=torch.int64, device=self.device
-        )
+        # -1 everywhere, written by the send kernel (no separate fill launch); the receive kernel
+        # then writes the hits.
+        combine_gather_idx = torch.empty(num_ranks, capacity, num_topk, dtype=torch.int64, device=self.device)
         handle = LowLatencyHandle(
             recv_src_info,
             recv_layout_range,
@@ -151,6 +151,7 @@ class NvlinkLowLatency:
             x,
             topk_idx,
             self._mask_device,
+            combine_gather_idx,
             *self._signal_state(_DISPATCH, parity),
             num_tokens,
             rank,
