@@ -58,6 +58,28 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
         lines.append(
             f"rank {pgi.rank} {name}: {(time.perf_counter() - begin) / 10 * 1e6:.0f} us/call back-to-back"
         )
+    # Host (Python) cost per call, steady state: cProfile over 10 calls of each op on every rank
+    # (all ranks must call), printed for rank 0.
+    import cProfile
+    import io
+    import pstats
+
+    for name, fn in (
+        ("dispatch_bf16", lambda: dispatch(x)),
+        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
+    ):
+        torch.cuda.synchronize()
+        dist.barrier()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+        if pgi.rank == 0:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
+            lines.append(f"== cProfile {name} (10 calls)\n" + text.getvalue())
     if pgi.rank == 0:
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
@@ -80,6 +102,8 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
 
 
 if __name__ == "__main__":
-    results = parallel_launch(max(2, torch.cuda.device_count()), worker, 4096, 7168, 256, 8, backend="nccl", timeout_s=600)
+    results = parallel_launch(
+        max(2, torch.cuda.device_count()), worker, 4096, 7168, 256, 8, backend="nccl", timeout_s=600
+    )
     for r in results:
         print(r)

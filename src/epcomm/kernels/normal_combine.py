@@ -15,10 +15,27 @@ import triton.language as tl
 
 from epcomm.kernels.launch import launch
 
-__all__ = ["REDUCE_TOKENS", "launch_combine_reduce"]
+__all__ = ["REDUCE_TOKENS", "REDUCE_WARPS", "launch_combine_reduce"]
 
 # Tokens reduced per program step (a tuning knob for side-by-side runs: ``EPCOMM_REDUCE_TOKENS``).
 REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "2"))
+REDUCE_WARPS = int(os.environ.get("EPCOMM_REDUCE_WARPS", "16"))
+REDUCE_HOIST = os.environ.get("EPCOMM_REDUCE_HOIST", "1") == "1"
+
+
+@triton.jit
+def _row(
+    area_x_ptr, slot_ptr, tokens, valid, cols, mask, rank, NUM_RANKS: tl.constexpr, HIDDEN: tl.constexpr
+):
+    """Rank ``rank``'s rows for ``tokens`` ([TOKENS, H_BLOCK] bf16, 0.0 where absent)."""
+    slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
+    # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
+    return tl.load(
+        area_x_ptr + slot[:, None] * HIDDEN + cols,
+        mask=mask & (slot >= 0)[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -39,6 +56,7 @@ def combine_reduce_kernel(
     TOKENS: tl.constexpr,
     HAS_WEIGHTS: tl.constexpr,
     NUM_BIAS: tl.constexpr,
+    HOIST: tl.constexpr = True,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -55,25 +73,53 @@ def combine_reduce_kernel(
         valid = tokens < num_tokens
         accumulator = tl.zeros([TOKENS, H_BLOCK], dtype=tl.float32)
         weights = tl.zeros([TOKENS, K_BLOCK], dtype=tl.float32)
-        for rank in tl.static_range(NUM_RANKS):
-            slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
-            present = (slot >= 0)[:, None]
-            # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
-            row = tl.load(
-                area_x_ptr + slot[:, None] * HIDDEN + cols,
-                mask=mask & present,
-                other=0.0,
-                cache_modifier=".cg",
-            )
-            accumulator += row.to(tl.float32)
-            if HAS_WEIGHTS:
-                w = tl.load(
+        if HOIST:
+            # Every rank's rows loaded (one variable each) before the first add, then added in rank
+            # order: the loads are guaranteed to be in flight together.
+            r0 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 0, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 1:
+                r1 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 1, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 2:
+                r2 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 2, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 3:
+                r3 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 3, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 4:
+                r4 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 4, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 5:
+                r5 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 5, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 6:
+                r6 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 6, NUM_RANKS, HIDDEN)
+            if NUM_RANKS > 7:
+                r7 = _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, 7, NUM_RANKS, HIDDEN)
+            accumulator += r0.to(tl.float32)
+            if NUM_RANKS > 1:
+                accumulator += r1.to(tl.float32)
+            if NUM_RANKS > 2:
+                accumulator += r2.to(tl.float32)
+            if NUM_RANKS > 3:
+                accumulator += r3.to(tl.float32)
+            if NUM_RANKS > 4:
+                accumulator += r4.to(tl.float32)
+            if NUM_RANKS > 5:
+                accumulator += r5.to(tl.float32)
+            if NUM_RANKS > 6:
+                accumulator += r6.to(tl.float32)
+            if NUM_RANKS > 7:
+                accumulator += r7.to(tl.float32)
+        else:
+            for rank in tl.static_range(NUM_RANKS):
+                accumulator += _row(
+                    area_x_ptr, slot_ptr, tokens, valid, cols, mask, rank, NUM_RANKS, HIDDEN
+                ).to(tl.float32)
+        if HAS_WEIGHTS:
+            for rank in tl.static_range(NUM_RANKS):
+                slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
+                weights += tl.load(
                     area_weights_ptr + slot[:, None] * NUM_TOPK + k_cols,
-                    mask=k_mask & present,
+                    mask=k_mask & (slot >= 0)[:, None],
                     other=0.0,
                     cache_modifier=".cg",
                 )
-                weights += w
         inside = valid[:, None]
         if NUM_BIAS >= 1:
             accumulator += tl.load(
@@ -134,6 +180,7 @@ def launch_combine_reduce(
             "TOKENS": REDUCE_TOKENS,
             "HAS_WEIGHTS": out_weights is not None,
             "NUM_BIAS": len(bias),
+            "HOIST": REDUCE_HOIST,
         },
-        16,
+        REDUCE_WARPS,
     )

@@ -2,7 +2,7 @@
 
 Used by dispatch (a token row goes to every rank in ``is_token_in_rank``, with its top-k ids made
 local to that rank) and by combine (an expert-output row goes back to its token's rank). Each
-program takes ``ROWS`` consecutive rows per step, loads all of them (every load in flight before the
+program owns a contiguous range of rows and takes ``ROWS`` of them per step, loads all of them (every load in flight before the
 first store: the compiler cannot hoist a load above a store that may alias it), then stores them to
 every destination, visiting destinations in an order rotated by program and rank so that no peer
 is written by everyone at once (EP4: 205 -> 261-287 GB/s, ``../shared/PERFORMANCE.md``).
@@ -75,9 +75,15 @@ def push_rows_kernel(
     k_cols = tl.arange(0, K_BLOCK)[None, :]
     k_mask = k_cols < NUM_TOPK
     row_offsets = tl.arange(0, ROWS)
-    for first in range(pid * ROWS, num_rows, grid * ROWS):
+    # Each program owns one contiguous range of rows. Combine rows are sorted by destination, so
+    # strided ranges had every program writing to the same peer at once (incast); contiguous ranges
+    # spread the programs over the destinations (EP4 combine push 640-710 -> see docs/performance.md).
+    chunk = tl.cdiv(tl.cdiv(num_rows, grid), ROWS) * ROWS
+    begin = pid * chunk
+    end = tl.minimum(begin + chunk, num_rows)
+    for first in range(begin, end, ROWS):
         rows = row_offsets.to(tl.int64) + first
-        valid = rows < num_rows
+        valid = rows < end
         valid2 = valid[:, None]
         # Every load of the step is issued before the first store.
         x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)

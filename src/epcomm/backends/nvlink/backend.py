@@ -91,6 +91,8 @@ class NvlinkBackend(LowLatencyDelegation):
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
         self._table_host: torch.Tensor | None = None
+        self._views: list[torch.Tensor] = []
+        self._views_of: list[torch.Tensor] | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: it is copied into
         # pinned memory asynchronously and checked at the next call.
         self._worst_received = torch.zeros(1, dtype=torch.int32, pin_memory=True)
@@ -269,7 +271,12 @@ class NvlinkBackend(LowLatencyDelegation):
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
     def _payload_views(self) -> list[torch.Tensor]:
-        return [buffer[PAYLOAD_OFFSET:] for buffer in self.transport.peer_buffers]
+        """Per rank, its payload as int32 (cached until the buffer is reallocated)."""
+        buffers = self.transport.peer_buffers
+        if self._views_of is not buffers:
+            self._views = [buffer[PAYLOAD_OFFSET:] for buffer in buffers]
+            self._views_of = buffers
+        return self._views
 
     def _copy_out(
         self,
