@@ -43,7 +43,10 @@ def main() -> None:
                     continue
 
                 def run(
-                    programs: int = programs, tokens_per_step: int = tokens_per_step, warps: int = warps
+                    programs: int = programs,
+                    tokens_per_step: int = tokens_per_step,
+                    warps: int = warps,
+                    hoist: bool = hoist,
                 ) -> None:
                     combine_reduce_kernel[(programs,)](
                         area, weights, slot, out, out, out, out_w, tokens,
