@@ -177,6 +177,13 @@ def _assert_fused_signal(ptx: str) -> None:
     assert any("release" in a and "sys" in a and ".exch" in a for a in atomics), atomics
 
 
+def _assert_light_wait(ptx: str) -> None:
+    """A receive kernel spins on relaxed system-scope loads (no barrier in the loop) and acquires once."""
+    spin = ptx[ptx.index("ld.relaxed.sys") : ptx.index("ld.acquire.sys")]
+    assert "bar.sync" not in spin
+    assert "ld.acquire" not in spin
+
+
 LL_DISPATCH_RECV_SIGNATURE = {
     "local_ptr": "*i32",
     "mask_ptr": "*i32",
@@ -268,7 +275,7 @@ def test_low_latency_dispatch_kernels_compile(
         [*(n for n, t in LL_DISPATCH_RECV_SIGNATURE.items() if t.startswith("*")), "parity_offset"],
         num_warps=16,
     )
-    assert "ld.acquire.sys" in recv.asm["ptx"]
+    _assert_light_wait(recv.asm["ptx"])
 
 
 def test_low_latency_combine_kernels_compile() -> None:
@@ -308,7 +315,7 @@ def test_low_latency_combine_kernels_compile() -> None:
         "flag_offset": "i32",
         "parity_offset": "i32",
     }
-    _compile(
+    recv = _compile(
         ll_combine_recv_kernel,
         recv_signature,
         {
@@ -322,6 +329,7 @@ def test_low_latency_combine_kernels_compile() -> None:
         [*(n for n, t in recv_signature.items() if t.startswith("*")), "parity_offset"],
         num_warps=16,
     )
+    _assert_light_wait(recv.asm["ptx"])
 
 
 def test_low_latency_kernel_names_say_their_operation() -> None:

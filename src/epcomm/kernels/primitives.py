@@ -10,7 +10,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["global_timer_ns", "load_acquire_sys", "signal_release_sys", "wait_epoch"]
+__all__ = ["global_timer_ns", "load_acquire_sys", "load_relaxed_sys", "signal_release_sys", "wait_epoch"]
 
 # Written into the error word's first slot when a wait expired.
 TIMEOUT_ERROR_CODE = 1
@@ -29,6 +29,15 @@ def load_acquire_sys(pointer):
     """Load one int32 with acquire semantics at system scope (sees peers' released writes)."""
     return tl.inline_asm_elementwise(
         "ld.acquire.sys.global.b32 $0, [$1];", "=r,l", [pointer], dtype=tl.int32, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def load_relaxed_sys(pointer):
+    """Load one int32 relaxed at system scope: a coherent poll (no L1 hit, sees peers' writes) with no
+    acquire fence, for spinning; follow the last poll with ``load_acquire_sys`` before reading data."""
+    return tl.inline_asm_elementwise(
+        "ld.relaxed.sys.global.b32 $0, [$1];", "=r,l", [pointer], dtype=tl.int32, is_pure=False, pack=1
     )
 
 
