@@ -81,6 +81,7 @@ def ll_dispatch_send_kernel(
     tl.static_assert(NUM_RANKS <= 8)
     sources = tl.arange(0, 8)  # MAX_PEERS
     no_expert = tl.full([8, K_BLOCK], -1, tl.int64)
+    no_topk = tl.full([K_BLOCK], -1, tl.int32)
     for token in range(pid, CAPACITY, grid):
         # combine_gather_idx[:, token, :] = -1 (every source rank): this loop covers every token slot,
         # and this kernel runs before this rank's receive kernel (same stream), which writes the hits.
@@ -89,35 +90,43 @@ def ll_dispatch_send_kernel(
             no_expert,
             mask=(sources < NUM_RANKS)[:, None] & k_mask[None, :],
         )
-        is_real = token < num_tokens
-        topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask & is_real, other=-1).to(tl.int32)
-        if USE_FP8:
-            columns = tl.arange(0, G_BLOCK * 128)
-            groups = tl.load(x_ptr + token * HIDDEN + columns, mask=(columns < HIDDEN) & is_real, other=0.0)
-            groups = tl.reshape(groups.to(tl.float32), (G_BLOCK, 128))
-            scale = _fp8_scale(tl.max(tl.abs(groups), axis=1), ROUND_SCALE)
-            quantized = tl.math.div_rn(groups, tl.broadcast_to(scale[:, None], (G_BLOCK, 128)))
-            quantized = quantized.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-            shifts = tl.arange(0, 4) * 8
-            words = tl.sum(tl.reshape(quantized, (G_BLOCK * 32, 4)) << shifts[None, :], axis=1)
-            scale_words = scale.to(tl.int32, bitcast=True)
+        if token < num_tokens:
+            topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask, other=-1).to(tl.int32)
+            if USE_FP8:
+                columns = tl.arange(0, G_BLOCK * 128)
+                groups = tl.load(x_ptr + token * HIDDEN + columns, mask=columns < HIDDEN, other=0.0)
+                groups = tl.reshape(groups.to(tl.float32), (G_BLOCK, 128))
+                scale = _fp8_scale(tl.max(tl.abs(groups), axis=1), ROUND_SCALE)
+                quantized = tl.math.div_rn(groups, tl.broadcast_to(scale[:, None], (G_BLOCK, 128)))
+                quantized = quantized.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+                shifts = tl.arange(0, 4) * 8
+                words = tl.sum(tl.reshape(quantized, (G_BLOCK * 32, 4)) << shifts[None, :], axis=1)
+                scale_words = scale.to(tl.int32, bitcast=True)
+            else:
+                x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+                word_cols = tl.arange(0, X_BLOCK)
+                words = tl.load(x_words + token * X_WORDS + word_cols, mask=word_cols < X_WORDS)
+            for step in tl.static_range(NUM_RANKS):
+                dst = (step + rank + pid) % NUM_RANKS
+                if tl.load(mask_ptr + dst) == 0:
+                    base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
+                    slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
+                    tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
+                    hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
+                    if hits > 0:
+                        out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
+                        tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
+                        if USE_FP8:
+                            group_cols = tl.arange(0, G_BLOCK)
+                            tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
         else:
-            x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-            word_cols = tl.arange(0, X_BLOCK)
-            words = tl.load(x_words + token * X_WORDS + word_cols, mask=(word_cols < X_WORDS) & is_real)
-        for step in tl.static_range(NUM_RANKS):
-            dst = (step + rank + pid) % NUM_RANKS
-            if tl.load(mask_ptr + dst) == 0:
-                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
-                slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
-                tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
-                hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
-                if hits > 0:
-                    out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
-                    tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
-                    if USE_FP8:
-                        group_cols = tl.arange(0, G_BLOCK)
-                        tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+            # A slot past this call's tokens: only its top-k row, all -1 (no payload, no cast).
+            for step in tl.static_range(NUM_RANKS):
+                dst = (step + rank + pid) % NUM_RANKS
+                if tl.load(mask_ptr + dst) == 0:
+                    base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
+                    slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
+                    tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, no_topk, mask=k_mask)
     ll_arrive_and_signal(
         p0,
         p1,
