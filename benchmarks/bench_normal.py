@@ -19,6 +19,18 @@ preallocated sets that are refilled with fresh random data after use; the median
 the max over ranks. Every backend and baseline is timed this same way. On CPU (gloo) there is no
 device barrier: wall clock after the host barrier.
 
+Two times per measurement on GPUs. ``us`` (JSON ``time_us``) is end to end: CUDA events around one
+cold call, so host launch work and the CPU sync inside it count and nothing is overlapped. ``GPU
+us`` (``gpu_time_us``) is device time, measured as DeepEP's tests do (``bench_kineto``): after the
+timed loop, ``--gpu-iters`` more iterations of the same protocol run under ``torch.profiler`` (CPU +
+CUDA activity) with a ``record_function`` range around the call, and each iteration's time is the
+sum of the durations of the GPU activities (kernels, memcpy, memset) launched inside that range,
+told apart from the L2 flush, the device barrier and the input refresh by CUPTI correlation, not by
+kernel names (``common.gpu_activity_us``); host gaps are not counted. Median per rank, max over
+ranks. Compare with DeepEP's published kernel times using ``GPU us``. A profiler that fails
+(CUPTI unavailable, ...) leaves ``GPU us`` empty with a warning; after 3 failed measurements in a
+row the profiled loop is skipped for the rest of the run.
+
 Without CUDA (or with ``--cpu``) it runs on gloo with 2 processes, a tiny shape and only the
 reference and user-path backends: a smoke test of the harness itself.
 
@@ -68,6 +80,7 @@ from common import (
     median,
     payload_bytes,
     plot_rows,
+    profile_op,
     time_op,
     user_combine,
     user_dispatch,
@@ -90,6 +103,8 @@ DEFAULT_SMS = (8, 16, 24, 32)
 QUICK_SMS = (8, 24)
 CPU_SMS = (24,)
 MIN_INPUT_SETS = 3
+GPU_FAILURES_BEFORE_GIVING_UP = 3
+"""Consecutive measurements whose device time could not be measured before the profiled loop stops."""
 COMBINE_RTOL = 1e-2
 COMBINE_ATOL_OF_MAX = 1e-2
 """Combine check: |ours - reference| <= atol + rtol |reference| with atol = 1% of max |reference|
@@ -109,6 +124,8 @@ class BenchSpec:
     sms: tuple[int, ...]
     warmup: int
     iters: int
+    gpu_iters: int
+    """Profiled iterations per measurement for ``GPU us`` (0: not measured; CPU: always 0)."""
     num_inputs: int
     seed: int
     num_masked: int
@@ -224,6 +241,11 @@ class _Rank:
         total = spec.num_measurements() * len(spec.settings)
         self.progress: Progress = make_progress(total, enabled=self.rank == 0, use_tqdm=spec.use_tqdm)
         self.failed = False
+        # Device time (GPU us): on while the profiler works; the same decision on every rank (it is
+        # taken from gathered results), so the profiled loop's barriers always match.
+        self.gpu_enabled = self.cuda and spec.gpu_iters > 0
+        self._gpu_failures = 0
+        self._gpu_notes: set[str] = set()
 
     # ---- collectives on the host group ----
     def barrier(self) -> None:
@@ -449,6 +471,9 @@ class _Rank:
         logical, remote = self._bytes(state, op)
         error: str | None = None
         samples: list[float] = []
+        gpu_samples: list[float] | None = None
+        gpu_note: str | None = None
+        profiled = self.gpu_enabled
         try:
             fn, refresh = self._op_fn(state, op, backend, sms)
             with maybe_nvtx(label, spec.nvtx):
@@ -463,16 +488,31 @@ class _Rank:
                     flush=self.flush,
                     device_barrier=self.device_barrier if self.cuda else None,
                 )
+                if profiled:
+                    gpu_samples, gpu_note = profile_op(
+                        fn,
+                        num_slots=spec.num_inputs,
+                        iters=spec.gpu_iters,
+                        barrier=self.barrier,
+                        refresh=refresh,
+                        flush=self.flush,
+                        device_barrier=self.device_barrier,
+                    )
         except Exception as exc:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
-        mine = (median(samples) if samples else None, logical, remote, error)
+        gpu_mine = median(gpu_samples) if gpu_samples else None
+        mine = (median(samples) if samples else None, logical, remote, error, gpu_mine, gpu_note)
         everyone = self.gather(mine)
         self.progress.update(1)
-        errors = [e for _, _, _, e in everyone if e]
-        medians = [m for m, _, _, _ in everyone if m is not None]
+        errors = [x[3] for x in everyone if x[3]]
+        medians = [x[0] for x in everyone if x[0] is not None]
         mean_logical = sum(x[1] for x in everyone) / self.world
         mean_remote = sum(x[2] for x in everyone) / self.world
         time_us = max(medians) if medians and not errors else None
+        gpu_medians = [x[4] for x in everyone if x[4] is not None]
+        gpu_time_us = max(gpu_medians) if len(gpu_medians) == self.world and not errors else None
+        if profiled and not errors:
+            self._gpu_outcome(label, gpu_time_us is not None, [x[5] for x in everyone])
         row = ResultRow(
             setting=state.setting.name,
             shape=state.setting.shape(),
@@ -486,13 +526,42 @@ class _Rank:
             nvlink_gbps=mean_remote / (time_us * 1e3) if time_us and mean_logical else None,
             logical_bytes_per_rank=mean_logical,
             nvlink_bytes_per_rank=mean_remote,
+            gpu_time_us=gpu_time_us,
+            gpu_time_us_ranks=[round(m, 3) for m in gpu_medians],
             check=check,
             error="; ".join(errors) if errors else None,
-            extra={"iters": spec.iters, "warmup": spec.warmup, "num_input_sets": spec.num_inputs},
+            extra={
+                "iters": spec.iters,
+                "warmup": spec.warmup,
+                "gpu_iters": spec.gpu_iters if profiled else 0,
+                "num_input_sets": spec.num_inputs,
+            },
         )
         if errors:
             self.failed = True
         return row
+
+    def _gpu_outcome(self, label: str, ok: bool, notes: Sequence[str | None]) -> None:
+        """Warn (rank 0, once per distinct reason) when GPU us is missing; give up after repeats.
+
+        Runs on every rank with the same gathered ``notes``, so all ranks stop profiling together.
+        """
+        if ok:
+            self._gpu_failures = 0
+            return
+        self._gpu_failures += 1
+        reasons = [f"rank {r}: {n}" for r, n in enumerate(notes) if n]
+        reason = "; ".join(reasons[:2]) if reasons else "no device time from some rank"
+        key = reasons[0].split(": ", 1)[1] if reasons else reason
+        if key not in self._gpu_notes:
+            self._gpu_notes.add(key)
+            self.say(f"warning: GPU us not measured for {label} ({reason})")
+        if self._gpu_failures >= GPU_FAILURES_BEFORE_GIVING_UP:
+            self.gpu_enabled = False
+            self.say(
+                f"warning: GPU us failed {self._gpu_failures} measurements in a row; "
+                "not profiling the rest of the run (GPU us stays empty)"
+            )
 
     def run_setting(self, setting: Setting) -> list[ResultRow]:
         spec = self.spec
@@ -524,9 +593,10 @@ class _Rank:
                 row.speedup_vs_best_baseline = best[0] / row.time_us
                 row.best_baseline = best[1]
         if self.rank == 0:
+            gpu = f", GPU us of {spec.gpu_iters} profiled iters" if self.cuda and spec.gpu_iters else ""
             title = (
                 f"--- {setting.name}: {setting.describe()}; EP{self.world}, {spec.env['gpu']}; "
-                f"median of {spec.iters} iters per rank, max over ranks ---"
+                f"median of {spec.iters} iters per rank{gpu}, max over ranks ---"
             )
             self.progress.write(format_table(rows, title))
             summary = _summary(rows, spec.backends)
@@ -558,10 +628,15 @@ class _Rank:
 
 
 def _summary(rows: Sequence[ResultRow], backends: Sequence[str]) -> str:
-    """One line per op: the best SM count of each backend under test vs the best baseline."""
+    """One line per op: the best SM count of each backend under test vs the best baseline.
+
+    End to end first (``time_us``), then device time (``gpu_time_us``, each side's best row by that
+    time) when measured.
+    """
     lines = []
     for op in dict.fromkeys(r.op for r in rows):
         best_base = best_baseline_us(rows, op)
+        best_base_gpu = best_baseline_us(rows, op, gpu=True)
         for backend in backends:
             if backend in BASELINE_BACKENDS:
                 continue
@@ -577,6 +652,15 @@ def _summary(rows: Sequence[ResultRow], backends: Sequence[str]) -> str:
                 text += f" ({gbps:.0f} GB/s)" if gbps >= 10 else f" ({gbps:.3g} GB/s)"
             if best_base is not None:
                 text += f" vs {best_base[1]} {best_base[0]:.1f} us -> {best_base[0] / top.time_us:.2f}x"
+            mine_gpu = [r for r in mine if r.gpu_time_us]
+            if mine_gpu:
+                top_gpu = min(mine_gpu, key=lambda r: r.gpu_time_us or math.inf)
+                assert top_gpu.gpu_time_us is not None
+                where = f" @ {top_gpu.num_sms} SMs" if top_gpu.num_sms is not None else ""
+                text += f" | GPU us: {top_gpu.gpu_time_us:.1f}{where}"
+                if best_base_gpu is not None:
+                    ratio = best_base_gpu[0] / top_gpu.gpu_time_us
+                    text += f" vs {best_base_gpu[1]} {best_base_gpu[0]:.1f} -> {ratio:.2f}x"
             lines.append(text)
     return "\n".join(lines)
 
@@ -638,6 +722,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--iters", type=int, default=None, help="timed iterations per measurement (default 20; quick 5)"
+    )
+    p.add_argument(
+        "--gpu-iters",
+        type=int,
+        default=None,
+        help="profiled iterations per measurement for the GPU us column (torch.profiler, DeepEP's "
+        "bench_kineto method), after the timed ones (default max(3, iters // 4); 0: off; CPU: off)",
     )
     p.add_argument(
         "--num-inputs", type=int, default=4, help=f"input sets rotated per iteration (>= {MIN_INPUT_SETS})"
@@ -759,6 +850,11 @@ def make_spec(args: argparse.Namespace) -> tuple[BenchSpec, int, str, list[str]]
     iters = args.iters if args.iters is not None else (5 if args.quick or cpu else 20)
     if iters < 1 or warmup < 0:
         raise SystemExit("--iters must be >= 1 and --warmup >= 0")
+    gpu_iters = args.gpu_iters if args.gpu_iters is not None else max(3, iters // 4)
+    if gpu_iters < 0:
+        raise SystemExit("--gpu-iters must be >= 0")
+    if cpu:
+        gpu_iters = 0
     if args.num_inputs < MIN_INPUT_SETS:
         raise SystemExit(
             f"--num-inputs must be >= {MIN_INPUT_SETS} (inputs are rotated so L2 cannot serve them)"
@@ -772,6 +868,7 @@ def make_spec(args: argparse.Namespace) -> tuple[BenchSpec, int, str, list[str]]
         sms=sms,
         warmup=warmup,
         iters=iters,
+        gpu_iters=gpu_iters,
         num_inputs=args.num_inputs,
         seed=args.seed,
         num_masked=args.masked,
@@ -801,7 +898,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"  settings {', '.join(s.name for s in spec.settings)}; backends {', '.join(spec.backends)}; "
         f"baselines {', '.join(spec.baselines) or '-'}; ops {', '.join(spec.ops)}; sms {list(spec.sms)}; "
-        f"warmup {spec.warmup}, iters {spec.iters}, {spec.num_inputs} input sets"
+        f"warmup {spec.warmup}, iters {spec.iters}, gpu iters {spec.gpu_iters}, {spec.num_inputs} input sets"
     )
     if spec.out and args.overwrite and os.path.exists(spec.out):
         os.remove(spec.out)
