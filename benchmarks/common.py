@@ -769,9 +769,11 @@ def _git(args: Sequence[str], cwd: Path) -> str | None:
 def environment_info(world_size: int, device_kind: str) -> dict[str, Any]:
     """GPU model, world size, git commit (``'unknown'`` outside a checkout), versions, host, time."""
     repo = Path(__file__).resolve().parent.parent
-    commit = _git(["rev-parse", "HEAD"], repo) or os.environ.get("EPCOMM_GIT_COMMIT", "unknown")
+    # EPCOMM_GIT_COMMIT first: the GPU machines get a copy of the working tree whose .git may lag.
+    pinned = os.environ.get("EPCOMM_GIT_COMMIT")
+    commit = pinned or _git(["rev-parse", "HEAD"], repo) or "unknown"
     dirty: bool | None = None
-    if commit != "unknown":
+    if commit != "unknown" and not pinned:
         status = _git(["status", "--porcelain", "--untracked-files=no"], repo)
         dirty = bool(status) if status is not None else None
     try:

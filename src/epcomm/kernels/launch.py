@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from triton import knobs
 
 __all__ = ["launch"]
 
@@ -59,6 +60,18 @@ def _arg_key(value: Any, specialize: bool) -> Any:
     return (type(value).__name__, value)
 
 
+def _current_stream_fn() -> Any:
+    """``device -> raw CUDA stream`` as Triton gets it (a C function when torch has CUDA)."""
+    try:
+        from torch._C import _cuda_getCurrentRawStream  # type: ignore[attr-defined]
+    except ImportError:  # pragma: no cover - CPU-only torch never launches here
+        return lambda device: torch.cuda.current_stream(device).cuda_stream
+    return _cuda_getCurrentRawStream
+
+
+_current_stream = _current_stream_fn()
+
+
 def launch(
     kernel: Any, grid: tuple[int, ...], args: tuple[Any, ...], constexprs: dict[str, Any], num_warps: int
 ) -> None:
@@ -78,19 +91,35 @@ def launch(
         kernel[grid](*args, **constexprs, num_warps=num_warps)
         return
     ordered = tuple(constexprs[name] for name in info.constexpr_names)
-    key = (
-        tuple(_arg_key(a, s) for a, s in zip(args, info.specialize, strict=True)),
-        ordered,
-        num_warps,
-        torch.cuda.current_device(),
-    )
+    device = torch.cuda.current_device()
+    key = (tuple(map(_arg_key, args, info.specialize)), ordered, num_warps, device)
     compiled = info.compiled.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
-        if hasattr(compiled, "packed_metadata"):
+        if hasattr(compiled, "packed_metadata") and hasattr(compiled, "run"):
             info.compiled[key] = compiled
         else:
             info.cacheable = False
         return
-    grid3 = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
-    compiled[grid3](*args, *ordered, stream=torch.cuda.current_stream().cuda_stream)
+    runtime = knobs.runtime
+    # Triton passes its hook chains (empty unless a profiler such as proton registered one).
+    enter_hook: Any = runtime.launch_enter_hook
+    exit_hook: Any = runtime.launch_exit_hook
+    metadata = None
+    if getattr(enter_hook, "calls", True) or getattr(exit_hook, "calls", True):
+        metadata = compiled.launch_metadata(grid, _current_stream(device), *args, *ordered)
+    else:
+        enter_hook = exit_hook = None
+    compiled.run(
+        grid[0],
+        grid[1] if len(grid) > 1 else 1,
+        grid[2] if len(grid) > 2 else 1,
+        _current_stream(device),
+        compiled.function,
+        compiled.packed_metadata,
+        metadata,
+        enter_hook,
+        exit_hook,
+        *args,
+        *ordered,
+    )

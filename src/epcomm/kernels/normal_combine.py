@@ -17,8 +17,10 @@ from epcomm.kernels.launch import launch
 
 __all__ = ["REDUCE_TOKENS", "REDUCE_WARPS", "launch_combine_reduce"]
 
-# Tokens reduced per program step (a tuning knob for side-by-side runs: ``EPCOMM_REDUCE_TOKENS``).
-REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "2"))
+# Tokens reduced per program step: enough that ~16 rows are in flight per program (EP4 prefill at
+# 24 SMs, scripts/sweep_reduce.py: 1 / 2 / 4 tokens per step 306 / 300 / 153 us); 0 = that rule,
+# any other value forces it (``EPCOMM_REDUCE_TOKENS``, for side-by-side runs).
+REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "0"))
 REDUCE_WARPS = int(os.environ.get("EPCOMM_REDUCE_WARPS", "16"))
 REDUCE_HOIST = os.environ.get("EPCOMM_REDUCE_HOIST", "1") == "1"
 
@@ -177,7 +179,7 @@ def launch_combine_reduce(
             "H_BLOCK": triton.next_power_of_2(hidden),
             "NUM_TOPK": num_topk,
             "K_BLOCK": triton.next_power_of_2(num_topk),
-            "TOKENS": REDUCE_TOKENS,
+            "TOKENS": REDUCE_TOKENS or max(1, min(8, 16 // triton.next_power_of_2(slot.size(1)))),
             "HAS_WEIGHTS": out_weights is not None,
             "NUM_BIAS": len(bias),
             "HOIST": REDUCE_HOIST,
