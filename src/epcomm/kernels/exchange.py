@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from epcomm.config import NUM_MAX_NVL_PEERS
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import launch, next_pow2
 from epcomm.kernels.primitives import signal_release_sys, wait_epoch
 
 __all__ = ["MAX_PEERS", "launch_exchange"]
@@ -140,10 +140,10 @@ def launch_exchange(
             "FLAG_OFFSET": flag_offset,
             "TABLE_OFFSET": table_offset,
             "NUM_COUNTS": num_counts,
-            "BLOCK": max(triton.next_power_of_2(max(num_extra, 1)), 32),
+            "BLOCK": max(next_pow2(max(num_extra, 1)), 32),
             "NUM_RANK_COUNTS": num_rank_counts,
             "T_BLOCK": 512,
-            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+            "R_BLOCK": max(next_pow2(num_ranks), 2),
         },
         4,
     )

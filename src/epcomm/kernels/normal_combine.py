@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import launch, next_pow2
 
 __all__ = ["REDUCE_TOKENS", "REDUCE_WARPS", "launch_combine_reduce"]
 
@@ -176,10 +176,10 @@ def launch_combine_reduce(
         {
             "NUM_RANKS": slot.size(1),
             "HIDDEN": hidden,
-            "H_BLOCK": triton.next_power_of_2(hidden),
+            "H_BLOCK": next_pow2(hidden),
             "NUM_TOPK": num_topk,
-            "K_BLOCK": triton.next_power_of_2(num_topk),
-            "TOKENS": REDUCE_TOKENS or max(1, min(8, 16 // triton.next_power_of_2(slot.size(1)))),
+            "K_BLOCK": next_pow2(num_topk),
+            "TOKENS": REDUCE_TOKENS or max(1, min(8, 16 // next_pow2(slot.size(1)))),
             "HAS_WEIGHTS": out_weights is not None,
             "NUM_BIAS": len(bias),
             "HOIST": REDUCE_HOIST,

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import cdiv, launch, next_pow2
 
 __all__ = ["launch_copy_out_meta"]
 
@@ -109,7 +109,7 @@ def launch_copy_out_meta(
         return src_idx, topk_idx, topk_weights
     launch(
         copy_out_meta_kernel,
-        (max(1, min(num_sms, triton.cdiv(num_rows, _BLOCK))),),
+        (max(1, min(num_sms, cdiv(num_rows, _BLOCK))),),
         (
             src_idx_area,
             topk_idx_area if topk_idx_area is not None else src_idx_area,
@@ -122,7 +122,7 @@ def launch_copy_out_meta(
         ),
         {
             "NUM_TOPK": num_topk,
-            "K_BLOCK": triton.next_power_of_2(num_topk),
+            "K_BLOCK": next_pow2(num_topk),
             "HAS_TOPK_IDX": topk_idx_area is not None,
             "HAS_TOPK_WEIGHTS": topk_weights_area is not None,
             "HAS_NUM_REAL": num_real_rows is not None,

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from epcomm.kernels.exchange import MAX_PEERS, _peer
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import launch, next_pow2
 
 __all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushRegions", "launch_push_rows"]
 
@@ -221,11 +221,11 @@ def launch_push_rows(
         {
             "NUM_RANKS": num_ranks,
             "X_WORDS": num_words,
-            "X_BLOCK": triton.next_power_of_2(num_words),
+            "X_BLOCK": next_pow2(num_words),
             "S_WORDS": s_words,
-            "S_BLOCK": triton.next_power_of_2(s_words),
+            "S_BLOCK": next_pow2(s_words),
             "NUM_TOPK": num_topk,
-            "K_BLOCK": triton.next_power_of_2(num_topk),
+            "K_BLOCK": next_pow2(num_topk),
             "HAS_SCALES": scales_words is not None,
             "HAS_TOPK_IDX": topk_idx is not None,
             "HAS_TOPK_WEIGHTS": topk_weights is not None,

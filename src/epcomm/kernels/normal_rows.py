@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import cdiv, launch, next_pow2
 
 __all__ = ["launch_combine_rows", "launch_dispatch_rows"]
 
@@ -93,7 +93,7 @@ def launch_dispatch_rows(
         {
             "NUM_RANKS": num_ranks,
             "NUM_COUNTS": table.stride(0),
-            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+            "R_BLOCK": max(next_pow2(num_ranks), 2),
             "T_BLOCK": _T_BLOCK,
         },
         4,
@@ -180,7 +180,7 @@ def launch_combine_rows(
     dst_row = torch.empty(num_rows, num_ranks, dtype=torch.int32, device=device)
     token_slot = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     block = 256
-    work = triton.cdiv(max(num_rows, num_tokens, 1), block)
+    work = cdiv(max(num_rows, num_tokens, 1), block)
     launch(
         combine_rows_kernel,
         (max(1, min(num_sms, work)),),
@@ -195,7 +195,7 @@ def launch_combine_rows(
         ),
         {
             "NUM_RANKS": num_ranks,
-            "R_BLOCK": max(triton.next_power_of_2(num_ranks), 2),
+            "R_BLOCK": max(next_pow2(num_ranks), 2),
             "BLOCK": block,
         },
         4,

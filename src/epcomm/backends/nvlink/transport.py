@@ -8,6 +8,7 @@ has consumed the previous contents.
 
 from __future__ import annotations
 
+import ctypes
 import enum
 from typing import Any
 
@@ -81,6 +82,8 @@ class SymmetricTransport:
         # Host-mapped error word: kernels write it on a timed-out wait, the host reads it at any
         # time without synchronizing the device.
         self.error_word = torch.zeros(4, dtype=torch.int32, pin_memory=True)
+        # Read through ctypes on every call: indexing the tensor costs a tensor op each time.
+        self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
         self.payload_words = 0
         self._handle: Any = None
         self._local: torch.Tensor | None = None
@@ -163,7 +166,7 @@ class SymmetricTransport:
 
     def check_error(self) -> None:
         """Raise ``PeerTimeoutError`` if a kernel reported a timed-out wait (no device sync)."""
-        if int(self.error_word[0]) != 0:
+        if self._error_flag.value != 0:
             code, peer, rank = (int(v) for v in self.error_word[1:4])
             try:
                 name = _OPERATION_NAMES[Operation(code)]
