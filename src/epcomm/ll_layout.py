@@ -2,7 +2,9 @@
 
 Pure Python (no Triton), shared by the size hint, the facade's checks and the NVLink backend, so
 the hint is the real size the backend uses. Payload layout in int32 words:
-``[flags: 2 phases x 2 parities x NUM_MAX_NVL_PEERS]``, then per parity the dispatch staging area
+``[flags: 2 phases x 2 parities x NUM_MAX_NVL_PEERS]``, ``[dispatch token counts: 2 parities x
+NUM_MAX_NVL_PEERS]`` (per source rank, written by the source before it releases its dispatch
+flag), padded to 128 bytes, then per parity the dispatch staging area
 ``[num_ranks, M, message_words]`` (slot = source rank, token) and the combine staging area
 ``[M, num_topk, hidden / 2]`` (slot = token, top-k slot).
 """
@@ -13,14 +15,21 @@ from dataclasses import dataclass
 
 from epcomm.config import NUM_MAX_NVL_PEERS
 
-__all__ = ["MAX_LOW_LATENCY_TOPK", "LowLatencyLayout", "low_latency_rdma_size_hint"]
+__all__ = [
+    "MAX_LOW_LATENCY_TOPK",
+    "LowLatencyLayout",
+    "count_offset",
+    "flag_offset",
+    "low_latency_rdma_size_hint",
+]
 
 MAX_LOW_LATENCY_TOPK = 32
 """Largest ``num_topk`` of low-latency mode (DeepEP: 11; API.md asks for at least 16). The size
 hint reserves the combine staging area for this many slots per token."""
 
 _ALIGN_WORDS = 32  # 128 bytes
-_FLAG_WORDS = 2 * 2 * NUM_MAX_NVL_PEERS
+_SEQUENCE_WORDS = 2 * 2 * NUM_MAX_NVL_PEERS
+_FLAG_WORDS = _SEQUENCE_WORDS + 2 * NUM_MAX_NVL_PEERS  # sequence flags, then dispatch counts
 
 
 def _align(words: int) -> int:
@@ -69,6 +78,12 @@ class LowLatencyLayout:
 def flag_offset(phase: int, parity: int) -> int:
     """Word offset of the flags of ``phase`` (0 dispatch, 1 combine) and ``parity``."""
     return (phase * 2 + parity) * NUM_MAX_NVL_PEERS
+
+
+def count_offset(parity: int) -> int:
+    """Word offset of ``parity``'s dispatch token counts, one word per source rank: how many of
+    its slots ``[source, 0 : count]`` the source wrote in its last dispatch of that parity."""
+    return _SEQUENCE_WORDS + parity * NUM_MAX_NVL_PEERS
 
 
 def low_latency_rdma_size_hint(

@@ -201,6 +201,7 @@ LL_DISPATCH_RECV_SIGNATURE = {
     "timeout_ns": "i64",
     "error_address": "i64",
     "flag_offset": "i32",
+    "count_offset": "i32",
     "parity_offset": "i32",
 }
 
@@ -244,6 +245,7 @@ def test_low_latency_dispatch_kernels_compile(
         "num_tokens": "i32",
         "rank": "i32",
         "flag_offset": "i32",
+        "count_offset": "i32",
         "parity_offset": "i32",
     }
     send = _compile(

@@ -73,7 +73,10 @@ def ll_combine_send_kernel(
         recv_expected_ptr,
         rank,
         flag_offset,
+        0,  # no count: the combine receiver reads its own tokens' slots
+        0,
         NUM_RANKS,
+        False,
     )
 
 

@@ -1,19 +1,21 @@
 """Low-latency dispatch over NVLink: one message per (token, destination rank), expanded into the
 expert-major layout on the receiver.
 
-Send (``ll_dispatch_send_kernel``): per token, cast to FP8 with per-128-channel scales (fused),
-then write the payload into slot ``[source rank, token]`` of every destination rank holding one of
-its experts, and the token's top-k row to every destination (so a receiver tells this call's
-tokens from stale slots without a count). ``parity_offset`` is specialized on purpose: both parities' offsets are multiples of 32 words
-(never 1), so they share one compiled kernel, and Triton then knows the 16-byte alignment that
-vector stores need (a ``tl.multiple_of`` hint on a scalar did not give them). The send kernel
-also fills this rank's ``combine_gather_idx`` with -1 (the receive kernel, later on the same
-stream, writes the hits) and signals: the last of its programs to finish releases the sequence
-number at every peer (``ll_arrive_and_signal``), so there is no separate signal launch. Receive
-(``ll_dispatch_recv_kernel``, the hook): one program per
-local expert waits (bounded) for every unmasked source, ranks the hits in (source, token) order
-with a prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves
-~2.2x fewer bytes (``../shared/KERNELS.md``).
+Send (``ll_dispatch_send_kernel``, ``min(num_tokens, SMs)`` programs, 1 for no token): per token
+of this call, cast to FP8 with per-128-channel scales (fused), then write the payload into slot
+``[source rank, token]`` of every destination rank holding one of its experts, and the token's
+top-k row to every destination; slots past ``num_tokens`` are not touched. ``parity_offset`` is
+specialized on purpose: both parities' offsets are multiples of 32 words (never 1), so they share
+one compiled kernel, and Triton then knows the 16-byte alignment that vector stores need (a
+``tl.multiple_of`` hint on a scalar did not give them). The send kernel also fills this rank's
+``combine_gather_idx`` with -1 (the receive kernel, later on the same stream, writes the hits) and
+signals: the last of its programs to finish writes ``num_tokens`` into this rank's count word at
+every peer, then releases the sequence number at every peer (``ll_arrive_and_signal``), so there
+is no separate signal launch. Receive (``ll_dispatch_recv_kernel``, the hook): one program per
+local expert waits (bounded) for every unmasked source, reads each source's count, scans the
+top-k rows of slots ``[source, 0 : count]`` only, ranks the hits in (source, token) order with a
+prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves ~2.2x
+fewer bytes (``../shared/KERNELS.md``).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
     return scale
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rank", "flag_offset"])
+@triton.jit(do_not_specialize=["num_tokens", "rank", "flag_offset", "count_offset"])
 def ll_dispatch_send_kernel(
     p0,
     p1,
@@ -59,6 +61,7 @@ def ll_dispatch_send_kernel(
     num_tokens,
     rank,
     flag_offset,
+    count_offset,
     parity_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
@@ -79,54 +82,46 @@ def ll_dispatch_send_kernel(
     k_mask = k_cols < NUM_TOPK
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
     tl.static_assert(NUM_RANKS <= 8)
-    sources = tl.arange(0, 8)  # MAX_PEERS
-    no_expert = tl.full([8, K_BLOCK], -1, tl.int64)
-    no_topk = tl.full([K_BLOCK], -1, tl.int32)
-    for token in range(pid, CAPACITY, grid):
-        # combine_gather_idx[:, token, :] = -1 (every source rank): this loop covers every token slot,
-        # and this kernel runs before this rank's receive kernel (same stream), which writes the hits.
-        tl.store(
-            combine_gather_idx_ptr + (sources[:, None] * CAPACITY + token) * NUM_TOPK + k_cols[None, :],
-            no_expert,
-            mask=(sources < NUM_RANKS)[:, None] & k_mask[None, :],
-        )
-        if token < num_tokens:
-            topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask, other=-1).to(tl.int32)
-            if USE_FP8:
-                columns = tl.arange(0, G_BLOCK * 128)
-                groups = tl.load(x_ptr + token * HIDDEN + columns, mask=columns < HIDDEN, other=0.0)
-                groups = tl.reshape(groups.to(tl.float32), (G_BLOCK, 128))
-                scale = _fp8_scale(tl.max(tl.abs(groups), axis=1), ROUND_SCALE)
-                quantized = tl.math.div_rn(groups, tl.broadcast_to(scale[:, None], (G_BLOCK, 128)))
-                quantized = quantized.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
-                shifts = tl.arange(0, 4) * 8
-                words = tl.sum(tl.reshape(quantized, (G_BLOCK * 32, 4)) << shifts[None, :], axis=1)
-                scale_words = scale.to(tl.int32, bitcast=True)
-            else:
-                x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
-                word_cols = tl.arange(0, X_BLOCK)
-                words = tl.load(x_words + token * X_WORDS + word_cols, mask=word_cols < X_WORDS)
-            for step in tl.static_range(NUM_RANKS):
-                dst = (step + rank + pid) % NUM_RANKS
-                if tl.load(mask_ptr + dst) == 0:
-                    base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
-                    slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
-                    tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
-                    hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
-                    if hits > 0:
-                        out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
-                        tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
-                        if USE_FP8:
-                            group_cols = tl.arange(0, G_BLOCK)
-                            tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+    # combine_gather_idx = -1 everywhere ([num_ranks, CAPACITY, num_topk], local memory, flat
+    # vector stores): this kernel runs before this rank's receive kernel (same stream), which
+    # writes the hits. First, so that the stores drain while the tokens are read.
+    GATHER_ITEMS: tl.constexpr = NUM_RANKS * CAPACITY * NUM_TOPK
+    FILL_BLOCK: tl.constexpr = 1024
+    fill_cols = tl.arange(0, FILL_BLOCK)
+    no_expert = tl.full([FILL_BLOCK], -1, tl.int64)
+    for start in range(pid * FILL_BLOCK, GATHER_ITEMS, grid * FILL_BLOCK):
+        tl.store(combine_gather_idx_ptr + start + fill_cols, no_expert, mask=start + fill_cols < GATHER_ITEMS)
+    # This call's tokens only: the receiver scans slots [rank, 0 : num_tokens] (the count goes
+    # with the signal), so slots past num_tokens are neither written nor read.
+    for token in range(pid, num_tokens, grid):
+        topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask, other=-1).to(tl.int32)
+        if USE_FP8:
+            columns = tl.arange(0, G_BLOCK * 128)
+            groups = tl.load(x_ptr + token * HIDDEN + columns, mask=columns < HIDDEN, other=0.0)
+            groups = tl.reshape(groups.to(tl.float32), (G_BLOCK, 128))
+            scale = _fp8_scale(tl.max(tl.abs(groups), axis=1), ROUND_SCALE)
+            quantized = tl.math.div_rn(groups, tl.broadcast_to(scale[:, None], (G_BLOCK, 128)))
+            quantized = quantized.to(tl.float8e4nv).to(tl.uint8, bitcast=True).to(tl.int32)
+            shifts = tl.arange(0, 4) * 8
+            words = tl.sum(tl.reshape(quantized, (G_BLOCK * 32, 4)) << shifts[None, :], axis=1)
+            scale_words = scale.to(tl.int32, bitcast=True)
         else:
-            # A slot past this call's tokens: only its top-k row, all -1 (no payload, no cast).
-            for step in tl.static_range(NUM_RANKS):
-                dst = (step + rank + pid) % NUM_RANKS
-                if tl.load(mask_ptr + dst) == 0:
-                    base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
-                    slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
-                    tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, no_topk, mask=k_mask)
+            x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+            word_cols = tl.arange(0, X_BLOCK)
+            words = tl.load(x_words + token * X_WORDS + word_cols, mask=word_cols < X_WORDS)
+        for step in tl.static_range(NUM_RANKS):
+            dst = (step + rank + pid) % NUM_RANKS
+            if tl.load(mask_ptr + dst) == 0:
+                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
+                slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
+                tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
+                hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
+                if hits > 0:
+                    out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
+                    tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
+                    if USE_FP8:
+                        group_cols = tl.arange(0, G_BLOCK)
+                        tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
     ll_arrive_and_signal(
         p0,
         p1,
@@ -142,7 +137,10 @@ def ll_dispatch_send_kernel(
         recv_expected_ptr,
         rank,
         flag_offset,
+        count_offset,
+        num_tokens,
         NUM_RANKS,
+        True,
     )
 
 
@@ -176,11 +174,16 @@ def ll_arrive_and_signal(
     recv_expected_ptr,
     rank,
     flag_offset,
+    count_offset,
+    count,
     NUM_RANKS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
 ):
     """The end of a send kernel: every program arrives on ``arrival_ptr`` (an int32 counter in local
-    memory, 0 between calls, one per phase and parity); the last one resets it and signals every
-    unmasked peer (``ll_signal``).
+    memory, 0 between calls, one per phase and parity); the last one resets it, writes ``count``
+    at ``count_offset + rank`` of every unmasked peer if ``HAS_COUNT`` (plain stores, then a block
+    barrier), and signals every unmasked peer (``ll_signal``): the release orders the count (and
+    every payload store) before the sequence number, so a receiver reads it after its acquire.
 
     Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
     before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
@@ -193,6 +196,11 @@ def ll_arrive_and_signal(
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="sys")
     if arrived == tl.num_programs(0) - 1:
         tl.store(arrival_ptr, 0)
+        if HAS_COUNT:
+            for peer in tl.static_range(NUM_RANKS):
+                if tl.load(mask_ptr + peer) == 0:
+                    tl.store(_peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + count_offset + rank, count)
+            tl.debug_barrier()
         for peer in tl.static_range(NUM_RANKS):
             ll_signal(
                 p0,
@@ -266,7 +274,7 @@ def wait_sources(
     tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset"])
+@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset", "count_offset"])
 def ll_dispatch_recv_kernel(
     local_ptr,
     mask_ptr,
@@ -284,6 +292,7 @@ def ll_dispatch_recv_kernel(
     timeout_ns,
     error_address,
     flag_offset,
+    count_offset,
     parity_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
@@ -324,6 +333,15 @@ def ll_dispatch_recv_kernel(
     src_of_row = rows // CAPACITY
     token_of_row = rows % CAPACITY
     source_unmasked = tl.load(mask_ptr + src_of_row, mask=row_mask, other=1) == 0
+    # Each unmasked source wrote its count before releasing its flag (acquired above): only its
+    # slots [src, 0 : count] are this call's; later slots are stale and not read.
+    source_count = tl.load(
+        local_ptr + count_offset + src_of_row,
+        mask=row_mask & source_unmasked,
+        other=0,
+        cache_modifier=".cg",
+    )
+    real = row_mask & source_unmasked & (token_of_row < source_count)
     staging = local_ptr + parity_offset
     global_expert = rank * NUM_LOCAL_EXPERTS + expert
     hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
@@ -331,7 +349,7 @@ def ll_dispatch_recv_kernel(
     for k in tl.static_range(NUM_TOPK):
         topk = tl.load(
             staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k,
-            mask=row_mask & source_unmasked,
+            mask=real,
             other=-1,
             cache_modifier=".cg",
         )

@@ -26,7 +26,7 @@ from epcomm.handles import LowLatencyHandle
 from epcomm.kernels.exchange import MAX_PEERS
 from epcomm.kernels.low_latency_combine import ll_combine_recv_kernel, ll_combine_send_kernel
 from epcomm.kernels.low_latency_dispatch import ll_dispatch_recv_kernel, ll_dispatch_send_kernel
-from epcomm.ll_layout import LowLatencyLayout, flag_offset
+from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
 
 __all__ = ["NvlinkLowLatency"]
 
@@ -146,7 +146,9 @@ class NvlinkLowLatency:
         x_words = hidden // 4 if request.use_fp8 else hidden // 2
         g_block = max(4, triton.next_power_of_2(num_groups))
         peers = self._peers()
-        ll_dispatch_send_kernel[(min(capacity, self.num_sms),)](
+        # One program per token up to the SMs (the grid is fixed per captured shape); with no token,
+        # one program that only fills combine_gather_idx and signals (count 0).
+        ll_dispatch_send_kernel[(max(1, min(num_tokens, self.num_sms)),)](
             *peers,
             x,
             topk_idx,
@@ -156,6 +158,7 @@ class NvlinkLowLatency:
             num_tokens,
             rank,
             flag_offset(_DISPATCH, parity),
+            count_offset(parity),
             layout.dispatch_offset(parity),
             NUM_RANKS=num_ranks,
             NUM_LOCAL_EXPERTS=num_local_experts,
@@ -195,6 +198,7 @@ class NvlinkLowLatency:
                 self.transport.timeout_ns,
                 self.transport.error_word.data_ptr(),
                 flag_offset(_DISPATCH, parity),
+                count_offset(parity),
                 layout.dispatch_offset(parity),
                 NUM_RANKS=num_ranks,
                 NUM_LOCAL_EXPERTS=num_local_experts,
