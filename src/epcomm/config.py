@@ -4,6 +4,15 @@
 DeepEP's ring-buffer knobs; they are accepted and kept (so DeepEP code that builds or tunes
 configs runs unchanged) and feed the buffer-size hints, but our backends write each token once
 into its final place and need no rings (see ``../shared/KERNELS.md``).
+
+SM presets: ``get_dispatch_config`` / ``get_combine_config`` use ``Buffer.num_sms`` (20 unless
+``Buffer.set_num_sms`` changes it, as in DeepEP) for every rank count. Our sweep on 4x H200
+(``benchmarks/bench_normal.py`` at 8/16/24/32 SMs and ``scripts/sweep_push.py`` /
+``scripts/sweep_reduce.py``, docs/performance.md): the dispatch push is NVLink-bound from 16
+programs on (EP4: 486 / 476 / 471 us at 16 / 24 / 32), so dispatch gains nothing past ~16 SMs;
+combine still gains up to 24-32 SMs (its local reduction scales with SMs: 412 / 215 / 153 / 123 us
+at 8 / 16 / 24 / 32); 8 SMs cost 1.1x (dispatch) to 1.6x (combine). 20 sits on the flat part for
+dispatch and within ~10% of the best combine, so the default stays DeepEP's.
 """
 
 from __future__ import annotations
