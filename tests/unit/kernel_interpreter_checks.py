@@ -1,0 +1,161 @@
+"""Kernel logic checked on the CPU with Triton's interpreter (run by test_kernels_interpreter.py in a
+subprocess with ``TRITON_INTERPRET=1``; needs numpy). Each check compares a kernel's output with the
+torch definition it replaces; the GPU tier (tests/gpu) checks the same kernels on real hardware.
+
+Usage: ``TRITON_INTERPRET=1 python tests/unit/kernel_interpreter_checks.py [name ...]``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("run with TRITON_INTERPRET=1")
+
+import torch
+import triton.runtime.interpreter as interpreter
+
+# Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
+# non-0-d arrays: convert through the first element instead.
+_original_patch = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor: object, scope: object) -> None:
+    _original_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor
+
+from epcomm.kernels.normal_combine import launch_combine_reduce  # noqa: E402
+from epcomm.kernels.normal_copy_out import launch_copy_out_meta  # noqa: E402
+from epcomm.kernels.normal_push import PushRegions, launch_push_rows  # noqa: E402
+from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows  # noqa: E402
+from epcomm.layout import compute_dispatch_layout, rows_in_order  # noqa: E402
+
+
+def check_push() -> None:
+    """Every (token, destination) row lands at its row with top-k ids made local, weights and the
+    source index; nothing else is written."""
+    torch.manual_seed(0)
+    num_ranks, num_tokens, words, topk, experts, capacity = 4, 37, 16, 3, 16, 64
+    for rank in (0, 3):
+        peers = [torch.zeros(4096, dtype=torch.int32) for _ in range(num_ranks)]
+        x = torch.randint(-1000, 1000, (num_tokens, words), dtype=torch.int32)
+        idx = torch.randint(-1, experts, (num_tokens, topk))
+        weights = torch.rand(num_tokens, topk)
+        layout = compute_dispatch_layout(idx, experts, num_ranks)
+        dst = rows_in_order(layout.is_token_in_rank, torch.tensor([3, 0, 5, 2]))
+        regions = PushRegions(x=0, topk_idx=1024, topk_weights=1536, src_idx=2560)
+        launch_push_rows(
+            peers, x, None, idx, weights, dst, regions, capacity, rank, experts // num_ranks, True, True, 3
+        )
+        written = [torch.zeros(4096, dtype=torch.bool) for _ in range(num_ranks)]
+        local = experts // num_ranks
+        for t in range(num_tokens):
+            for j in range(num_ranks):
+                r = int(dst[t, j])
+                if r < 0:
+                    continue
+                assert torch.equal(peers[j][r * words : (r + 1) * words], x[t])
+                shifted = idx[t] - j * local
+                want = torch.where((idx[t] >= 0) & (shifted >= 0) & (shifted < local), shifted, -1)
+                assert torch.equal(peers[j][1024:1536].view(torch.int64)[r * topk : (r + 1) * topk], want)
+                got_w = peers[j][1536:2560].view(torch.float32)[r * topk : (r + 1) * topk]
+                assert torch.equal(got_w, torch.where(want >= 0, weights[t], 0.0))
+                assert int(peers[j][2560 + r]) == t
+                written[j][r * words : (r + 1) * words] = True
+                written[j][1024 + 2 * r * topk : 1024 + 2 * (r + 1) * topk] = True
+                written[j][1536 + r * topk : 1536 + (r + 1) * topk] = True
+                written[j][2560 + r] = True
+        for j in range(num_ranks):
+            assert not peers[j][~written[j]].any(), "push wrote outside its rows"
+
+
+def check_rows() -> None:
+    """``dispatch_rows_kernel`` and ``combine_rows_kernel`` against the torch definitions."""
+    torch.manual_seed(1)
+    num_ranks, num_tokens, experts = 4, 1300, 16
+    for rank in range(num_ranks):
+        in_rank = torch.rand(num_tokens, num_ranks) < 0.5
+        counts = torch.randint(0, 2000, (num_ranks, num_ranks), dtype=torch.int32)
+        counts[rank] = in_rank.sum(0).to(torch.int32)
+        table = torch.cat([counts, torch.randint(0, 9, (num_ranks, experts), dtype=torch.int32)], 1)
+        recv_row, prefix, num_recv = launch_dispatch_rows(in_rank, table, rank)
+        want_prefix = counts.cumsum(0, dtype=torch.int32)
+        previous = want_prefix[rank - 1] if rank > 0 else torch.zeros(num_ranks, dtype=torch.int32)
+        assert torch.equal(prefix, want_prefix)
+        assert torch.equal(recv_row, rows_in_order(in_rank, previous))
+        assert int(num_recv) == int(counts[:, rank].sum())
+        matrix = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
+        send_offset = matrix.cumsum(dim=1, dtype=torch.int32) - matrix
+        real = int(prefix[-1, rank])
+        for num_rows in (real, real + 37):  # num_worst_tokens adds padding rows
+            dst_row, token_slot = launch_combine_rows(prefix, recv_row, num_rows, rank, 5)
+            rows = torch.arange(num_rows, dtype=torch.int32)
+            column = prefix[:, rank].contiguous()
+            source = torch.searchsorted(column, rows, right=True).clamp(max=num_ranks - 1)
+            slot = send_offset[source, rank] + rows - (column - matrix[:, rank])[source]
+            want = torch.full((num_rows, num_ranks), -1, dtype=torch.int32)
+            want.scatter_(
+                1, source.view(-1, 1).long(), torch.where(rows < real, slot, -1).view(-1, 1).to(torch.int32)
+            )
+            assert torch.equal(dst_row, want)
+            assert torch.equal(token_slot, rows_in_order(in_rank, send_offset[rank]))
+
+
+def check_copy_out() -> None:
+    """Metadata copy-out, with and without a device count of real rows (``num_worst_tokens``)."""
+    capacity, topk = 700, 5
+    src = torch.randint(0, 100, (capacity,), dtype=torch.int32)
+    idx = torch.randint(-1, 9, (capacity * topk,))
+    weights = torch.rand(capacity * topk)
+    for num_rows, real in ((650, None), (650, torch.tensor([600], dtype=torch.int32))):
+        got_src, got_idx, got_w = launch_copy_out_meta(src, idx, weights, num_rows, topk, real, 3)
+        assert got_idx is not None
+        assert got_w is not None
+        n = num_rows if real is None else int(real)
+        assert torch.equal(got_src[:n], src[:n])
+        assert torch.equal(got_idx[:n], idx.view(capacity, topk)[:n])
+        assert torch.equal(got_w[:n], weights.view(capacity, topk)[:n])
+        assert bool((got_src[n:] == -1).all() and (got_idx[n:] == -1).all() and (got_w[n:] == 0).all())
+
+
+def check_reduce() -> None:
+    """fp32 sum in rank order plus bias; the interpreter truncates fp32 -> bf16 (the GPU rounds to
+    nearest even), so the expectation is truncated the same way."""
+    torch.manual_seed(0)
+    num_ranks, num_tokens, hidden, topk, capacity = 4, 13, 64, 3, 60
+    area = torch.randn(capacity, hidden).bfloat16()
+    area_w = torch.rand(capacity, topk)
+    slot = torch.randint(-1, capacity, (num_tokens, num_ranks), dtype=torch.int32)
+    bias = torch.randn(num_tokens, hidden).bfloat16()
+    out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
+    out_w = torch.empty(num_tokens, topk)
+    launch_combine_reduce(area, area_w, slot, (bias,), out, out_w, 3)
+    total = torch.zeros(num_tokens, hidden)
+    total_w = torch.zeros(num_tokens, topk)
+    for r in range(num_ranks):
+        s = slot[:, r].long()
+        present = (s >= 0)[:, None]
+        total += torch.where(present, area[s.clamp(min=0)].float(), 0.0)
+        total_w += torch.where(present, area_w[s.clamp(min=0)], 0.0)
+    total += bias.float()
+    truncated = (total.view(torch.int32) & -65536).view(torch.float32)
+    assert torch.equal(out.float(), truncated)
+    assert torch.equal(out_w, total_w)
+
+
+CHECKS: dict[str, Callable[[], None]] = {
+    "push": check_push,
+    "rows": check_rows,
+    "copy_out": check_copy_out,
+    "reduce": check_reduce,
+}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(CHECKS):
+        CHECKS[name]()
+        print(f"{name}: ok", flush=True)
