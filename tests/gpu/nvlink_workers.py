@@ -58,6 +58,11 @@ def compare_normal_mode(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -
         bias = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16() if setting.get("bias") else None
         payload: Any = quant.per_token_cast_to_fp8(x) if setting.get("fp8") else x
         outputs = []
+        layouts = [buffer.get_dispatch_layout(topk_idx, num_experts) for buffer in (nvlink, reference)]
+        for got_part, want_part in zip(layouts[0][:4], layouts[1][:4]):
+            assert (got_part is None and want_part is None) or torch.equal(got_part, want_part), (
+                f"rank {pgi.rank}: get_dispatch_layout differs from the reference"
+            )
         for buffer in (nvlink, reference):
             layout = buffer.get_dispatch_layout(topk_idx, num_experts)
             recv = buffer.dispatch(

@@ -45,3 +45,24 @@ def test_skipped_call_raises_named_timeout() -> None:
     assert results[0].startswith("raised"), results[0]
     for expected in ("dispatch", "rank 0", "[1]"):
         assert expected in results[0], results[0]
+
+
+@pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize(
+    ("num_tokens", "num_topk", "num_experts", "num_ranks", "per_node"),
+    [(4096, 8, 256, 4, None), (4096, 8, 256, 8, 4), (130, 4, 32, 2, 1), (0, 8, 16, 4, None)],
+)
+def test_layout_kernel(
+    num_tokens: int, num_topk: int, num_experts: int, num_ranks: int, per_node: int | None
+) -> None:
+    """kernels/layout.py against the torch definition (``EPCOMM_LAYOUT_KERNEL=triton`` uses it)."""
+    from epcomm.kernels.layout import launch_dispatch_layout
+    from epcomm.layout import compute_dispatch_layout
+
+    torch.manual_seed(num_tokens + num_ranks)
+    idx = torch.randint(-1, num_experts, (num_tokens, num_topk), device="cuda")
+    for _ in range(2):  # the second call reuses the cached launch path
+        got = launch_dispatch_layout(idx, num_experts, num_ranks, per_node)
+        want = compute_dispatch_layout(idx, num_experts, num_ranks, per_node)
+        for got_part, want_part in zip(got, want):
+            assert (got_part is None and want_part is None) or torch.equal(got_part, want_part)

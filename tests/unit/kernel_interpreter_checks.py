@@ -29,6 +29,7 @@ def _patch_lang_tensor(tensor: object, scope: object) -> None:
 
 interpreter._patch_lang_tensor = _patch_lang_tensor
 
+from epcomm.kernels.layout import launch_dispatch_layout  # noqa: E402
 from epcomm.kernels.normal_combine import launch_combine_reduce  # noqa: E402
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta  # noqa: E402
 from epcomm.kernels.normal_push import PushRegions, launch_push_rows  # noqa: E402
@@ -148,7 +149,35 @@ def check_reduce() -> None:
     assert torch.equal(out_w, total_w)
 
 
+def check_layout() -> None:
+    """``dispatch_layout_kernel`` against ``compute_dispatch_layout``: -1 entries, a token listing one
+    expert twice, a token with no expert, node counts for 2 nodes, token counts not a multiple of
+    the block."""
+    torch.manual_seed(2)
+    for num_tokens, num_topk, num_experts, num_ranks, per_node in (
+        (300, 8, 64, 4, None),
+        (130, 4, 32, 8, 4),
+        (5, 3, 8, 2, 1),
+        (0, 8, 16, 4, None),
+    ):
+        idx = torch.randint(-1, num_experts, (num_tokens, num_topk))
+        if num_tokens > 2:
+            idx[0] = -1
+            idx[1, :2] = idx[1, 0].clamp(min=0)
+        got = launch_dispatch_layout(idx, num_experts, num_ranks, per_node)
+        want = compute_dispatch_layout(idx, num_experts, num_ranks, per_node)
+        assert torch.equal(got.num_tokens_per_rank, want.num_tokens_per_rank)
+        assert torch.equal(got.num_tokens_per_expert, want.num_tokens_per_expert)
+        assert torch.equal(got.is_token_in_rank, want.is_token_in_rank)
+        if want.num_tokens_per_rdma_rank is None:
+            assert got.num_tokens_per_rdma_rank is None
+        else:
+            assert got.num_tokens_per_rdma_rank is not None
+            assert torch.equal(got.num_tokens_per_rdma_rank, want.num_tokens_per_rdma_rank)
+
+
 CHECKS: dict[str, Callable[[], None]] = {
+    "layout": check_layout,
     "push": check_push,
     "rows": check_rows,
     "copy_out": check_copy_out,

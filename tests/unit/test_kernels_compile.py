@@ -13,6 +13,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 from epcomm.kernels.exchange import exchange_counts_barrier_kernel  # noqa: E402
+from epcomm.kernels.layout import dispatch_layout_kernel  # noqa: E402
 from epcomm.kernels.normal_combine import combine_reduce_kernel  # noqa: E402
 from epcomm.kernels.normal_copy_out import copy_out_meta_kernel  # noqa: E402
 from epcomm.kernels.normal_push import push_rows_kernel  # noqa: E402
@@ -397,3 +398,24 @@ def test_copy_out_meta_compiles(has_topk: bool, has_num_real: bool) -> None:
     aligned = [name for name in signature if name.endswith("_ptr")]
     compiled = _compile(copy_out_meta_kernel, signature, constexprs, aligned, num_warps=4)
     assert any(a.startswith("ld.global.cg") for a in _accesses(compiled))
+
+
+@pytest.mark.parametrize(("num_ranks", "num_nodes"), [(4, 1), (8, 2), (2, 1)])
+def test_dispatch_layout_compiles_with_atomics(num_ranks: int, num_nodes: int) -> None:
+    signature = {"topk_idx_ptr": "*i64", "in_rank_ptr": "*i8", "counts_ptr": "*i32", "num_tokens": "i32"}
+    constexprs = {
+        "NUM_TOPK": 8,
+        "K_BLOCK": 8,
+        "NUM_RANKS": num_ranks,
+        "R_BLOCK": max(num_ranks, 2),
+        "NUM_LOCAL_EXPERTS": 256 // num_ranks,
+        "NUM_EXPERTS": 256,
+        "NUM_NODES": num_nodes,
+        "N_BLOCK": 2,
+        "RANKS_PER_NODE": num_ranks // num_nodes,
+        "BLOCK_T": 128,
+    }
+    compiled = _compile(
+        dispatch_layout_kernel, signature, constexprs, ["topk_idx_ptr", "in_rank_ptr", "counts_ptr"], 4
+    )
+    assert "atom.global" in compiled.asm["ptx"] or "red.global" in compiled.asm["ptx"]

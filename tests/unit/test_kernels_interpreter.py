@@ -18,7 +18,7 @@ SCRIPT = Path(__file__).with_name("kernel_interpreter_checks.py")
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 
-@pytest.mark.parametrize("check", ["push", "rows", "copy_out", "reduce"])
+@pytest.mark.parametrize("check", ["layout", "push", "rows", "copy_out", "reduce"])
 def test_kernel_in_interpreter(check: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])

@@ -9,6 +9,7 @@ rank order. Low-latency mode runs on the reference path until its kernels land.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import torch
@@ -25,6 +26,7 @@ from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle
+from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import launch_push_rows
@@ -35,6 +37,8 @@ __all__ = ["NvlinkBackend", "nvlink_available"]
 
 # Up to five regions per area, each aligned to 32 words: this much slack always covers them.
 _REGION_SLACK_WORDS = 8 * 32
+# get_dispatch_layout implementation: "torch" (default) or "triton" (kernels/layout.py).
+_LAYOUT_KERNEL = os.environ.get("EPCOMM_LAYOUT_KERNEL", "torch")
 
 
 def nvlink_available(group: Any) -> bool:
@@ -100,7 +104,12 @@ class NvlinkBackend(LowLatencyDelegation):
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
-        """See ``epcomm.layout.compute_dispatch_layout`` (sync-free torch ops on the device)."""
+        """``epcomm.layout.compute_dispatch_layout``: sync-free torch ops on the device, or one Triton
+        kernel (``kernels/layout.py``) with ``EPCOMM_LAYOUT_KERNEL=triton``. The kernel is checked on
+        the CPU (Triton's interpreter, sm_90 compile) but not yet on GPUs, so torch stays the default
+        until tests/gpu/test_nvlink_normal.py::test_layout_kernel has passed there."""
+        if _LAYOUT_KERNEL == "triton":
+            return launch_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
         return compute_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # ---- helpers ------------------------------------------------------------------------------
