@@ -1,0 +1,666 @@
+"""Low-latency kernel logic checked on the CPU with Triton's interpreter (run by
+test_ll_kernels_interpreter.py in a subprocess with ``TRITON_INTERPRET=1``; needs numpy).
+
+Simulated ranks share plain CPU tensors as their symmetric buffers; every kernel of low-latency
+mode runs on them (dispatch send with its fused signal, dispatch receive, combine send, combine
+receive, the bounded wait) and each output is compared with an independent torch computation of
+what the API promises (``epcomm.quant`` for the FP8 scales). The inline-assembly primitives (the
+global timer, acquire / relaxed system-scope loads) have no interpreter version: this script
+replaces them with CPU stand-ins (a monotonic clock, a plain load) in the kernel modules; nothing in
+``src`` changes. The GPU tier (tests/gpu) checks the same kernels on real hardware.
+
+Usage: ``TRITON_INTERPRET=1 python tests/unit/ll_kernel_interpreter_checks.py [name ...]``
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+if os.environ.get("TRITON_INTERPRET") != "1":
+    raise SystemExit("run with TRITON_INTERPRET=1")
+
+import torch
+import triton
+import triton.language as tl
+import triton.runtime.interpreter as interpreter
+
+# Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
+# non-0-d arrays: convert through the first element instead.
+_original_patch = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor: object, scope: object) -> None:
+    _original_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor
+
+import epcomm.kernels.low_latency_combine as combine_kernels  # noqa: E402
+import epcomm.kernels.low_latency_dispatch as dispatch_kernels  # noqa: E402
+import epcomm.kernels.primitives as primitives  # noqa: E402
+from epcomm import quant  # noqa: E402
+from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset  # noqa: E402
+
+# CPU stand-ins for the inline-assembly primitives (interpreted kernels resolve them through their
+# module's globals at call time).
+_T0 = time.monotonic_ns()
+
+
+@triton.jit
+def _cpu_timer_ns():
+    return tl.full([], time.monotonic_ns() - _T0, tl.int64)
+
+
+@triton.jit
+def _cpu_load(pointer):
+    return tl.load(pointer)
+
+
+for _module in (dispatch_kernels, primitives):
+    _module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
+    _module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
+    _module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]
+
+
+def _scalar_range(*bounds: object) -> object:
+    """The kernels' ``range`` loops with runtime bounds: compiled, the loop variable is an int32
+    scalar (``token.to(tl.int64)`` is valid); the interpreter gives Python ints. Yield int32 scalars."""
+    for value in range(*(int(bound) for bound in bounds)):  # type: ignore[call-overload]
+        yield tl.full([], value, tl.int32)
+
+
+combine_kernels.range = _scalar_range  # type: ignore[attr-defined]
+
+MAX_PEERS = 8
+DISPATCH_OP, COMBINE_OP = 8, 9  # Operation.LOW_LATENCY_DISPATCH / LOW_LATENCY_COMBINE
+NO_TIMEOUT = 10**12
+
+
+def _peers(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
+    return [*buffers, *([buffers[0]] * (MAX_PEERS - len(buffers)))]
+
+
+def _random_topk(num_tokens: int, num_experts: int, num_topk: int, g: torch.Generator) -> torch.Tensor:
+    """Distinct experts per token (as a router's top-k), one -1 slot in token 0."""
+    if num_tokens == 0:
+        return torch.zeros(0, num_topk, dtype=torch.int64)
+    topk = torch.stack([torch.randperm(num_experts, generator=g)[:num_topk] for _ in range(num_tokens)])
+    topk[0, 0] = -1
+    return topk
+
+
+@dataclass
+class RankState:
+    """One simulated rank's device-resident state (as ``NvlinkLowLatency`` keeps it)."""
+
+    arrivals: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
+    send_seq: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
+    expected: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
+    error: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int32))
+    wait_stats: torch.Tensor = field(default_factory=lambda: torch.zeros(MAX_PEERS, dtype=torch.int64))
+    cumulative: torch.Tensor | None = None
+
+
+class World:
+    """``num_ranks`` simulated ranks: symmetric buffers (stale garbage with top-k rows naming real
+    experts, as an earlier larger call leaves behind; stale token counts too; the sequence flags
+    zero) and per-rank state."""
+
+    def __init__(
+        self, num_ranks: int, capacity: int, hidden: int, num_topk: int, num_experts: int, seed: int
+    ) -> None:
+        self.num_ranks, self.capacity, self.hidden = num_ranks, capacity, hidden
+        self.num_topk, self.num_experts = num_topk, num_experts
+        self.local_experts = num_experts // num_ranks
+        self.layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+        g = torch.Generator().manual_seed(seed)
+        words = self.layout.total_words
+        self.buffers = [
+            torch.randint(0, 2**20, (words,), generator=g, dtype=torch.int32) for _ in range(num_ranks)
+        ]
+        for buffer in self.buffers:
+            buffer[: 2 * 2 * MAX_PEERS] = 0  # the sequence flags
+            for parity in range(2):
+                for fp8 in (False, True):
+                    start = self.layout.dispatch_offset(parity)
+                    messages = buffer[start : start + num_ranks * capacity * self.layout.message_words]
+                    column = self._topk_column(fp8)
+                    messages.view(-1, self.layout.message_words)[:, column : column + num_topk] = (
+                        torch.randint(
+                            0, num_experts, (num_ranks * capacity, num_topk), generator=g, dtype=torch.int32
+                        )
+                    )
+        self.states = [RankState() for _ in range(num_ranks)]
+        # signals each rank sent to (and expects from) each peer, per phase and parity
+        self.signals = torch.zeros(num_ranks, 2, 2, MAX_PEERS, dtype=torch.int32)
+
+    def x_words(self, fp8: bool) -> int:
+        return self.hidden // 4 if fp8 else self.hidden // 2
+
+    def _topk_column(self, fp8: bool) -> int:
+        return self.x_words(fp8) + (self.hidden // 128 if fp8 else 0)
+
+    def g_block(self) -> int:
+        return max(4, triton.next_power_of_2(self.hidden // 128))
+
+    def dispatch_send(
+        self,
+        rank: int,
+        x: torch.Tensor,
+        topk: torch.Tensor,
+        mask: torch.Tensor,
+        gather: torch.Tensor,
+        parity: int,
+        grid: int,
+        fp8: bool = False,
+        round_scale: bool = False,
+    ) -> None:
+        state, x_words = self.states[rank], self.x_words(fp8)
+        dispatch_kernels.ll_dispatch_send_kernel[(grid,)](
+            *_peers(self.buffers),
+            x,
+            topk,
+            mask,
+            gather,
+            state.arrivals[0, parity],
+            state.send_seq[0, parity],
+            state.expected[0, parity],
+            x.shape[0],
+            rank,
+            flag_offset(0, parity),
+            count_offset(parity),
+            self.layout.dispatch_offset(parity),
+            NUM_RANKS=self.num_ranks,
+            NUM_LOCAL_EXPERTS=self.local_experts,
+            CAPACITY=self.capacity,
+            HIDDEN=self.hidden,
+            NUM_TOPK=self.num_topk,
+            K_BLOCK=triton.next_power_of_2(self.num_topk),
+            MESSAGE_WORDS=self.layout.message_words,
+            X_WORDS=x_words,
+            X_BLOCK=triton.next_power_of_2(x_words),
+            G_BLOCK=self.g_block(),
+            USE_FP8=fp8,
+            ROUND_SCALE=round_scale,
+        )
+
+    def dispatch_recv(
+        self,
+        rank: int,
+        mask: torch.Tensor,
+        gather: torch.Tensor,
+        parity: int,
+        fp8: bool = False,
+        ue8m0: bool = False,
+        timeout_ns: int = NO_TIMEOUT,
+    ) -> dict[str, torch.Tensor]:
+        state, x_words = self.states[rank], self.x_words(fp8)
+        num_local, num_rows = self.local_experts, self.num_ranks * self.capacity
+        scale_columns = quant.num_packed_ue8m0(self.hidden) if ue8m0 else self.hidden // 128
+        out = {
+            "x": torch.full((num_local, num_rows, x_words), 99, dtype=torch.int32),
+            "scales": torch.full((num_local, scale_columns, num_rows), 99, dtype=torch.int32),
+            "count": torch.full((num_local,), 99, dtype=torch.int32),
+            "src_info": torch.full((num_local, num_rows), 99, dtype=torch.int32),
+            "layout_range": torch.full((num_local, self.num_ranks), 99, dtype=torch.int64),
+        }
+        if state.cumulative is None:
+            state.cumulative = torch.zeros(num_local, dtype=torch.int32)
+        dispatch_kernels.ll_dispatch_recv_kernel[(num_local,)](
+            self.buffers[rank],
+            mask,
+            state.expected[0, parity],
+            torch.zeros(num_local, num_rows, dtype=torch.int32),
+            out["x"],
+            out["scales"],
+            out["count"],
+            out["src_info"],
+            out["layout_range"],
+            gather,
+            state.cumulative,
+            state.wait_stats,
+            rank,
+            timeout_ns,
+            state.error.data_ptr(),
+            flag_offset(0, parity),
+            count_offset(parity),
+            self.layout.dispatch_offset(parity),
+            NUM_RANKS=self.num_ranks,
+            NUM_LOCAL_EXPERTS=num_local,
+            CAPACITY=self.capacity,
+            HIDDEN=self.hidden,
+            NUM_TOPK=self.num_topk,
+            K_BLOCK=triton.next_power_of_2(self.num_topk),
+            ROWS_BLOCK=triton.next_power_of_2(num_rows),
+            MESSAGE_WORDS=self.layout.message_words,
+            X_WORDS=x_words,
+            X_BLOCK=triton.next_power_of_2(x_words),
+            G_BLOCK=self.g_block(),
+            USE_FP8=fp8,
+            USE_UE8M0=ue8m0,
+            SCALE_COLUMNS=scale_columns,
+            HAS_CUMULATIVE_STATS=True,
+            HAS_WAIT_STATS=True,
+        )
+        return out
+
+    def combine_send(
+        self,
+        rank: int,
+        expert_out: torch.Tensor,
+        gather: torch.Tensor,
+        mask: torch.Tensor,
+        parity: int,
+        grid: int,
+    ) -> None:
+        state, x_words = self.states[rank], self.hidden // 2
+        combine_kernels.ll_combine_send_kernel[(grid,)](
+            *_peers(self.buffers),
+            expert_out.view(torch.int32),
+            gather,
+            mask,
+            state.arrivals[1, parity],
+            state.send_seq[1, parity],
+            state.expected[1, parity],
+            rank,
+            flag_offset(1, parity),
+            self.layout.combine_offset(parity),
+            NUM_RANKS=self.num_ranks,
+            CAPACITY=self.capacity,
+            NUM_TOPK=self.num_topk,
+            X_WORDS=x_words,
+            X_BLOCK=triton.next_power_of_2(x_words),
+        )
+
+    def combine_recv(
+        self,
+        rank: int,
+        topk: torch.Tensor,
+        weights: torch.Tensor,
+        mask: torch.Tensor,
+        parity: int,
+        grid: int,
+        timeout_ns: int = NO_TIMEOUT,
+    ) -> torch.Tensor:
+        state = self.states[rank]
+        out = torch.full((topk.shape[0], self.hidden), 7.0, dtype=torch.bfloat16)
+        combine_kernels.ll_combine_recv_kernel[(grid,)](
+            self.buffers[rank],
+            mask,
+            state.expected[1, parity],
+            topk,
+            weights,
+            out,
+            state.wait_stats,
+            topk.shape[0],
+            rank,
+            timeout_ns,
+            state.error.data_ptr(),
+            flag_offset(1, parity),
+            self.layout.combine_offset(parity),
+            NUM_RANKS=self.num_ranks,
+            NUM_LOCAL_EXPERTS=self.local_experts,
+            HIDDEN=self.hidden,
+            NUM_TOPK=self.num_topk,
+            H_BLOCK=triton.next_power_of_2(self.hidden),
+            HAS_WAIT_STATS=True,
+        )
+        return out
+
+
+def _expected_dispatch(
+    world: World, rank: int, topks: list[torch.Tensor], masks: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What ``rank`` receives: ``hit[e, s * M + t]`` (token t of source s goes to local expert e;
+    sources either side masks give nothing) and the expected ``combine_gather_idx``."""
+    num_ranks, capacity, num_local = world.num_ranks, world.capacity, world.local_experts
+    all_topk = torch.full((num_ranks, capacity, world.num_topk), -1, dtype=torch.int64)
+    for source in range(num_ranks):
+        if not (masks[rank][source] or masks[source][rank]):
+            all_topk[source, : topks[source].shape[0]] = topks[source]
+    experts = rank * num_local + torch.arange(num_local)
+    hit = (all_topk.unsqueeze(0) == experts.view(-1, 1, 1, 1)).any(-1).view(num_local, -1)
+    position = hit.long().cumsum(-1) - 1
+    gather = torch.full((num_ranks, capacity, world.num_topk), -1, dtype=torch.int64)
+    for source in range(num_ranks):
+        for token in range(capacity):
+            for k in range(world.num_topk):
+                local = int(all_topk[source, token, k]) - rank * num_local
+                if 0 <= local < num_local:
+                    gather[source, token, k] = (
+                        local * num_ranks * capacity + position[local, source * capacity + token]
+                    )
+    return hit, gather
+
+
+def _check_dispatch_outputs(
+    world: World, got: dict[str, torch.Tensor], hit: torch.Tensor, rows_words: torch.Tensor
+) -> None:
+    """``rows_words[s * M + t]``: the words expected in ``recv_x`` for token t of source s."""
+    num_ranks, capacity = world.num_ranks, world.capacity
+    count = hit.sum(-1).to(torch.int32)
+    assert torch.equal(got["count"], count), (got["count"], count)
+    for e in range(world.local_experts):
+        rows = hit[e].nonzero().view(-1)
+        c = len(rows)
+        assert torch.equal(got["x"][e, :c], rows_words[rows]), e
+        assert torch.equal(got["src_info"][e, :c], (rows % capacity).to(torch.int32)), e
+        assert bool((got["src_info"][e, c:] == -1).all()), e
+        per_source = hit[e].view(num_ranks, capacity).sum(-1)
+        begin = per_source.cumsum(0) - per_source
+        assert torch.equal(got["layout_range"][e], (begin << 32) | per_source), (
+            got["layout_range"][e],
+            per_source,
+        )
+
+
+def check_dispatch_send() -> None:
+    """Send alone: top-k rows to every unmasked destination, the payload only where the destination
+    holds one of the token's experts, slots past ``num_tokens`` and masked peers untouched,
+    ``combine_gather_idx`` all -1 (also past 1024 entries), the count then the sequence number at
+    every unmasked peer, local sequence state advanced, the arrival counter back at 0."""
+    hidden, num_topk, parity = 256, 4, 1
+    for num_ranks, capacity, cases in (
+        (2, 8, [(n, fp8, grid, 0, (0, 0)) for n in (0, 3, 8) for fp8 in (False, True) for grid in (1, 3)]),
+        (2, 8, [(5, False, 4, 1, (1, 0)), (8, True, 2, 1, (0, 1))]),
+        (3, 120, [(3, False, 2, 2, (0, 1, 0)), (0, False, 1, 0, (0, 0, 0))]),  # gather > 1024 entries
+    ):
+        layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+        num_experts = 4 * num_ranks
+        local_experts = 4
+        for num_tokens, fp8, grid, rank, mask in cases:
+            g = torch.Generator().manual_seed(num_tokens * 10 + grid)
+            world = World(num_ranks, capacity, hidden, num_topk, num_experts, seed=1)
+            for buffer in world.buffers:
+                buffer.fill_(7)
+            x = torch.randn(num_tokens, hidden, generator=g).bfloat16()
+            topk = _random_topk(num_tokens, num_experts, num_topk, g)
+            gather = torch.full((num_ranks, capacity, num_topk), 123, dtype=torch.int64)
+            state = world.states[rank]
+            state.send_seq[0, parity].fill_(5)
+            state.expected[0, parity].fill_(3)
+            mask_tensor = torch.tensor(mask, dtype=torch.int32)
+            world.dispatch_send(rank, x, topk, mask_tensor, gather, parity, grid, fp8)
+            assert bool((gather == -1).all()), "combine_gather_idx not filled with -1"
+            assert bool((state.arrivals == 0).all()), state.arrivals
+            x_words, topk_column = world.x_words(fp8), world._topk_column(fp8)
+            if fp8:
+                _, scales = quant.per_token_cast_to_fp8(x)
+                expected_fp8 = _expected_fp8(x, round_scale=False)
+            for peer in range(num_ranks):
+                buffer = world.buffers[peer]
+                touched = torch.zeros(layout.total_words, dtype=torch.bool)
+                seq, expected = state.send_seq[0, parity, peer], state.expected[0, parity, peer]
+                if mask[peer]:
+                    assert (seq, expected) == (5, 3), (seq, expected)
+                    assert bool((buffer == 7).all()), f"masked peer {peer} written"
+                    continue
+                assert (seq, expected) == (6, 4), (seq, expected)
+                assert buffer[flag_offset(0, parity) + rank] == 6
+                assert buffer[count_offset(parity) + rank] == num_tokens
+                touched[flag_offset(0, parity) + rank] = True
+                touched[count_offset(parity) + rank] = True
+                base = layout.dispatch_offset(parity)
+                for t in range(num_tokens):
+                    start = base + (rank * capacity + t) * layout.message_words
+                    slot = buffer[start : start + layout.message_words]
+                    assert torch.equal(slot[topk_column : topk_column + num_topk].long(), topk[t]), t
+                    touched[start + topk_column : start + topk_column + num_topk] = True
+                    if not bool(((topk[t] >= 0) & (topk[t] // local_experts == peer)).any()):
+                        continue
+                    if fp8:
+                        assert torch.equal(slot[x_words:topk_column].view(torch.float32), scales[t]), t
+                        assert torch.equal(slot[:x_words].view(torch.uint8), expected_fp8[t]), t
+                    else:
+                        assert torch.equal(slot[:x_words], x[t].view(torch.int32)), t
+                    touched[start : start + topk_column] = True
+                assert bool((buffer[~touched] == 7).all()), (
+                    f"peer {peer}: words written outside this call's slots"
+                )
+
+
+@triton.jit
+def _cast_fp8_kernel(src_ptr, dst_ptr, N: tl.constexpr):
+    columns = tl.arange(0, N)
+    values = tl.load(src_ptr + columns)
+    tl.store(dst_ptr + columns, values.to(tl.float8e4nv).to(tl.uint8, bitcast=True))
+
+
+def _expected_fp8(x: torch.Tensor, round_scale: bool) -> torch.Tensor:
+    """``x / scale`` per 128 channels with ``epcomm.quant``'s scales (float32 IEEE division), cast to
+    e4m3 by the interpreter's converter: it drops the carry of some roundings into the exponent
+    (124.3 becomes 64, not 128), which the GPU's conversion does not; the kernel uses the same
+    converter, so everything else must match exactly. ``[rows, hidden]`` uint8."""
+    scales = quant.compute_scales(x, round_scale=round_scale)
+    divided = (x.float() / scales.repeat_interleave(128, dim=-1)).contiguous()
+    out = torch.empty(divided.shape, dtype=torch.uint8)
+    for row in range(x.shape[0]):
+        _cast_fp8_kernel[(1,)](divided[row], out[row], N=x.shape[1])
+    return out
+
+
+def _run_round(
+    world: World,
+    num_tokens: tuple[int, ...],
+    masks: list[tuple[int, ...]],
+    parity: int,
+    seed: int,
+    fp8: bool = False,
+    ue8m0: bool = False,
+) -> None:
+    """One dispatch (+ combine for bf16) over every rank, checked against torch."""
+    g = torch.Generator().manual_seed(seed)
+    num_ranks, hidden, num_local = world.num_ranks, world.hidden, world.local_experts
+    mask_tensors = [torch.tensor(m, dtype=torch.int32) for m in masks]
+    xs, topks, gathers = [], [], []
+    for rank in range(num_ranks):
+        n = num_tokens[rank]
+        x = torch.randn(n, hidden, generator=g).bfloat16() * (1 + torch.arange(hidden) / 100).bfloat16()
+        xs.append(x)
+        topks.append(_random_topk(n, world.num_experts, world.num_topk, g))
+        gathers.append(torch.full((num_ranks, world.capacity, world.num_topk), 77, dtype=torch.int64))
+        grid = max(1, min(n, 3))
+        world.dispatch_send(rank, x, topks[rank], mask_tensors[rank], gathers[rank], parity, grid, fp8, ue8m0)
+    for rank in range(num_ranks):
+        world.signals[rank, 0, parity, :num_ranks] += 1 - mask_tensors[rank]
+    received = []
+    for rank in range(num_ranks):
+        before = world.states[rank].cumulative
+        before = before.clone() if before is not None else torch.zeros(num_local, dtype=torch.int32)
+        got = world.dispatch_recv(rank, mask_tensors[rank], gathers[rank], parity, fp8, ue8m0)
+        hit, want_gather = _expected_dispatch(world, rank, topks, masks)
+        assert torch.equal(gathers[rank], want_gather), (rank, gathers[rank], want_gather)
+        assert world.states[rank].cumulative is not None
+        assert torch.equal(world.states[rank].cumulative - before, hit.sum(-1).to(torch.int32))
+        assert int(world.states[rank].error[0]) == 0, world.states[rank].error
+        if fp8:
+            # the payload as staged at this receiver is epcomm.quant's cast; the scales are
+            # epcomm.quant's
+            start = world.layout.dispatch_offset(parity)
+            staged = world.buffers[rank][
+                start : start + num_ranks * world.capacity * world.layout.message_words
+            ]
+            words = staged.view(num_ranks * world.capacity, -1)[:, : world.x_words(True)].clone()
+            want_q = torch.zeros(num_ranks, world.capacity, hidden, dtype=torch.uint8)
+            want_scales = torch.zeros(num_ranks, world.capacity, got["scales"].shape[1], dtype=torch.int32)
+            for source in range(num_ranks):
+                n = num_tokens[source]
+                if n:
+                    _, s = quant.per_token_cast_to_fp8(xs[source], round_scale=ue8m0, use_ue8m0=ue8m0)
+                    want_q[source, :n] = _expected_fp8(xs[source], round_scale=ue8m0)
+                    want_scales[source, :n] = s.view(torch.int32)
+            want_q = want_q.view(num_ranks * world.capacity, hidden)
+            want_scales = want_scales.view(num_ranks * world.capacity, -1)
+            sent = hit.any(0)
+            assert torch.equal(words[sent].view(torch.uint8), want_q[sent]), rank
+            for e in range(num_local):
+                rows = hit[e].nonzero().view(-1)
+                assert torch.equal(got["scales"][e, :, : len(rows)].T, want_scales[rows]), (rank, e)
+            _check_dispatch_outputs(world, got, hit, words)
+        else:
+            all_x = torch.zeros(num_ranks, world.capacity, hidden, dtype=torch.bfloat16)
+            for source in range(num_ranks):
+                all_x[source, : num_tokens[source]] = xs[source]
+            _check_dispatch_outputs(
+                world, got, hit, all_x.view(num_ranks * world.capacity, hidden).view(torch.int32)
+            )
+        received.append(got)
+    if fp8:
+        return
+    # combine: expert e's output is its input times (1 + e / 8)
+    factor = 1 + torch.arange(num_local).view(-1, 1, 1) / 8
+    for rank in range(num_ranks):
+        expert_out = (received[rank]["x"].view(torch.bfloat16).float() * factor).bfloat16()
+        world.combine_send(rank, expert_out, gathers[rank], mask_tensors[rank], parity, grid=5)
+    for rank in range(num_ranks):
+        world.signals[rank, 1, parity, :num_ranks] += 1 - mask_tensors[rank]
+    for rank in range(num_ranks):
+        n = num_tokens[rank]
+        weights = torch.rand(n, world.num_topk, generator=g)
+        out = world.combine_recv(
+            rank, topks[rank], weights, mask_tensors[rank], parity, grid=max(1, min(n, 2))
+        )
+        assert int(world.states[rank].error[0]) == 0, world.states[rank].error
+        want = torch.zeros(n, hidden)
+        for k in range(world.num_topk):
+            expert = topks[rank][:, k]
+            use = (expert >= 0) & (mask_tensors[rank][expert.clamp(min=0) // num_local] == 0)
+            row = (xs[rank].float() * (1 + (expert.clamp(min=0) % num_local) / 8).view(-1, 1)).bfloat16()
+            want = want + torch.where(use, weights[:, k], 0.0).view(-1, 1) * row.float()
+        _assert_bf16_of(out, want)
+    for rank in range(num_ranks):
+        state = world.states[rank]
+        assert bool((state.arrivals == 0).all())
+        assert torch.equal(state.send_seq, world.signals[rank]), (state.send_seq, world.signals[rank])
+        assert torch.equal(state.expected, world.signals[rank]), (state.expected, world.signals[rank])
+
+
+def _assert_bf16_of(out: torch.Tensor, want: torch.Tensor) -> None:
+    """``out`` is ``want`` (float32) cast to bf16: rounded to nearest even (GPU) or truncated (the
+    interpreter), element by element."""
+    truncated = (want.view(torch.int32) & -65536).view(torch.float32)
+    rounded = want.bfloat16().float()
+    ok = (out.float() == truncated) | (out.float() == rounded)
+    assert bool(ok.all()), (out[~ok][:8], want[~ok][:8])
+
+
+def check_dispatch_combine() -> None:
+    """bf16 dispatch then combine on 3 simulated ranks, several calls on both parities on the same
+    stale buffers (token counts going down and up, zero tokens, a rank masked by all): received
+    rows, counts, source info, layout ranges, gather indices, cumulative stats, then the weighted
+    top-k sums, against torch; sequence numbers and arrival counters in step."""
+    world = World(num_ranks=3, capacity=5, hidden=256, num_topk=3, num_experts=6, seed=3)
+    open_mask = [(0, 0, 0)] * 3
+    shrunk = [(0, 0, 1), (0, 0, 1), (1, 1, 0)]  # rank 2 out: it and the others skip each other
+    rounds = [
+        ((5, 5, 4), open_mask, 0),
+        ((5, 3, 5), open_mask, 1),
+        ((2, 5, 0), open_mask, 0),
+        ((1, 0, 3), shrunk, 1),
+        ((0, 4, 1), open_mask, 0),
+        ((0, 0, 0), open_mask, 1),
+        ((4, 1, 5), shrunk, 0),
+    ]
+    for i, (num_tokens, masks, parity) in enumerate(rounds):
+        _run_round(world, num_tokens, masks, parity, seed=10 + i)
+
+
+def check_dispatch_fp8() -> None:
+    """FP8 dispatch (fused per-128-channel cast) on 2 simulated ranks, repeated calls on both
+    parities on stale buffers: payload vs ``epcomm.quant``'s cast, float32 scales and packed UE8M0
+    scales exactly as ``epcomm.quant``, counts, source info, layout ranges, gather indices."""
+    world = World(num_ranks=2, capacity=6, hidden=1024, num_topk=3, num_experts=8, seed=5)
+    open_mask = [(0, 0)] * 2
+    for i, (num_tokens, parity, ue8m0) in enumerate(
+        [((6, 6), 0, False), ((6, 6), 1, True), ((3, 0), 0, True), ((1, 5), 1, False), ((0, 2), 0, False)]
+    ):
+        _run_round(world, num_tokens, open_mask, parity, seed=50 + i, fp8=True, ue8m0=ue8m0)
+        for rank in range(2):
+            assert torch.equal(world.states[rank].send_seq, world.signals[rank]), world.states[rank].send_seq
+
+
+@triton.jit
+def _wait_kernel(flag_ptr, mask_ptr, expected_ptr, timeout_ns, error_ptr, stats_ptr, NUM_RANKS: tl.constexpr):
+    dispatch_kernels.wait_sources(
+        flag_ptr,
+        mask_ptr,
+        expected_ptr,
+        timeout_ns,
+        error_ptr,
+        9,
+        2,
+        stats_ptr,
+        tl.program_id(0) == 0,
+        NUM_RANKS,
+        True,
+    )
+
+
+def check_wait() -> None:
+    """``wait_sources``: returns once every unmasked source reached its expected sequence number;
+    on expiry names the first missing source in the error word (``[1, op, source, rank]``) and
+    returns; per-source wait stats (0 for a masked source, >= the bound for a missing one). Then
+    both receive kernels give up on a source that never signals, with their operation codes."""
+    timeout = 3_000_000
+    flags = torch.tensor([5, 3, 0, 1, 9, 9, 9, 9], dtype=torch.int32)
+    mask = torch.tensor([0, 0, 1, 0], dtype=torch.int32)
+    expected = torch.tensor([5, 4, 7, 2, 0, 0, 0, 0], dtype=torch.int32)
+    error = torch.zeros(4, dtype=torch.int32)
+    stats = torch.zeros(8, dtype=torch.int64)
+    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4)
+    assert error.tolist() == [1, 9, 1, 2], error
+    assert stats[2] == 0, stats
+    assert 0 <= stats[0] < timeout, stats
+    assert stats[1] >= timeout, stats
+    assert stats[3] >= timeout, stats
+    assert bool((stats[4:] == 0).all()), stats
+    flags[1], flags[3] = 4, 2
+    error.zero_()
+    stats.zero_()
+    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4)
+    assert error.tolist() == [0, 0, 0, 0], error
+    assert stats[2] == 0, stats
+    assert bool(((stats[:4] >= 0) & (stats[:4] < timeout)).all()), stats
+
+    # Rank 1 masks rank 0 (sends nothing to it) while rank 0 still waits on rank 1: rank 0's
+    # receive kernels time out naming source 1, and still finish (own tokens only).
+    world = World(num_ranks=2, capacity=4, hidden=256, num_topk=2, num_experts=4, seed=7)
+    masks = [torch.tensor([0, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)]
+    world.buffers[0][: world.layout.dispatch_offset(0)] = 0  # fresh header: no count from rank 1
+    g = torch.Generator().manual_seed(0)
+    gathers = [torch.zeros(2, 4, 2, dtype=torch.int64) for _ in range(2)]
+    topks = [_random_topk(3, 4, 2, g) for _ in range(2)]
+    for rank in range(2):
+        world.dispatch_send(
+            rank, torch.randn(3, 256, generator=g).bfloat16(), topks[rank], masks[rank], gathers[rank], 0, 2
+        )
+    got = world.dispatch_recv(0, masks[0], gathers[0], 0, timeout_ns=timeout)
+    assert world.states[0].error.tolist() == [1, DISPATCH_OP, 1, 0], world.states[0].error
+    assert world.states[0].wait_stats[1] >= timeout, world.states[0].wait_stats
+    assert torch.equal(
+        got["count"], (topks[0].unsqueeze(0) == torch.arange(2).view(-1, 1, 1)).any(-1).sum(-1).int()
+    )
+    world.states[0].error.zero_()
+    expert_out = torch.randn(2, 8, 256, generator=g).bfloat16()
+    world.combine_send(0, expert_out, gathers[0], masks[0], 0, grid=2)  # rank 0 hears itself only
+    world.combine_recv(0, topks[0], torch.rand(3, 2, generator=g), masks[0], 0, grid=1, timeout_ns=timeout)
+    assert world.states[0].error.tolist() == [1, COMBINE_OP, 1, 0], world.states[0].error
+
+
+CHECKS: dict[str, Callable[[], None]] = {
+    "dispatch_send": check_dispatch_send,
+    "dispatch_combine": check_dispatch_combine,
+    "dispatch_fp8": check_dispatch_fp8,
+    "wait": check_wait,
+}
+
+if __name__ == "__main__":
+    for name in sys.argv[1:] or list(CHECKS):
+        start = time.monotonic()
+        CHECKS[name]()
+        print(f"{name}: ok ({time.monotonic() - start:.1f} s)", flush=True)
