@@ -86,11 +86,14 @@ def _peers(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
 
 
 def _random_topk(num_tokens: int, num_experts: int, num_topk: int, g: torch.Generator) -> torch.Tensor:
-    """Distinct experts per token (as a router's top-k), one -1 slot in token 0."""
+    """Distinct experts per token (as a router's top-k), one -1 slot in token 0, and with 2+ tokens
+    the last token lists one expert twice (both slots must get its row, as in the reference)."""
     if num_tokens == 0:
         return torch.zeros(0, num_topk, dtype=torch.int64)
     topk = torch.stack([torch.randperm(num_experts, generator=g)[:num_topk] for _ in range(num_tokens)])
     topk[0, 0] = -1
+    if num_tokens >= 2 and num_topk >= 2:
+        topk[-1, 1] = topk[-1, 0]
     return topk
 
 

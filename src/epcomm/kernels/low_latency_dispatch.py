@@ -345,7 +345,9 @@ def ll_dispatch_recv_kernel(
     staging = local_ptr + parity_offset
     global_expert = rank * NUM_LOCAL_EXPERTS + expert
     hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
-    hit_slot = tl.full([ROWS_BLOCK], -1, dtype=tl.int32)
+    # Bit k: top-k slot k names this expert (a token listing it twice gets one row, and both slots
+    # point at it in combine_gather_idx, as in the reference backend).
+    hit_slots = tl.zeros([ROWS_BLOCK], dtype=tl.int64)
     for k in tl.static_range(NUM_TOPK):
         topk = tl.load(
             staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k,
@@ -354,17 +356,15 @@ def ll_dispatch_recv_kernel(
             cache_modifier=".cg",
         )
         is_hit = topk == global_expert
-        hit_slot = tl.where(is_hit & (hit_slot < 0), k, hit_slot)
+        hit_slots = hit_slots | (is_hit.to(tl.int64) << k)
         hit = hit | is_hit.to(tl.int32)
     position = tl.cumsum(hit, axis=0) - 1
     count = tl.sum(hit, axis=0)
     tl.store(scratch_ptr + expert * NUM_ROWS + position, rows, mask=hit > 0)
     gather_row = (expert * NUM_ROWS + position).to(tl.int64)
-    tl.store(
-        combine_gather_idx_ptr + (src_of_row * CAPACITY + token_of_row) * NUM_TOPK + hit_slot,
-        gather_row,
-        mask=hit > 0,
-    )
+    gather_base = combine_gather_idx_ptr + (src_of_row * CAPACITY + token_of_row).to(tl.int64) * NUM_TOPK
+    for k in tl.static_range(NUM_TOPK):
+        tl.store(gather_base + k, gather_row, mask=((hit_slots >> k) & 1) != 0)
     tl.store(recv_count_ptr + expert, count)
     if HAS_CUMULATIVE_STATS:
         tl.store(cumulative_stats_ptr + expert, tl.load(cumulative_stats_ptr + expert) + count)
