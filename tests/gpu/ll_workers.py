@@ -82,6 +82,9 @@ def compare_low_latency(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -
         )
         buffers = _buffers(pgi, capacity, hidden, num_experts)
         x, topk_idx, weights = _inputs(pgi, num_tokens, hidden, num_experts, num_topk, setting["seed"])
+        if setting.get("duplicate"):
+            # Every 7th token lists its first expert twice: both slots must count (reference semantics).
+            topk_idx[::7, 1] = topk_idx[::7, 0]
         kwargs = {
             "use_fp8": use_fp8,
             "round_scale": round_scale,

@@ -19,6 +19,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.skipif(NUM_GPUS
 
 SETTINGS = [
     {"seed": 1, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8},
+    {"seed": 7, "capacity": 64, "hidden": 1024, "num_experts": 32, "num_topk": 4, "duplicate": True},
     {"seed": 2, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8, "fp8": True},
     {"seed": 3, "capacity": 64, "hidden": 2048, "num_experts": 32, "num_topk": 6, "fp8": True, "round": True},
     {
