@@ -34,25 +34,20 @@ def main() -> None:
     rows = []
     for programs in (8, 16, 24, 32):
         for tokens_per_step in (1, 2, 4):
-            for warps, hoist in ((8, True), (16, True), (32, True), (16, False)):
-                if programs != 24 and (tokens_per_step, warps, hoist) not in (
-                    (2, 16, True),
-                    (4, 16, True),
-                    (1, 16, True),
-                ):
+            for warps in (8, 16, 32):
+                if programs != 24 and warps != 16:
                     continue
 
                 def run(
                     programs: int = programs,
                     tokens_per_step: int = tokens_per_step,
                     warps: int = warps,
-                    hoist: bool = hoist,
                 ) -> None:
                     combine_reduce_kernel[(programs,)](
                         area, weights, slot, out, out, out, out_w, tokens,
                         NUM_RANKS=ranks, HIDDEN=hidden, H_BLOCK=triton.next_power_of_2(hidden),
                         NUM_TOPK=topk, K_BLOCK=topk, TOKENS=tokens_per_step, HAS_WEIGHTS=True,
-                        NUM_BIAS=0, HOIST=hoist, num_warps=warps,
+                        NUM_BIAS=0, num_warps=warps,
                     )  # fmt: skip
 
                 run()

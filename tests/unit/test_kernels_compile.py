@@ -135,11 +135,8 @@ def test_exchange_compiles_with_system_scope_ordering(num_counts: int, num_rank_
     )
 
 
-@pytest.mark.parametrize(
-    ("hidden", "num_bias", "num_ranks", "hoist"),
-    [(7168, 0, 4, True), (4096, 2, 8, True), (7168, 0, 2, False)],
-)
-def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int, hoist: bool) -> None:
+@pytest.mark.parametrize(("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2)])
+def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int) -> None:
     signature = {
         "area_x_ptr": "*bf16",
         "area_weights_ptr": "*fp32",
@@ -159,7 +156,6 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int, hoi
         "TOKENS": 2,
         "HAS_WEIGHTS": True,
         "NUM_BIAS": num_bias,
-        "HOIST": hoist,
     }
     aligned = [name for name in signature if name.endswith("_ptr")]
     compiled = _compile(combine_reduce_kernel, signature, constexprs, aligned, num_warps=16)
