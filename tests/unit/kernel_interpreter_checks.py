@@ -7,34 +7,18 @@ Usage: ``TRITON_INTERPRET=1 python tests/unit/kernel_interpreter_checks.py [name
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    raise SystemExit("run with TRITON_INTERPRET=1")
-
 import torch
-import triton.runtime.interpreter as interpreter
+import triton_interpreter  # noqa: F401  (TRITON_INTERPRET check, numpy-2 fix; before any kernel import)
 
-# Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
-# non-0-d arrays: convert through the first element instead.
-_original_patch = interpreter._patch_lang_tensor
-
-
-def _patch_lang_tensor(tensor: object, scope: object) -> None:
-    _original_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
-
-
-interpreter._patch_lang_tensor = _patch_lang_tensor
-
-from epcomm.kernels.layout import launch_dispatch_layout  # noqa: E402
-from epcomm.kernels.normal_combine import launch_combine_reduce  # noqa: E402
-from epcomm.kernels.normal_copy_out import launch_copy_out_meta  # noqa: E402
-from epcomm.kernels.normal_push import PushRegions, launch_push_rows  # noqa: E402
-from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows  # noqa: E402
-from epcomm.layout import compute_dispatch_layout, rows_in_order  # noqa: E402
+from epcomm.kernels.layout import launch_dispatch_layout
+from epcomm.kernels.normal_combine import launch_combine_reduce
+from epcomm.kernels.normal_copy_out import launch_copy_out_meta
+from epcomm.kernels.normal_push import PushRegions, launch_push_rows
+from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows
+from epcomm.layout import compute_dispatch_layout, rows_in_order
 
 
 def check_push() -> None:

@@ -1,5 +1,5 @@
 """Low-latency kernel logic checked on the CPU with Triton's interpreter (run by
-test_ll_kernels_interpreter.py in a subprocess with ``TRITON_INTERPRET=1``; needs numpy).
+test_kernels_interpreter.py in a subprocess with ``TRITON_INTERPRET=1``; needs numpy).
 
 Simulated ranks share plain CPU tensors as their symmetric buffers; every kernel of low-latency
 mode runs on them (dispatch send with its fused signal, dispatch receive, combine send, combine
@@ -14,37 +14,21 @@ Usage: ``TRITON_INTERPRET=1 python tests/unit/ll_kernel_interpreter_checks.py [n
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    raise SystemExit("run with TRITON_INTERPRET=1")
-
 import torch
 import triton
 import triton.language as tl
-import triton.runtime.interpreter as interpreter
+import triton_interpreter  # noqa: F401  (TRITON_INTERPRET check, numpy-2 fix; before any kernel import)
 
-# Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
-# non-0-d arrays: convert through the first element instead.
-_original_patch = interpreter._patch_lang_tensor
-
-
-def _patch_lang_tensor(tensor: object, scope: object) -> None:
-    _original_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))  # type: ignore[attr-defined]
-
-
-interpreter._patch_lang_tensor = _patch_lang_tensor
-
-import epcomm.kernels.low_latency_combine as combine_kernels  # noqa: E402
-import epcomm.kernels.low_latency_dispatch as dispatch_kernels  # noqa: E402
-import epcomm.kernels.primitives as primitives  # noqa: E402
-from epcomm import quant  # noqa: E402
-from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset  # noqa: E402
+import epcomm.kernels.low_latency_combine as combine_kernels
+import epcomm.kernels.low_latency_dispatch as dispatch_kernels
+import epcomm.kernels.primitives as primitives
+from epcomm import quant
+from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
 
 # CPU stand-ins for the inline-assembly primitives (interpreted kernels resolve them through their
 # module's globals at call time).

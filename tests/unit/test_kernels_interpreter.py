@@ -1,6 +1,7 @@
-"""The normal-mode kernels' logic on the CPU: ``kernel_interpreter_checks.py`` runs each kernel in
-Triton's interpreter (a subprocess, since ``TRITON_INTERPRET`` must be set before the kernels are
-defined) and compares it with the torch definition it replaces."""
+"""The kernels' logic on the CPU: ``kernel_interpreter_checks.py`` (normal mode, layout) and
+``ll_kernel_interpreter_checks.py`` (low-latency dispatch / combine send and receive on simulated
+ranks, the bounded wait) run each kernel in Triton's interpreter (a subprocess, since
+``TRITON_INTERPRET`` must be set before the kernels are defined) and compare it with torch."""
 
 from __future__ import annotations
 
@@ -14,16 +15,23 @@ import pytest
 pytest.importorskip("triton")
 pytest.importorskip("numpy")  # the interpreter runs on numpy
 
-SCRIPT = Path(__file__).with_name("kernel_interpreter_checks.py")
+HERE = Path(__file__).parent
 SRC = Path(__file__).resolve().parents[2] / "src"
+CHECKS = [
+    *(("kernel_interpreter_checks.py", check) for check in ("layout", "push", "rows", "copy_out", "reduce")),
+    *(
+        ("ll_kernel_interpreter_checks.py", check)
+        for check in ("dispatch_send", "dispatch_combine", "dispatch_fp8", "wait")
+    ),
+]
 
 
-@pytest.mark.parametrize("check", ["layout", "push", "rows", "copy_out", "reduce"])
-def test_kernel_in_interpreter(check: str) -> None:
+@pytest.mark.parametrize(("script", "check"), CHECKS)
+def test_kernel_in_interpreter(script: str, check: str) -> None:
     env = dict(os.environ, TRITON_INTERPRET="1")
     env["PYTHONPATH"] = os.pathsep.join([str(SRC), env.get("PYTHONPATH", "")])
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), check],
+        [sys.executable, str(HERE / script), check],
         env=env,
         capture_output=True,
         text=True,
