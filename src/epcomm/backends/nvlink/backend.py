@@ -257,17 +257,22 @@ class NvlinkBackend(LowLatencyDelegation):
                 for column in zip(*(row[start : start + num_local_experts] for row in host))
             ]
 
-        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx = self._copy_out(
-            regions,
+        recv_x, recv_scales = self._copy_out_payload(regions, num_rows, x.dtype, request.x_scales)
+        push_regions, capacity, k = regions.push, regions.capacity, regions.num_topk
+        payload = self.transport.payload
+        recv_src_idx, recv_topk_idx, recv_topk_weights = launch_copy_out_meta(
+            payload(push_regions.src_idx, capacity, torch.int32),
+            payload(push_regions.topk_idx, capacity * k * 2, torch.int32).view(torch.int64)
+            if request.topk_idx is not None
+            else None,
+            payload(push_regions.topk_weights, capacity * k, torch.float32)
+            if request.topk_weights is not None
+            else None,
             num_rows,
-            x.dtype,
-            request.x_scales,
-            request.topk_idx is not None,
-            request.topk_weights is not None,
+            k,
             num_recv_tokens if worst > 0 else None,
             self._sms(request.config.num_sms),
         )
-        assert recv_src_idx is not None
         handle = DispatchHandle(
             rank_prefix_matrix=rank_prefix_matrix,
             is_token_in_rank=is_token_in_rank,
@@ -287,21 +292,11 @@ class NvlinkBackend(LowLatencyDelegation):
             self._views_of = buffers
         return self._views
 
-    def _copy_out(
-        self,
-        regions: DispatchRegions,
-        num_rows: int,
-        x_dtype: torch.dtype,
-        x_scales: torch.Tensor | None,
-        has_topk_idx: bool,
-        has_topk_weights: bool,
-        num_real_rows: torch.Tensor | None,
-        num_sms: int,
-    ) -> tuple[
-        torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None
-    ]:
-        """Copy the received rows out of the symmetric area: the payload (and scales) by copy engine,
-        the metadata (``num_sms > 0``) by one kernel; ``num_sms == 0`` skips the metadata."""
+    def _copy_out_payload(
+        self, regions: DispatchRegions, num_rows: int, x_dtype: torch.dtype, x_scales: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Copy the first ``num_rows`` received rows (and scales) out of the symmetric area, by copy
+        engine (0 SMs); the metadata, when needed, goes through ``launch_copy_out_meta``."""
         push = regions.push
         capacity = regions.capacity
         payload = self.transport.payload
@@ -311,19 +306,7 @@ class NvlinkBackend(LowLatencyDelegation):
         if x_scales is not None:
             s_area = payload(push.scales, capacity * regions.scale_words, torch.int32)
             recv_scales = s_area.view(capacity, regions.scale_words)[:num_rows].clone().view(x_scales.dtype)
-        k = regions.num_topk
-        if num_sms == 0:
-            return recv_x, recv_scales, None, None, None
-        recv_src_idx, recv_topk_idx, recv_topk_weights = launch_copy_out_meta(
-            payload(push.src_idx, capacity, torch.int32),
-            payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64) if has_topk_idx else None,
-            payload(push.topk_weights, capacity * k, torch.float32) if has_topk_weights else None,
-            num_rows,
-            k,
-            num_real_rows,
-            num_sms,
-        )
-        return recv_x, recv_scales, recv_topk_idx, recv_topk_weights, recv_src_idx
+        return recv_x, recv_scales
 
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
         x_words = self._words(request.x, "x")
@@ -349,8 +332,8 @@ class NvlinkBackend(LowLatencyDelegation):
             num_sms=self._sms(request.config.num_sms),
         )
         self.transport.barrier(Operation.CACHED_DISPATCH)
-        recv_x, recv_scales, _, _, _ = self._copy_out(
-            regions, handle.num_recv_rows, request.x.dtype, request.x_scales, False, False, None, 0
+        recv_x, recv_scales = self._copy_out_payload(
+            regions, handle.num_recv_rows, request.x.dtype, request.x_scales
         )
         return DispatchResult(recv_x, recv_scales, None, None, [], handle)
 
