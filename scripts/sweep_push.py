@@ -72,28 +72,15 @@ import torch.distributed as dist
 import triton
 import triton.language as tl
 
+from epcomm.kernels.exchange import MAX_PEERS, _peer
 from epcomm.testing.launch import ProcessGroupInfo, parallel_launch
 
-MAX_PEERS = 8
 FLUSH_BYTES = 256 << 20
 CHUNK_BYTES_PER_STEP = 32 << 10
 """Bytes a chunk-kernel step loads (16 chunks of 512 words: the registers of a [2, 4096] block)."""
 
 
 # ---- kernels -----------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _peer(peer, p0, p1, p2, p3, p4, p5, p6, p7):
-    # Pointer select (as epcomm.kernels.exchange._peer): keeps the 16-byte alignment of every argument.
-    base = tl.where(peer == 0, p0, p1)
-    base = tl.where(peer == 2, p2, base)
-    base = tl.where(peer == 3, p3, base)
-    base = tl.where(peer == 4, p4, base)
-    base = tl.where(peer == 5, p5, base)
-    base = tl.where(peer == 6, p6, base)
-    base = tl.where(peer == 7, p7, base)
-    return base
 
 
 @triton.jit(do_not_specialize=["num_rows", "rank", "capacity"])
