@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import epcomm
-from common import append_jsonl, environment_info
+from common import append_jsonl, capture_graph, environment_info
 from epcomm import quant
 from epcomm.testing import ProcessGroupInfo, parallel_launch
 
@@ -76,19 +76,6 @@ def _time_back_to_back(
     return statistics.median(times)
 
 
-def _graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        output = fn()
-    return graph, output
-
-
 def _measure(
     pgi: ProcessGroupInfo, setting: dict[str, int], backend: str, iters: int, barrier: Callable[[], None]
 ) -> list[dict[str, Any]]:
@@ -125,15 +112,15 @@ def _measure(
     combine_bytes = received * hidden * 2
     extra: dict[str, float] = {}
     if backend == "nvlink":
-        dispatch_graph, _ = _graph(dispatch)
-        combine_graph, _ = _graph(combine)
+        dispatch_graph, _ = capture_graph(dispatch)
+        combine_graph, _ = capture_graph(combine)
         dispatch_us = _time_back_to_back(dispatch_graph.replay, iters, barrier)
         combine_us = _time_back_to_back(combine_graph.replay, iters, barrier)
         pair_us = _time_back_to_back(
             lambda: (dispatch_graph.replay(), combine_graph.replay()), iters, barrier
         )
-        send_graph, _ = _graph(lambda: dispatch(hook=True))
-        recv_graph, _ = _graph(lambda: state["hook"]())
+        send_graph, _ = capture_graph(lambda: dispatch(hook=True))
+        recv_graph, _ = capture_graph(lambda: state["hook"]())
         send_us = _time_back_to_back(send_graph.replay, iters, barrier)
         both_us = _time_back_to_back(lambda: (send_graph.replay(), recv_graph.replay()), iters, barrier)
         a = torch.randn(4096, 4096, device=pgi.device, dtype=torch.bfloat16)

@@ -268,6 +268,22 @@ def user_combine(y: torch.Tensor, handle: UserHandle, group: Any) -> torch.Tenso
 # ---- timing -----------------------------------------------------------------------------------------
 
 
+def capture_graph(fn: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn`` captured in a CUDA graph (after one eager call on a side stream, as PyTorch asks),
+    with the output of the captured call (its tensors are the graph's; replays overwrite them)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = fn()
+    torch.cuda.synchronize()
+    return graph, output
+
+
 def time_op(
     fn: Callable[[int], object],
     *,

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import epcomm
-from common import Setting, make_routing
+from common import Setting, capture_graph, make_routing
 from epcomm import quant
 from epcomm.testing import ProcessGroupInfo, parallel_launch
 
@@ -104,21 +104,6 @@ class _Calls:
 
 def _nothing() -> None:
     """Placeholder hook before the first call."""
-
-
-def _graph(fn: Callable[[], Any]) -> torch.cuda.CUDAGraph:
-    """``fn`` captured in a CUDA graph (after one eager call on a side stream, as PyTorch asks)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    torch.cuda.synchronize()
-    return graph
 
 
 def _back_to_back_us(
@@ -359,16 +344,16 @@ def _setting(
 
     # (b) graphs and their timings.
     graphs = {
-        "dispatch": _graph(calls.dispatch),
-        "combine": _graph(calls.combine),
-        "dispatch_send": _graph(calls.dispatch_send),
+        "dispatch": capture_graph(calls.dispatch)[0],
+        "combine": capture_graph(calls.combine)[0],
+        "dispatch_send": capture_graph(calls.dispatch_send)[0],
     }
-    graphs["dispatch_hook"] = _graph(calls.run_dispatch_hook)
-    graphs["combine_send"] = _graph(calls.combine_send)
-    graphs["combine_hook"] = _graph(calls.run_combine_hook)
+    graphs["dispatch_hook"] = capture_graph(calls.run_dispatch_hook)[0]
+    graphs["combine_send"] = capture_graph(calls.combine_send)[0]
+    graphs["combine_hook"] = capture_graph(calls.run_combine_hook)[0]
     tiny = torch.zeros(1, device=pgi.device)
-    one = _graph(lambda: tiny.add_(1))
-    four = _graph(lambda: [tiny.add_(1) for _ in range(4)])
+    one = capture_graph(lambda: tiny.add_(1))[0]
+    four = capture_graph(lambda: [tiny.add_(1) for _ in range(4)])[0]
     barrier()
     g = graphs
     timings = {
