@@ -14,7 +14,7 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/bench_low_latency.py --out "$OUT/low_latency.jsonl" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -20
   timeout 300 python3 benchmarks/bench_normal.py --num-ranks 4 --out "$OUT/normal.jsonl" --plot "$OUT/normal.png" 2>&1 \
     | tee "$OUT/bench_normal.log" | grep -v "it/s" | tail -60
-  # The one-kernel get_dispatch_layout (opt-in until tests/gpu test_layout_kernel has passed on GPUs).
-  EPCOMM_LAYOUT_KERNEL=triton timeout 120 python3 benchmarks/bench_normal.py --num-ranks 4 --settings prefill \
+  # get_dispatch_layout as torch ops (EPCOMM_LAYOUT_KERNEL=torch) beside the default Triton kernel.
+  EPCOMM_LAYOUT_KERNEL=torch timeout 120 python3 benchmarks/bench_normal.py --num-ranks 4 --settings prefill \
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
 fi

@@ -101,13 +101,32 @@ def _cuda_tensors(items: Iterable[Any]) -> Iterator[torch.Tensor]:
             yield from _cuda_tensors(item)
 
 
+# One reusable event per waited-on stream: a wait captures the event's latest record when it is
+# enqueued, so re-recording it later never changes an earlier wait (torch's ``wait_stream`` creates
+# and destroys a CUDA event per call, a measurable share of a call's host time).
+_WAIT_EVENTS: dict[int, torch.cuda.Event] = {}
+
+
+def stream_wait(waiter: torch.cuda.Stream, waited: torch.cuda.Stream) -> None:
+    """``waiter.wait_stream(waited)`` through a cached event."""
+    event = _WAIT_EVENTS.get(waited.cuda_stream)
+    if event is None:
+        event = _WAIT_EVENTS[waited.cuda_stream] = torch.cuda.Event()
+    event.record(waited)
+    waiter.wait_event(event)
+
+
 @dataclass
 class StreamContext:
-    """What ``comm_stream_scope`` hands the operation: the stream it runs on and its inputs."""
+    """What ``comm_stream_scope`` hands the operation: the stream it runs on and its inputs.
+
+    ``waited_all`` is true when the communication stream waited for everything queued on the
+    compute stream (no ``previous_event``)."""
 
     stream: torch.cuda.Stream | None
     compute_stream: torch.cuda.Stream | None
     keep_alive: list[Any] = field(default_factory=list)
+    waited_all: bool = False
 
     def finish(
         self, outputs: tuple[Any, ...], async_finish: bool, allocate_on_comm_stream: bool
@@ -122,9 +141,12 @@ class StreamContext:
             # Synchronous (CPU) work is complete already: async callers get a completed no-op event.
             return EventOverlap(EventHandle() if async_finish else None)
         compute_stream = self.compute_stream
-        if self.stream != compute_stream:
+        if self.stream != compute_stream and (async_finish or not self.waited_all):
             # Tensors used on the comm stream but owned by the compute stream's allocator (and the
             # reverse with allocate_on_comm_stream) must not be reused before the comm work ends.
+            # Not needed when the call is ordered both ways (the comm stream waited for the whole
+            # compute stream and the compute stream waits for the comm stream below): a freed
+            # block is then reused only by work ordered after every use of it.
             for tensor in _cuda_tensors(self.keep_alive):
                 tensor.record_stream(self.stream)
             for tensor in _cuda_tensors(outputs):
@@ -132,7 +154,7 @@ class StreamContext:
         if async_finish:
             return EventOverlap(EventHandle.recorded_on(self.stream), tuple(self.keep_alive) + tuple(outputs))
         if self.stream != compute_stream:
-            compute_stream.wait_stream(self.stream)
+            stream_wait(compute_stream, self.stream)
         return EventOverlap(None)
 
 
@@ -163,6 +185,7 @@ def comm_stream_scope(
     if handle is not None:
         handle.stream_wait(comm_stream)
     elif compute_stream is not None and comm_stream != compute_stream:
-        comm_stream.wait_stream(compute_stream)
+        stream_wait(comm_stream, compute_stream)
+        context.waited_all = True
     with torch.cuda.stream(comm_stream):
         yield context

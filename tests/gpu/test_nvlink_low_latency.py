@@ -15,7 +15,12 @@ from ll_workers import (
 from epcomm.testing import parallel_launch
 
 NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
-pytestmark = [pytest.mark.gpu, pytest.mark.multigpu, pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2+ GPUs")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.multigpu,
+    pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU"),
+]
+needs_two = pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2+ GPUs")
 
 SETTINGS = [
     {"seed": 1, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8},
@@ -45,7 +50,7 @@ SETTINGS = [
 ]
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_low_latency_matches_reference(world_size: int) -> None:
     if world_size > NUM_GPUS:
         pytest.skip(f"needs {world_size} GPUs")
@@ -54,7 +59,7 @@ def test_low_latency_matches_reference(world_size: int) -> None:
     assert not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4])
 def test_cuda_graph_replay(world_size: int) -> None:
     if world_size > NUM_GPUS:
         pytest.skip(f"needs {world_size} GPUs")
@@ -65,6 +70,7 @@ def test_cuda_graph_replay(world_size: int) -> None:
     assert not failures, "\n".join(failures)
 
 
+@needs_two
 def test_shrink_mode_skips_masked_rank() -> None:
     world_size = min(NUM_GPUS, 4)
     results = parallel_launch(world_size, shrink_masked_rank, backend="nccl", timeout_s=300)
@@ -72,6 +78,7 @@ def test_shrink_mode_skips_masked_rank() -> None:
     assert not failures, "\n".join(failures)
 
 
+@needs_two
 def test_skipped_low_latency_call_raises_named_timeout() -> None:
     results = parallel_launch(2, skip_low_latency, 3.0, backend="nccl", timeout_s=120)
     assert results[0].startswith("raised"), results[0]
@@ -79,6 +86,7 @@ def test_skipped_low_latency_call_raises_named_timeout() -> None:
         assert expected in results[0], results[0]
 
 
+@needs_two
 def test_two_outstanding_dispatches_and_wait_stats() -> None:
     results = parallel_launch(min(NUM_GPUS, 4), two_outstanding, backend="nccl", timeout_s=300)
     failures = [line for rank_failures in results for line in rank_failures]

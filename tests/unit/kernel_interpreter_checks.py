@@ -11,14 +11,18 @@ import sys
 from collections.abc import Callable
 
 import torch
-import triton_interpreter  # noqa: F401  (TRITON_INTERPRET check, numpy-2 fix; before any kernel import)
+import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 
+import epcomm.kernels.normal_rows as rows_kernels
+import epcomm.kernels.primitives as primitives
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import PushRegions, launch_push_rows
-from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows
+from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_combine_rows, launch_dispatch_counts
 from epcomm.layout import compute_dispatch_layout, rows_in_order
+
+triton_interpreter.use_cpu_primitives(rows_kernels, primitives)
 
 
 def check_push() -> None:
@@ -60,20 +64,60 @@ def check_push() -> None:
 
 
 def check_rows() -> None:
-    """``dispatch_rows_kernel`` and ``combine_rows_kernel`` against the torch definitions."""
+    """``dispatch_counts_kernel`` (count exchange, rows, host copy) and ``combine_rows_kernel``
+    against the torch definitions. The other ranks' counts rows and flags are written into the
+    simulated buffers beforehand, as if they had published already; the kernel publishes this rank's
+    own row (into every buffer) and must wait for, then read, all of them."""
     torch.manual_seed(1)
     num_ranks, num_tokens, experts = 4, 1300, 16
+    flag_offset, table_offset, epoch = 0, 64, 7
+    num_counts = num_ranks + experts
     for rank in range(num_ranks):
         in_rank = torch.rand(num_tokens, num_ranks) < 0.5
         counts = torch.randint(0, 2000, (num_ranks, num_ranks), dtype=torch.int32)
         counts[rank] = in_rank.sum(0).to(torch.int32)
-        table = torch.cat([counts, torch.randint(0, 9, (num_ranks, experts), dtype=torch.int32)], 1)
-        recv_row, prefix, num_recv = launch_dispatch_rows(in_rank, table, rank)
-        want_prefix = counts.cumsum(0, dtype=torch.int32)
-        previous = want_prefix[rank - 1] if rank > 0 else torch.zeros(num_ranks, dtype=torch.int32)
-        assert torch.equal(prefix, want_prefix)
-        assert torch.equal(recv_row, rows_in_order(in_rank, previous))
-        assert int(num_recv) == int(counts[:, rank].sum())
+        per_expert = torch.randint(0, 9, (num_ranks, experts), dtype=torch.int32)
+        table = torch.cat([counts, per_expert], 1)
+        buffers = [torch.zeros(64 + 8 * num_counts, dtype=torch.int32) for _ in range(num_ranks)]
+        local = buffers[rank]
+        for s in range(num_ranks):
+            if s != rank:
+                local[table_offset + s * num_counts : table_offset + (s + 1) * num_counts] = table[s]
+                local[flag_offset + s] = epoch
+        error = torch.zeros(4, dtype=torch.int32)
+        for write_host in (True, False):
+            host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
+            recv_row, prefix, num_recv = launch_dispatch_counts(
+                buffers,
+                per_expert[rank].clone(),
+                in_rank,
+                rank,
+                epoch,
+                10**12,
+                error.data_ptr(),
+                2,
+                flag_offset,
+                table_offset,
+                host.data_ptr(),
+                write_host,
+            )
+            assert int(error[0]) == 0, "the wait timed out"
+            for j in range(num_ranks):  # this rank's row and flag reached every buffer
+                got = buffers[j][table_offset + rank * num_counts : table_offset + (rank + 1) * num_counts]
+                assert torch.equal(got, table[rank])
+                assert int(buffers[j][flag_offset + rank]) == epoch
+            if write_host:
+                assert int(host[0]) == epoch
+                assert torch.equal(host[HOST_TABLE_WORD:].view(num_ranks, num_counts), table)
+            else:
+                assert int(host[0]) == 0, "no table copy without write_host"
+                assert int(host[1]) == int(counts[:, rank].sum())
+                assert int(host[2]) == epoch
+            want_prefix = counts.cumsum(0, dtype=torch.int32)
+            previous = want_prefix[rank - 1] if rank > 0 else torch.zeros(num_ranks, dtype=torch.int32)
+            assert torch.equal(prefix, want_prefix)
+            assert torch.equal(recv_row, rows_in_order(in_rank, previous))
+            assert int(num_recv) == int(counts[:, rank].sum())
         matrix = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
         send_offset = matrix.cumsum(dim=1, dtype=torch.int32) - matrix
         real = int(prefix[-1, rank])

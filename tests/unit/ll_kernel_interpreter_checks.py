@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 import triton.language as tl
-import triton_interpreter  # noqa: F401  (TRITON_INTERPRET check, numpy-2 fix; before any kernel import)
+import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
@@ -30,25 +30,7 @@ import epcomm.kernels.primitives as primitives
 from epcomm import quant
 from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
 
-# CPU stand-ins for the inline-assembly primitives (interpreted kernels resolve them through their
-# module's globals at call time).
-_T0 = time.monotonic_ns()
-
-
-@triton.jit
-def _cpu_timer_ns():
-    return tl.full([], time.monotonic_ns() - _T0, tl.int64)
-
-
-@triton.jit
-def _cpu_load(pointer):
-    return tl.load(pointer)
-
-
-for _module in (dispatch_kernels, primitives):
-    _module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
-    _module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
-    _module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]
+triton_interpreter.use_cpu_primitives(dispatch_kernels, primitives)
 
 
 def _scalar_range(*bounds: object) -> object:

@@ -12,12 +12,12 @@ triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from epcomm.kernels.exchange import exchange_counts_barrier_kernel  # noqa: E402
+from epcomm.kernels.exchange import barrier_kernel  # noqa: E402
 from epcomm.kernels.layout import dispatch_layout_kernel  # noqa: E402
 from epcomm.kernels.normal_combine import combine_reduce_kernel  # noqa: E402
 from epcomm.kernels.normal_copy_out import copy_out_meta_kernel  # noqa: E402
 from epcomm.kernels.normal_push import push_rows_kernel  # noqa: E402
-from epcomm.kernels.normal_rows import combine_rows_kernel, dispatch_rows_kernel  # noqa: E402
+from epcomm.kernels.normal_rows import combine_rows_kernel, dispatch_counts_kernel  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 PEERS = {f"p{i}": "*i32" for i in range(8)}
@@ -105,34 +105,24 @@ def test_push_rows_compiles_with_vector_accesses(
     assert "st.global.v4.b32" in accesses, accesses
 
 
-@pytest.mark.parametrize(("num_counts", "num_rank_counts"), [(0, 0), (4 + 256, 4), (8 + 256, 0)])
-def test_exchange_compiles_with_system_scope_ordering(num_counts: int, num_rank_counts: int) -> None:
+def _assert_system_scope_ordering(ptx: str) -> None:
+    assert "ld.acquire.sys" in ptx
+    assert re.search(r"atom\.[a-z.]*sys[a-z.]*release|atom\.[a-z.]*release[a-z.]*sys", ptx), (
+        "no release atomic"
+    )
+
+
+def test_barrier_compiles_with_system_scope_ordering() -> None:
     signature = {
         **PEERS,
-        "counts_ptr": "*i32",
-        "in_rank_ptr": "*i8",
-        "num_tokens": "i32",
         "rank": "i32",
         "epoch": "i32",
         "timeout_ns": "i64",
         "error_address": "i64",
         "operation_code": "i32",
     }
-    constexprs = {
-        "FLAG_OFFSET": 0,
-        "TABLE_OFFSET": 64,
-        "NUM_COUNTS": num_counts,
-        "BLOCK": 512,
-        "NUM_RANK_COUNTS": num_rank_counts,
-        "T_BLOCK": 512,
-        "R_BLOCK": 4,
-    }
-    compiled = _compile(exchange_counts_barrier_kernel, signature, constexprs, [*PEERS, "counts_ptr"], 4)
-    ptx = compiled.asm["ptx"]
-    assert "ld.acquire.sys" in ptx
-    assert re.search(r"atom\.[a-z.]*sys[a-z.]*release|atom\.[a-z.]*release[a-z.]*sys", ptx), (
-        "no release atomic"
-    )
+    compiled = _compile(barrier_kernel, signature, {"FLAG_OFFSET": 0}, [*PEERS], 1)
+    _assert_system_scope_ordering(compiled.asm["ptx"])
 
 
 @pytest.mark.parametrize(("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2)])
@@ -342,21 +332,38 @@ def test_low_latency_kernel_names_say_their_operation() -> None:
             assert operation in name, f"{module.__name__}.{name} does not say {operation!r}"
 
 
-@pytest.mark.parametrize("num_ranks", [2, 4, 8])
-def test_normal_rows_kernels_compile(num_ranks: int) -> None:
+@pytest.mark.parametrize(("num_ranks", "num_experts"), [(1, 8), (2, 256), (4, 256), (8, 4096)])
+def test_normal_rows_kernels_compile(num_ranks: int, num_experts: int) -> None:
     r_block = max(triton.next_power_of_2(num_ranks), 2)
-    dispatch_signature = {
+    counts_signature = {
+        **PEERS,
+        "counts_ptr": "*i32",
         "in_rank_ptr": "*i8",
-        "table_ptr": "*i32",
         "recv_row_ptr": "*i32",
         "rank_prefix_ptr": "*i32",
         "num_recv_ptr": "*i32",
         "num_tokens": "i32",
         "rank": "i32",
+        "epoch": "i32",
+        "timeout_ns": "i64",
+        "error_address": "i64",
+        "operation_code": "i32",
+        "host_address": "i64",
+        "write_host": "i32",
     }
-    constexprs = {"NUM_RANKS": num_ranks, "NUM_COUNTS": num_ranks + 256, "R_BLOCK": r_block, "T_BLOCK": 1024}
-    aligned = [name for name in dispatch_signature if name.endswith("_ptr")]
-    _compile(dispatch_rows_kernel, dispatch_signature, constexprs, aligned, num_warps=4)
+    constexprs = {
+        "FLAG_OFFSET": 0,
+        "TABLE_OFFSET": 64,
+        "NUM_RANKS": num_ranks,
+        "NUM_EXPERTS": num_experts,
+        "E_BLOCK": min(max(triton.next_power_of_2(num_experts), 32), 1024),
+        "R_BLOCK": r_block,
+        "T_BLOCK": 512,
+        "HOST_TABLE": 4,
+    }
+    aligned = [*PEERS, *(name for name in counts_signature if name.endswith("_ptr"))]
+    compiled = _compile(dispatch_counts_kernel, counts_signature, constexprs, aligned, num_warps=4)
+    _assert_system_scope_ordering(compiled.asm["ptx"])
     combine_signature = {
         "rank_prefix_ptr": "*i32",
         "recv_row_ptr": "*i32",

@@ -6,10 +6,14 @@ interpreter work with numpy 2."""
 from __future__ import annotations
 
 import os
+import time
+from types import ModuleType
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1")
 
+import triton
+import triton.language as tl
 import triton.runtime.interpreter as interpreter
 
 # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
@@ -23,3 +27,27 @@ def _patch_lang_tensor(tensor: object, scope: object) -> None:
 
 
 interpreter._patch_lang_tensor = _patch_lang_tensor
+
+
+# CPU stand-ins for the inline-assembly primitives (interpreted kernels resolve them through their
+# module's globals at call time): a monotonic clock and a plain load.
+_T0 = time.monotonic_ns()
+
+
+@triton.jit
+def _cpu_timer_ns():
+    return tl.full([], time.monotonic_ns() - _T0, tl.int64)
+
+
+@triton.jit
+def _cpu_load(pointer):
+    return tl.load(pointer)
+
+
+def use_cpu_primitives(*modules: ModuleType) -> None:
+    """Replace the global timer and the system-scope loads in ``modules`` (kernel modules, and
+    ``epcomm.kernels.primitives`` for the helpers that call them) with CPU stand-ins."""
+    for module in modules:
+        module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
+        module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
+        module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]

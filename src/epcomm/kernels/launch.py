@@ -11,6 +11,11 @@ its address is 16-byte aligned; per integer whether it needs 64 bits and, unless
 it ``do_not_specialize``, whether it equals 1 and whether it is a multiple of 16; plus every
 constexpr value and ``num_warps``. So an argument Triton would compile differently for never
 reuses a kernel compiled for another.
+
+On the cached path tensors are passed to the launcher as their addresses (Python ints): Triton's
+launcher otherwise calls ``data_ptr()`` and ``cuPointerGetAttribute`` for every tensor argument on
+every launch. The key records that each tensor is a CUDA tensor, so a CPU tensor never takes the
+cached path (Triton's own path rejects it with its error).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ _INFO: dict[int, _KernelInfo] = {}
 
 def _arg_key(value: Any, specialize: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        return (value.dtype, value.data_ptr() % 16 == 0)
+        return (value.dtype, value.is_cuda, value.data_ptr() % 16 == 0)
     if isinstance(value, bool):
         return ("b", value)
     if isinstance(value, int):
@@ -102,7 +107,17 @@ def launch(
         return
     ordered = tuple(constexprs[name] for name in info.constexpr_names)
     device = torch.cuda.current_device()
-    key = (tuple(map(_arg_key, args, info.specialize)), ordered, num_warps, device)
+    keys = []
+    values = []
+    for value, specialize in zip(args, info.specialize):
+        if isinstance(value, torch.Tensor):
+            address = value.data_ptr()
+            keys.append((value.dtype, value.is_cuda, address % 16 == 0))
+            values.append(address)
+        else:
+            keys.append(_arg_key(value, specialize))
+            values.append(value)
+    key = (tuple(keys), ordered, num_warps, device)
     compiled = info.compiled.get(key)
     if compiled is None:
         compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
@@ -120,16 +135,17 @@ def launch(
         metadata = compiled.launch_metadata(grid, _current_stream(device), *args, *ordered)
     else:
         enter_hook = exit_hook = None
+    stream = _current_stream(device)
     compiled.run(
         grid[0],
         grid[1] if len(grid) > 1 else 1,
         grid[2] if len(grid) > 2 else 1,
-        _current_stream(device),
+        stream,
         compiled.function,
         compiled.packed_metadata,
         metadata,
         enter_hook,
         exit_hook,
-        *args,
+        *values,
         *ordered,
     )

@@ -1,8 +1,10 @@
 """Normal mode: where every row goes, computed on the device in one launch per operation.
 
-``dispatch_rows_kernel`` turns the exchanged count table into the rank prefix matrix, the receive
-count and, for each (token, destination rank), the row it lands in at that rank (source ranks in
-order, then tokens in order: DeepEP's receive order). ``combine_rows_kernel`` derives from a
+``dispatch_counts_kernel`` exchanges the counts between ranks (through the symmetric buffer) and
+turns the count table into the rank prefix matrix, the receive count and, for each (token,
+destination rank), the row it lands in at that rank (source ranks in order, then tokens in order:
+DeepEP's receive order); it also copies the table to host-mapped memory, so the host reads the
+counts without a device-to-host copy or an event. ``combine_rows_kernel`` derives from a
 dispatch handle where each received row goes back (expert side) and where each token finds the
 rows sent back to it (token side). Both replace a dozen small torch ops on the host's critical
 path; ``epcomm.layout.rows_in_order`` is the definition they are tested against.
@@ -14,37 +16,109 @@ import torch
 import triton
 import triton.language as tl
 
+from epcomm.kernels.exchange import MAX_PEERS, _peer
 from epcomm.kernels.launch import cdiv, launch, next_pow2
+from epcomm.kernels.primitives import signal_release_sys, wait_all_epoch
 
-__all__ = ["launch_combine_rows", "launch_dispatch_rows"]
+__all__ = ["HOST_TABLE_WORD", "launch_combine_rows", "launch_dispatch_counts"]
 
-_T_BLOCK = 1024
+_T_BLOCK = 512
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rank"])
-def dispatch_rows_kernel(
+# The host-mapped count words: word 0 the epoch of the table copy (written after it), words 1-2 the
+# receive count and its epoch (num_worst_tokens mode), the table from word HOST_TABLE_WORD on.
+HOST_TABLE_WORD = 4
+
+
+@triton.jit(
+    do_not_specialize=[
+        "num_tokens",
+        "rank",
+        "epoch",
+        "timeout_ns",
+        "error_address",
+        "operation_code",
+        "host_address",
+        "write_host",
+    ]
+)
+def dispatch_counts_kernel(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    counts_ptr,
     in_rank_ptr,
-    table_ptr,
     recv_row_ptr,
     rank_prefix_ptr,
     num_recv_ptr,
     num_tokens,
     rank,
+    epoch,
+    timeout_ns,
+    error_address,
+    operation_code,
+    host_address,
+    write_host,
+    FLAG_OFFSET: tl.constexpr,
+    TABLE_OFFSET: tl.constexpr,
     NUM_RANKS: tl.constexpr,
-    NUM_COUNTS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    E_BLOCK: tl.constexpr,
     R_BLOCK: tl.constexpr,
     T_BLOCK: tl.constexpr,
+    HOST_TABLE: tl.constexpr,
 ):
-    # One program per destination rank j.
+    # Program j publishes this rank's counts row to rank j, waits for every peer's row, then
+    # computes where this rank's tokens land at rank j.
     j = tl.program_id(0)
+    num_counts = NUM_RANKS + NUM_EXPERTS
+    remote = _peer(j, p0, p1, p2, p3, p4, p5, p6, p7)
+    local = _peer(rank, p0, p1, p2, p3, p4, p5, p6, p7)
+    row = remote + TABLE_OFFSET + rank * num_counts
+    # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view).
+    r_cols = tl.arange(0, R_BLOCK)
+    r_mask = r_cols < NUM_RANKS
+    per_rank = tl.zeros([R_BLOCK], dtype=tl.int32)
+    for start in range(0, num_tokens, T_BLOCK):
+        tokens = tl.arange(0, T_BLOCK) + start
+        hits = tl.load(
+            in_rank_ptr + tokens[:, None] * NUM_RANKS + r_cols[None, :],
+            mask=(tokens[:, None] < num_tokens) & r_mask[None, :],
+            other=0,
+        )
+        per_rank += tl.sum((hits != 0).to(tl.int32), axis=0)
+    tl.store(row + r_cols, per_rank, mask=r_mask)
+    for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
+        experts = tl.arange(0, E_BLOCK) + e_start
+        e_mask = experts < NUM_EXPERTS
+        tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+    signal_release_sys(remote + FLAG_OFFSET + rank, epoch)
+    error_pointer = error_address.to(tl.pointer_type(tl.int32))
+    wait_all_epoch(local + FLAG_OFFSET, epoch, NUM_RANKS, timeout_ns, error_pointer, operation_code, rank)
+
+    # Column j of the table: rows each source rank sends to j (volatile: never a stale cached line
+    # of an earlier call's table). This rank's own row comes from registers: no program waits for
+    # another program of this grid.
+    table = local + TABLE_OFFSET
     sources = tl.arange(0, R_BLOCK)
-    # Column j of the table: rows each source rank sends to j (written by peers before the barrier
-    # kernel that preceded this one; volatile loads never see a stale cached line).
-    sent = tl.load(table_ptr + sources * NUM_COUNTS + j, mask=sources < NUM_RANKS, other=0, volatile=True)
+    own = tl.sum(tl.where(r_cols == j, per_rank, 0), 0)
+    peers = (sources < NUM_RANKS) & (sources != rank)
+    sent = tl.load(table + sources * num_counts + j, mask=peers, other=0, volatile=True)
+    sent = tl.where(sources == rank, own, sent)
     prefix = tl.cumsum(sent, 0)
     tl.store(rank_prefix_ptr + sources * NUM_RANKS + j, prefix, mask=sources < NUM_RANKS)
+    host = host_address.to(tl.pointer_type(tl.int32))
     if j == rank:
         tl.store(num_recv_ptr, tl.sum(sent, 0))
+        if write_host == 0:
+            # num_worst_tokens mode (no host read now): the count for a later check, then its epoch.
+            tl.store(host + 1, tl.sum(sent, 0))
+            signal_release_sys(host + 2, epoch)
     carry = tl.sum(tl.where(sources < rank, sent, 0), 0)
     for start in range(0, num_tokens, T_BLOCK):
         tokens = tl.arange(0, T_BLOCK) + start
@@ -53,20 +127,60 @@ def dispatch_rows_kernel(
         position = tl.cumsum(hit, 0) + carry - 1
         tl.store(recv_row_ptr + tokens * NUM_RANKS + j, tl.where(hit != 0, position, -1), mask=inside)
         carry += tl.sum(hit, 0)
+    # The whole table to the host-mapped copy (this rank's row from registers and counts_ptr),
+    # then its epoch (the host polls the epoch).
+    if (j == 0) & (write_host != 0):
+        total = NUM_RANKS * num_counts
+        own_first = rank * num_counts
+        for start in range(0, total, E_BLOCK):
+            words = tl.arange(0, E_BLOCK) + start
+            inside = (words < total) & ((words < own_first) | (words >= own_first + num_counts))
+            values = tl.load(table + words, mask=inside, other=0, volatile=True)
+            tl.store(host + HOST_TABLE + words, values, mask=inside)
+        own_row = host + HOST_TABLE + own_first
+        tl.store(own_row + r_cols, per_rank, mask=r_mask)
+        for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
+            experts = tl.arange(0, E_BLOCK) + e_start
+            e_mask = experts < NUM_EXPERTS
+            tl.store(own_row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+        signal_release_sys(host, epoch)
 
 
-def launch_dispatch_rows(
+def launch_dispatch_counts(
+    peer_buffers: list[torch.Tensor],
+    num_tokens_per_expert: torch.Tensor,
     is_token_in_rank: torch.Tensor,
-    table: torch.Tensor,
     rank: int,
+    epoch: int,
+    timeout_ns: int,
+    error_address: int,
+    operation_code: int,
+    flag_offset: int,
+    table_offset: int,
+    host_address: int,
+    write_host: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rows of a dispatch from the exchanged count table, on the current stream.
+    """Exchange the dispatch counts and compute every row number, in one launch on the current stream.
+
+    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert]`` into
+    row ``rank`` of every peer's count table, releases flag ``rank`` there at ``epoch``, waits
+    (bounded by ``timeout_ns``) for every peer's flag, then derives the rows from the table.
 
     Arguments:
+        peer_buffers: per rank an int32 view of its symmetric buffer (1..8 ranks).
+        num_tokens_per_expert: ``[num_experts]`` int32, contiguous.
         is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
-        table: ``[num_ranks, num_counts]`` int32 (contiguous rows): row ``s`` starts with the
-            number of tokens rank ``s`` sends to each rank.
         rank: this rank.
+        epoch: a value larger than any earlier epoch of this buffer.
+        timeout_ns: bound of the wait.
+        error_address: address of the host-mapped ``[4]`` int32 error word.
+        operation_code: written into the error word on timeout, names the operation.
+        flag_offset, table_offset: int32-element offsets of the flags and the count table.
+        host_address: address of a host-mapped int32 buffer of ``HOST_TABLE_WORD + num_ranks *
+            (num_ranks + num_experts)`` words. With ``write_host`` the table goes to word
+            ``HOST_TABLE_WORD`` on, then ``epoch`` to word 0; without, this rank's receive count
+            goes to word 1, then ``epoch`` to word 2.
+        write_host: copy the table to the host buffer (the host waits for it).
 
     Returns:
         ``recv_row_of_token [num_tokens, num_ranks]`` int32 (row at each destination, ``-1`` = not
@@ -74,27 +188,42 @@ def launch_dispatch_rows(
         ranks) and ``num_recv_tokens [1]`` int32 (rows this rank receives).
     """
     num_tokens, num_ranks = is_token_in_rank.shape
+    if not 1 <= num_ranks <= MAX_PEERS or len(peer_buffers) != num_ranks:
+        raise ValueError(f"the NVLink backend supports 1..{MAX_PEERS} ranks; got {num_ranks}")
     device = is_token_in_rank.device
     recv_row = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     rank_prefix = torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device)
     num_recv = torch.empty(1, dtype=torch.int32, device=device)
+    padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
+    num_experts = num_tokens_per_expert.numel()
     launch(
-        dispatch_rows_kernel,
+        dispatch_counts_kernel,
         (num_ranks,),
         (
+            *padded,
+            num_tokens_per_expert,
             is_token_in_rank.view(torch.int8),
-            table,
             recv_row,
             rank_prefix,
             num_recv,
             num_tokens,
             rank,
+            epoch,
+            timeout_ns,
+            error_address,
+            operation_code,
+            host_address,
+            int(write_host),
         ),
         {
+            "FLAG_OFFSET": flag_offset,
+            "TABLE_OFFSET": table_offset,
             "NUM_RANKS": num_ranks,
-            "NUM_COUNTS": table.stride(0),
+            "NUM_EXPERTS": num_experts,
+            "E_BLOCK": min(max(next_pow2(max(num_experts, 1)), 32), 1024),
             "R_BLOCK": max(next_pow2(num_ranks), 2),
             "T_BLOCK": _T_BLOCK,
+            "HOST_TABLE": HOST_TABLE_WORD,
         },
         4,
     )

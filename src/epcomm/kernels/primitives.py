@@ -10,7 +10,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["global_timer_ns", "load_acquire_sys", "load_relaxed_sys", "signal_release_sys", "wait_epoch"]
+__all__ = [
+    "global_timer_ns",
+    "load_acquire_sys",
+    "load_relaxed_sys",
+    "signal_release_sys",
+    "wait_all_epoch",
+    "wait_epoch",
+]
 
 # Written into the error word's first slot when a wait expired.
 TIMEOUT_ERROR_CODE = 1
@@ -64,6 +71,33 @@ def wait_epoch(flag_pointer, epoch, timeout_ns, error_pointer, operation_code, p
     if value < epoch:
         tl.store(error_pointer + 1, operation_code)
         tl.store(error_pointer + 2, peer)
+        tl.store(error_pointer + 3, rank)
+        tl.atomic_xchg(error_pointer, 1, sem="release", scope="sys")
+    tl.debug_barrier()
+
+
+@triton.jit
+def wait_all_epoch(flags_pointer, epoch, num_ranks, timeout_ns, error_pointer, operation_code, rank):
+    """Spin until ``flags_pointer[s] >= epoch`` for every peer ``s < num_ranks``, ``s != rank`` (at
+    most 8 ranks; the 8 words at ``flags_pointer`` must be readable) or ``timeout_ns`` passes; one
+    vector poll for all.
+
+    Relaxed polls, then one acquire load of every flag: reads after this see what each peer wrote
+    before its release. On expiry writes ``[1, operation_code, first missing peer, rank]`` to
+    ``error_pointer`` (host-mapped) and returns, so the stream never hangs.
+    """
+    sources = tl.arange(0, 8)
+    waited_on = (sources < num_ranks) & (sources != rank)
+    start = global_timer_ns()
+    missing = waited_on & (load_relaxed_sys(flags_pointer + sources) < epoch)
+    expired = False
+    while (tl.max(missing.to(tl.int32), axis=0) > 0) & (not expired):
+        missing = missing & (load_relaxed_sys(flags_pointer + sources) < epoch)
+        expired = (global_timer_ns() - start) > timeout_ns
+    missing = waited_on & (load_acquire_sys(flags_pointer + sources) < epoch)
+    if tl.max(missing.to(tl.int32), axis=0) > 0:
+        tl.store(error_pointer + 1, operation_code)
+        tl.store(error_pointer + 2, tl.min(tl.where(missing, sources, 8), axis=0))
         tl.store(error_pointer + 3, rank)
         tl.atomic_xchg(error_pointer, 1, sem="release", scope="sys")
     tl.debug_barrier()

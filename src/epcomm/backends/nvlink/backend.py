@@ -30,15 +30,15 @@ from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import launch_push_rows
-from epcomm.kernels.normal_rows import launch_combine_rows, launch_dispatch_rows
+from epcomm.kernels.normal_rows import launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
 __all__ = ["NvlinkBackend", "nvlink_available"]
 
 # Up to five regions per area, each aligned to 32 words: this much slack always covers them.
 _REGION_SLACK_WORDS = 8 * 32
-# get_dispatch_layout implementation: "torch" (default) or "triton" (kernels/layout.py).
-_LAYOUT_KERNEL = os.environ.get("EPCOMM_LAYOUT_KERNEL", "torch")
+# get_dispatch_layout implementation: "triton" (default, kernels/layout.py) or "torch".
+_LAYOUT_KERNEL = os.environ.get("EPCOMM_LAYOUT_KERNEL", "triton")
 
 
 def nvlink_available(group: Any) -> bool:
@@ -94,53 +94,36 @@ class NvlinkBackend(LowLatencyDelegation):
         self.low_latency: NvlinkLowLatency | None = None
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
-        self._table_host: torch.Tensor | None = None
         self._views: list[torch.Tensor] = []
         self._views_of: list[torch.Tensor] | None = None
-        # num_worst_tokens mode cannot read the receive count without a sync: it is copied into
-        # pinned memory asynchronously and checked at the next call.
-        self._worst_received = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        self._worst_check: tuple[torch.Tensor, int] | None = None
+        # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
+        # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
+        self._worst_check: tuple[int, int] | None = None
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
-        """``epcomm.layout.compute_dispatch_layout``: sync-free torch ops on the device, or one Triton
-        kernel (``kernels/layout.py``) with ``EPCOMM_LAYOUT_KERNEL=triton``. The kernel is checked on
-        the CPU (Triton's interpreter, sm_90 compile) but not yet on GPUs, so torch stays the default
-        until tests/gpu/test_nvlink_normal.py::test_layout_kernel has passed there."""
+        """``epcomm.layout.compute_dispatch_layout`` as one Triton kernel (``kernels/layout.py``;
+        tests/gpu/test_nvlink_normal.py::test_layout_kernel checks it on GPUs), or as sync-free torch
+        ops on the device with ``EPCOMM_LAYOUT_KERNEL=torch``."""
         if _LAYOUT_KERNEL == "triton":
             return launch_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
         return compute_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # ---- helpers ------------------------------------------------------------------------------
-    def _start_table_read(self, table: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
-        """Start one small device-to-host copy of the count table; the device runs on meanwhile."""
-        if self._table_host is None or self._table_host.numel() < table.numel():
-            self._table_host = torch.empty(table.numel(), dtype=torch.int32, pin_memory=True)
-        host = self._table_host[: table.numel()].view(table.shape)
-        host.copy_(table, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record()
-        return host, event
-
-    def _finish_table_read(self, pending: tuple[torch.Tensor, torch.cuda.Event]) -> torch.Tensor:
-        """Wait for the copy only (not for the kernels queued after it) and check for peer errors."""
-        host, event = pending
-        event.synchronize()
-        self.transport.check_error()
-        return host
-
     def _check_worst(self) -> None:
-        """Raise if an earlier ``num_worst_tokens`` dispatch received more rows than it allowed."""
+        """Raise if an earlier ``num_worst_tokens`` dispatch received more rows than it allowed
+        (checked once its count has reached the host; a later such dispatch replaces the check)."""
         if self._worst_check is not None:
-            received, allowed = self._worst_check
-            if int(received[0]) > allowed:
+            epoch, allowed = self._worst_check
+            received = self.transport.received_count(epoch)
+            if received is not None:
                 self._worst_check = None
-                raise ValueError(
-                    f"dispatch: num_worst_tokens={allowed} but rank {self.rank} received {int(received[0])} "
-                    "tokens in an earlier call (rows past num_worst_tokens were dropped); num_worst_tokens "
-                    "must be >= the largest receive count"
-                )
+                if received > allowed:
+                    raise ValueError(
+                        f"dispatch: num_worst_tokens={allowed} but rank {self.rank} received {received} "
+                        "tokens in an earlier call (rows past num_worst_tokens were dropped); "
+                        "num_worst_tokens must be >= the largest receive count"
+                    )
 
     def _capacity(self, row_words: int) -> int:
         """Rows of ``row_words`` words the payload holds, the same on every rank (same buffer size);
@@ -184,19 +167,11 @@ class NvlinkBackend(LowLatencyDelegation):
         num_local_experts = num_experts // num_ranks
         num_counts = num_ranks + num_experts
         # One kernel counts the tokens per rank, publishes [per-rank, per-expert] counts into every
-        # peer's table and waits for theirs; one more turns the table into every row number.
-        self.transport.barrier(
-            Operation.DISPATCH_COUNTS,
-            request.num_tokens_per_expert.contiguous(),
-            is_token_in_rank=is_token_in_rank,
-        )
-        # Read in place: every reader is queued before this call's closing barrier, and no peer
-        # writes the table again before it has passed that barrier.
-        table = self.transport.count_table(num_counts)
+        # peer's table, waits for theirs, turns the table into every row number and (unless
+        # num_worst_tokens) copies it to host-mapped memory, which the host reads while the push runs.
         worst = request.num_worst_tokens
-        pending = self._start_table_read(table) if worst == 0 else None
-        recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_rows(
-            is_token_in_rank, table, rank
+        recv_row_of_token, rank_prefix_matrix, num_recv_tokens, counts_epoch = self.transport.dispatch_counts(
+            request.num_tokens_per_expert.contiguous(), is_token_in_rank, read_on_host=worst == 0
         )
 
         x_words = self._words(x, "x")
@@ -237,13 +212,12 @@ class NvlinkBackend(LowLatencyDelegation):
 
         regions = push()
         per_expert_list: list[int] = []
-        if pending is None:
+        if worst > 0:
             num_rows = num_max_rows = worst
-            self._worst_received.copy_(num_recv_tokens, non_blocking=True)
-            self._worst_check = (self._worst_received, worst)
+            self._worst_check = (counts_epoch, worst)
         else:
             # Plain Python on one list: a dozen small CPU tensor ops cost ~200 us here.
-            host = self._finish_table_read(pending).tolist()
+            host = self.transport.read_counts(counts_epoch, num_counts)
             sent = [row[:num_ranks] for row in host]
             num_rows = sum(row[rank] for row in sent)
             num_max_rows = max(max(sum(row) for row in sent), max(sum(column) for column in zip(*sent)))

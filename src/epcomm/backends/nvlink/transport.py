@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import time
 from typing import Any
 
 import torch
 
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
-from epcomm.kernels.exchange import MAX_PEERS, launch_exchange
+from epcomm.kernels.exchange import MAX_PEERS, launch_barrier
+from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_dispatch_counts
 
 __all__ = ["Operation", "SymmetricTransport"]
 
@@ -26,6 +28,10 @@ TABLE_OFFSET = FLAG_WORDS
 PAYLOAD_OFFSET = (TABLE_OFFSET + MAX_PEERS * MAX_COUNTS + 31) // 32 * 32
 # Grow by a quarter more than asked, so slowly rising batch sizes do not reallocate every call.
 GROWTH_FACTOR = 1.25
+# The host waits at most this long for the count table (DeepEP's CPU timeout is 100 s as well): the
+# device may be busy with the caller's earlier work; a missing peer is reported by the kernel's own,
+# shorter bound.
+HOST_WAIT_S = 100.0
 
 
 class Operation(enum.IntEnum):
@@ -84,6 +90,15 @@ class SymmetricTransport:
         self.error_word = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         # Read through ctypes on every call: indexing the tensor costs a tensor op each time.
         self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
+        # Host-mapped count words the dispatch count kernel writes (kernels/normal_rows.py).
+        self.host_counts = torch.zeros(
+            HOST_TABLE_WORD + MAX_PEERS * MAX_COUNTS, dtype=torch.int32, pin_memory=True
+        )
+        self._host_counts_np = self.host_counts.numpy()
+        address = self.host_counts.data_ptr()
+        self._host_table_epoch = ctypes.c_int32.from_address(address)
+        self._host_recv_count = ctypes.c_int32.from_address(address + 4)
+        self._host_recv_epoch = ctypes.c_int32.from_address(address + 8)
         self.payload_words = 0
         self._handle: Any = None
         self._local: torch.Tensor | None = None
@@ -136,33 +151,80 @@ class SymmetricTransport:
         self.epoch += 1
         return self.epoch
 
-    def barrier(
-        self,
-        operation: Operation,
-        counts: torch.Tensor | None = None,
-        is_token_in_rank: torch.Tensor | None = None,
-    ) -> None:
-        """Entry/exit barrier on the current stream, optionally publishing ``counts`` to every peer
-        (preceded by the per-rank token counts of ``is_token_in_rank`` when given; see
-        ``launch_exchange``)."""
-        launch_exchange(
+    def barrier(self, operation: Operation) -> None:
+        """Entry/exit barrier on the current stream (``launch_barrier``); ``operation`` names it in
+        a timeout."""
+        launch_barrier(
             self.peer_buffers,
-            counts,
             self.rank,
             self.next_epoch(),
             self.timeout_ns,
             self.error_word.data_ptr(),
             int(operation),
             0,
-            TABLE_OFFSET,
-            is_token_in_rank,
         )
 
-    def count_table(self, num_counts: int) -> torch.Tensor:
-        """``[num_ranks, num_counts]`` int32 view of the counts every rank published."""
-        return self.local[TABLE_OFFSET : TABLE_OFFSET + self.num_ranks * num_counts].view(
-            self.num_ranks, num_counts
+    def dispatch_counts(
+        self, num_tokens_per_expert: torch.Tensor, is_token_in_rank: torch.Tensor, read_on_host: bool
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """Exchange the dispatch counts and compute the rows (``launch_dispatch_counts``).
+
+        Arguments:
+            num_tokens_per_expert: ``[num_experts]`` int32, contiguous.
+            is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
+            read_on_host: copy the table to host-mapped memory for ``read_counts``; without it,
+                the receive count goes there for ``received_count``.
+
+        Returns:
+            ``recv_row_of_token``, ``rank_prefix_matrix``, ``num_recv_tokens`` (device tensors) and
+            the epoch to pass to ``read_counts`` / ``received_count``.
+        """
+        epoch = self.next_epoch()
+        if read_on_host:
+            # Only kernels launched after this point write the word: no race with the device.
+            self._host_table_epoch.value = 0
+        recv_row, prefix, num_recv = launch_dispatch_counts(
+            self.peer_buffers,
+            num_tokens_per_expert,
+            is_token_in_rank,
+            self.rank,
+            epoch,
+            self.timeout_ns,
+            self.error_word.data_ptr(),
+            int(Operation.DISPATCH_COUNTS),
+            0,
+            TABLE_OFFSET,
+            self.host_counts.data_ptr(),
+            read_on_host,
         )
+        return recv_row, prefix, num_recv, epoch
+
+    def read_counts(self, epoch: int, num_counts: int) -> list[list[int]]:
+        """Wait (host spin, bounded) for the table ``dispatch_counts(read_on_host=True)`` copies to
+        the host and return its ``num_ranks`` rows of ``num_counts`` ints; raise a peer's timeout."""
+        flag, error = self._host_table_epoch, self._error_flag
+        if flag.value != epoch:
+            deadline = time.monotonic() + max(HOST_WAIT_S, self.timeout_s)
+            spins = 0
+            while flag.value != epoch:
+                if error.value != 0:
+                    self.check_error()
+                spins += 1
+                if spins % 4096 == 0 and time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"dispatch (count read): rank {self.rank} did not get the count table from its "
+                        f"device within {max(HOST_WAIT_S, self.timeout_s):.0f} s (device busy or stuck)"
+                    )
+        self.check_error()
+        table = self._host_counts_np[HOST_TABLE_WORD : HOST_TABLE_WORD + self.num_ranks * num_counts]
+        return table.reshape(self.num_ranks, num_counts).tolist()
+
+    def received_count(self, epoch: int) -> int | None:
+        """The receive count of the ``dispatch_counts(read_on_host=False)`` call at ``epoch``, or
+        ``None`` while the device has not written it (or a later call replaced it)."""
+        if self._host_recv_epoch.value != epoch:
+            return None
+        return int(self._host_recv_count.value)
 
     def check_error(self) -> None:
         """Raise ``PeerTimeoutError`` if a kernel reported a timed-out wait (no device sync)."""

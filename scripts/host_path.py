@@ -1,0 +1,264 @@
+"""Where does a cold normal-mode call spend its time? Host launch times vs device activity.
+
+For each op (layout, dispatch BF16/FP8, cached dispatch, combine), one cold call (device idle,
+as in bench_normal's end-to-end column) is traced with torch.profiler on rank 0, and every device
+activity is listed with: when the host *launched* it (us after the call began), when it *started*
+on the device, and how long it ran. A launch later than the previous activity's end means the
+device waited for the host there. Also: cProfile of the host path (cumulative) per op.
+
+Runs at any rank count, 1 included (one GPU: every row is local, the host path is the same):
+``PYTHONPATH=src python3 scripts/host_path.py [--num-ranks N] [--tokens 4096]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, "src")
+import epcomm
+from epcomm import quant
+from epcomm.testing import parallel_launch
+
+
+def _timeline(trace_path: str) -> list[str]:
+    """Device activities of the traced call: (launch, start, duration) relative to the call's begin."""
+    with open(trace_path) as f:
+        events = json.load(f)["traceEvents"]
+    call = next(e for e in events if e.get("name") == "host_path_call" and e.get("ph") == "X")
+    begin, end = call["ts"], call["ts"] + call["dur"]
+    launches = {}
+    for e in events:
+        if e.get("cat") == "cuda_runtime" or e.get("cat") == "cuda_driver":
+            corr = e.get("args", {}).get("correlation")
+            if corr is not None:
+                launches[corr] = e
+    rows = []
+    for e in events:
+        if e.get("cat") in ("kernel", "gpu_memcpy", "gpu_memset"):
+            corr = e.get("args", {}).get("correlation")
+            launch = launches.get(corr)
+            if launch is None or not (begin <= launch["ts"] <= end):
+                continue
+            rows.append((launch["ts"] - begin, e["ts"] - begin, e["dur"], e["name"][:60]))
+    rows.sort(key=lambda r: r[1])
+    lines = [f"host call {call['dur']:.0f} us; device activities (launch / start / dur us):"]
+    for launch_us, start_us, dur, name in rows:
+        lines.append(f"  {launch_us:8.1f} {start_us:8.1f} {dur:8.1f}  {name}")
+    if rows:
+        last_end = max(r[1] + r[2] for r in rows)
+        busy = sum(r[2] for r in rows)
+        lines.append(
+            f"  device busy {busy:.0f} us, last activity ends {last_end:.0f} us after the call began"
+        )
+    return lines
+
+
+# (module, attribute path) of the host functions the breakdown times, inclusive.
+_TIMED = [
+    ("epcomm.buffer", "Buffer.dispatch"),
+    ("epcomm.buffer", "Buffer.combine"),
+    ("epcomm.buffer", "validation.split_x"),
+    ("epcomm.buffer", "validation.check_topk"),
+    ("epcomm.buffer", "check_tensor"),
+    ("epcomm.buffer", "check_shape"),
+    ("epcomm.buffer", "check_dtype"),
+    ("epcomm.buffer", "check_same_device"),
+    ("epcomm.buffer", "Buffer.get_dispatch_config"),
+    ("epcomm.buffer", "Buffer._stream_for"),
+    ("epcomm.event", "StreamContext.finish"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend.dispatch"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._cached_dispatch"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend.combine"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._copy_out_payload"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._ensure_rows"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._words"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._check_worst"),
+    ("epcomm.backends.nvlink.backend", "launch_push_rows"),
+    ("epcomm.backends.nvlink.backend", "launch_copy_out_meta"),
+    ("epcomm.backends.nvlink.backend", "launch_combine_rows"),
+    ("epcomm.backends.nvlink.backend", "launch_combine_reduce"),
+    ("epcomm.backends.nvlink.backend", "DispatchHandle"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.barrier"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.dispatch_counts"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.read_counts"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.check_error"),
+    ("epcomm.kernels.exchange", "launch"),
+    ("epcomm.kernels.normal_push", "launch"),
+    ("epcomm.kernels.normal_rows", "launch"),
+    ("epcomm.kernels.normal_copy_out", "launch"),
+    ("epcomm.kernels.normal_combine", "launch"),
+]
+
+
+def _instrument() -> dict[str, list[int]]:
+    """Wrap every ``_TIMED`` function with a perf_counter_ns accumulator: name -> [ns, calls]."""
+    import functools
+    import importlib
+    import time
+
+    totals: dict[str, list[int]] = {}
+    for module_name, path in _TIMED:
+        owner = importlib.import_module(module_name)
+        *parents, attr = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent)
+        original = getattr(owner, attr)
+        key = f"{module_name.rsplit('.', 1)[-1]}:{path}"
+        slot = totals.setdefault(key, [0, 0])
+
+        def wrapped(*args, _original=original, _slot=slot, **kwargs):
+            begin = time.perf_counter_ns()
+            try:
+                return _original(*args, **kwargs)
+            finally:
+                _slot[0] += time.perf_counter_ns() - begin
+                _slot[1] += 1
+
+        functools.update_wrapper(wrapped, original)
+        if isinstance(owner, type) and isinstance(owner.__dict__.get(attr), staticmethod):
+            setattr(owner, attr, staticmethod(wrapped))
+        else:
+            setattr(owner, attr, wrapped)
+    return totals
+
+
+def _calibrate(device: torch.device) -> str:
+    """Host cost of one bare launch on this machine: a torch op and an epcomm ``launch``."""
+    import time
+
+    t = torch.zeros(16, device=device)
+    for _ in range(20):
+        t.add_(1)
+    torch.cuda.synchronize()
+    begin = time.perf_counter()
+    for _ in range(200):
+        t.add_(1)
+    torch_us = (time.perf_counter() - begin) / 200 * 1e6
+    torch.cuda.synchronize()
+    return f"calibration: torch add_ {torch_us:.1f} us host per launch"
+
+
+def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int) -> str:
+    torch.manual_seed(pgi.rank)
+    x = torch.randn(tokens, hidden, device=pgi.device).bfloat16()
+    scores = torch.randn(tokens, experts, device=pgi.device).abs() + 1
+    topk_idx = torch.topk(scores, topk, dim=-1).indices
+    weights = torch.rand(tokens, topk, device=pgi.device)
+    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 30, backend="nvlink")
+    config = epcomm.Config(sms, 6, 256, 6, 128)
+    layout = buffer.get_dispatch_layout(topk_idx, experts)
+    xq = quant.per_token_cast_to_fp8(x)
+
+    def dispatch(payload):
+        return buffer.dispatch(
+            payload,
+            num_tokens_per_rank=layout[0],
+            is_token_in_rank=layout[3],
+            num_tokens_per_expert=layout[2],
+            topk_idx=topk_idx,
+            topk_weights=weights,
+            config=config,
+        )
+
+    out = dispatch(x)
+    handle = out[4]
+    ops = (
+        ("layout", lambda: buffer.get_dispatch_layout(topk_idx, experts)),
+        ("dispatch_bf16", lambda: dispatch(x)),
+        ("dispatch_fp8", lambda: dispatch(xq)),
+        ("cached_bf16", lambda: buffer.dispatch(x, handle=handle, config=config)),
+        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
+    )
+    lines = [f"== rank {pgi.rank} of {pgi.world_size}, {tokens} tokens, {sms} SMs"]
+    for name, fn in ops:
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        # Cold call, end-to-end with events (device idle at the start, as in bench_normal).
+        times = []
+        for _ in range(10):
+            dist.barrier()
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e3)
+        times.sort()
+        lines.append(
+            f"== {name}: cold call end-to-end median {times[len(times) // 2]:.0f} us (min {times[0]:.0f})"
+        )
+        torch.cuda.synchronize()
+        dist.barrier()
+        profiler = cProfile.Profile()
+        profiler.enable()
+        for _ in range(10):
+            fn()
+        profiler.disable()
+        torch.cuda.synchronize()
+        if pgi.rank == 0:
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
+            lines.append(f"-- cProfile {name} (10 calls, cumulative)\n" + text.getvalue())
+        dist.barrier()
+        torch.cuda.synchronize()
+        with torch.profiler.profile(
+            activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        ) as prof:
+            with torch.profiler.record_function("host_path_call"):
+                fn()
+            torch.cuda.synchronize()
+        if pgi.rank == 0:
+            path = os.path.join(tempfile.gettempdir(), f"host_path_{name}.json")
+            prof.export_chrome_trace(path)
+            lines.extend(_timeline(path))
+    # Host breakdown: inclusive wall time of every wrapped function per cold call (device idle
+    # before each call, as in the end-to-end column), and the whole call's host wall time.
+    import time
+
+    totals = _instrument()
+    lines.append(_calibrate(pgi.device))
+    for name, fn in ops[1:]:
+        for slot in totals.values():
+            slot[0] = slot[1] = 0
+        walls = []
+        for _ in range(20):
+            torch.cuda.synchronize()
+            dist.barrier()
+            begin = time.perf_counter()
+            fn()
+            walls.append((time.perf_counter() - begin) * 1e6)
+        torch.cuda.synchronize()
+        walls.sort()
+        lines.append(f"== host breakdown {name}: call wall median {walls[10]:.0f} us (min {walls[0]:.0f})")
+        for key, (ns, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
+            if calls:
+                lines.append(f"  {ns / 20 / 1e3:8.1f} us/call  {calls / 20:4.1f} x  {key}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--num-ranks", type=int, default=torch.cuda.device_count())
+    p.add_argument("--tokens", type=int, default=4096)
+    p.add_argument("--sms", type=int, default=24)
+    args = p.parse_args()
+    results = parallel_launch(
+        args.num_ranks, worker, args.tokens, 7168, 256, 8, args.sms, backend="nccl", timeout_s=600
+    )
+    print(results[0])
+
+
+if __name__ == "__main__":
+    main()
