@@ -92,6 +92,15 @@ _TIMED = [
     ("epcomm.backends.nvlink.transport", "SymmetricTransport.dispatch_counts"),
     ("epcomm.backends.nvlink.transport", "SymmetricTransport.read_counts"),
     ("epcomm.backends.nvlink.transport", "SymmetricTransport.check_error"),
+    ("epcomm.event", "stream_wait"),
+    ("torch.cuda", "current_stream"),
+    ("torch", "empty"),
+    ("torch", "Tensor.clone"),
+    ("torch", "Tensor.view"),
+    ("torch", "Tensor.contiguous"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.payload"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._payload_views"),
+    ("epcomm.backends.nvlink.backend", "DispatchRegions"),
     ("epcomm.kernels.exchange", "launch"),
     ("epcomm.kernels.normal_push", "launch"),
     ("epcomm.kernels.normal_rows", "launch"),
@@ -100,13 +109,40 @@ _TIMED = [
 ]
 
 
+# Context managers timed at entry and at exit separately.
+_TIMED_CONTEXTS = [("epcomm.buffer", "comm_stream_scope"), ("torch.cuda", "stream")]
+
+
 def _instrument() -> dict[str, list[int]]:
     """Wrap every ``_TIMED`` function with a perf_counter_ns accumulator: name -> [ns, calls]."""
+    import contextlib
     import functools
     import importlib
     import time
 
     totals: dict[str, list[int]] = {}
+    for module_name, attr in _TIMED_CONTEXTS:
+        module = importlib.import_module(module_name)
+        original_cm = getattr(module, attr)
+        enter = totals.setdefault(f"{module_name}:{attr} (enter)", [0, 0])
+        leave = totals.setdefault(f"{module_name}:{attr} (exit)", [0, 0])
+
+        @contextlib.contextmanager
+        def timed_cm(*args, _original=original_cm, _enter=enter, _leave=leave, **kwargs):
+            begin = time.perf_counter_ns()
+            manager = _original(*args, **kwargs)
+            value = manager.__enter__()
+            _enter[0] += time.perf_counter_ns() - begin
+            _enter[1] += 1
+            try:
+                yield value
+            finally:
+                begin = time.perf_counter_ns()
+                manager.__exit__(None, None, None)
+                _leave[0] += time.perf_counter_ns() - begin
+                _leave[1] += 1
+
+        setattr(module, attr, timed_cm)
     for module_name, path in _TIMED:
         owner = importlib.import_module(module_name)
         *parents, attr = path.split(".")

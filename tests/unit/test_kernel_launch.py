@@ -45,3 +45,20 @@ def test_kernel_info_reads_the_signature() -> None:
     names = [p.name for p in push_rows_kernel.params if not p.is_constexpr]
     not_specialized = {name for name, special in zip(names, info.specialize) if not special}
     assert not_specialized == {"num_rows", "rank", "num_local_experts", "capacity"}
+
+
+def test_leading_args_resolve_like_the_per_call_key() -> None:
+    from epcomm.kernels.exchange import MAX_PEERS, PeerArgs
+    from epcomm.kernels.launch import LeadingArgs
+
+    base = torch.zeros(64, dtype=torch.int32)
+    tensors = [base, base[1:], base.view(torch.float32)]
+    leading = LeadingArgs(tensors)
+    assert leading.keys == tuple(_arg_key(t, True) for t in tensors)
+    assert leading.values == tuple(t.data_ptr() for t in tensors)
+    peers = PeerArgs([base, base[4:]])
+    assert peers.num_ranks == 2
+    assert len(peers.tensors) == MAX_PEERS
+    assert peers.values[2:] == (base.data_ptr(),) * (MAX_PEERS - 2)  # padding: rank 0's buffer
+    with pytest.raises(ValueError, match=r"1\.\.8 ranks"):
+        PeerArgs([])

@@ -9,12 +9,33 @@ import triton
 import triton.language as tl
 
 from epcomm.config import NUM_MAX_NVL_PEERS
-from epcomm.kernels.launch import launch
+from epcomm.kernels.launch import LeadingArgs, launch
 from epcomm.kernels.primitives import signal_release_sys, wait_epoch
 
-__all__ = ["MAX_PEERS", "launch_barrier"]
+__all__ = ["MAX_PEERS", "PeerArgs", "as_peer_args", "launch_barrier"]
 
 MAX_PEERS = NUM_MAX_NVL_PEERS
+
+
+class PeerArgs(LeadingArgs):
+    """The ``p0..p7`` arguments of the NVLink kernels: one int32 view per rank, padded to
+    ``MAX_PEERS`` with rank 0's (never dereferenced), resolved once per buffer allocation.
+
+    Arguments:
+        buffers: per rank (1..8), an int32 view of that rank's symmetric buffer.
+    """
+
+    def __init__(self, buffers: list[torch.Tensor]) -> None:
+        if not 1 <= len(buffers) <= MAX_PEERS:
+            raise ValueError(f"the NVLink backend supports 1..{MAX_PEERS} ranks; got {len(buffers)}")
+        self.num_ranks = len(buffers)
+        self.buffers = list(buffers)
+        super().__init__(self.buffers + [self.buffers[0]] * (MAX_PEERS - self.num_ranks))
+
+
+def as_peer_args(peers: list[torch.Tensor] | PeerArgs) -> PeerArgs:
+    """``peers`` as ``PeerArgs`` (a list is resolved now)."""
+    return peers if isinstance(peers, PeerArgs) else PeerArgs(peers)
 
 
 @triton.jit
@@ -57,7 +78,7 @@ def barrier_kernel(
 
 
 def launch_barrier(
-    peer_buffers: list[torch.Tensor],
+    peers: list[torch.Tensor] | PeerArgs,
     rank: int,
     epoch: int,
     timeout_ns: int,
@@ -65,10 +86,10 @@ def launch_barrier(
     operation_code: int,
     flag_offset: int,
 ) -> None:
-    """Barrier over the ranks of ``peer_buffers`` on the current stream (bounded wait).
+    """Barrier over the ranks of ``peers`` on the current stream (bounded wait).
 
     Arguments:
-        peer_buffers: per rank, an int32 view of that rank's symmetric buffer (``MAX_PEERS`` max).
+        peers: per rank, an int32 view of that rank's symmetric buffer (``MAX_PEERS`` max).
         rank: this rank.
         epoch: a value larger than any earlier epoch of this buffer.
         timeout_ns: bound of the wait.
@@ -76,14 +97,12 @@ def launch_barrier(
         operation_code: written into the error word on timeout, names the operation.
         flag_offset: int32-element offset of the ``MAX_PEERS`` flags in every buffer.
     """
-    num_ranks = len(peer_buffers)
-    if not 1 <= num_ranks <= MAX_PEERS:
-        raise ValueError(f"the NVLink backend supports 1..{MAX_PEERS} ranks; got {num_ranks}")
-    padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
+    peer_args = as_peer_args(peers)
     launch(
         barrier_kernel,
-        (num_ranks,),
-        (*padded, rank, epoch, timeout_ns, error_address, operation_code),
+        (peer_args.num_ranks,),
+        (rank, epoch, timeout_ns, error_address, operation_code),
         {"FLAG_OFFSET": flag_offset},
         1,
+        peer_args,
     )

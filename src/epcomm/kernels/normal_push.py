@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.exchange import MAX_PEERS, _peer
+from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import launch, next_pow2
 
 __all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushRegions", "launch_push_rows"]
@@ -149,7 +149,7 @@ class PushRegions:
 
 
 def launch_push_rows(
-    peer_buffers: list[torch.Tensor],
+    peers: list[torch.Tensor] | PeerArgs,
     x_words: torch.Tensor,
     scales_words: torch.Tensor | None,
     topk_idx: torch.Tensor | None,
@@ -166,7 +166,7 @@ def launch_push_rows(
     """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
 
     Arguments:
-        peer_buffers: per rank an int32 view of its symmetric buffer.
+        peers: per rank an int32 view of its symmetric buffer.
         x_words: ``[num_rows, x_words]`` int32, the payload rows as 32-bit words, contiguous.
         scales_words: ``[num_rows, s_words]`` int32 contiguous, or ``None``.
         topk_idx: ``[num_rows, num_topk]`` int64 or ``None``.
@@ -185,7 +185,7 @@ def launch_push_rows(
         to rank 1 before us): ``dst_row = [[0, 3], [-1, 4]]``.
     """
     num_rows, num_words = x_words.shape
-    num_ranks = len(peer_buffers)
+    peer_args = as_peer_args(peers)
     if num_rows == 0:
         return
     for name, offset in vars(regions).items():
@@ -196,13 +196,11 @@ def launch_push_rows(
         if topk_idx is not None
         else (topk_weights.size(1) if topk_weights is not None else 1)
     )
-    padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
     s_words = scales_words.size(1) if scales_words is not None else 1
     launch(
         push_rows_kernel,
         (max(1, min(num_sms, num_rows)),),
         (
-            *padded,
             x_words,
             scales_words if scales_words is not None else x_words,
             topk_idx if topk_idx is not None else dst_row,
@@ -219,7 +217,7 @@ def launch_push_rows(
             regions.src_idx,
         ),
         {
-            "NUM_RANKS": num_ranks,
+            "NUM_RANKS": peer_args.num_ranks,
             "X_WORDS": num_words,
             "X_BLOCK": next_pow2(num_words),
             "S_WORDS": s_words,
@@ -234,4 +232,5 @@ def launch_push_rows(
             "WRITE_SRC_IDX": write_src_idx,
         },
         PUSH_WARPS,
+        peer_args,
     )

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.exchange import MAX_PEERS, _peer
+from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import cdiv, launch, next_pow2
 from epcomm.kernels.primitives import signal_release_sys, wait_all_epoch
 
@@ -147,7 +147,7 @@ def dispatch_counts_kernel(
 
 
 def launch_dispatch_counts(
-    peer_buffers: list[torch.Tensor],
+    peers: list[torch.Tensor] | PeerArgs,
     num_tokens_per_expert: torch.Tensor,
     is_token_in_rank: torch.Tensor,
     rank: int,
@@ -167,7 +167,7 @@ def launch_dispatch_counts(
     (bounded by ``timeout_ns``) for every peer's flag, then derives the rows from the table.
 
     Arguments:
-        peer_buffers: per rank an int32 view of its symmetric buffer (1..8 ranks).
+        peers: per rank an int32 view of its symmetric buffer (1..8 ranks).
         num_tokens_per_expert: ``[num_experts]`` int32, contiguous.
         is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
         rank: this rank.
@@ -188,19 +188,18 @@ def launch_dispatch_counts(
         ranks) and ``num_recv_tokens [1]`` int32 (rows this rank receives).
     """
     num_tokens, num_ranks = is_token_in_rank.shape
-    if not 1 <= num_ranks <= MAX_PEERS or len(peer_buffers) != num_ranks:
-        raise ValueError(f"the NVLink backend supports 1..{MAX_PEERS} ranks; got {num_ranks}")
+    peer_args = as_peer_args(peers)
+    if peer_args.num_ranks != num_ranks:
+        raise ValueError(f"{peer_args.num_ranks} peer buffers for is_token_in_rank of {num_ranks} ranks")
     device = is_token_in_rank.device
     recv_row = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     rank_prefix = torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device)
     num_recv = torch.empty(1, dtype=torch.int32, device=device)
-    padded = peer_buffers + [peer_buffers[0]] * (MAX_PEERS - num_ranks)
     num_experts = num_tokens_per_expert.numel()
     launch(
         dispatch_counts_kernel,
         (num_ranks,),
         (
-            *padded,
             num_tokens_per_expert,
             is_token_in_rank.view(torch.int8),
             recv_row,
@@ -226,6 +225,7 @@ def launch_dispatch_counts(
             "HOST_TABLE": HOST_TABLE_WORD,
         },
         4,
+        peer_args,
     )
     return recv_row, rank_prefix, num_recv
 

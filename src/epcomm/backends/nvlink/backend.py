@@ -10,7 +10,7 @@ rank order. Low-latency mode runs on the reference path until its kernels land.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -26,6 +26,7 @@ from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle
+from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
@@ -34,6 +35,18 @@ from epcomm.kernels.normal_rows import launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
 __all__ = ["NvlinkBackend", "nvlink_available"]
+
+
+class _DispatchAreas(NamedTuple):
+    """Views of the receive area: x ``[capacity, x_words]`` int32, scales ``[capacity, s_words]``
+    int32, source index ``[capacity]`` int32, top-k ids ``[capacity * k]`` int64, weights float32."""
+
+    x: torch.Tensor
+    scales: torch.Tensor
+    src_idx: torch.Tensor
+    topk_idx: torch.Tensor
+    topk_weights: torch.Tensor
+
 
 # Up to five regions per area, each aligned to 32 words: this much slack always covers them.
 _REGION_SLACK_WORDS = 8 * 32
@@ -94,8 +107,9 @@ class NvlinkBackend(LowLatencyDelegation):
         self.low_latency: NvlinkLowLatency | None = None
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
-        self._views: list[torch.Tensor] = []
+        self._views: PeerArgs | None = None
         self._views_of: list[torch.Tensor] | None = None
+        self._areas: dict[DispatchRegions | CombineRegions, object] = {}
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
@@ -232,18 +246,13 @@ class NvlinkBackend(LowLatencyDelegation):
             ]
 
         recv_x, recv_scales = self._copy_out_payload(regions, num_rows, x.dtype, request.x_scales)
-        push_regions, capacity, k = regions.push, regions.capacity, regions.num_topk
-        payload = self.transport.payload
+        areas = self._dispatch_areas(regions)
         recv_src_idx, recv_topk_idx, recv_topk_weights = launch_copy_out_meta(
-            payload(push_regions.src_idx, capacity, torch.int32),
-            payload(push_regions.topk_idx, capacity * k * 2, torch.int32).view(torch.int64)
-            if request.topk_idx is not None
-            else None,
-            payload(push_regions.topk_weights, capacity * k, torch.float32)
-            if request.topk_weights is not None
-            else None,
+            areas.src_idx,
+            areas.topk_idx if request.topk_idx is not None else None,
+            areas.topk_weights if request.topk_weights is not None else None,
             num_rows,
-            k,
+            regions.num_topk,
             num_recv_tokens if worst > 0 else None,
             self._sms(request.config.num_sms),
         )
@@ -258,28 +267,61 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
-    def _payload_views(self) -> list[torch.Tensor]:
-        """Per rank, its payload as int32 (cached until the buffer is reallocated)."""
+    def _payload_views(self) -> PeerArgs:
+        """Per rank, its payload as int32, resolved for the push kernel (cached until the buffer is
+        reallocated)."""
         buffers = self.transport.peer_buffers
         if self._views_of is not buffers:
-            self._views = [buffer[PAYLOAD_OFFSET:] for buffer in buffers]
+            self._views = PeerArgs([buffer[PAYLOAD_OFFSET:] for buffer in buffers])
+            self._areas = {}
             self._views_of = buffers
+        assert self._views is not None
         return self._views
+
+    def _dispatch_areas(self, regions: DispatchRegions) -> _DispatchAreas:
+        """Views of this rank's receive area for ``regions`` (cached per buffer allocation: each
+        view costs a few microseconds of host time per call otherwise)."""
+        self._payload_views()
+        areas = self._areas.get(regions)
+        if areas is None:
+            push, capacity, k = regions.push, regions.capacity, regions.num_topk
+            payload = self.transport.payload
+            areas = self._areas[regions] = _DispatchAreas(
+                payload(push.x, capacity * regions.x_words, torch.int32).view(capacity, regions.x_words),
+                payload(push.scales, capacity * regions.scale_words, torch.int32).view(
+                    capacity, regions.scale_words
+                ),
+                payload(push.src_idx, capacity, torch.int32),
+                payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64),
+                payload(push.topk_weights, capacity * k, torch.float32),
+            )
+        assert isinstance(areas, _DispatchAreas)
+        return areas
+
+    def _combine_areas(self, regions: CombineRegions) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x as bf16, topk weights as float32)`` views of this rank's combine area (cached)."""
+        self._payload_views()
+        areas = self._areas.get(regions)
+        if areas is None:
+            push, capacity = regions.push, regions.capacity
+            payload = self.transport.payload
+            areas = self._areas[regions] = (
+                payload(push.x, capacity * regions.x_words, torch.int32).view(torch.bfloat16),
+                payload(push.topk_weights, capacity * regions.num_topk, torch.float32),
+            )
+        assert isinstance(areas, tuple)
+        return areas
 
     def _copy_out_payload(
         self, regions: DispatchRegions, num_rows: int, x_dtype: torch.dtype, x_scales: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Copy the first ``num_rows`` received rows (and scales) out of the symmetric area, by copy
         engine (0 SMs); the metadata, when needed, goes through ``launch_copy_out_meta``."""
-        push = regions.push
-        capacity = regions.capacity
-        payload = self.transport.payload
-        x_area = payload(push.x, capacity * regions.x_words, torch.int32).view(capacity, regions.x_words)
-        recv_x = x_area[:num_rows].clone().view(x_dtype)
+        areas = self._dispatch_areas(regions)
+        recv_x = areas.x[:num_rows].clone().view(x_dtype)
         recv_scales = None
         if x_scales is not None:
-            s_area = payload(push.scales, capacity * regions.scale_words, torch.int32)
-            recv_scales = s_area.view(capacity, regions.scale_words)[:num_rows].clone().view(x_scales.dtype)
+            recv_scales = areas.scales[:num_rows].clone().view(x_scales.dtype)
         return recv_x, recv_scales
 
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
@@ -347,19 +389,15 @@ class NvlinkBackend(LowLatencyDelegation):
             num_sms=self._sms(request.config.num_sms),
         )
         self.transport.barrier(Operation.COMBINE)
-        push = regions.push
-        capacity = regions.capacity
-        area_x = self.transport.payload(push.x, capacity * regions.x_words, torch.int32).view(torch.bfloat16)
-        area_weights = None
+        area_x, area_weights = self._combine_areas(regions)
         combined_weights = None
         num_tokens = in_rank.size(0)
         if request.topk_weights is not None:
-            area_weights = self.transport.payload(push.topk_weights, capacity * num_topk, torch.float32)
             combined_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
         combined = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=self.device)
         launch_combine_reduce(
             area_x,
-            area_weights,
+            area_weights if request.topk_weights is not None else None,
             token_slot,
             tuple(b.contiguous() for b in request.bias),
             combined,
@@ -374,6 +412,7 @@ class NvlinkBackend(LowLatencyDelegation):
 
     def destroy(self) -> None:
         """Release the symmetric buffers."""
+        self._views, self._views_of, self._areas = None, None, {}
         self.transport.destroy()
         if self.low_latency is not None:
             self.low_latency.destroy()

@@ -17,7 +17,7 @@ import torch
 
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
-from epcomm.kernels.exchange import MAX_PEERS, launch_barrier
+from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, launch_barrier
 from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_dispatch_counts
 
 __all__ = ["Operation", "SymmetricTransport"]
@@ -103,6 +103,7 @@ class SymmetricTransport:
         self._handle: Any = None
         self._local: torch.Tensor | None = None
         self.peer_buffers: list[torch.Tensor] = []
+        self.peer_args: PeerArgs | None = None
         self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
         self.barrier(Operation.INIT)
         torch.cuda.current_stream(device).synchronize()
@@ -117,6 +118,7 @@ class SymmetricTransport:
         torch.cuda.current_stream(self.device).synchronize()
         handle = symm_mem.rendezvous(buffer, self.group)
         self.peer_buffers = [handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)]
+        self.peer_args = PeerArgs(self.peer_buffers)
         self._local, self._handle = buffer, handle
         self.payload_words = payload_words
         # A fresh buffer starts with zero flags everywhere: epochs keep increasing from here.
@@ -154,8 +156,9 @@ class SymmetricTransport:
     def barrier(self, operation: Operation) -> None:
         """Entry/exit barrier on the current stream (``launch_barrier``); ``operation`` names it in
         a timeout."""
+        assert self.peer_args is not None
         launch_barrier(
-            self.peer_buffers,
+            self.peer_args,
             self.rank,
             self.next_epoch(),
             self.timeout_ns,
@@ -183,8 +186,9 @@ class SymmetricTransport:
         if read_on_host:
             # Only kernels launched after this point write the word: no race with the device.
             self._host_table_epoch.value = 0
+        assert self.peer_args is not None
         recv_row, prefix, num_recv = launch_dispatch_counts(
-            self.peer_buffers,
+            self.peer_args,
             num_tokens_per_expert,
             is_token_in_rank,
             self.rank,
@@ -240,5 +244,6 @@ class SymmetricTransport:
     def destroy(self) -> None:
         """Drop the buffer and its peer mappings."""
         self.peer_buffers = []
+        self.peer_args = None
         self._local = None
         self._handle = None
