@@ -19,8 +19,13 @@ preallocated sets that are refilled with fresh random data after use; the median
 the max over ranks. Every backend and baseline is timed this same way. On CPU (gloo) there is no
 device barrier: wall clock after the host barrier.
 
-Two times per measurement on GPUs. ``us`` (JSON ``time_us``) is end to end: CUDA events around one
-cold call, so host launch work and the CPU sync inside it count and nothing is overlapped. ``GPU
+Three times per measurement on GPUs. ``us`` (JSON ``time_us``) is end to end: CUDA events around one
+cold call, so host launch work and the CPU sync inside it count and nothing is overlapped. ``b2b
+us`` (``b2b_time_us``) is DeepEP's ``bench`` method, the one its published times come from: after
+one host and one device barrier, ``--iters`` calls back to back with CUDA events around each (the
+host enqueues ahead while the device works, except where the call itself synchronizes, as
+dispatch's count read does), inputs rotated, first call dropped; median per rank, max over ranks.
+``GPU
 us`` (``gpu_time_us``) is device time, measured as DeepEP's tests do (``bench_kineto``): after the
 timed loop, ``--gpu-iters`` more iterations of the same protocol run under ``torch.profiler`` (CPU +
 CUDA activity) with a ``record_function`` range around the call, and each iteration's time is the
@@ -81,6 +86,7 @@ from common import (
     payload_bytes,
     plot_rows,
     profile_op,
+    time_back_to_back,
     time_op,
     user_combine,
     user_dispatch,
@@ -471,6 +477,7 @@ class _Rank:
         logical, remote = self._bytes(state, op)
         error: str | None = None
         samples: list[float] = []
+        b2b_samples: list[float] = []
         gpu_samples: list[float] | None = None
         gpu_note: str | None = None
         profiled = self.gpu_enabled
@@ -488,6 +495,14 @@ class _Rank:
                     flush=self.flush,
                     device_barrier=self.device_barrier if self.cuda else None,
                 )
+                b2b_samples = time_back_to_back(
+                    fn,
+                    num_slots=spec.num_inputs,
+                    iters=spec.iters,
+                    barrier=self.barrier,
+                    cuda=self.cuda,
+                    device_barrier=self.device_barrier if self.cuda else None,
+                )
                 if profiled:
                     gpu_samples, gpu_note = profile_op(
                         fn,
@@ -501,7 +516,8 @@ class _Rank:
         except Exception as exc:
             error = f"rank {self.rank}: {type(exc).__name__}: {exc}"
         gpu_mine = median(gpu_samples) if gpu_samples else None
-        mine = (median(samples) if samples else None, logical, remote, error, gpu_mine, gpu_note)
+        b2b_mine = median(b2b_samples) if b2b_samples else None
+        mine = (median(samples) if samples else None, logical, remote, error, gpu_mine, gpu_note, b2b_mine)
         everyone = self.gather(mine)
         self.progress.update(1)
         errors = [x[3] for x in everyone if x[3]]
@@ -510,6 +526,7 @@ class _Rank:
         mean_remote = sum(x[2] for x in everyone) / self.world
         time_us = max(medians) if medians and not errors else None
         gpu_medians = [x[4] for x in everyone if x[4] is not None]
+        b2b_medians = [x[6] for x in everyone if x[6] is not None]
         gpu_time_us = max(gpu_medians) if len(gpu_medians) == self.world and not errors else None
         if profiled and not errors:
             self._gpu_outcome(label, gpu_time_us is not None, [x[5] for x in everyone])
@@ -528,6 +545,8 @@ class _Rank:
             nvlink_bytes_per_rank=mean_remote,
             gpu_time_us=gpu_time_us,
             gpu_time_us_ranks=[round(m, 3) for m in gpu_medians],
+            b2b_time_us=max(b2b_medians) if len(b2b_medians) == self.world and not errors else None,
+            b2b_time_us_ranks=[round(m, 3) for m in b2b_medians],
             check=check,
             error="; ".join(errors) if errors else None,
             extra={
@@ -810,7 +829,13 @@ def make_spec(args: argparse.Namespace) -> tuple[BenchSpec, int, str, list[str]]
     """Resolve defaults: returns the spec, the number of ranks, the torch.distributed backend, notes."""
     notes: list[str] = []
     num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    cpu = args.cpu or num_gpus < 2 or (args.num_ranks is not None and args.num_ranks > num_gpus)
+    # One GPU runs on the GPU only when asked (--num-ranks 1); by default a benchmark needs peers.
+    cpu = (
+        args.cpu
+        or num_gpus < 1
+        or (num_gpus < 2 and args.num_ranks is None)
+        or (args.num_ranks is not None and args.num_ranks > num_gpus)
+    )
     if cpu and not args.cpu:
         notes.append(
             f"CPU fallback: {num_gpus} CUDA device(s) visible"
@@ -818,8 +843,8 @@ def make_spec(args: argparse.Namespace) -> tuple[BenchSpec, int, str, list[str]]
             + "; gloo, reference + user path only"
         )
     num_ranks = args.num_ranks if args.num_ranks is not None else (2 if cpu else num_gpus)
-    if num_ranks < 2:
-        raise SystemExit(f"--num-ranks must be >= 2; got {num_ranks}")
+    if num_ranks < 1:  # 1: every row stays local (a one-GPU machine: host path and local copies)
+        raise SystemExit(f"--num-ranks must be >= 1; got {num_ranks}")
     backends = _csv(args.backends) if args.backends else (["reference"] if cpu else ["nvlink"])
     if cpu:
         dropped = [b for b in backends if b not in ("reference", "auto")]

@@ -64,6 +64,7 @@ __all__ = [
     "payload_bytes",
     "plot_rows",
     "profile_op",
+    "time_back_to_back",
     "time_op",
     "user_combine",
     "user_dispatch",
@@ -358,6 +359,46 @@ def time_op(
     return wall
 
 
+def time_back_to_back(
+    fn: Callable[[int], object],
+    *,
+    num_slots: int,
+    iters: int,
+    barrier: Callable[[], None],
+    cuda: bool,
+    device_barrier: Callable[[], None] | None = None,
+) -> list[float]:
+    """DeepEP's ``bench`` method: after one host and one device barrier, ``iters + 1`` calls back
+    to back with CUDA events around each (no synchronization, barrier or flush in between, so the
+    host enqueues ahead while the device works, except where ``fn`` itself synchronizes); the first
+    call is dropped. Input set ``i % num_slots`` each call (rotated, so not served from L2 with
+    enough slots). Returns ``iters`` times in microseconds (wall clock on CPU). Run it after
+    ``time_op`` (warmed up).
+    """
+    if cuda:
+        torch.cuda.synchronize()
+    barrier()
+    if cuda and device_barrier is not None:
+        device_barrier()
+    events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+    wall: list[float] = []
+    for it in range(iters + 1):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn(it % num_slots)
+            end.record()
+            events.append((start, end))
+        else:
+            t0 = time.perf_counter()
+            fn(it % num_slots)
+            wall.append((time.perf_counter() - t0) * 1e6)
+    if cuda:
+        torch.cuda.synchronize()
+        return [start.elapsed_time(end) * 1e3 for start, end in events[1:]]
+    return wall[1:]
+
+
 # ---- device time (torch.profiler) ---------------------------------------------------------------------
 
 GPU_MARKER = "epcomm_bench_op"
@@ -643,6 +684,8 @@ class ResultRow:
     ``gpu_time_us``: device time (``profile_op``: summed durations of the GPU activities the call
     launched, DeepEP's ``bench_kineto`` method), the median per rank, then the max over ranks
     (``gpu_time_us_ranks`` per rank); ``None`` on CPU, when not measured or when the profiler failed.
+    ``b2b_time_us``: calls back to back (``time_back_to_back``, DeepEP's ``bench`` method: the host
+    runs ahead except where the call synchronizes), median per rank, max over ranks.
     Bandwidths: mean bytes per rank / ``time_us``. ``logical``: all received rows (local ones
     included); ``nvlink``: rows that crossed to another rank. Combine counts the rows it sends
     back (the same rows as the dispatch received), as DeepEP does.
@@ -662,6 +705,8 @@ class ResultRow:
     nvlink_bytes_per_rank: float
     gpu_time_us: float | None = None
     gpu_time_us_ranks: list[float] = field(default_factory=list)
+    b2b_time_us: float | None = None
+    b2b_time_us_ranks: list[float] = field(default_factory=list)
     speedup_vs_best_baseline: float | None = None
     best_baseline: str | None = None
     check: str = "n/a"
@@ -704,7 +749,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def format_table(rows: Sequence[ResultRow], title: str) -> str:
     """A fixed-width table: op x backend x SMs, times, bandwidths and speed-up vs the best baseline.
 
-    ``us (max rk)`` / ``us (med rk)``: end to end; ``GPU us``: device time (``gpu_time_us``).
+    ``us (max rk)`` / ``us (med rk)``: end to end; ``GPU us``: device time (``gpu_time_us``);
+    ``b2b us``: back to back (``b2b_time_us``).
     Bandwidths and the speed-up are end to end.
     """
     headers = [
@@ -714,6 +760,7 @@ def format_table(rows: Sequence[ResultRow], title: str) -> str:
         "us (max rk)",
         "us (med rk)",
         "GPU us",
+        "b2b us",
         "logical GB/s",
         "NVLink GB/s",
         "vs best base",
@@ -732,6 +779,7 @@ def format_table(rows: Sequence[ResultRow], title: str) -> str:
                 "ERROR" if row.error else _fmt(row.time_us, ".1f"),
                 _fmt(row.time_us_median, ".1f"),
                 _fmt(row.gpu_time_us, ".1f"),
+                _fmt(row.b2b_time_us, ".1f"),
                 _fmt(row.logical_gbps, "gbps"),
                 _fmt(row.nvlink_gbps, "gbps"),
                 speedup,
