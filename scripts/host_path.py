@@ -20,11 +20,13 @@ import os
 import pstats
 import sys
 import tempfile
+import time
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, "src")
+if "src" not in os.environ.get("PYTHONPATH", ""):
+    sys.path.insert(0, "src")
 import epcomm
 from epcomm import quant
 from epcomm.testing import parallel_launch
@@ -169,9 +171,7 @@ def _instrument() -> dict[str, list[int]]:
 
 
 def _calibrate(device: torch.device) -> str:
-    """Host cost of one bare launch on this machine: a torch op and an epcomm ``launch``."""
-    import time
-
+    """Host cost of one bare launch on this machine: a torch op."""
     t = torch.zeros(16, device=device)
     for _ in range(20):
         t.add_(1)
@@ -184,7 +184,7 @@ def _calibrate(device: torch.device) -> str:
     return f"calibration: torch add_ {torch_us:.1f} us host per launch"
 
 
-def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int) -> str:
+def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int, quick: bool = False) -> str:
     torch.manual_seed(pgi.rank)
     x = torch.randn(tokens, hidden, device=pgi.device).bfloat16()
     scores = torch.randn(tokens, experts, device=pgi.device).abs() + 1
@@ -235,6 +235,17 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int) -> 
         lines.append(
             f"== {name}: cold call end-to-end median {times[len(times) // 2]:.0f} us (min {times[0]:.0f})"
         )
+        if quick:
+            walls = []
+            for _ in range(20):
+                torch.cuda.synchronize()
+                dist.barrier()
+                begin = time.perf_counter()
+                fn()
+                walls.append((time.perf_counter() - begin) * 1e6)
+            walls.sort()
+            lines.append(f"   {name}: host call wall median {walls[10]:.0f} us (min {walls[0]:.0f})")
+            continue
         torch.cuda.synchronize()
         dist.barrier()
         profiler = cProfile.Profile()
@@ -259,10 +270,10 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int) -> 
             path = os.path.join(tempfile.gettempdir(), f"host_path_{name}.json")
             prof.export_chrome_trace(path)
             lines.extend(_timeline(path))
+    if quick:
+        return "\n".join(lines)
     # Host breakdown: inclusive wall time of every wrapped function per cold call (device idle
     # before each call, as in the end-to-end column), and the whole call's host wall time.
-    import time
-
     totals = _instrument()
     lines.append(_calibrate(pgi.device))
     for name, fn in ops[1:]:
@@ -289,9 +300,10 @@ def main() -> None:
     p.add_argument("--num-ranks", type=int, default=torch.cuda.device_count())
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--sms", type=int, default=24)
+    p.add_argument("--quick", action="store_true", help="cold-call times and host wall only (any commit)")
     args = p.parse_args()
     results = parallel_launch(
-        args.num_ranks, worker, args.tokens, 7168, 256, 8, args.sms, backend="nccl", timeout_s=600
+        args.num_ranks, worker, args.tokens, 7168, 256, 8, args.sms, args.quick, backend="nccl", timeout_s=600
     )
     print(results[0])
 
