@@ -121,8 +121,9 @@ class SymmetricTransport:
         self.peer_args = PeerArgs(self.peer_buffers)
         self._local, self._handle = buffer, handle
         self.payload_words = payload_words
-        # A fresh buffer starts with zero flags everywhere: epochs keep increasing from here.
-        self.epoch = 0
+        # A fresh buffer starts with zero flags everywhere, below every epoch. Epochs are not reset
+        # (every rank grows at the same call, so they stay equal): the host-mapped count words
+        # are matched against epochs and must never see a stale word equal to a new epoch.
 
     @property
     def local(self) -> torch.Tensor:
