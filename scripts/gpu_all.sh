@@ -17,4 +17,6 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
   # get_dispatch_layout as torch ops (EPCOMM_LAYOUT_KERNEL=torch) beside the default Triton kernel.
   EPCOMM_LAYOUT_KERNEL=torch timeout 120 python3 benchmarks/bench_normal.py --num-ranks 4 --settings prefill \
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
+  # Where a cold call's host time goes at EP4 (rank 0): launch vs device timeline, wrapped functions.
+  timeout 180 python3 scripts/host_path.py --num-ranks 4 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
 fi
