@@ -7,16 +7,18 @@ export PYTHONPATH=src:tests/gpu PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/epcomm-out}
 mkdir -p "$OUT"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'gpus', torch.cuda.device_count())"
+# Every GPU of the machine (4 on nvidia-h200-x4; 2 or 1 on the smaller kinds).
+n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$what" = tests ] || [ "$what" = all ]; then
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/bench_low_latency.py --out "$OUT/low_latency.jsonl" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -20
-  timeout 300 python3 benchmarks/bench_normal.py --num-ranks 4 --out "$OUT/normal.jsonl" --plot "$OUT/normal.png" 2>&1 \
+  timeout 300 python3 benchmarks/bench_normal.py --num-ranks "$n" --out "$OUT/normal.jsonl" --plot "$OUT/normal.png" 2>&1 \
     | tee "$OUT/bench_normal.log" | grep -v "it/s" | tail -60
   # get_dispatch_layout as torch ops (EPCOMM_LAYOUT_KERNEL=torch) beside the default Triton kernel.
-  EPCOMM_LAYOUT_KERNEL=torch timeout 120 python3 benchmarks/bench_normal.py --num-ranks 4 --settings prefill \
+  EPCOMM_LAYOUT_KERNEL=torch timeout 120 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
   # Where a cold call's host time goes at EP4 (rank 0): launch vs device timeline, wrapped functions.
-  timeout 180 python3 scripts/host_path.py --num-ranks 4 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
+  timeout 180 python3 scripts/host_path.py --num-ranks "$n" 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
 fi
