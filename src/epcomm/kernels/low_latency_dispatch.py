@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from epcomm.kernels.exchange import _peer
-from epcomm.kernels.primitives import global_timer_ns, load_acquire_sys, load_relaxed_sys
+from epcomm.kernels.primitives import global_timer_ns, wait_flags
 
 __all__ = ["ll_arrive_and_signal", "ll_dispatch_recv_kernel", "ll_dispatch_send_kernel", "wait_sources"]
 
@@ -234,39 +234,18 @@ def wait_sources(
     NUM_RANKS: tl.constexpr,
     HAS_STATS: tl.constexpr,
 ):
-    """Bounded wait for every unmasked source's flag; optional per-source wait time (ns) stats.
-
-    All sources are polled at once, one relaxed system-scope load per source per round (no acquire
-    fence in the spin); once every source arrived (or the bound passed), one acquire load per source
-    orders this program's later payload reads after the peers' releases, then a block barrier. On
-    expiry the error word names the first source still missing. Stats: per source, the time from
-    the start of the wait until its flag was first seen (until the end for a missing one).
+    """Bounded wait for every unmasked source's flag (``primitives.wait_flags``), then a block
+    barrier; optional per-source wait time (ns) stats: per source, the time from the start of the
+    wait until its flag was first seen (until the end for a missing one).
     """
     tl.static_assert(NUM_RANKS <= 8)
     sources = tl.arange(0, 8)  # MAX_PEERS: every phase and parity has 8 flag words
     in_group = sources < NUM_RANKS
     waited_on = in_group & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
     expected = tl.load(expected_ptr + sources, mask=waited_on, other=0)
-    flags = flag_ptr + sources
-    start = global_timer_ns()
-    missing = waited_on & (load_relaxed_sys(flags) < expected)
-    now = global_timer_ns()
-    if HAS_STATS:
-        seen_at = tl.zeros([8], dtype=tl.int64) + now
-    expired = False
-    while (tl.max(missing.to(tl.int32), axis=0) > 0) & (not expired):
-        was_missing = missing
-        missing = missing & (load_relaxed_sys(flags) < expected)
-        now = global_timer_ns()
-        if HAS_STATS:
-            seen_at = tl.where(was_missing & ~missing, now, seen_at)
-        expired = (now - start) > timeout_ns
-    missing = waited_on & (load_acquire_sys(flags) < expected)
-    if tl.max(missing.to(tl.int32), axis=0) > 0:
-        tl.store(error_ptr + 1, operation_code)
-        tl.store(error_ptr + 2, tl.min(tl.where(missing, sources, 8), axis=0))
-        tl.store(error_ptr + 3, rank)
-        tl.atomic_xchg(error_ptr, 1, sem="release", scope="sys")
+    missing, start, seen_at = wait_flags(
+        flag_ptr + sources, waited_on, expected, timeout_ns, error_ptr, operation_code, rank, HAS_STATS
+    )
     if HAS_STATS:
         if record_stats:
             waited = tl.where(missing, global_timer_ns(), seen_at) - start

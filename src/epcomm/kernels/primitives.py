@@ -17,6 +17,7 @@ __all__ = [
     "signal_release_sys",
     "wait_all_epoch",
     "wait_epoch",
+    "wait_flags",
 ]
 
 # Written into the error word's first slot when a wait expired.
@@ -77,27 +78,49 @@ def wait_epoch(flag_pointer, epoch, timeout_ns, error_pointer, operation_code, p
 
 
 @triton.jit
-def wait_all_epoch(flags_pointer, epoch, num_ranks, timeout_ns, error_pointer, operation_code, rank):
-    """Spin until ``flags_pointer[s] >= epoch`` for every peer ``s < num_ranks``, ``s != rank`` (at
-    most 8 ranks; the 8 words at ``flags_pointer`` must be readable) or ``timeout_ns`` passes; one
-    vector poll for all.
+def wait_flags(
+    flags, waited_on, expected, timeout_ns, error_pointer, operation_code, rank, TRACK: tl.constexpr
+):
+    """Bounded wait on 8 flags at once: until ``flags[s] >= expected[s]`` for every ``s`` in
+    ``waited_on`` (``[8]`` pointers / bools / values; ``expected`` may be a scalar) or ``timeout_ns``
+    passes.
 
-    Relaxed polls, then one acquire load of every flag: reads after this see what each peer wrote
-    before its release. On expiry writes ``[1, operation_code, first missing peer, rank]`` to
-    ``error_pointer`` (host-mapped) and returns, so the stream never hangs.
+    One relaxed system-scope poll of all flags per round (no acquire fence in the spin); once all
+    arrived (or the bound passed), one acquire load per flag orders this program's later reads after
+    the peers' releases. On expiry writes ``[1, operation_code, first missing s, rank]`` to
+    ``error_pointer`` (host-mapped) and returns, so the stream never hangs. No block barrier: the
+    caller adds it. Returns ``(missing [8], start_ns, seen_at_ns [8])``; with ``TRACK``, ``seen_at``
+    is when each flag was first seen arrived (else the first poll's time).
     """
     sources = tl.arange(0, 8)
-    waited_on = (sources < num_ranks) & (sources != rank)
     start = global_timer_ns()
-    missing = waited_on & (load_relaxed_sys(flags_pointer + sources) < epoch)
+    missing = waited_on & (load_relaxed_sys(flags) < expected)
+    now = global_timer_ns()
+    seen_at = tl.zeros([8], dtype=tl.int64) + now
     expired = False
     while (tl.max(missing.to(tl.int32), axis=0) > 0) & (not expired):
-        missing = missing & (load_relaxed_sys(flags_pointer + sources) < epoch)
-        expired = (global_timer_ns() - start) > timeout_ns
-    missing = waited_on & (load_acquire_sys(flags_pointer + sources) < epoch)
+        was_missing = missing
+        missing = missing & (load_relaxed_sys(flags) < expected)
+        now = global_timer_ns()
+        if TRACK:
+            seen_at = tl.where(was_missing & ~missing, now, seen_at)
+        expired = (now - start) > timeout_ns
+    missing = waited_on & (load_acquire_sys(flags) < expected)
     if tl.max(missing.to(tl.int32), axis=0) > 0:
         tl.store(error_pointer + 1, operation_code)
         tl.store(error_pointer + 2, tl.min(tl.where(missing, sources, 8), axis=0))
         tl.store(error_pointer + 3, rank)
         tl.atomic_xchg(error_pointer, 1, sem="release", scope="sys")
+    return missing, start, seen_at
+
+
+@triton.jit
+def wait_all_epoch(flags_pointer, epoch, num_ranks, timeout_ns, error_pointer, operation_code, rank):
+    """``wait_flags`` for every peer ``s < num_ranks``, ``s != rank`` (at most 8 ranks; the 8 words
+    at ``flags_pointer`` must be readable) reaching ``epoch``, then a block barrier."""
+    sources = tl.arange(0, 8)
+    waited_on = (sources < num_ranks) & (sources != rank)
+    wait_flags(
+        flags_pointer + sources, waited_on, epoch, timeout_ns, error_pointer, operation_code, rank, False
+    )
     tl.debug_barrier()
