@@ -30,6 +30,25 @@ _T_BLOCK = 512
 HOST_TABLE_WORD = 4
 
 
+@triton.jit
+def _store_counts_row(
+    row,
+    per_rank,
+    counts_ptr,
+    NUM_RANKS: tl.constexpr,
+    NUM_EXPERTS: tl.constexpr,
+    E_BLOCK: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+):
+    """Write this rank's counts row ``[per_rank (NUM_RANKS), counts_ptr[:NUM_EXPERTS]]`` at ``row``."""
+    r_cols = tl.arange(0, R_BLOCK)
+    tl.store(row + r_cols, per_rank, mask=r_cols < NUM_RANKS)
+    for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
+        experts = tl.arange(0, E_BLOCK) + e_start
+        e_mask = experts < NUM_EXPERTS
+        tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+
+
 @triton.jit(
     do_not_specialize=[
         "num_tokens",
@@ -92,11 +111,7 @@ def dispatch_counts_kernel(
             other=0,
         )
         per_rank += tl.sum((hits != 0).to(tl.int32), axis=0)
-    tl.store(row + r_cols, per_rank, mask=r_mask)
-    for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
-        experts = tl.arange(0, E_BLOCK) + e_start
-        e_mask = experts < NUM_EXPERTS
-        tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+    _store_counts_row(row, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK)
     signal_release_sys(remote + FLAG_OFFSET + rank, epoch)
     error_pointer = error_address.to(tl.pointer_type(tl.int32))
     wait_all_epoch(local + FLAG_OFFSET, epoch, NUM_RANKS, timeout_ns, error_pointer, operation_code, rank)
@@ -137,12 +152,9 @@ def dispatch_counts_kernel(
             inside = (words < total) & ((words < own_first) | (words >= own_first + num_counts))
             values = tl.load(table + words, mask=inside, other=0, volatile=True)
             tl.store(host + HOST_TABLE + words, values, mask=inside)
-        own_row = host + HOST_TABLE + own_first
-        tl.store(own_row + r_cols, per_rank, mask=r_mask)
-        for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
-            experts = tl.arange(0, E_BLOCK) + e_start
-            e_mask = experts < NUM_EXPERTS
-            tl.store(own_row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+        _store_counts_row(
+            host + HOST_TABLE + own_first, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK
+        )
         signal_release_sys(host, epoch)
 
 
