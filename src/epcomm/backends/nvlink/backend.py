@@ -10,6 +10,7 @@ rank order. Low-latency mode runs on the reference path until its kernels land.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
@@ -46,6 +47,17 @@ class _DispatchAreas(NamedTuple):
     src_idx: torch.Tensor
     topk_idx: torch.Tensor
     topk_weights: torch.Tensor
+
+
+@dataclass
+class _BufferViews:
+    """What the backend derives from one allocation of the symmetric buffer: the payload views as
+    push-kernel arguments and the receive / combine area views per region layout."""
+
+    buffers: list[torch.Tensor]
+    payloads: PeerArgs
+    dispatch: dict[DispatchRegions, _DispatchAreas] = field(default_factory=dict)
+    combine: dict[CombineRegions, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
 
 # Up to five regions per area, each aligned to 32 words: this much slack always covers them.
@@ -107,9 +119,7 @@ class NvlinkBackend(LowLatencyDelegation):
         self.low_latency: NvlinkLowLatency | None = None
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
-        self._views: PeerArgs | None = None
-        self._views_of: list[torch.Tensor] | None = None
-        self._areas: dict[DispatchRegions | CombineRegions, object] = {}
+        self._views: _BufferViews | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
@@ -267,26 +277,26 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
-    def _payload_views(self) -> PeerArgs:
-        """Per rank, its payload as int32, resolved for the push kernel (cached until the buffer is
-        reallocated)."""
+    def _buffer_views(self) -> _BufferViews:
+        """Views of the current symmetric buffer (rebuilt when it is reallocated)."""
         buffers = self.transport.peer_buffers
-        if self._views_of is not buffers:
-            self._views = PeerArgs([buffer[PAYLOAD_OFFSET:] for buffer in buffers])
-            self._areas = {}
-            self._views_of = buffers
-        assert self._views is not None
+        if self._views is None or self._views.buffers is not buffers:
+            self._views = _BufferViews(buffers, PeerArgs([buffer[PAYLOAD_OFFSET:] for buffer in buffers]))
         return self._views
+
+    def _payload_views(self) -> PeerArgs:
+        """Per rank, its payload as int32, resolved for the push kernel."""
+        return self._buffer_views().payloads
 
     def _dispatch_areas(self, regions: DispatchRegions) -> _DispatchAreas:
         """Views of this rank's receive area for ``regions`` (cached per buffer allocation: each
         view costs a few microseconds of host time per call otherwise)."""
-        self._payload_views()
-        areas = self._areas.get(regions)
+        cache = self._buffer_views().dispatch
+        areas = cache.get(regions)
         if areas is None:
             push, capacity, k = regions.push, regions.capacity, regions.num_topk
             payload = self.transport.payload
-            areas = self._areas[regions] = _DispatchAreas(
+            areas = cache[regions] = _DispatchAreas(
                 payload(push.x, capacity * regions.x_words, torch.int32).view(capacity, regions.x_words),
                 payload(push.scales, capacity * regions.scale_words, torch.int32).view(
                     capacity, regions.scale_words
@@ -295,21 +305,19 @@ class NvlinkBackend(LowLatencyDelegation):
                 payload(push.topk_idx, capacity * k * 2, torch.int32).view(torch.int64),
                 payload(push.topk_weights, capacity * k, torch.float32),
             )
-        assert isinstance(areas, _DispatchAreas)
         return areas
 
     def _combine_areas(self, regions: CombineRegions) -> tuple[torch.Tensor, torch.Tensor]:
         """``(x as bf16, topk weights as float32)`` views of this rank's combine area (cached)."""
-        self._payload_views()
-        areas = self._areas.get(regions)
+        cache = self._buffer_views().combine
+        areas = cache.get(regions)
         if areas is None:
             push, capacity = regions.push, regions.capacity
             payload = self.transport.payload
-            areas = self._areas[regions] = (
+            areas = cache[regions] = (
                 payload(push.x, capacity * regions.x_words, torch.int32).view(torch.bfloat16),
                 payload(push.topk_weights, capacity * regions.num_topk, torch.float32),
             )
-        assert isinstance(areas, tuple)
         return areas
 
     def _copy_out_payload(
@@ -412,7 +420,7 @@ class NvlinkBackend(LowLatencyDelegation):
 
     def destroy(self) -> None:
         """Release the symmetric buffers."""
-        self._views, self._views_of, self._areas = None, None, {}
+        self._views = None
         self.transport.destroy()
         if self.low_latency is not None:
             self.low_latency.destroy()
