@@ -74,9 +74,13 @@ class LeadingArgs:
         self.values = tuple(tensor.data_ptr() for tensor in tensors)
 
 
+def _tensor_key(tensor: torch.Tensor, address: int) -> Any:
+    return (tensor.dtype, tensor.is_cuda, address % 16 == 0)
+
+
 def _arg_key(value: Any, specialize: bool) -> Any:
     if isinstance(value, torch.Tensor):
-        return (value.dtype, value.is_cuda, value.data_ptr() % 16 == 0)
+        return _tensor_key(value, value.data_ptr())
     if isinstance(value, bool):
         return ("b", value)
     if isinstance(value, int):
@@ -138,7 +142,7 @@ def launch(
     for value, specialize in zip(args, info.specialize[len(first_keys) :]):
         if isinstance(value, torch.Tensor):
             address = value.data_ptr()
-            keys.append((value.dtype, value.is_cuda, address % 16 == 0))
+            keys.append(_tensor_key(value, address))
             values.append(address)
         else:
             keys.append(_arg_key(value, specialize))
