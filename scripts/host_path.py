@@ -18,17 +18,17 @@ import io
 import json
 import os
 import pstats
-import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-if "src" not in os.environ.get("PYTHONPATH", ""):
-    sys.path.insert(0, "src")
-import epcomm
-from epcomm import quant
+# scripts/ is on sys.path (this file's folder); profile_normal puts src/ there unless PYTHONPATH
+# names a src (A/B runs of another commit).
+from profile_normal import normal_ops
+
 from epcomm.testing import parallel_launch
 
 
@@ -184,37 +184,21 @@ def _calibrate(device: torch.device) -> str:
     return f"calibration: torch add_ {torch_us:.1f} us host per launch"
 
 
+def _host_walls(fn: Callable[[], object], calls: int = 20) -> list[float]:
+    """Sorted host wall times (us) of ``calls`` cold calls (device idle, ranks together before each)."""
+    walls = []
+    for _ in range(calls):
+        torch.cuda.synchronize()
+        dist.barrier()
+        begin = time.perf_counter()
+        fn()
+        walls.append((time.perf_counter() - begin) * 1e6)
+    torch.cuda.synchronize()
+    return sorted(walls)
+
+
 def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int, quick: bool = False) -> str:
-    torch.manual_seed(pgi.rank)
-    x = torch.randn(tokens, hidden, device=pgi.device).bfloat16()
-    scores = torch.randn(tokens, experts, device=pgi.device).abs() + 1
-    topk_idx = torch.topk(scores, topk, dim=-1).indices
-    weights = torch.rand(tokens, topk, device=pgi.device)
-    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 30, backend="nvlink")
-    config = epcomm.Config(sms, 6, 256, 6, 128)
-    layout = buffer.get_dispatch_layout(topk_idx, experts)
-    xq = quant.per_token_cast_to_fp8(x)
-
-    def dispatch(payload):
-        return buffer.dispatch(
-            payload,
-            num_tokens_per_rank=layout[0],
-            is_token_in_rank=layout[3],
-            num_tokens_per_expert=layout[2],
-            topk_idx=topk_idx,
-            topk_weights=weights,
-            config=config,
-        )
-
-    out = dispatch(x)
-    handle = out[4]
-    ops = (
-        ("layout", lambda: buffer.get_dispatch_layout(topk_idx, experts)),
-        ("dispatch_bf16", lambda: dispatch(x)),
-        ("dispatch_fp8", lambda: dispatch(xq)),
-        ("cached_bf16", lambda: buffer.dispatch(x, handle=handle, config=config)),
-        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
-    )
+    ops = list(normal_ops(pgi, tokens, hidden, experts, topk, sms).items())
     lines = [f"== rank {pgi.rank} of {pgi.world_size}, {tokens} tokens, {sms} SMs"]
     for name, fn in ops:
         for _ in range(3):
@@ -236,14 +220,7 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int, qui
             f"== {name}: cold call end-to-end median {times[len(times) // 2]:.0f} us (min {times[0]:.0f})"
         )
         if quick:
-            walls = []
-            for _ in range(20):
-                torch.cuda.synchronize()
-                dist.barrier()
-                begin = time.perf_counter()
-                fn()
-                walls.append((time.perf_counter() - begin) * 1e6)
-            walls.sort()
+            walls = _host_walls(fn)
             lines.append(f"   {name}: host call wall median {walls[10]:.0f} us (min {walls[0]:.0f})")
             continue
         torch.cuda.synchronize()
@@ -279,15 +256,7 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int, qui
     for name, fn in ops[1:]:
         for slot in totals.values():
             slot[0] = slot[1] = 0
-        walls = []
-        for _ in range(20):
-            torch.cuda.synchronize()
-            dist.barrier()
-            begin = time.perf_counter()
-            fn()
-            walls.append((time.perf_counter() - begin) * 1e6)
-        torch.cuda.synchronize()
-        walls.sort()
+        walls = _host_walls(fn)
         lines.append(f"== host breakdown {name}: call wall median {walls[10]:.0f} us (min {walls[0]:.0f})")
         for key, (ns, calls) in sorted(totals.items(), key=lambda kv: -kv[1][0]):
             if calls:

@@ -5,24 +5,30 @@ from __future__ import annotations
 import os
 import sys
 import time
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, "src")
+if "src" not in os.environ.get("PYTHONPATH", ""):  # else the caller chose the code (A/B runs)
+    sys.path.insert(0, "src")
 import epcomm
 from epcomm import quant
 from epcomm.testing import parallel_launch
 
 
-def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
+def normal_ops(
+    pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int = 24
+) -> dict[str, Callable[[], object]]:
+    """The prefill-style normal-mode calls of one rank, by name (``layout``, ``dispatch_bf16``,
+    ``dispatch_fp8``, ``cached_bf16``, ``combine``), on an NVLink Buffer with DeepEP's routing."""
     torch.manual_seed(pgi.rank)
     x = torch.randn(tokens, hidden, device=pgi.device).bfloat16()
     scores = torch.randn(tokens, experts, device=pgi.device).abs() + 1
     topk_idx = torch.topk(scores, topk, dim=-1).indices
     weights = torch.rand(tokens, topk, device=pgi.device)
     buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 30, backend="nvlink")
-    config = epcomm.Config(24, 6, 256, 6, 128)
+    config = epcomm.Config(sms, 6, 256, 6, 128)
     layout = buffer.get_dispatch_layout(topk_idx, experts)
     xq = quant.per_token_cast_to_fp8(x)
 
@@ -39,14 +45,19 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
 
     out = dispatch(x)
     handle = out[4]
+    return {
+        "layout": lambda: buffer.get_dispatch_layout(topk_idx, experts),
+        "dispatch_bf16": lambda: dispatch(x),
+        "dispatch_fp8": lambda: dispatch(xq),
+        "cached_bf16": lambda: buffer.dispatch(x, handle=handle, config=config),
+        "combine": lambda: buffer.combine(out[0], handle, config=config),
+    }
+
+
+def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
+    ops = normal_ops(pgi, tokens, hidden, experts, topk)
     lines = []
-    for name, fn in (
-        ("layout", lambda: buffer.get_dispatch_layout(topk_idx, experts)),
-        ("dispatch_bf16", lambda: dispatch(x)),
-        ("dispatch_fp8", lambda: dispatch(xq)),
-        ("cached_bf16", lambda: buffer.dispatch(x, handle=handle, config=config)),
-        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
-    ):
+    for name, fn in ops.items():
         for _ in range(3):
             fn()
         torch.cuda.synchronize()
@@ -64,10 +75,8 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
     import io
     import pstats
 
-    for name, fn in (
-        ("dispatch_bf16", lambda: dispatch(x)),
-        ("combine", lambda: buffer.combine(out[0], handle, config=config)),
-    ):
+    for name in ("dispatch_bf16", "combine"):
+        fn = ops[name]
         torch.cuda.synchronize()
         dist.barrier()
         profiler = cProfile.Profile()
@@ -85,8 +94,8 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
         ) as prof:
             for _ in range(3):
-                dispatch(x)
-                buffer.combine(out[0], handle, config=config)
+                ops["dispatch_bf16"]()
+                ops["combine"]()
             torch.cuda.synchronize()
         out_dir = os.environ.get("OUT")
         if out_dir:
@@ -95,8 +104,8 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
         lines.append(prof.key_averages().table(sort_by="cpu_time_total", row_limit=18))
     else:
         for _ in range(3):
-            dispatch(x)
-            buffer.combine(out[0], handle, config=config)
+            ops["dispatch_bf16"]()
+            ops["combine"]()
         torch.cuda.synchronize()
     return "\n".join(lines)
 
