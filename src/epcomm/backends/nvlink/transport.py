@@ -184,9 +184,6 @@ class SymmetricTransport:
             the epoch to pass to ``read_counts`` / ``received_count``.
         """
         epoch = self.next_epoch()
-        if read_on_host:
-            # Only kernels launched after this point write the word: no race with the device.
-            self._host_table_epoch.value = 0
         assert self.peer_args is not None
         recv_row, prefix, num_recv = launch_dispatch_counts(
             self.peer_args,
@@ -206,7 +203,8 @@ class SymmetricTransport:
 
     def read_counts(self, epoch: int, num_counts: int) -> list[list[int]]:
         """Wait (host spin, bounded) for the table ``dispatch_counts(read_on_host=True)`` copies to
-        the host and return its ``num_ranks`` rows of ``num_counts`` ints; raise a peer's timeout."""
+        the host and return its ``num_ranks`` rows of ``num_counts`` ints; raise a peer's timeout.
+        Epochs only increase, so an older table's word never equals ``epoch``."""
         flag, error = self._host_table_epoch, self._error_flag
         if flag.value != epoch:
             deadline = time.monotonic() + max(HOST_WAIT_S, self.timeout_s)
