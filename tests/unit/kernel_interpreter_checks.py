@@ -7,7 +7,6 @@ Usage: ``TRITON_INTERPRET=1 python tests/unit/kernel_interpreter_checks.py [name
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 
 import torch
@@ -213,6 +212,4 @@ CHECKS: dict[str, Callable[[], None]] = {
 }
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or list(CHECKS):
-        CHECKS[name]()
-        print(f"{name}: ok", flush=True)
+    triton_interpreter.run_checks(CHECKS)

@@ -14,8 +14,6 @@ Usage: ``TRITON_INTERPRET=1 python tests/unit/ll_kernel_interpreter_checks.py [n
 
 from __future__ import annotations
 
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -629,7 +627,4 @@ CHECKS: dict[str, Callable[[], None]] = {
 }
 
 if __name__ == "__main__":
-    for name in sys.argv[1:] or list(CHECKS):
-        start = time.monotonic()
-        CHECKS[name]()
-        print(f"{name}: ok ({time.monotonic() - start:.1f} s)", flush=True)
+    triton_interpreter.run_checks(CHECKS)

@@ -6,7 +6,9 @@ interpreter work with numpy 2."""
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 from types import ModuleType
 
 if os.environ.get("TRITON_INTERPRET") != "1":
@@ -51,3 +53,11 @@ def use_cpu_primitives(*modules: ModuleType) -> None:
         module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
         module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
         module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]
+
+
+def run_checks(checks: dict[str, Callable[[], None]]) -> None:
+    """Run the checks named on the command line (all without names), printing each one's time."""
+    for name in sys.argv[1:] or list(checks):
+        start = time.monotonic()
+        checks[name]()
+        print(f"{name}: ok ({time.monotonic() - start:.1f} s)", flush=True)
