@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["all_gather_ints", "host_id"]
+__all__ = ["all_gather_bytes", "all_gather_ints", "host_id"]
 
 
 def _device_for(group: Any) -> torch.device:
@@ -37,6 +37,27 @@ def all_gather_ints(values: Sequence[int], group: Any) -> list[list[int]]:
     gathered = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
     dist.all_gather(gathered, mine, group=group)
     return [t.tolist() for t in gathered]
+
+
+def all_gather_bytes(blob: bytes, group: Any) -> list[bytes]:
+    """Every rank's ``blob`` (lengths may differ), in rank order.
+
+    Arguments:
+        blob: this rank's bytes.
+        group: the process group.
+
+    Returns:
+        ``num_ranks`` byte strings.
+    """
+    lengths = [row[0] for row in all_gather_ints([len(blob)], group)]
+    device = _device_for(group)
+    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    if blob:
+        mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
+    mine = mine.to(device)
+    gathered = [torch.empty_like(mine) for _ in lengths]
+    dist.all_gather(gathered, mine, group=group)
+    return [bytes(t[:n].cpu().tolist()) for t, n in zip(gathered, lengths, strict=True)]
 
 
 def host_id(hostname: str) -> int:

@@ -13,7 +13,12 @@ from .cases import RunOnRanks, make_case
 from .naive import make_all_inputs, naive_layout
 from .workers_low_latency import dispatch_combine_worker
 from .workers_normal import layout_dispatch_combine_worker
-from .workers_scale import low_latency_fp8_round_trip_worker, multi_node_worker, naive_tokens_per_node
+from .workers_scale import (
+    gather_bytes_worker,
+    low_latency_fp8_round_trip_worker,
+    multi_node_worker,
+    naive_tokens_per_node,
+)
 
 EP8 = 8
 # 32 tokens per rank, hidden 256 (two FP8 scale groups), 64 experts (8 per rank), top-8.
@@ -68,3 +73,9 @@ def test_multi_node_layout(
             "every token reaches every node"
         )
     run_on_ranks(world_size, multi_node_worker, case, ranks_per_node)
+
+
+def test_all_gather_bytes(run_on_ranks: RunOnRanks) -> None:
+    """The byte gather that exchanges CUDA IPC handles when ranks share one GPU."""
+    want = [bytes(range(rank * 3)) for rank in range(4)]
+    assert run_on_ranks(4, gather_bytes_worker) == [want] * 4

@@ -178,3 +178,10 @@ def multi_node_worker(pgi: ProcessGroupInfo, case: Case, local_world_size: int) 
     assert_combined_close(combined, expected_combined, token_keys, "combined_x")
     assert combined_weights is not None
     assert_combined_close(combined_weights, expected_weights, token_keys, "combined_topk_weights", 1e-6, 0.0)
+
+
+def gather_bytes_worker(pgi: ProcessGroupInfo) -> list[bytes]:
+    """``all_gather_bytes`` with a different length on every rank (rank 0 sends nothing)."""
+    from epcomm._collectives import all_gather_bytes
+
+    return all_gather_bytes(bytes(range(pgi.rank * 3)), pgi.group)

@@ -55,6 +55,8 @@ def compare_normal_mode(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -
         topk_idx = _routing(num_tokens, num_experts, num_topk, seed, pgi.device)
         topk_weights = torch.rand(num_tokens, num_topk, device=pgi.device)
         worst = setting.get("num_worst_tokens", 0)
+        if worst == "max":  # every token of every rank could land here
+            worst = setting["num_tokens"] * pgi.world_size
         bias = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16() if setting.get("bias") else None
         payload: Any = quant.per_token_cast_to_fp8(x) if setting.get("fp8") else x
         outputs = []

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from ll_workers import (
     compare_low_latency,
     graph_replay,
@@ -11,16 +10,15 @@ from ll_workers import (
     skip_low_latency,
     two_outstanding,
 )
+from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import parallel_launch
 
-NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.multigpu,
     pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU"),
 ]
-needs_two = pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2+ GPUs")
 
 SETTINGS = [
     {"seed": 1, "capacity": 128, "hidden": 7168, "num_experts": 64, "num_topk": 8},
@@ -50,44 +48,48 @@ SETTINGS = [
 ]
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_low_latency_matches_reference(world_size: int) -> None:
-    if world_size > NUM_GPUS:
-        pytest.skip(f"needs {world_size} GPUs")
-    results = parallel_launch(world_size, compare_low_latency, SETTINGS, backend="nccl", timeout_s=600)
+def test_low_latency_matches_reference(world_size: int, placement: str) -> None:
+    backend = backend_or_skip(world_size, placement)
+    results = parallel_launch(world_size, compare_low_latency, SETTINGS, backend=backend, timeout_s=600)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
 
 
+@pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_cuda_graph_replay(world_size: int) -> None:
-    if world_size > NUM_GPUS:
-        pytest.skip(f"needs {world_size} GPUs")
+def test_cuda_graph_replay(world_size: int, placement: str) -> None:
+    backend = backend_or_skip(world_size, placement)
     results = parallel_launch(
-        world_size, graph_replay, 64, 1024, 8 * world_size, 4, backend="nccl", timeout_s=600
+        world_size, graph_replay, 64, 1024, 8 * world_size, 4, backend=backend, timeout_s=600
     )
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures)
 
 
-@needs_two
-def test_shrink_mode_skips_masked_rank() -> None:
-    world_size = min(NUM_GPUS, 4)
-    results = parallel_launch(world_size, shrink_masked_rank, backend="nccl", timeout_s=300)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_shrink_mode_skips_masked_rank(placement: str) -> None:
+    world_size = min(NUM_GPUS, 4) if placement == "nccl" else 4
+    backend = backend_or_skip(max(world_size, 2), placement)
+    results = parallel_launch(world_size, shrink_masked_rank, backend=backend, timeout_s=300)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures)
 
 
-@needs_two
-def test_skipped_low_latency_call_raises_named_timeout() -> None:
-    results = parallel_launch(2, skip_low_latency, 3.0, backend="nccl", timeout_s=120)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_skipped_low_latency_call_raises_named_timeout(placement: str) -> None:
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, skip_low_latency, 3.0, backend=backend, timeout_s=120)
     assert results[0].startswith("raised"), results[0]
     for expected in ("low_latency_dispatch", "rank 0", "[1]"):
         assert expected in results[0], results[0]
 
 
-@needs_two
-def test_two_outstanding_dispatches_and_wait_stats() -> None:
-    results = parallel_launch(min(NUM_GPUS, 4), two_outstanding, backend="nccl", timeout_s=300)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_two_outstanding_dispatches_and_wait_stats(placement: str) -> None:
+    world_size = min(NUM_GPUS, 4) if placement == "nccl" else 4
+    backend = backend_or_skip(max(world_size, 2), placement)
+    results = parallel_launch(world_size, two_outstanding, backend=backend, timeout_s=300)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures)

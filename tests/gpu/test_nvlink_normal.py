@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 from nvlink_workers import compare_normal_mode, skip_one_dispatch
+from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import parallel_launch
-
-NUM_GPUS = torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 pytestmark = [pytest.mark.gpu, pytest.mark.multigpu]
 
@@ -23,25 +22,25 @@ SETTINGS = [
         "hidden": 256,
         "num_experts": 16,
         "num_topk": 2,
-        "num_worst_tokens": 64 * 4,
+        "num_worst_tokens": "max",
     },
     {"seed": 6, "num_tokens": 96, "hidden": 384, "num_experts": 8, "num_topk": 3, "alignment": 4},
 ]
 
 
-@pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")
-@pytest.mark.parametrize("world_size", [1, 2, 4])  # 1: every row local, the same kernels and host path
-def test_nvlink_matches_reference(world_size: int) -> None:
-    if world_size > NUM_GPUS:
-        pytest.skip(f"needs {world_size} GPUs")
-    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, backend="nccl", timeout_s=600)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])  # 1: every row local, the same kernels and host path
+def test_nvlink_matches_reference(world_size: int, placement: str) -> None:
+    backend = backend_or_skip(world_size, placement)
+    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, backend=backend, timeout_s=600)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
 
 
-@pytest.mark.skipif(NUM_GPUS < 2, reason="needs 2 or more CUDA GPUs")
-def test_skipped_call_raises_named_timeout() -> None:
-    results = parallel_launch(2, skip_one_dispatch, 3.0, backend="nccl", timeout_s=120)
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_skipped_call_raises_named_timeout(placement: str) -> None:
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, skip_one_dispatch, 3.0, backend=backend, timeout_s=120)
     assert results[0].startswith("raised"), results[0]
     for expected in ("dispatch", "rank 0", "[1]"):
         assert expected in results[0], results[0]

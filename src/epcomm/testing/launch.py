@@ -51,7 +51,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as torch_mp
 
-__all__ = ["ProcessGroupInfo", "ProcessGroupPool", "find_free_port", "parallel_launch"]
+__all__ = ["SHARED_GPU", "ProcessGroupInfo", "ProcessGroupPool", "find_free_port", "parallel_launch"]
+
+# Backend name for every rank on ``cuda:0`` with a gloo group: multi-rank GPU runs on a single GPU.
+SHARED_GPU = "gloo-shared-gpu"
 
 _MASTER_ADDR = "127.0.0.1"
 # Seconds the other ranks get to report after the first rank failed, before they are killed.
@@ -82,8 +85,8 @@ class ProcessGroupInfo:
         world_size: Number of processes in the group.
         rank: Global rank of this process, in ``[0, world_size)``.
         local_rank: Rank of this process on this host (equal to ``rank``: all processes are local).
-        device: Device this rank should use: ``cpu`` for gloo, ``cuda:<local_rank>`` for nccl (already made
-            the current CUDA device).
+        device: Device this rank should use: ``cpu`` for gloo, ``cuda:<local_rank>`` for nccl, ``cuda:0``
+            for :data:`SHARED_GPU` (already made the current CUDA device).
         backend: The ``torch.distributed`` backend of the group (``"gloo"`` or ``"nccl"``).
         group: The process group itself (the default ``WORLD`` group), to pass to collectives.
     """
@@ -164,6 +167,11 @@ def _child_init(rank: int, world_size: int, port: int, backend: str, timeout_s: 
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout, device_id=device)
+    elif backend == SHARED_GPU:
+        device = torch.device("cuda", 0)
+        torch.cuda.set_device(device)
+        backend = "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
     else:
         device = torch.device("cpu")
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
@@ -414,6 +422,8 @@ def parallel_launch(
         *args: Extra picklable arguments passed to ``worker`` on every rank.
         backend: ``torch.distributed`` backend. Default: ``"nccl"`` if CUDA is available with at least
             ``world_size`` devices (rank ``r`` uses ``cuda:r``), else ``"gloo"`` (on CPU).
+            :data:`SHARED_GPU` puts every rank on ``cuda:0`` with a gloo group (multi-rank GPU tests
+            on one GPU).
         timeout_s: Limit for the whole launch (start-up included), also used as the process group timeout.
 
     Returns:

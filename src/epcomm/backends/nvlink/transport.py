@@ -1,6 +1,11 @@
 """One symmetric buffer per ``Buffer``: allocated with ``torch.distributed._symmetric_memory``,
 mapped on every rank, grown collectively when a call needs more.
 
+Ranks that share one GPU (a test set-up: several processes on a single device, which symmetric
+memory refuses) map each other's buffers through CUDA IPC instead. The kernels are the same; the
+processes' kernels then take turns on the device (time slices), so only correctness, not speed,
+carries over to a real NVLink node.
+
 Layout (int32 words): ``[flags: 64][count table: MAX_PEERS x MAX_COUNTS][payload ...]``. The
 payload is reused by every operation; an entry barrier before each push guarantees every peer
 has consumed the previous contents.
@@ -10,11 +15,14 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import pickle
+import socket
 import time
 from typing import Any
 
 import torch
 
+from epcomm._collectives import all_gather_bytes, all_gather_ints, host_id
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
 from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, launch_barrier
@@ -61,6 +69,13 @@ _OPERATION_NAMES = {
 }
 
 
+def _ranks_share_a_device(group: Any, device: torch.device) -> bool:
+    """Whether two ranks of ``group`` use the same GPU of the same host (collective)."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    keys = [tuple(row) for row in all_gather_ints([host_id(socket.gethostname()), index], group)]
+    return len(set(keys)) < len(keys)
+
+
 class SymmetricTransport:
     """The symmetric buffer of one group, its peers' views, epochs and the error word.
 
@@ -100,6 +115,13 @@ class SymmetricTransport:
         self._host_recv_count = ctypes.c_int32.from_address(address + 4)
         self._host_recv_epoch = ctypes.c_int32.from_address(address + 8)
         self.payload_words = 0
+        self.shared_device = _ranks_share_a_device(group, device)
+        if self.shared_device and self.rank == 0:
+            get_logger().warning(
+                "epcomm NVLink backend: %d ranks share one GPU; peer buffers are mapped through CUDA "
+                "IPC and the processes' kernels time-slice (for testing only: not NVLink speed)",
+                self.num_ranks,
+            )
         self._handle: Any = None
         self._local: torch.Tensor | None = None
         self.peer_buffers: list[torch.Tensor] = []
@@ -110,20 +132,37 @@ class SymmetricTransport:
         self.check_error()
 
     def _allocate(self, payload_words: int) -> None:
-        import torch.distributed._symmetric_memory as symm_mem
-
         total_words = PAYLOAD_OFFSET + payload_words
-        buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
-        buffer.zero_()
-        torch.cuda.current_stream(self.device).synchronize()
-        handle = symm_mem.rendezvous(buffer, self.group)
-        self.peer_buffers = [handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)]
+        if self.shared_device:
+            buffer, handle, self.peer_buffers = self._allocate_ipc(total_words)
+        else:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
+            buffer.zero_()
+            torch.cuda.current_stream(self.device).synchronize()
+            handle = symm_mem.rendezvous(buffer, self.group)
+            self.peer_buffers = [
+                handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)
+            ]
         self.peer_args = PeerArgs(self.peer_buffers)
         self._local, self._handle = buffer, handle
         self.payload_words = payload_words
         # A fresh buffer starts with zero flags everywhere, below every epoch. Epochs are not reset
         # (every rank grows at the same call, so they stay equal): the host-mapped count words
         # are matched against epochs and must never see a stale word equal to a new epoch.
+
+    def _allocate_ipc(self, total_words: int) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        """Allocate with the caching allocator and map every peer's buffer through CUDA IPC (the
+        ``torch.multiprocessing`` reduction, its handles gathered over the group)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        buffer = torch.zeros(total_words, dtype=torch.int32, device=self.device)
+        torch.cuda.current_stream(self.device).synchronize()
+        rebuild, args = reduce_tensor(buffer)
+        blobs = all_gather_bytes(pickle.dumps(args), self.group)
+        peers = [buffer if r == self.rank else rebuild(*pickle.loads(blob)) for r, blob in enumerate(blobs)]
+        return buffer, None, peers
 
     @property
     def local(self) -> torch.Tensor:
