@@ -49,10 +49,12 @@ def create_backend(
     if choice is BackendChoice.REFERENCE:
         return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)
     if torch.cuda.is_available():
-        from epcomm.backends.nvlink import NvlinkBackend, nvlink_available
+        from epcomm.backends.nvlink import NvlinkBackend, nvlink_placement
 
-        if nvlink_available(group):
-            log_once("auto-nvlink", "epcomm: using the NVLink backend (symmetric memory + Triton)")
+        placement = nvlink_placement(group)
+        if placement == "peers" or (placement == "shared" and choice is BackendChoice.NVLINK):
+            if placement == "peers":
+                log_once("auto-nvlink", "epcomm: using the NVLink backend (symmetric memory + Triton)")
             return NvlinkBackend(
                 group,
                 timeout_s,

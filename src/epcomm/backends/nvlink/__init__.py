@@ -1,5 +1,5 @@
 """Intranode transport: PyTorch symmetric memory (CUDA IPC over NVLink) + Triton kernels."""
 
-from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_available
+from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_available, nvlink_placement
 
-__all__ = ["NvlinkBackend", "nvlink_available"]
+__all__ = ["NvlinkBackend", "nvlink_available", "nvlink_placement"]

@@ -10,12 +10,13 @@ rank order. Low-latency mode runs on the reference path until its kernels land.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import torch
 
-from epcomm._collectives import all_gather_ints
+from epcomm._collectives import all_gather_ints, host_id
 from epcomm.backends.base import (
     CombineRequest,
     CombineResult,
@@ -35,7 +36,7 @@ from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.kernels.normal_rows import launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
-__all__ = ["NvlinkBackend", "nvlink_available"]
+__all__ = ["NvlinkBackend", "nvlink_available", "nvlink_placement"]
 
 
 class _DispatchAreas(NamedTuple):
@@ -66,23 +67,35 @@ _REGION_SLACK_WORDS = 8 * 32
 _LAYOUT_KERNEL = os.environ.get("EPCOMM_LAYOUT_KERNEL", "triton")
 
 
-def nvlink_available(group: Any) -> bool:
-    """Whether every rank of ``group`` has a CUDA device with peer access to all others."""
+def nvlink_placement(group: Any) -> str | None:
+    """How the ranks of ``group`` can reach each other's GPU memory (collective).
+
+    Returns:
+        ``"peers"``: one host, every rank on its own GPU with peer access to all others (the
+        NVLink node). ``"shared"``: one host, but some ranks share a GPU; the backend then maps
+        peer buffers through CUDA IPC and the kernels of different processes time-slice, which is
+        for testing only and used only when asked for by name. ``None``: no NVLink path.
+    """
     import torch.distributed as dist
 
-    if not torch.cuda.is_available():
-        return False
-    num_ranks = dist.get_world_size(group)
-    if num_ranks > 8:
-        return False
+    if not torch.cuda.is_available() or dist.get_world_size(group) > 8:
+        return None
     device = torch.cuda.current_device()
     local_ok = all(
         torch.cuda.can_device_access_peer(device, other)
         for other in range(torch.cuda.device_count())
         if other != device
     )
-    flags = all_gather_ints([int(local_ok), torch.cuda.device_count()], group)
-    return all(ok for ok, _ in flags) and num_ranks <= flags[0][1]
+    rows = all_gather_ints([host_id(socket.gethostname()), device, int(local_ok)], group)
+    if len({host for host, _, _ in rows}) != 1 or not all(ok for _, _, ok in rows):
+        return None
+    return "peers" if len({gpu for _, gpu, _ in rows}) == len(rows) else "shared"
+
+
+def nvlink_available(group: Any) -> bool:
+    """Whether every rank of ``group`` has its own CUDA device, on one host, with peer access to all
+    others (``nvlink_placement(group) == "peers"``; collective)."""
+    return nvlink_placement(group) == "peers"
 
 
 class NvlinkBackend(LowLatencyDelegation):
