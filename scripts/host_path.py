@@ -102,6 +102,8 @@ _TIMED = [
     ("torch", "Tensor.contiguous"),
     ("epcomm.backends.nvlink.transport", "SymmetricTransport.payload"),
     ("epcomm.backends.nvlink.backend", "NvlinkBackend._payload_views"),
+    ("epcomm.backends.nvlink.backend", "NvlinkBackend._peers"),
+    ("epcomm.backends.nvlink.transport", "SymmetricTransport.push_barriers"),
     ("epcomm.backends.nvlink.backend", "DispatchRegions"),
     ("epcomm.kernels.exchange", "launch"),
     ("epcomm.kernels.normal_push", "launch"),
@@ -150,7 +152,9 @@ def _instrument() -> dict[str, list[int]]:
         *parents, attr = path.split(".")
         for parent in parents:
             owner = getattr(owner, parent)
-        original = getattr(owner, attr)
+        original = getattr(owner, attr, None)
+        if original is None:  # not in this commit (the script also times older ones)
+            continue
         key = f"{module_name.rsplit('.', 1)[-1]}:{path}"
         slot = totals.setdefault(key, [0, 0])
 

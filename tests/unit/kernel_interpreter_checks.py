@@ -12,16 +12,17 @@ from collections.abc import Callable
 import torch
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 
+import epcomm.kernels.normal_push as push_kernels
 import epcomm.kernels.normal_rows as rows_kernels
 import epcomm.kernels.primitives as primitives
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import PushRegions, launch_push_rows
+from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
 from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_combine_rows, launch_dispatch_counts
 from epcomm.layout import compute_dispatch_layout, rows_in_order
 
-triton_interpreter.use_cpu_primitives(rows_kernels, primitives)
+triton_interpreter.use_cpu_primitives(rows_kernels, push_kernels, primitives)
 
 
 def check_push() -> None:
@@ -60,6 +61,39 @@ def check_push() -> None:
                 written[j][2560 + r] = True
         for j in range(num_ranks):
             assert not peers[j][~written[j]].any(), "push wrote outside its rows"
+
+
+def check_push_barriers() -> None:
+    """The barriers folded into the push: with every peer's entry and exit flags already there, the
+    rows land past the payload offset, this rank's exit flag is released at every peer and the done
+    counter is back at 0; with one peer's exit flag missing, the error word names that peer and the
+    exit operation (entry flags all there)."""
+    num_ranks, rank, words, payload = 4, 2, 8, 64
+    x = torch.arange(5 * words, dtype=torch.int32).view(5, words) + 1
+    dst = torch.tensor([[0, 1, -1, 2], [1, -1, 0, 0], [-1, 0, 1, 1], [2, 2, 2, -1], [3, -1, 3, 3]])
+    dst = dst.to(torch.int32)
+    for missing in (None, 1):
+        buffers = [torch.zeros(payload + 256, dtype=torch.int32) for _ in range(num_ranks)]
+        buffers[rank][:num_ranks] = 6  # every peer's exit flag (>= the entry epoch 5 too)
+        if missing is not None:
+            buffers[rank][missing] = 5  # peer 1 entered but never finished
+        error = torch.zeros(4, dtype=torch.int32)
+        barriers = PushBarriers(5, 6, 2_000_000, error.data_ptr(), 4, 5, payload, 0, 32)
+        launch_push_rows(
+            buffers, x, None, None, None, dst, PushRegions(x=0), 16, rank, 1, False, False, 3, barriers
+        )
+        if missing is None:
+            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
+        else:
+            assert error.tolist() == [1, 5, missing, rank], error.tolist()
+        for j in range(num_ranks):
+            assert int(buffers[j][rank]) == 6, "exit flag not released at every peer"
+            for t in range(x.size(0)):
+                r = int(dst[t, j])
+                if r >= 0:
+                    got = buffers[j][payload + r * words : payload + (r + 1) * words]
+                    assert torch.equal(got, x[t]), (j, t)
+        assert int(buffers[rank][32]) == 0, "done counter not reset"
 
 
 def check_rows() -> None:
@@ -206,6 +240,7 @@ def check_layout() -> None:
 CHECKS: dict[str, Callable[[], None]] = {
     "layout": check_layout,
     "push": check_push,
+    "push_barriers": check_push_barriers,
     "rows": check_rows,
     "copy_out": check_copy_out,
     "reduce": check_reduce,

@@ -41,10 +41,21 @@ def test_kernel_info_reads_the_signature() -> None:
     info = _KernelInfo(push_rows_kernel)
     assert info.cacheable
     assert info.constexpr_names[0] == "NUM_RANKS"
-    assert info.constexpr_names[-1] == "WRITE_SRC_IDX"
+    assert info.constexpr_names[-1] == "EXIT"
     names = [p.name for p in push_rows_kernel.params if not p.is_constexpr]
     not_specialized = {name for name, special in zip(names, info.specialize) if not special}
-    assert not_specialized == {"num_rows", "rank", "num_local_experts", "capacity"}
+    assert not_specialized == {
+        "num_rows",
+        "rank",
+        "num_local_experts",
+        "capacity",
+        "entry_epoch",
+        "exit_epoch",
+        "timeout_ns",
+        "error_address",
+        "entry_code",
+        "exit_code",
+    }
 
 
 def test_leading_args_resolve_like_the_per_call_key() -> None:

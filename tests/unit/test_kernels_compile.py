@@ -56,6 +56,12 @@ PUSH_SIGNATURE = {
     "topk_idx_offset": "i32",
     "topk_weights_offset": "i32",
     "src_idx_offset": "i32",
+    "entry_epoch": "i32",
+    "exit_epoch": "i32",
+    "timeout_ns": "i64",
+    "error_address": "i64",
+    "entry_code": "i32",
+    "exit_code": "i32",
 }
 PUSH_ALIGNED = [
     *PEERS,
@@ -73,16 +79,23 @@ PUSH_ALIGNED = [
 
 
 @pytest.mark.parametrize(
-    ("num_ranks", "x_words", "scale_words", "has_topk", "localize", "rows", "warps"),
+    ("num_ranks", "x_words", "scale_words", "has_topk", "localize", "rows", "warps", "barriers"),
     [
-        (4, 3584, 1, True, True, 2, 16),  # bf16 dispatch, hidden 7168
-        (8, 1792, 56, True, True, 2, 16),  # fp8 dispatch with scales
-        (2, 3584, 1, False, False, 2, 16),  # cached dispatch / combine push
-        (4, 3584, 1, True, True, 4, 32),  # the tuning variants
+        (4, 3584, 1, True, True, 2, 16, "exit"),  # bf16 dispatch, hidden 7168
+        (8, 1792, 56, True, True, 2, 16, "exit"),  # fp8 dispatch with scales
+        (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch / combine push
+        (4, 3584, 1, True, True, 4, 32, "none"),  # the tuning variants, no barriers
     ],
 )
 def test_push_rows_compiles_with_vector_accesses(
-    num_ranks: int, x_words: int, scale_words: int, has_topk: bool, localize: bool, rows: int, warps: int
+    num_ranks: int,
+    x_words: int,
+    scale_words: int,
+    has_topk: bool,
+    localize: bool,
+    rows: int,
+    warps: int,
+    barriers: str,
 ) -> None:
     constexprs = {
         "NUM_RANKS": num_ranks,
@@ -98,11 +111,24 @@ def test_push_rows_compiles_with_vector_accesses(
         "ROWS": rows,
         "LOCALIZE_TOPK": localize,
         "WRITE_SRC_IDX": has_topk,
+        "PAYLOAD_OFFSET": 32832,
+        "FLAG_OFFSET": 0,
+        "COUNTER_OFFSET": 32,
+        "ENTRY": barriers == "both",
+        "EXIT": barriers != "none",
     }
     compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=warps)
     accesses = _accesses(compiled)
     assert "ld.global.v4.b32" in accesses, accesses
     assert "st.global.v4.b32" in accesses, accesses
+    ptx = compiled.asm["ptx"]
+    if barriers != "none":
+        # The exit: every thread fences its peer stores at system scope before the done count.
+        _assert_system_scope_ordering(ptx)
+        assert "fence.acq_rel.sys" in ptx
+    else:
+        assert "atom." not in ptx
+        assert "fence.acq_rel.sys" not in ptx
 
 
 def _assert_system_scope_ordering(ptx: str) -> None:

@@ -46,13 +46,20 @@ def _cpu_load(pointer):
     return tl.load(pointer)
 
 
+@triton.jit
+def _cpu_fence():
+    pass
+
+
 def use_cpu_primitives(*modules: ModuleType) -> None:
-    """Replace the global timer and the system-scope loads in ``modules`` (kernel modules, and
-    ``epcomm.kernels.primitives`` for the helpers that call them) with CPU stand-ins."""
+    """Replace the global timer, the system-scope loads and the fence in ``modules`` (kernel
+    modules, and ``epcomm.kernels.primitives`` for the helpers that call them) with CPU stand-ins
+    (the interpreter runs one program at a time: there is nothing to order)."""
     for module in modules:
         module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
         module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
         module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]
+        module.fence_acq_rel_sys = _cpu_fence  # type: ignore[attr-defined]
 
 
 def run_checks(checks: dict[str, Callable[[], None]]) -> None:

@@ -6,12 +6,18 @@ program owns a contiguous range of rows and takes ``ROWS`` of them per step, loa
 first store: the compiler cannot hoist a load above a store that may alias it), then stores them to
 every destination, visiting destinations in an order rotated by program and rank so that no peer
 is written by everyone at once (EP4: 205 -> 261-287 GB/s, ``../shared/PERFORMANCE.md``).
+
+The barriers around a push are folded into it (``PushBarriers``): with an entry barrier, program 0
+releases this rank's entry flag at every peer and every program waits for all peers' flags before
+its first store; with an exit barrier, every program fences its stores and counts itself done, and
+the last one releases the exit flag at every peer and waits for theirs. One launch instead of three.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -19,8 +25,9 @@ import triton.language as tl
 
 from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import launch, next_pow2
+from epcomm.kernels.primitives import fence_acq_rel_sys, signal_release_sys, wait_all_epoch
 
-__all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushRegions", "launch_push_rows"]
+__all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushBarriers", "PushRegions", "launch_push_rows"]
 
 # Rows in flight per program and warps per program. Tuning knobs for side-by-side measurements
 # (``EPCOMM_PUSH_ROWS`` / ``EPCOMM_PUSH_WARPS``); the defaults are the measured best (docs/performance.md).
@@ -28,7 +35,26 @@ PUSH_ROWS = int(os.environ.get("EPCOMM_PUSH_ROWS", "2"))
 PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
 
 
-@triton.jit(do_not_specialize=["num_rows", "rank", "num_local_experts", "capacity"])
+@triton.jit
+def _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, slot, epoch, NUM_RANKS: tl.constexpr):
+    for peer in tl.static_range(NUM_RANKS):
+        signal_release_sys(_peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + slot, epoch)
+
+
+@triton.jit(
+    do_not_specialize=[
+        "num_rows",
+        "rank",
+        "num_local_experts",
+        "capacity",
+        "entry_epoch",
+        "exit_epoch",
+        "timeout_ns",
+        "error_address",
+        "entry_code",
+        "exit_code",
+    ]
+)
 def push_rows_kernel(
     p0,
     p1,
@@ -52,6 +78,12 @@ def push_rows_kernel(
     topk_idx_offset,
     topk_weights_offset,
     src_idx_offset,
+    entry_epoch,
+    exit_epoch,
+    timeout_ns,
+    error_address,
+    entry_code,
+    exit_code,
     NUM_RANKS: tl.constexpr,
     X_WORDS: tl.constexpr,
     X_BLOCK: tl.constexpr,
@@ -65,9 +97,24 @@ def push_rows_kernel(
     HAS_TOPK_WEIGHTS: tl.constexpr,
     LOCALIZE_TOPK: tl.constexpr,
     WRITE_SRC_IDX: tl.constexpr,
+    PAYLOAD_OFFSET: tl.constexpr,
+    FLAG_OFFSET: tl.constexpr,
+    COUNTER_OFFSET: tl.constexpr,
+    ENTRY: tl.constexpr,
+    EXIT: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
+    local = _peer(rank, p0, p1, p2, p3, p4, p5, p6, p7)
+    if ENTRY:
+        # Our previous readers of this area are done (stream order): tell every peer, then wait
+        # until every peer says the same of its area before writing into it.
+        if pid == 0:
+            _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, FLAG_OFFSET + rank, entry_epoch, NUM_RANKS)
+        error_pointer = error_address.to(tl.pointer_type(tl.int32))
+        wait_all_epoch(
+            local + FLAG_OFFSET, entry_epoch, NUM_RANKS, timeout_ns, error_pointer, entry_code, rank
+        )
     x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
     x_mask = x_cols < X_WORDS
     s_cols = tl.arange(0, S_BLOCK)[None, :]
@@ -104,7 +151,7 @@ def push_rows_kernel(
             # the buffer and every rank pushes again): never write past the area.
             send = (dst_rows >= 0) & (dst_rows < capacity)
             send2 = send[:, None]
-            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7)
+            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
             tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
             if HAS_SCALES:
                 tl.store(
@@ -135,6 +182,25 @@ def push_rows_kernel(
                     )
             if WRITE_SRC_IDX:
                 tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
+    if EXIT:
+        # Every thread orders its stores before the count (system scope: the stores went to peers);
+        # the last program to count releases the exit flag at every peer, so the release stands for
+        # all programs' stores, then waits for every peer's.
+        fence_acq_rel_sys()
+        tl.debug_barrier()
+        done = tl.atomic_add(local + COUNTER_OFFSET, 1, sem="acq_rel", scope="sys")
+        if done == grid - 1:
+            tl.store(local + COUNTER_OFFSET, 0)  # the next push (later in stream order) counts from 0
+            _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, FLAG_OFFSET + rank, exit_epoch, NUM_RANKS)
+            wait_all_epoch(
+                local + FLAG_OFFSET,
+                exit_epoch,
+                NUM_RANKS,
+                timeout_ns,
+                error_address.to(tl.pointer_type(tl.int32)),
+                exit_code,
+                rank,
+            )
 
 
 @dataclass(frozen=True)
@@ -146,6 +212,35 @@ class PushRegions:
     topk_idx: int = 0
     topk_weights: int = 0
     src_idx: int = 0
+
+
+class PushBarriers(NamedTuple):
+    """Barriers folded into one push (``SymmetricTransport.push_barriers`` makes them).
+
+    Attributes:
+        entry_epoch: epoch of the entry barrier, ``0`` for none (dispatch: the count exchange
+            already was one).
+        exit_epoch: epoch of the exit barrier (after it every peer's rows have landed here).
+        timeout_ns: bound of each wait.
+        error_address: address of the host-mapped ``[4]`` int32 error word.
+        entry_code, exit_code: operation codes written into the error word on a timeout.
+        payload_offset: int32-word offset of the payload in every buffer (regions count from it).
+        flag_offset: int32-word offset of the ``MAX_PEERS`` epoch flags in every buffer.
+        counter_offset: int32-word offset of this rank's done counter (zero between pushes).
+    """
+
+    entry_epoch: int
+    exit_epoch: int
+    timeout_ns: int
+    error_address: int
+    entry_code: int
+    exit_code: int
+    payload_offset: int
+    flag_offset: int
+    counter_offset: int
+
+
+_NO_BARRIERS = PushBarriers(0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
 def launch_push_rows(
@@ -162,11 +257,13 @@ def launch_push_rows(
     localize_topk: bool,
     write_src_idx: bool,
     num_sms: int,
+    barriers: PushBarriers | None = None,
 ) -> None:
     """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
 
     Arguments:
-        peers: per rank an int32 view of its symmetric buffer.
+        peers: per rank an int32 view of its symmetric buffer (from its start when ``barriers``
+            are given, else from wherever the regions count).
         x_words: ``[num_rows, x_words]`` int32, the payload rows as 32-bit words, contiguous.
         scales_words: ``[num_rows, s_words]`` int32 contiguous, or ``None``.
         topk_idx: ``[num_rows, num_topk]`` int64 or ``None``.
@@ -179,6 +276,7 @@ def launch_push_rows(
         localize_topk: rewrite top-k ids relative to the destination, ``-1``/``0.0`` elsewhere.
         write_src_idx: store the source row index (int32) at the destination.
         num_sms: programs to launch (one per SM).
+        barriers: entry / exit barriers to fold in (collective then: launched with 0 rows too).
 
     Example:
         Dispatch of 2 tokens to 2 ranks, token 0 to both, token 1 to rank 1 (rank 0 sent 3 rows
@@ -186,8 +284,10 @@ def launch_push_rows(
     """
     num_rows, num_words = x_words.shape
     peer_args = as_peer_args(peers)
-    if num_rows == 0:
-        return
+    if barriers is None:
+        if num_rows == 0:
+            return
+        barriers = _NO_BARRIERS
     for name, offset in vars(regions).items():
         if offset % 4 != 0:
             raise ValueError(f"region {name} offset {offset} must be a multiple of 4 words (16 bytes)")
@@ -215,6 +315,12 @@ def launch_push_rows(
             regions.topk_idx,
             regions.topk_weights,
             regions.src_idx,
+            barriers.entry_epoch,
+            barriers.exit_epoch,
+            barriers.timeout_ns,
+            barriers.error_address,
+            barriers.entry_code,
+            barriers.exit_code,
         ),
         {
             "NUM_RANKS": peer_args.num_ranks,
@@ -230,6 +336,11 @@ def launch_push_rows(
             "LOCALIZE_TOPK": localize_topk,
             "ROWS": PUSH_ROWS,
             "WRITE_SRC_IDX": write_src_idx,
+            "PAYLOAD_OFFSET": barriers.payload_offset,
+            "FLAG_OFFSET": barriers.flag_offset,
+            "COUNTER_OFFSET": barriers.counter_offset,
+            "ENTRY": barriers.entry_epoch != 0,
+            "EXIT": barriers.exit_epoch != 0,
         },
         PUSH_WARPS,
         peer_args,

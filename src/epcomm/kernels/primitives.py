@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 __all__ = [
+    "fence_acq_rel_sys",
     "global_timer_ns",
     "load_acquire_sys",
     "load_relaxed_sys",
@@ -29,6 +30,16 @@ def global_timer_ns():
     """The GPU's global nanosecond timer (``%globaltimer``)."""
     return tl.inline_asm_elementwise(
         "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
+    )
+
+
+@triton.jit
+def fence_acq_rel_sys():
+    """``fence.acq_rel.sys`` in every thread: this thread's earlier writes (peers' memory included)
+    are ordered before its later ones at system scope. Each writing thread runs it before the block
+    barrier that precedes a release standing for the whole grid (``push_rows_kernel``'s exit)."""
+    tl.inline_asm_elementwise(
+        "fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
     )
 
 

@@ -26,7 +26,7 @@ from epcomm.backends.base import (
 )
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
-from epcomm.backends.nvlink.transport import PAYLOAD_OFFSET, Operation, SymmetricTransport
+from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
@@ -52,11 +52,10 @@ class _DispatchAreas(NamedTuple):
 
 @dataclass
 class _BufferViews:
-    """What the backend derives from one allocation of the symmetric buffer: the payload views as
-    push-kernel arguments and the receive / combine area views per region layout."""
+    """What the backend derives from one allocation of the symmetric buffer: the receive / combine
+    area views per region layout."""
 
     buffers: list[torch.Tensor]
-    payloads: PeerArgs
     dispatch: dict[DispatchRegions, _DispatchAreas] = field(default_factory=dict)
     combine: dict[CombineRegions, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
@@ -229,8 +228,10 @@ class NvlinkBackend(LowLatencyDelegation):
 
         def push() -> DispatchRegions:
             regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
+            # No entry barrier: the count exchange was one (every peer had published its counts,
+            # so it was done reading its area).
             launch_push_rows(
-                self._payload_views(),
+                self._peers(),
                 x_words,
                 scale_words,
                 request.topk_idx,
@@ -243,8 +244,8 @@ class NvlinkBackend(LowLatencyDelegation):
                 localize_topk=request.topk_idx is not None,
                 write_src_idx=True,
                 num_sms=self._sms(request.config.num_sms),
+                barriers=self.transport.push_barriers(None, Operation.DISPATCH),
             )
-            self.transport.barrier(Operation.DISPATCH)
             return regions
 
         regions = push()
@@ -294,12 +295,13 @@ class NvlinkBackend(LowLatencyDelegation):
         """Views of the current symmetric buffer (rebuilt when it is reallocated)."""
         buffers = self.transport.peer_buffers
         if self._views is None or self._views.buffers is not buffers:
-            self._views = _BufferViews(buffers, PeerArgs([buffer[PAYLOAD_OFFSET:] for buffer in buffers]))
+            self._views = _BufferViews(buffers)
         return self._views
 
-    def _payload_views(self) -> PeerArgs:
-        """Per rank, its payload as int32, resolved for the push kernel."""
-        return self._buffer_views().payloads
+    def _peers(self) -> PeerArgs:
+        """Every rank's whole buffer, resolved for the push kernel (it adds the payload offset)."""
+        assert self.transport.peer_args is not None
+        return self.transport.peer_args
 
     def _dispatch_areas(self, regions: DispatchRegions) -> _DispatchAreas:
         """Views of this rank's receive area for ``regions`` (cached per buffer allocation: each
@@ -352,9 +354,8 @@ class NvlinkBackend(LowLatencyDelegation):
         row_words = DispatchRegions.row_words(x_words.size(1), num_scale_words, 1)
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, 1)
-        self.transport.barrier(Operation.CACHED_DISPATCH_ENTRY)
         launch_push_rows(
-            self._payload_views(),
+            self._peers(),
             x_words,
             scale_words,
             None,
@@ -367,8 +368,8 @@ class NvlinkBackend(LowLatencyDelegation):
             localize_topk=False,
             write_src_idx=False,
             num_sms=self._sms(request.config.num_sms),
+            barriers=self.transport.push_barriers(Operation.CACHED_DISPATCH_ENTRY, Operation.CACHED_DISPATCH),
         )
-        self.transport.barrier(Operation.CACHED_DISPATCH)
         recv_x, recv_scales = self._copy_out_payload(
             regions, handle.num_recv_rows, request.x.dtype, request.x_scales
         )
@@ -393,9 +394,8 @@ class NvlinkBackend(LowLatencyDelegation):
             rank,
             self._sms(request.config.num_sms),
         )
-        self.transport.barrier(Operation.COMBINE_ENTRY)
         launch_push_rows(
-            self._payload_views(),
+            self._peers(),
             self._words(x, "x"),
             None,
             None,
@@ -408,8 +408,8 @@ class NvlinkBackend(LowLatencyDelegation):
             localize_topk=False,
             write_src_idx=False,
             num_sms=self._sms(request.config.num_sms),
+            barriers=self.transport.push_barriers(Operation.COMBINE_ENTRY, Operation.COMBINE),
         )
-        self.transport.barrier(Operation.COMBINE)
         area_x, area_weights = self._combine_areas(regions)
         combined_weights = None
         num_tokens = in_rank.size(0)

@@ -6,9 +6,11 @@ memory refuses) map each other's buffers through CUDA IPC instead. The kernels a
 processes' kernels then take turns on the device (time slices), so only correctness, not speed,
 carries over to a real NVLink node.
 
-Layout (int32 words): ``[flags: 64][count table: MAX_PEERS x MAX_COUNTS][payload ...]``. The
-payload is reused by every operation; an entry barrier before each push guarantees every peer
-has consumed the previous contents.
+Layout (int32 words): ``[flags: 64][count table: MAX_PEERS x MAX_COUNTS][payload ...]``; the
+flags are ``MAX_PEERS`` epoch flags (word ``s``: rank ``s`` arrived) and, at ``COUNTER_WORD``, the
+push kernel's done counter. The payload is reused by every operation; an entry barrier before
+each push (the count exchange, for a dispatch) guarantees every peer has consumed the previous
+contents.
 """
 
 from __future__ import annotations
@@ -26,11 +28,14 @@ from epcomm._collectives import all_gather_bytes, all_gather_ints, host_id
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
 from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, launch_barrier
+from epcomm.kernels.normal_push import PushBarriers
 from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_dispatch_counts
 
 __all__ = ["Operation", "SymmetricTransport"]
 
 FLAG_WORDS = 64
+FLAG_OFFSET = 0
+COUNTER_WORD = 32
 MAX_COUNTS = 8 + 4096 + 8  # per-rank counts, per-expert counts (up to 4096 experts), extras
 TABLE_OFFSET = FLAG_WORDS
 PAYLOAD_OFFSET = (TABLE_OFFSET + MAX_PEERS * MAX_COUNTS + 31) // 32 * 32
@@ -104,7 +109,8 @@ class SymmetricTransport:
         # time without synchronizing the device.
         self.error_word = torch.zeros(4, dtype=torch.int32, pin_memory=True)
         # Read through ctypes on every call: indexing the tensor costs a tensor op each time.
-        self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
+        self._error_address = self.error_word.data_ptr()
+        self._error_flag = ctypes.c_int32.from_address(self._error_address)
         # Host-mapped count words the dispatch count kernel writes (kernels/normal_rows.py).
         self.host_counts = torch.zeros(
             HOST_TABLE_WORD + MAX_PEERS * MAX_COUNTS, dtype=torch.int32, pin_memory=True
@@ -202,9 +208,25 @@ class SymmetricTransport:
             self.rank,
             self.next_epoch(),
             self.timeout_ns,
-            self.error_word.data_ptr(),
+            self._error_address,
             int(operation),
-            0,
+            FLAG_OFFSET,
+        )
+
+    def push_barriers(self, entry: Operation | None, exit_: Operation) -> PushBarriers:
+        """The barriers to fold into the next push: an entry barrier (unless ``entry`` is
+        ``None``) and an exit barrier, each named by its operation in a timeout."""
+        entry_epoch = self.next_epoch() if entry is not None else 0
+        return PushBarriers(
+            entry_epoch,
+            self.next_epoch(),
+            self.timeout_ns,
+            self._error_address,
+            int(entry) if entry is not None else 0,
+            int(exit_),
+            PAYLOAD_OFFSET,
+            FLAG_OFFSET,
+            COUNTER_WORD,
         )
 
     def dispatch_counts(
@@ -231,9 +253,9 @@ class SymmetricTransport:
             self.rank,
             epoch,
             self.timeout_ns,
-            self.error_word.data_ptr(),
+            self._error_address,
             int(Operation.DISPATCH_COUNTS),
-            0,
+            FLAG_OFFSET,
             TABLE_OFFSET,
             self.host_counts.data_ptr(),
             read_on_host,
