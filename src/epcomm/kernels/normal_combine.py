@@ -50,12 +50,15 @@ def combine_reduce_kernel(
     k_cols = tl.arange(0, K_BLOCK)[None, :]
     k_mask = k_cols < NUM_TOPK
     token_offsets = tl.arange(0, TOKENS)
-    # Work items are (TOKENS consecutive tokens, COLS columns) tiles, dealt round-robin (the
-    # programs sweep the tokens together). Every rank's rows are masked loads with no branches
-    # (adding the +0.0 of a missing row changes no bit of the sum, which starts at +0.0 like the
-    # reference's).
+    # Work items are (TOKENS consecutive tokens, COLS columns) tiles, consecutive ones per program
+    # (the same tokens' next columns: their slots stay in cache). Every rank's rows are masked loads
+    # with no branches (adding the +0.0 of a missing row changes no bit of the sum, which starts at
+    # +0.0 like the reference's).
     num_items = tl.cdiv(num_tokens, TOKENS) * CHUNKS
-    for item in range(pid, num_items, grid):
+    per_program = tl.cdiv(num_items, grid)
+    begin = pid * per_program
+    end = tl.minimum(begin + per_program, num_items)
+    for item in range(begin, end):
         chunk = item % CHUNKS
         tokens = token_offsets.to(tl.int64) + (item // CHUNKS) * TOKENS
         valid = tokens < num_tokens
