@@ -15,13 +15,28 @@ import triton.language as tl
 
 from epcomm.kernels.launch import launch, next_pow2
 
-__all__ = ["REDUCE_COLS", "REDUCE_TOKENS", "REDUCE_WARPS", "launch_combine_reduce"]
+__all__ = ["REDUCE_TOKENS", "REDUCE_WARPS", "launch_combine_reduce"]
 
-# Tile of one work item: REDUCE_TOKENS tokens x REDUCE_COLS columns, REDUCE_WARPS warps per program
-# (``EPCOMM_REDUCE_*`` for side-by-side runs; scripts/sweep_reduce.py chose them, docs/performance.md).
-REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "4"))
-REDUCE_COLS = int(os.environ.get("EPCOMM_REDUCE_COLS", "8192"))
+# Tokens reduced per program step: enough that ~16 rows are in flight per program (EP4 prefill at
+# 24 SMs, scripts/sweep_reduce.py: 1 / 2 / 4 tokens per step 306 / 300 / 153 us); 0 = that rule,
+# any other value forces it (``EPCOMM_REDUCE_TOKENS``, for side-by-side runs).
+REDUCE_TOKENS = int(os.environ.get("EPCOMM_REDUCE_TOKENS", "0"))
 REDUCE_WARPS = int(os.environ.get("EPCOMM_REDUCE_WARPS", "16"))
+
+
+@triton.jit
+def _row(
+    area_x_ptr, slot_ptr, tokens, valid, cols, mask, rank, NUM_RANKS: tl.constexpr, HIDDEN: tl.constexpr
+):
+    """Rank ``rank``'s rows for ``tokens`` ([TOKENS, H_BLOCK] bf16, 0.0 where absent)."""
+    slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
+    # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
+    return tl.load(
+        area_x_ptr + slot[:, None] * HIDDEN + cols,
+        mask=mask & (slot >= 0)[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
 
 
 @triton.jit(do_not_specialize=["num_tokens"])
@@ -36,7 +51,7 @@ def combine_reduce_kernel(
     num_tokens,
     NUM_RANKS: tl.constexpr,
     HIDDEN: tl.constexpr,
-    COLS: tl.constexpr,
+    H_BLOCK: tl.constexpr,
     NUM_TOPK: tl.constexpr,
     K_BLOCK: tl.constexpr,
     TOKENS: tl.constexpr,
@@ -45,60 +60,45 @@ def combine_reduce_kernel(
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    CHUNKS: tl.constexpr = (HIDDEN + COLS - 1) // COLS
-    cols0 = tl.max_contiguous(tl.multiple_of(tl.arange(0, COLS), COLS), COLS)[None, :]
+    cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, H_BLOCK), H_BLOCK), H_BLOCK)[None, :]
+    mask = cols < HIDDEN
     k_cols = tl.arange(0, K_BLOCK)[None, :]
     k_mask = k_cols < NUM_TOPK
     token_offsets = tl.arange(0, TOKENS)
-    # Work items are (TOKENS consecutive tokens, COLS columns) tiles, consecutive ones per program
-    # (the same tokens' next columns: their slots stay in cache). Every rank's rows are masked loads
-    # with no branches (adding the +0.0 of a missing row changes no bit of the sum, which starts at
-    # +0.0 like the reference's).
-    num_items = tl.cdiv(num_tokens, TOKENS) * CHUNKS
-    per_program = tl.cdiv(num_items, grid)
-    begin = pid * per_program
-    end = tl.minimum(begin + per_program, num_items)
-    for item in range(begin, end):
-        chunk = item % CHUNKS
-        tokens = token_offsets.to(tl.int64) + (item // CHUNKS) * TOKENS
+    # TOKENS consecutive tokens per step, every rank's rows as masked loads with no branches (adding
+    # the +0.0 of a missing row changes no bit of the sum, which starts at +0.0 like the
+    # reference's). Loading all ranks' rows into separate variables before the first add measured
+    # the same (scripts/sweep_reduce.py: 152.8 vs 152.6 us), so the plain loop stays.
+    for first in range(pid * TOKENS, num_tokens, grid * TOKENS):
+        tokens = token_offsets.to(tl.int64) + first
         valid = tokens < num_tokens
-        cols = cols0 + chunk * COLS
-        mask = (cols < HIDDEN) & valid[:, None]
-        accumulator = tl.zeros([TOKENS, COLS], dtype=tl.float32)
+        accumulator = tl.zeros([TOKENS, H_BLOCK], dtype=tl.float32)
+        weights = tl.zeros([TOKENS, K_BLOCK], dtype=tl.float32)
         for rank in tl.static_range(NUM_RANKS):
-            slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
-            # Written by a peer over NVLink: .cg bypasses the non-coherent L1.
-            accumulator += tl.load(
-                area_x_ptr + slot[:, None] * HIDDEN + cols,
-                mask=mask & (slot >= 0)[:, None],
-                other=0.0,
-                cache_modifier=".cg",
-            ).to(tl.float32)
-        if NUM_BIAS >= 1:
-            accumulator += tl.load(bias0_ptr + tokens[:, None] * HIDDEN + cols, mask=mask, other=0.0).to(
+            accumulator += _row(area_x_ptr, slot_ptr, tokens, valid, cols, mask, rank, NUM_RANKS, HIDDEN).to(
                 tl.float32
             )
-        if NUM_BIAS >= 2:
-            accumulator += tl.load(bias1_ptr + tokens[:, None] * HIDDEN + cols, mask=mask, other=0.0).to(
-                tl.float32
-            )
-        tl.store(out_x_ptr + tokens[:, None] * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=mask)
         if HAS_WEIGHTS:
-            if chunk == 0:
-                weights = tl.zeros([TOKENS, K_BLOCK], dtype=tl.float32)
-                for rank in tl.static_range(NUM_RANKS):
-                    slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
-                    weights += tl.load(
-                        area_weights_ptr + slot[:, None] * NUM_TOPK + k_cols,
-                        mask=k_mask & (slot >= 0)[:, None],
-                        other=0.0,
-                        cache_modifier=".cg",
-                    )
-                tl.store(
-                    out_weights_ptr + tokens[:, None] * NUM_TOPK + k_cols,
-                    weights,
-                    mask=k_mask & valid[:, None],
+            for rank in tl.static_range(NUM_RANKS):
+                slot = tl.load(slot_ptr + tokens * NUM_RANKS + rank, mask=valid, other=-1).to(tl.int64)
+                weights += tl.load(
+                    area_weights_ptr + slot[:, None] * NUM_TOPK + k_cols,
+                    mask=k_mask & (slot >= 0)[:, None],
+                    other=0.0,
+                    cache_modifier=".cg",
                 )
+        inside = valid[:, None]
+        if NUM_BIAS >= 1:
+            accumulator += tl.load(
+                bias0_ptr + tokens[:, None] * HIDDEN + cols, mask=mask & inside, other=0.0
+            ).to(tl.float32)
+        if NUM_BIAS >= 2:
+            accumulator += tl.load(
+                bias1_ptr + tokens[:, None] * HIDDEN + cols, mask=mask & inside, other=0.0
+            ).to(tl.float32)
+        tl.store(out_x_ptr + tokens[:, None] * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=mask & inside)
+        if HAS_WEIGHTS:
+            tl.store(out_weights_ptr + tokens[:, None] * NUM_TOPK + k_cols, weights, mask=k_mask & inside)
 
 
 def launch_combine_reduce(
@@ -141,10 +141,10 @@ def launch_combine_reduce(
         {
             "NUM_RANKS": slot.size(1),
             "HIDDEN": hidden,
-            "COLS": min(REDUCE_COLS, next_pow2(hidden)),
+            "H_BLOCK": next_pow2(hidden),
             "NUM_TOPK": num_topk,
             "K_BLOCK": next_pow2(num_topk),
-            "TOKENS": REDUCE_TOKENS,
+            "TOKENS": REDUCE_TOKENS or max(1, min(8, 16 // next_pow2(slot.size(1)))),
             "HAS_WEIGHTS": out_weights is not None,
             "NUM_BIAS": len(bias),
         },
