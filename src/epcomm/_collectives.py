@@ -1,4 +1,5 @@
-"""Small host-side collectives used at ``Buffer`` construction (no numpy, no pickling).
+"""Small host-side collectives used at ``Buffer`` construction (no numpy, no pickling here:
+``all_gather_bytes`` moves bytes its caller made).
 
 ``torch.distributed.all_gather_object`` needs numpy, which a CPU-only install may lack.
 """

@@ -115,8 +115,11 @@ class SymmetricTransport:
         self.host_counts = torch.zeros(
             HOST_TABLE_WORD + MAX_PEERS * MAX_COUNTS, dtype=torch.int32, pin_memory=True
         )
-        self._host_counts_np = self.host_counts.numpy()
         address = self.host_counts.data_ptr()
+        # Sliced into Python lists at C speed (no numpy needed).
+        self._host_table = (ctypes.c_int32 * (MAX_PEERS * MAX_COUNTS)).from_address(
+            address + 4 * HOST_TABLE_WORD
+        )
         self._host_table_epoch = ctypes.c_int32.from_address(address)
         self._host_recv_count = ctypes.c_int32.from_address(address + 4)
         self._host_recv_epoch = ctypes.c_int32.from_address(address + 8)
@@ -230,23 +233,26 @@ class SymmetricTransport:
         )
 
     def dispatch_counts(
-        self, num_tokens_per_expert: torch.Tensor, is_token_in_rank: torch.Tensor, read_on_host: bool
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        self,
+        epoch: int,
+        num_tokens_per_expert: torch.Tensor,
+        is_token_in_rank: torch.Tensor,
+        read_on_host: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exchange the dispatch counts and compute the rows (``launch_dispatch_counts``).
 
         Arguments:
+            epoch: from ``next_epoch()`` (taken before the push's barriers, so in launch order).
             num_tokens_per_expert: ``[num_experts]`` int32, contiguous.
             is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
-            read_on_host: copy the table to host-mapped memory for ``read_counts``; without it,
-                the receive count goes there for ``received_count``.
+            read_on_host: copy the table to host-mapped memory for ``read_counts(epoch, ...)``;
+                without it, the receive count goes there for ``received_count(epoch)``.
 
         Returns:
-            ``recv_row_of_token``, ``rank_prefix_matrix``, ``num_recv_tokens`` (device tensors) and
-            the epoch to pass to ``read_counts`` / ``received_count``.
+            ``recv_row_of_token``, ``rank_prefix_matrix`` and ``num_recv_tokens`` (device tensors).
         """
-        epoch = self.next_epoch()
         assert self.peer_args is not None
-        recv_row, prefix, num_recv = launch_dispatch_counts(
+        return launch_dispatch_counts(
             self.peer_args,
             num_tokens_per_expert,
             is_token_in_rank,
@@ -260,7 +266,6 @@ class SymmetricTransport:
             self.host_counts.data_ptr(),
             read_on_host,
         )
-        return recv_row, prefix, num_recv, epoch
 
     def read_counts(self, epoch: int, num_counts: int) -> list[list[int]]:
         """Wait (host spin, bounded) for the table ``dispatch_counts(read_on_host=True)`` copies to
@@ -280,8 +285,8 @@ class SymmetricTransport:
                         f"device within {max(HOST_WAIT_S, self.timeout_s):.0f} s (device busy or stuck)"
                     )
         self.check_error()
-        table = self._host_counts_np[HOST_TABLE_WORD : HOST_TABLE_WORD + self.num_ranks * num_counts]
-        return table.reshape(self.num_ranks, num_counts).tolist()
+        table = self._host_table
+        return [table[r * num_counts : (r + 1) * num_counts] for r in range(self.num_ranks)]
 
     def received_count(self, epoch: int) -> int | None:
         """The receive count of the ``dispatch_counts(read_on_host=False)`` call at ``epoch``, or
