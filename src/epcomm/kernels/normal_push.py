@@ -31,7 +31,11 @@ __all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushBarriers", "PushRegions", "launch_pus
 
 # Rows in flight per program and warps per program. Tuning knobs for side-by-side measurements
 # (``EPCOMM_PUSH_ROWS`` / ``EPCOMM_PUSH_WARPS``); the defaults are the measured best (docs/performance.md).
-PUSH_ROWS = int(os.environ.get("EPCOMM_PUSH_ROWS", "2"))
+# ROWS 0 (default): enough rows for ``PUSH_STEP_BYTES`` per step, 2 to 8: the 2 rows measured best
+# for BF16 hidden 7168 (EP4, scripts/sweep_push.py), and as many bytes in flight for smaller rows
+# (FP8: 4 rows).
+PUSH_ROWS = int(os.environ.get("EPCOMM_PUSH_ROWS", "0"))
+PUSH_STEP_BYTES = 2 * 7168 * 2
 PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
 
 
@@ -334,7 +338,8 @@ def launch_push_rows(
             "HAS_TOPK_IDX": topk_idx is not None,
             "HAS_TOPK_WEIGHTS": topk_weights is not None,
             "LOCALIZE_TOPK": localize_topk,
-            "ROWS": PUSH_ROWS,
+            "ROWS": PUSH_ROWS
+            or min(8, max(2, next_pow2(-(-PUSH_STEP_BYTES // (4 * (num_words + s_words)))))),
             "WRITE_SRC_IDX": write_src_idx,
             "PAYLOAD_OFFSET": barriers.payload_offset,
             "FLAG_OFFSET": barriers.flag_offset,
