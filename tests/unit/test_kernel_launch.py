@@ -73,3 +73,15 @@ def test_leading_args_resolve_like_the_per_call_key() -> None:
     assert peers.values[2:] == (base.data_ptr(),) * (MAX_PEERS - 2)  # padding: rank 0's buffer
     with pytest.raises(ValueError, match=r"1\.\.8 ranks"):
         PeerArgs([])
+
+
+def test_push_rows_per_step_keeps_the_bytes_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+    import epcomm.kernels.normal_push as push
+
+    assert push.push_rows_per_step(3584 + 1, False) == 2  # BF16 hidden 7168 (measured best at EP4)
+    assert push.push_rows_per_step(1792 + 56, False) == 4  # FP8 hidden 7168 with its scales
+    assert push.push_rows_per_step(3584 + 1, True) == 4  # combine: one destination per row
+    assert push.push_rows_per_step(64, False) == 8  # small rows: capped
+    assert push.push_rows_per_step(100_000, True) == 2  # huge rows: at least 2
+    monkeypatch.setattr(push, "PUSH_ROWS", 1)
+    assert push.push_rows_per_step(3584 + 1, False) == 1  # EPCOMM_PUSH_ROWS forces it

@@ -83,7 +83,8 @@ PUSH_ALIGNED = [
     [
         (4, 3584, 1, True, True, 2, 16, "exit"),  # bf16 dispatch, hidden 7168
         (8, 1792, 56, True, True, 2, 16, "exit"),  # fp8 dispatch with scales
-        (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch / combine push
+        (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch push
+        (4, 3584, 1, False, False, 4, 16, "both"),  # combine push (one destination per row)
         (4, 3584, 1, True, True, 4, 32, "none"),  # the tuning variants, no barriers
     ],
 )

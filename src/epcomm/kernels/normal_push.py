@@ -27,15 +27,36 @@ from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import launch, next_pow2
 from epcomm.kernels.primitives import fence_acq_rel_sys, signal_release_sys, wait_all_epoch
 
-__all__ = ["PUSH_ROWS", "PUSH_WARPS", "PushBarriers", "PushRegions", "launch_push_rows"]
+__all__ = [
+    "PUSH_ROWS",
+    "PUSH_WARPS",
+    "PushBarriers",
+    "PushRegions",
+    "launch_push_rows",
+    "push_rows_per_step",
+]
 
 # Rows in flight per program and warps per program. Tuning knobs for side-by-side measurements
 # (``EPCOMM_PUSH_ROWS`` / ``EPCOMM_PUSH_WARPS``); the defaults are the measured best (docs/performance.md).
-# ROWS 0 (default): enough rows for ``PUSH_STEP_BYTES`` per step, 2 to 8: the 2 rows measured best
-# for BF16 hidden 7168 (EP4, scripts/sweep_push.py), and as many bytes in flight for smaller rows
-# (FP8: 4 rows).
+# ROWS 0 (default): enough rows for ``PUSH_STEP_BYTES`` of loads per step, 2 to 8: the 2 rows
+# measured best for BF16 hidden 7168 (EP4, scripts/sweep_push.py), as many bytes for smaller rows
+# (FP8: 4 rows; EP1 dispatch FP8 GPU time 94.8 -> 75.7 us), twice as many when each row has one
+# destination (combine: a step stores what it loads once, not once per destination; EP1 combine
+# 130 -> 116.5 us at 4 rows, 116 at 8). docs/performance.md, session 5.
 PUSH_ROWS = int(os.environ.get("EPCOMM_PUSH_ROWS", "0"))
 PUSH_STEP_BYTES = 2 * 7168 * 2
+
+
+def push_rows_per_step(row_words: int, one_destination: bool) -> int:
+    """Rows per step of ``push_rows_kernel`` for rows of ``row_words`` int32 words (payload and
+    scales): ``EPCOMM_PUSH_ROWS`` if set, else ``PUSH_STEP_BYTES`` (doubled for rows with one
+    destination each) worth of rows, a power of two from 2 to 8."""
+    if PUSH_ROWS:
+        return PUSH_ROWS
+    step_bytes = PUSH_STEP_BYTES * (2 if one_destination else 1)
+    return min(8, max(2, next_pow2(-(-step_bytes // (4 * row_words)))))
+
+
 PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
 
 
@@ -262,6 +283,7 @@ def launch_push_rows(
     write_src_idx: bool,
     num_sms: int,
     barriers: PushBarriers | None = None,
+    one_destination: bool = False,
 ) -> None:
     """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
 
@@ -281,6 +303,7 @@ def launch_push_rows(
         write_src_idx: store the source row index (int32) at the destination.
         num_sms: programs to launch (one per SM).
         barriers: entry / exit barriers to fold in (collective then: launched with 0 rows too).
+        one_destination: every row has exactly one destination (combine): more rows per step.
 
     Example:
         Dispatch of 2 tokens to 2 ranks, token 0 to both, token 1 to rank 1 (rank 0 sent 3 rows
@@ -338,8 +361,7 @@ def launch_push_rows(
             "HAS_TOPK_IDX": topk_idx is not None,
             "HAS_TOPK_WEIGHTS": topk_weights is not None,
             "LOCALIZE_TOPK": localize_topk,
-            "ROWS": PUSH_ROWS
-            or min(8, max(2, next_pow2(-(-PUSH_STEP_BYTES // (4 * (num_words + s_words)))))),
+            "ROWS": push_rows_per_step(num_words + s_words, one_destination),
             "WRITE_SRC_IDX": write_src_idx,
             "PAYLOAD_OFFSET": barriers.payload_offset,
             "FLAG_OFFSET": barriers.flag_offset,

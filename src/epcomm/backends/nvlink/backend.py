@@ -420,6 +420,7 @@ class NvlinkBackend(LowLatencyDelegation):
             write_src_idx=False,
             num_sms=self._sms(request.config.num_sms),
             barriers=self.transport.push_barriers(Operation.COMBINE_ENTRY, Operation.COMBINE),
+            one_destination=True,
         )
         area_x, area_weights = self._combine_areas(regions)
         combined_weights = None
