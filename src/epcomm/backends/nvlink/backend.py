@@ -1,10 +1,12 @@
 """The NVLink backend: normal mode on symmetric memory with Triton kernels (write-once push).
 
-Dispatch: publish counts to every peer (barrier + count table), read the table on the host (one
-small device-to-host copy; skipped with ``num_worst_tokens``), push each token row straight into
-its final row of every destination's receive area, barrier, copy the rows out. Combine: push each
-received row back into the token rank's area in (rank, token) order, barrier, reduce in float32 in
-rank order. Low-latency mode runs on the reference path until its kernels land.
+Dispatch: one kernel publishes the counts to every peer, waits for theirs and computes every row
+number (it copies the count table to host-mapped memory, which the host reads while the push runs;
+``num_worst_tokens`` skips the read); the push kernel writes each token row straight into its final
+row of every destination's receive area and ends with the exit barrier; the rows are then copied
+out. Combine: the push kernel (entry barrier, push, exit barrier) writes each received row back
+into the token rank's area in (rank, token) order, then a reduce kernel sums in float32 in rank
+order. Low-latency mode is ``NvlinkLowLatency`` (``low_latency.py``).
 """
 
 from __future__ import annotations
