@@ -49,7 +49,7 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("world_size", [1, 2, 4])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_low_latency_matches_reference(world_size: int, placement: str) -> None:
     backend = backend_or_skip(world_size, placement)
     results = parallel_launch(world_size, compare_low_latency, SETTINGS, backend=backend, timeout_s=600)
