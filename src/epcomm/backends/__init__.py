@@ -69,12 +69,20 @@ def create_backend(
                 "backend 'nvlink' needs every rank on a CUDA device with peer access to the others "
                 "(one node, at most 8 GPUs)"
             )
-        log_once(
-            "auto-reference-cuda",
-            "epcomm: CUDA is present but the ranks do not share an NVLink domain; using the "
-            "reference backend (torch.distributed point-to-point messages)",
-            logging.WARNING,
-        )
+        if placement == "shared":
+            log_once(
+                "auto-reference-shared",
+                "epcomm: ranks share a GPU; using the reference backend (backend='nvlink' runs the "
+                "NVLink kernels there too, through CUDA IPC, for testing)",
+                logging.WARNING,
+            )
+        else:
+            log_once(
+                "auto-reference-cuda",
+                "epcomm: CUDA is present but the ranks do not share an NVLink domain; using the "
+                "reference backend (torch.distributed point-to-point messages)",
+                logging.WARNING,
+            )
     elif choice is BackendChoice.NVLINK:
         raise ValueError("backend 'nvlink' needs CUDA devices; none is available")
     return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)
