@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One device call: the GPU test tier, then both benchmarks. Logs and JSON under $OUT.
-# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all]
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|rows|all]
+# (on 4 GPUs "all" takes longer than one 10-minute device call: run "tests", then "bench", then "rows")
 set -u
 what=${1:-all}
 export PYTHONPATH=src:tests/gpu PYTHONUNBUFFERED=1
@@ -23,4 +24,15 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
   # Where a cold call's host time goes at EP4 (rank 0): launch vs device timeline, wrapped functions.
   timeout 180 python3 scripts/host_path.py --num-ranks "$n" 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
+fi
+if [ "$what" = rows ]; then
+  # Rows per push step: the old fixed 2 against the byte-sized rule (push_rows_per_step), interleaved.
+  for round in 1 2; do
+    for rows in 2 0; do
+      echo "### EPCOMM_PUSH_ROWS=$rows (0 = rule), round $round"
+      EPCOMM_PUSH_ROWS=$rows timeout 120 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
+        --sms 24 --ops dispatch_bf16,dispatch_fp8,combine_bf16 --baselines user --no-tqdm --out "$OUT/rows_ab.jsonl" 2>&1 \
+        | grep -E "^(dispatch|combine)" | grep nvlink
+    done
+  done | tee "$OUT/rows_ab.log"
 fi
