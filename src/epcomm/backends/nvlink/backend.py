@@ -34,7 +34,7 @@ from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import PushBarriers, launch_push_rows
+from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.kernels.normal_rows import launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
@@ -204,12 +204,22 @@ class NvlinkBackend(LowLatencyDelegation):
         num_experts = request.num_tokens_per_expert.numel()
         num_local_experts = num_experts // num_ranks
         num_counts = num_ranks + num_experts
-        # Everything the push needs is ready before the count kernel, so the push launches right
-        # behind it (the GPU waits for the host between them otherwise). Epochs are taken in launch
-        # order: the count exchange's, then the push's exit barrier's.
-        worst = request.num_worst_tokens
+        # One kernel counts the tokens per rank, publishes [per-rank, per-expert] counts into every
+        # peer's table, waits for theirs, turns the table into every row number and (unless
+        # num_worst_tokens) copies it to host-mapped memory, which the host reads while the push runs.
+        # It is launched first (after the row-size checks, which must fail before any communication):
+        # the host prepares the push while it runs. Epochs are taken in launch order (the count
+        # exchange's, then the push's exit barrier's).
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        worst = request.num_worst_tokens
+        counts_epoch = self.transport.next_epoch()
+        recv_row_of_token, rank_prefix_matrix, num_recv_tokens = self.transport.dispatch_counts(
+            counts_epoch,
+            request.num_tokens_per_expert.contiguous(),
+            is_token_in_rank,
+            read_on_host=worst == 0,
+        )
         num_topk = max(
             1,
             request.topk_idx.size(1)
@@ -223,11 +233,9 @@ class NvlinkBackend(LowLatencyDelegation):
             CombineRegions.row_words(x.size(1) // 2, num_topk),
         )
         self._ensure_rows(worst, row_words)
-        counts_epoch = self.transport.next_epoch()
-        regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
-        barriers = self.transport.push_barriers(None, Operation.DISPATCH)
 
-        def push(regions: DispatchRegions, barriers: PushBarriers) -> None:
+        def push() -> DispatchRegions:
+            regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
             # No entry barrier: the count exchange was one (every peer had published its counts,
             # so it was done reading its area).
             launch_push_rows(
@@ -244,19 +252,11 @@ class NvlinkBackend(LowLatencyDelegation):
                 localize_topk=request.topk_idx is not None,
                 write_src_idx=True,
                 num_sms=self._sms(request.config.num_sms),
-                barriers=barriers,
+                barriers=self.transport.push_barriers(None, Operation.DISPATCH),
             )
+            return regions
 
-        # One kernel counts the tokens per rank, publishes [per-rank, per-expert] counts into every
-        # peer's table, waits for theirs, turns the table into every row number and (unless
-        # num_worst_tokens) copies it to host-mapped memory, which the host reads while the push runs.
-        recv_row_of_token, rank_prefix_matrix, num_recv_tokens = self.transport.dispatch_counts(
-            counts_epoch,
-            request.num_tokens_per_expert.contiguous(),
-            is_token_in_rank,
-            read_on_host=worst == 0,
-        )
-        push(regions, barriers)
+        regions = push()
         per_expert_list: list[int] = []
         if worst > 0:
             num_rows = num_max_rows = worst
@@ -269,10 +269,7 @@ class NvlinkBackend(LowLatencyDelegation):
             num_max_rows = max(max(map(sum, sent)), max(map(sum, zip(*sent))))
             if num_max_rows > regions.capacity:  # every rank reads the same table: all grow and push again
                 self._ensure_rows(num_max_rows, row_words)
-                regions = DispatchRegions(
-                    self._capacity(row_words), x_words.size(1), num_scale_words, num_topk
-                )
-                push(regions, self.transport.push_barriers(None, Operation.DISPATCH))
+                regions = push()
             start = num_ranks + rank * num_local_experts
             mine = [row[start : start + num_local_experts] for row in host]
             per_expert_list = mine[0] if num_ranks == 1 else list(map(sum, zip(*mine)))
