@@ -13,11 +13,8 @@ Runs at any rank count, 1 included (one GPU: every row is local, the host path i
 from __future__ import annotations
 
 import argparse
-import cProfile
-import io
 import json
 import os
-import pstats
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,7 +24,7 @@ import torch.distributed as dist
 
 # scripts/ is on sys.path (this file's folder); profile_normal puts src/ there unless PYTHONPATH
 # names a src (A/B runs of another commit).
-from profile_normal import normal_ops
+from profile_normal import cprofile_calls, normal_ops
 
 from epcomm.testing import parallel_launch
 
@@ -227,18 +224,9 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int, sms: int, qui
             walls = _host_walls(fn)
             lines.append(f"   {name}: host call wall median {walls[10]:.0f} us (min {walls[0]:.0f})")
             continue
-        torch.cuda.synchronize()
-        dist.barrier()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(10):
-            fn()
-        profiler.disable()
-        torch.cuda.synchronize()
-        if pgi.rank == 0:
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(25)
-            lines.append(f"-- cProfile {name} (10 calls, cumulative)\n" + text.getvalue())
+        text = cprofile_calls(pgi, fn, "cumulative", 25)
+        if text is not None:
+            lines.append(f"-- cProfile {name} (10 calls, cumulative)\n" + text)
         dist.barrier()
         torch.cuda.synchronize()
         with torch.profiler.profile(

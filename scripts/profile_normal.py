@@ -54,6 +54,29 @@ def normal_ops(
     }
 
 
+def cprofile_calls(pgi, fn: Callable[[], object], sort: str, limit: int, calls: int = 10) -> str | None:
+    """cProfile over ``calls`` calls of ``fn`` on every rank (all ranks must call, devices idle
+    before and after); rank 0 gets the ``pstats`` text sorted by ``sort`` (``limit`` lines), the
+    others ``None``."""
+    import cProfile
+    import io
+    import pstats
+
+    torch.cuda.synchronize()
+    dist.barrier()
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    torch.cuda.synchronize()
+    if pgi.rank != 0:
+        return None
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats(sort).print_stats(limit)
+    return text.getvalue()
+
+
 def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
     ops = normal_ops(pgi, tokens, hidden, experts, topk)
     lines = []
@@ -69,26 +92,11 @@ def worker(pgi, tokens: int, hidden: int, experts: int, topk: int) -> str:
         lines.append(
             f"rank {pgi.rank} {name}: {(time.perf_counter() - begin) / 10 * 1e6:.0f} us/call back-to-back"
         )
-    # Host (Python) cost per call, steady state: cProfile over 10 calls of each op on every rank
-    # (all ranks must call), printed for rank 0.
-    import cProfile
-    import io
-    import pstats
-
+    # Host (Python) cost per call, steady state: cProfile over 10 calls of each op, rank 0's.
     for name in ("dispatch_bf16", "combine"):
-        fn = ops[name]
-        torch.cuda.synchronize()
-        dist.barrier()
-        profiler = cProfile.Profile()
-        profiler.enable()
-        for _ in range(10):
-            fn()
-        profiler.disable()
-        torch.cuda.synchronize()
-        if pgi.rank == 0:
-            text = io.StringIO()
-            pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(22)
-            lines.append(f"== cProfile {name} (10 calls)\n" + text.getvalue())
+        text = cprofile_calls(pgi, ops[name], "tottime", 22)
+        if text is not None:
+            lines.append(f"== cProfile {name} (10 calls)\n" + text)
     if pgi.rank == 0:
         with torch.profiler.profile(
             activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]

@@ -55,6 +55,13 @@ def create_backend(
         if placement == "peers" or (placement == "shared" and choice is BackendChoice.NVLINK):
             if placement == "peers":
                 log_once("auto-nvlink", "epcomm: using the NVLink backend (symmetric memory + Triton)")
+            else:
+                log_once(
+                    "nvlink-shared",
+                    "epcomm: NVLink backend with ranks sharing a GPU: peer buffers are mapped through "
+                    "CUDA IPC and the processes' kernels time-slice (for testing only: not NVLink speed)",
+                    logging.WARNING,
+                )
             return NvlinkBackend(
                 group,
                 timeout_s,
@@ -63,6 +70,7 @@ def create_backend(
                 num_nvl_bytes,
                 low_latency_mode,
                 num_rdma_bytes,
+                shared_device=placement == "shared",
             )
         if choice is BackendChoice.NVLINK:
             raise ValueError(

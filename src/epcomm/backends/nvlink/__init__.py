@@ -1,5 +1,5 @@
 """Intranode transport: PyTorch symmetric memory (CUDA IPC over NVLink) + Triton kernels."""
 
-from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_available, nvlink_placement
+from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
 
-__all__ = ["NvlinkBackend", "nvlink_available", "nvlink_placement"]
+__all__ = ["NvlinkBackend", "nvlink_placement"]

@@ -38,7 +38,7 @@ from epcomm.kernels.normal_push import launch_push_rows
 from epcomm.kernels.normal_rows import launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
-__all__ = ["NvlinkBackend", "nvlink_available", "nvlink_placement"]
+__all__ = ["NvlinkBackend", "nvlink_placement"]
 
 
 class _DispatchAreas(NamedTuple):
@@ -93,12 +93,6 @@ def nvlink_placement(group: Any) -> str | None:
     return "peers" if len({gpu for _, gpu, _ in rows}) == len(rows) else "shared"
 
 
-def nvlink_available(group: Any) -> bool:
-    """Whether every rank of ``group`` has its own CUDA device, on one host, with peer access to all
-    others (``nvlink_placement(group) == "peers"``; collective)."""
-    return nvlink_placement(group) == "peers"
-
-
 class NvlinkBackend(LowLatencyDelegation):
     """Normal and low-latency modes over NVLink symmetric memory.
 
@@ -110,6 +104,8 @@ class NvlinkBackend(LowLatencyDelegation):
         num_nvl_bytes: initial symmetric buffer size (grown when a call needs more).
         low_latency_mode: allocate the low-latency buffer (``num_rdma_bytes`` bytes).
         num_rdma_bytes: size of the low-latency symmetric buffer.
+        shared_device: ranks share a GPU (``nvlink_placement`` said ``"shared"``): buffers are
+            mapped through CUDA IPC instead of symmetric memory.
     """
 
     name = "nvlink"
@@ -123,16 +119,17 @@ class NvlinkBackend(LowLatencyDelegation):
         num_nvl_bytes: int,
         low_latency_mode: bool = False,
         num_rdma_bytes: int = 0,
+        shared_device: bool = False,
     ) -> None:
         self.device = torch.device("cuda", torch.cuda.current_device())
-        self.transport = SymmetricTransport(group, self.device, timeout_s, num_nvl_bytes)
+        self.transport = SymmetricTransport(group, self.device, timeout_s, num_nvl_bytes, shared_device)
         self.rank = self.transport.rank
         self.num_ranks = self.transport.num_ranks
         self.num_ranks_per_node = num_ranks_per_node
         # Low-latency mode gets its own symmetric buffer (``num_rdma_bytes``), as DeepEP's.
         self.low_latency: NvlinkLowLatency | None = None
         if low_latency_mode:
-            self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes)
+            self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes, shared_device)
         self._views: _BufferViews | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).

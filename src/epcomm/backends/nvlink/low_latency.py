@@ -41,10 +41,13 @@ class NvlinkLowLatency:
         device: this rank's CUDA device.
         timeout_s: bound of every wait.
         num_rdma_bytes: bytes of symmetric memory to allocate (validated against the size hint).
+        shared_device: ranks share a GPU (buffers mapped through CUDA IPC).
     """
 
-    def __init__(self, group: Any, device: torch.device, timeout_s: float, num_rdma_bytes: int) -> None:
-        self.transport = SymmetricTransport(group, device, timeout_s, num_rdma_bytes)
+    def __init__(
+        self, group: Any, device: torch.device, timeout_s: float, num_rdma_bytes: int, shared_device: bool
+    ) -> None:
+        self.transport = SymmetricTransport(group, device, timeout_s, num_rdma_bytes, shared_device)
         self.device = device
         self.rank = self.transport.rank
         self.num_ranks = self.transport.num_ranks

@@ -18,13 +18,12 @@ from __future__ import annotations
 import ctypes
 import enum
 import pickle
-import socket
 import time
 from typing import Any
 
 import torch
 
-from epcomm._collectives import all_gather_bytes, all_gather_ints, host_id
+from epcomm._collectives import all_gather_bytes
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
 from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, launch_barrier
@@ -74,13 +73,6 @@ _OPERATION_NAMES = {
 }
 
 
-def _ranks_share_a_device(group: Any, device: torch.device) -> bool:
-    """Whether two ranks of ``group`` use the same GPU of the same host (collective)."""
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    keys = [tuple(row) for row in all_gather_ints([host_id(socket.gethostname()), index], group)]
-    return len(set(keys)) < len(keys)
-
-
 class SymmetricTransport:
     """The symmetric buffer of one group, its peers' views, epochs and the error word.
 
@@ -89,10 +81,17 @@ class SymmetricTransport:
         device: this rank's CUDA device.
         timeout_s: bound of every wait.
         initial_payload_bytes: payload bytes to allocate now (grown later when needed).
+        shared_device: ranks share a GPU (``nvlink_placement`` said ``"shared"``): map peer buffers
+            through CUDA IPC, since symmetric memory refuses overlapping devices.
     """
 
     def __init__(
-        self, group: Any, device: torch.device, timeout_s: float, initial_payload_bytes: int
+        self,
+        group: Any,
+        device: torch.device,
+        timeout_s: float,
+        initial_payload_bytes: int,
+        shared_device: bool = False,
     ) -> None:
         import torch.distributed as dist
 
@@ -124,13 +123,7 @@ class SymmetricTransport:
         self._host_recv_count = ctypes.c_int32.from_address(address + 4)
         self._host_recv_epoch = ctypes.c_int32.from_address(address + 8)
         self.payload_words = 0
-        self.shared_device = _ranks_share_a_device(group, device)
-        if self.shared_device and self.rank == 0:
-            get_logger().warning(
-                "epcomm NVLink backend: %d ranks share one GPU; peer buffers are mapped through CUDA "
-                "IPC and the processes' kernels time-slice (for testing only: not NVLink speed)",
-                self.num_ranks,
-            )
+        self.shared_device = shared_device
         self._handle: Any = None
         self._local: torch.Tensor | None = None
         self.peer_buffers: list[torch.Tensor] = []
