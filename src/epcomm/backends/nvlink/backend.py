@@ -268,8 +268,7 @@ class NvlinkBackend(LowLatencyDelegation):
                 self._ensure_rows(num_max_rows, row_words)
                 regions = push()
             start = num_ranks + rank * num_local_experts
-            mine = [row[start : start + num_local_experts] for row in host]
-            per_expert_list = mine[0] if num_ranks == 1 else list(map(sum, zip(*mine)))
+            per_expert_list = list(map(sum, zip(*(row[start : start + num_local_experts] for row in host))))
             alignment = request.expert_alignment
             if alignment > 1:
                 per_expert_list = [
