@@ -427,10 +427,10 @@ def _is_launch_api(event: Any, kind: str | None) -> bool:
     return str(event.name()).startswith("cu")
 
 
-def _duration_us(event: Any) -> float:
+def _duration_ns(event: Any) -> int:
     if hasattr(event, "duration_ns"):
-        return float(event.duration_ns()) / 1e3
-    return float(event.duration_us())
+        return int(event.duration_ns())
+    return int(event.duration_us() * 1000)
 
 
 def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[float]:
@@ -448,12 +448,19 @@ def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[flo
       the device barrier (an op that ends before the range starts) is never counted; a call made
       outside any op (a Triton kernel launched straight from Python) is placed by its own CUPTI
       time stamp;
-    * a GPU activity whose launch call was not recorded falls back to its own linked op.
+    * a GPU activity whose launch call was not recorded falls back to its own linked op, and
+      without one to its own start time: it belongs to the last range that began before it (a
+      driver-API copy such as ``cuMemcpyDtoDAsync``, which Kineto does not trace as a launch; the
+      profiled loop synchronizes the device before each range, so a range's work never runs after
+      the next range began).
 
     So the L2-flush fill, the device barrier and the input refresh, all launched outside the range,
     are excluded, and everything the op launched (on any stream: NCCL's, the copy engines') is
-    counted. Activities that overlap in time (two streams) are each counted, as a sum of kernel
-    times does. ``gpu_user_annotation`` spans and ``cuda_sync`` waits are not activities.
+    counted. The time of a range is the union of its activities' intervals: the device's busy time,
+    where activities that overlap in time (a copy engine beside a kernel) count once; for
+    activities that run one after another it is the sum of their durations, as a sum of kernel
+    times. Host gaps between them are not counted. ``gpu_user_annotation`` spans and ``cuda_sync``
+    waits are not activities.
 
     Arguments:
         events: raw Kineto events of one profiled loop.
@@ -461,7 +468,7 @@ def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[flo
             count as their outermost one.
 
     Returns:
-        One sum per outermost range, in time order.
+        One busy time (us) per outermost range, in time order.
 
     Raises:
         RuntimeError: no range, no GPU activity at all (CUPTI unavailable), or none attributed.
@@ -469,7 +476,7 @@ def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[flo
     windows: list[tuple[int, int]] = []
     op_start: dict[int, int] = {}  # torch op correlation id -> start (ns)
     launches: list[tuple[int, int, int]] = []  # (CUPTI correlation id, start ns, linked op id)
-    device: list[tuple[int, int, float]] = []  # (CUPTI correlation id, linked op id, duration us)
+    device: list[tuple[int, int, int, int]] = []  # (CUPTI correlation id, linked op id, start, end ns)
     for ev in events:
         kind = _activity_type(ev)
         name = str(ev.name())
@@ -484,7 +491,15 @@ def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[flo
                 if name == marker:
                     windows.append((int(ev.start_ns()), int(ev.end_ns())))
         elif kind in _DEVICE_ACTIVITIES or (kind is None and name != marker):
-            device.append((int(ev.correlation_id()), int(ev.linked_correlation_id()), _duration_us(ev)))
+            start_ns = int(ev.start_ns())
+            device.append(
+                (
+                    int(ev.correlation_id()),
+                    int(ev.linked_correlation_id()),
+                    start_ns,
+                    start_ns + _duration_ns(ev),
+                )
+            )
     if not windows:
         raise RuntimeError(f"no {marker!r} range in the profile")
     if not device:
@@ -510,16 +525,33 @@ def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[flo
     launch_window: dict[int, int | None] = {}
     for corr, start_ns, linked in launches:
         launch_window[corr] = place(start_ns, linked)
-    sums = [0.0] * len(outer)
-    counted = 0
-    for corr, linked, duration in device:
-        where = launch_window[corr] if corr in launch_window else place(None, linked)
+    intervals: list[list[tuple[int, int]]] = [[] for _ in outer]
+    for corr, linked, start_ns, end_ns in device:
+        if corr in launch_window:
+            where = launch_window[corr]
+        else:
+            where = place(None, linked)
+            if where is None:  # no launch call recorded, no op in a range: by its own time
+                last = bisect.bisect_right(starts, start_ns) - 1
+                where = last if last >= 0 else None
         if where is not None:
-            sums[where] += duration
-            counted += 1
-    if counted == 0:
+            intervals[where].append((start_ns, end_ns))
+    if not any(intervals):
         raise RuntimeError(f"no GPU activity could be attributed to a {marker!r} range")
-    return sums
+    return [_union_ns(spans) / 1e3 for spans in intervals]
+
+
+def _union_ns(spans: list[tuple[int, int]]) -> int:
+    """Total length of the union of ``[start, end)`` intervals."""
+    total, reach = 0, None
+    for start, end in sorted(spans):
+        if reach is None or start >= reach:
+            total += end - start
+            reach = end
+        elif end > reach:
+            total += end - reach
+            reach = end
+    return total
 
 
 @contextlib.contextmanager

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU test tier, then both benchmarks. Logs and JSON under $OUT.
-# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|rows|all]
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|rows|copy|all]
 # (on 4 GPUs "all" takes longer than one 10-minute device call: run "tests", then "bench", then "rows")
 set -u
 what=${1:-all}
@@ -24,6 +24,18 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
   # Where a cold call's host time goes at EP4 (rank 0): launch vs device timeline, wrapped functions.
   timeout 180 python3 scripts/host_path.py --num-ranks "$n" 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
+fi
+if [ "$what" = copy ]; then
+  # Dispatch copy-out: after the push on the caller's stream (0) against the copy engine behind the
+  # push's progress flags with 1 / 2 / 4 / 8 ranges, interleaved (EPCOMM_COPY_CHECKPOINTS).
+  for round in 1 2; do
+    for ck in ${COPY_CHECKPOINTS:-0 4 1 2 8}; do
+      echo "### EPCOMM_COPY_CHECKPOINTS=$ck, round $round"
+      EPCOMM_COPY_CHECKPOINTS=$ck timeout 100 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
+        --sms 24 --ops dispatch_bf16,dispatch_fp8 --baselines user --no-tqdm --out "$OUT/copy_ab.jsonl" 2>&1 \
+        | grep -E "^(dispatch|combine).*nvlink|FAIL|Error|Traceback"
+    done
+  done | tee "$OUT/copy_ab.log"
 fi
 if [ "$what" = rows ]; then
   # Rows per push step: the old fixed 2 against the byte-sized rule (push_rows_per_step), interleaved.

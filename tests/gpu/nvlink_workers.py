@@ -32,8 +32,13 @@ def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
     return "equal" if diff.numel() == 0 else f"first differing row {int(diff[0])}"
 
 
-def compare_normal_mode(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -> list[str]:
-    """Run every setting on both backends; return one line per failed check (empty = all passed)."""
+def compare_normal_mode(
+    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], copy_checkpoints: int | None = None
+) -> list[str]:
+    """Run every setting on both backends; return one line per failed check (empty = all passed).
+    ``copy_checkpoints`` sets ``EPCOMM_COPY_CHECKPOINTS`` (dispatch's copy-engine ranges) first."""
+    if copy_checkpoints is not None:
+        os.environ["EPCOMM_COPY_CHECKPOINTS"] = str(copy_checkpoints)
     failures: list[str] = []
     nvlink = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 24, backend="nvlink")
     reference = epcomm.Buffer(pgi.group, backend="reference")

@@ -38,6 +38,19 @@ def test_nvlink_matches_reference(world_size: int, placement: str) -> None:
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("checkpoints", [0, 1, 8])
+def test_copy_checkpoints(checkpoints: int, placement: str) -> None:
+    """Dispatch's copy-out with other numbers of copy-engine ranges than the default 4 (0: after the
+    push on the caller's stream), EP4."""
+    backend = backend_or_skip(4, placement)
+    results = parallel_launch(
+        4, compare_normal_mode, SETTINGS[:4], checkpoints, backend=backend, timeout_s=600
+    )
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_skipped_call_raises_named_timeout(placement: str) -> None:
     backend = backend_or_skip(2, placement)
     results = parallel_launch(2, skip_one_dispatch, 3.0, backend=backend, timeout_s=120)

@@ -19,7 +19,12 @@ from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
-from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_combine_rows, launch_dispatch_counts
+from epcomm.kernels.normal_rows import (
+    HOST_TABLE_WORD,
+    counts_row_words,
+    launch_combine_rows,
+    launch_dispatch_counts,
+)
 from epcomm.layout import compute_dispatch_layout, rows_in_order
 
 triton_interpreter.use_cpu_primitives(rows_kernels, push_kernels, primitives)
@@ -94,6 +99,80 @@ def check_push_barriers() -> None:
                     got = buffers[j][payload + r * words : payload + (r + 1) * words]
                     assert torch.equal(got, x[t]), (j, t)
         assert int(buffers[rank][32]) == 0, "done counter not reset"
+
+
+def check_push_progress() -> None:
+    """Progress flags (``PushBarriers.checkpoints``): the rows land, this rank's flag of every
+    range is released at every destination, the per-range counters are back at 0, and the last
+    program sets every (source, range) flag of this rank, so a copy engine waiting on one never
+    hangs; with one peer missing too (the error word names it)."""
+    torch.manual_seed(3)
+    num_ranks, rank, words, payload, epoch = 4, 1, 8, 128, 9
+    num_tokens = 23
+    x = torch.randint(1, 1000, (num_tokens, words), dtype=torch.int32)
+    in_rank = torch.rand(num_tokens, num_ranks) < 0.6
+    dst = rows_in_order(in_rank, torch.tensor([2, 0, 1, 4]))
+    for checkpoints, missing in ((3, None), (4, None), (1, None), (3, 2)):
+        buffers = [torch.zeros(payload + 64 * words, dtype=torch.int32) for _ in range(num_ranks)]
+        buffers[rank][:num_ranks] = epoch  # every peer's exit flag
+        if missing is not None:
+            buffers[rank][missing] = epoch - 1
+        error = torch.zeros(4, dtype=torch.int32)
+        barriers = PushBarriers(
+            0, epoch, 2_000_000, error.data_ptr(), 0, 5, payload, 0, 32, checkpoints, 64, 40
+        )
+        launch_push_rows(
+            buffers, x, None, None, None, dst, PushRegions(x=0), 64, rank, 1, False, False, 3, barriers
+        )
+        if missing is None:
+            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
+        else:
+            assert error.tolist() == [1, 5, missing, rank], error.tolist()
+        for j in range(num_ranks):
+            for t in range(num_tokens):
+                r = int(dst[t, j])
+                if r >= 0:
+                    got = buffers[j][payload + r * words : payload + (r + 1) * words]
+                    assert torch.equal(got, x[t]), (j, t)
+            flags = buffers[j][64:128].view(8, 8)
+            want = torch.zeros(8, 8, dtype=torch.int32)
+            if j == rank:
+                want[:num_ranks, :checkpoints] = epoch  # set by the last program after its exit wait
+            else:
+                want[rank, :checkpoints] = epoch  # released by this rank's push
+            assert torch.equal(flags, want), (checkpoints, j, flags)
+        assert not buffers[rank][40:48].any(), "per-range counters not reset"
+        assert int(buffers[rank][32]) == 0, "done counter not reset"
+
+
+def check_rows_checkpoints() -> None:
+    """``dispatch_counts_kernel`` with checkpoints: this rank's published row (at every peer and
+    in the host copy) ends with, for each inner checkpoint k, the tokens below
+    ``k * cdiv(num_tokens, checkpoints)`` sent to each rank."""
+    torch.manual_seed(4)
+    num_ranks, experts, rank, epoch = 3, 6, 1, 5
+    for num_tokens, checkpoints in ((1100, 4), (7, 3), (2, 4), (0, 2)):
+        in_rank = torch.rand(num_tokens, num_ranks) < 0.5
+        num_counts = counts_row_words(num_ranks, experts, checkpoints)
+        per_expert = torch.randint(0, 9, (experts,), dtype=torch.int32)
+        buffers = [torch.zeros(64 + num_ranks * num_counts, dtype=torch.int32) for _ in range(num_ranks)]
+        for s in range(num_ranks):
+            if s != rank:
+                buffers[rank][s] = epoch
+        host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
+        error = torch.zeros(4, dtype=torch.int32)
+        launch_dispatch_counts(
+            buffers, per_expert, in_rank, rank, epoch, 10**12, error.data_ptr(), 2, 0, 64,
+            host.data_ptr(), True, checkpoints,
+        )  # fmt: skip
+        assert int(error[0]) == 0
+        size = -(-num_tokens // checkpoints)
+        below = [in_rank[: k * size].sum(0).to(torch.int32) for k in range(1, checkpoints)]
+        want = torch.cat([in_rank.sum(0).to(torch.int32), per_expert, *below])
+        for j in range(num_ranks):
+            assert torch.equal(buffers[j][64 + rank * num_counts : 64 + (rank + 1) * num_counts], want)
+        got_host = host[HOST_TABLE_WORD:].view(num_ranks, num_counts)[rank]
+        assert torch.equal(got_host, want), (got_host, want)
 
 
 def check_rows() -> None:
@@ -241,6 +320,8 @@ CHECKS: dict[str, Callable[[], None]] = {
     "layout": check_layout,
     "push": check_push,
     "push_barriers": check_push_barriers,
+    "push_progress": check_push_progress,
+    "rows_checkpoints": check_rows_checkpoints,
     "rows": check_rows,
     "copy_out": check_copy_out,
     "reduce": check_reduce,

@@ -82,7 +82,8 @@ PUSH_ALIGNED = [
     ("num_ranks", "x_words", "scale_words", "has_topk", "localize", "rows", "warps", "barriers"),
     [
         (4, 3584, 1, True, True, 2, 16, "exit"),  # bf16 dispatch, hidden 7168
-        (8, 1792, 56, True, True, 2, 16, "exit"),  # fp8 dispatch with scales
+        (4, 3584, 1, True, True, 2, 16, "progress"),  # bf16 dispatch with progress flags (copy engine)
+        (8, 1792, 56, True, True, 2, 16, "progress"),  # fp8 dispatch with scales
         (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch push
         (4, 3584, 1, False, False, 4, 16, "both"),  # combine push (one destination per row)
         (4, 3584, 1, True, True, 4, 32, "none"),  # the tuning variants, no barriers
@@ -117,6 +118,10 @@ def test_push_rows_compiles_with_vector_accesses(
         "COUNTER_OFFSET": 32,
         "ENTRY": barriers == "both",
         "EXIT": barriers != "none",
+        "CHECKPOINTS": 4 if barriers == "progress" else 1,
+        "PROGRESS": barriers == "progress",
+        "PROGRESS_OFFSET": 64,
+        "CHECKPOINT_COUNTER_OFFSET": 40,
     }
     compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=warps)
     accesses = _accesses(compiled)
@@ -359,8 +364,10 @@ def test_low_latency_kernel_names_say_their_operation() -> None:
             assert operation in name, f"{module.__name__}.{name} does not say {operation!r}"
 
 
-@pytest.mark.parametrize(("num_ranks", "num_experts"), [(1, 8), (2, 256), (4, 256), (8, 4096)])
-def test_normal_rows_kernels_compile(num_ranks: int, num_experts: int) -> None:
+@pytest.mark.parametrize(
+    ("num_ranks", "num_experts", "checkpoints"), [(1, 8, 4), (2, 256, 1), (4, 256, 4), (8, 4096, 8)]
+)
+def test_normal_rows_kernels_compile(num_ranks: int, num_experts: int, checkpoints: int) -> None:
     r_block = max(triton.next_power_of_2(num_ranks), 2)
     counts_signature = {
         **PEERS,
@@ -387,6 +394,8 @@ def test_normal_rows_kernels_compile(num_ranks: int, num_experts: int) -> None:
         "R_BLOCK": r_block,
         "T_BLOCK": 512,
         "HOST_TABLE": 4,
+        "CK_BLOCK": max(2, triton.next_power_of_2(checkpoints)),
+        "CHECKPOINTS": checkpoints,
     }
     aligned = [*PEERS, *(name for name in counts_signature if name.endswith("_ptr"))]
     compiled = _compile(dispatch_counts_kernel, counts_signature, constexprs, aligned, num_warps=4)

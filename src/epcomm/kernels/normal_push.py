@@ -23,11 +23,12 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
+from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import launch, next_pow2
 from epcomm.kernels.primitives import fence_acq_rel_sys, signal_release_sys, wait_all_epoch
 
 __all__ = [
+    "MAX_CHECKPOINTS",
     "PUSH_ROWS",
     "PUSH_WARPS",
     "PushBarriers",
@@ -58,12 +59,122 @@ def push_rows_per_step(row_words: int, one_destination: bool) -> int:
 
 
 PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
+# Most progress ranges per push (PushBarriers.checkpoints): the progress flags are MAX_PEERS x this.
+MAX_CHECKPOINTS = 8
+# The same two numbers as constants inside kernels (Triton reads globals only when constexpr).
+_MAX_CHECKPOINTS = tl.constexpr(MAX_CHECKPOINTS)
+_MAX_PEERS = tl.constexpr(MAX_PEERS)
 
 
 @triton.jit
 def _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, slot, epoch, NUM_RANKS: tl.constexpr):
     for peer in tl.static_range(NUM_RANKS):
         signal_release_sys(_peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + slot, epoch)
+
+
+@triton.jit
+def _push_part(
+    p0,
+    p1,
+    p2,
+    p3,
+    p4,
+    p5,
+    p6,
+    p7,
+    x_ptr,
+    scales_ptr,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    dst_row_ptr,
+    begin,
+    end,
+    pid,
+    rank,
+    num_local_experts,
+    capacity,
+    x_offset,
+    scales_offset,
+    topk_idx_offset,
+    topk_weights_offset,
+    src_idx_offset,
+    NUM_RANKS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    S_WORDS: tl.constexpr,
+    S_BLOCK: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS: tl.constexpr,
+    HAS_SCALES: tl.constexpr,
+    HAS_TOPK_IDX: tl.constexpr,
+    HAS_TOPK_WEIGHTS: tl.constexpr,
+    LOCALIZE_TOPK: tl.constexpr,
+    WRITE_SRC_IDX: tl.constexpr,
+    PAYLOAD_OFFSET: tl.constexpr,
+):
+    """Push rows ``[begin, end)``, ``ROWS`` per step (``push_rows_kernel``'s loop body)."""
+    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
+    x_mask = x_cols < X_WORDS
+    s_cols = tl.arange(0, S_BLOCK)[None, :]
+    s_mask = s_cols < S_WORDS
+    k_cols = tl.arange(0, K_BLOCK)[None, :]
+    k_mask = k_cols < NUM_TOPK
+    row_offsets = tl.arange(0, ROWS)
+    for first in range(begin, end, ROWS):
+        rows = row_offsets.to(tl.int64) + first
+        valid = rows < end
+        valid2 = valid[:, None]
+        # Every load of the step is issued before the first store.
+        x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
+        if HAS_SCALES:
+            scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
+        if HAS_TOPK_IDX:
+            topk_idx = tl.load(
+                topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
+            )
+        if HAS_TOPK_WEIGHTS:
+            topk_weights = tl.load(
+                topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
+            )
+        for step in tl.static_range(NUM_RANKS):
+            dst = (step + pid + rank) % NUM_RANKS
+            dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
+            # Rows past the capacity are left for the host to see in the count table (then it grows
+            # the buffer and every rank pushes again): never write past the area.
+            send = (dst_rows >= 0) & (dst_rows < capacity)
+            send2 = send[:, None]
+            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
+            tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
+            if HAS_SCALES:
+                tl.store(
+                    base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols, scales, mask=send2 & s_mask
+                )
+            if LOCALIZE_TOPK:
+                local_idx = topk_idx - dst * num_local_experts
+                is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+                if HAS_TOPK_IDX:
+                    idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                    tl.store(
+                        idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                        tl.where(is_local, local_idx, -1),
+                        mask=send2 & k_mask,
+                    )
+                if HAS_TOPK_WEIGHTS:
+                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                    tl.store(
+                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                        tl.where(is_local, topk_weights, 0.0),
+                        mask=send2 & k_mask,
+                    )
+            else:
+                if HAS_TOPK_WEIGHTS:
+                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                    tl.store(
+                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
+                    )
+            if WRITE_SRC_IDX:
+                tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
 
 
 @triton.jit(
@@ -127,6 +238,10 @@ def push_rows_kernel(
     COUNTER_OFFSET: tl.constexpr,
     ENTRY: tl.constexpr,
     EXIT: tl.constexpr,
+    CHECKPOINTS: tl.constexpr,
+    PROGRESS: tl.constexpr,
+    PROGRESS_OFFSET: tl.constexpr,
+    CHECKPOINT_COUNTER_OFFSET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -140,73 +255,81 @@ def push_rows_kernel(
         wait_all_epoch(
             local + FLAG_OFFSET, entry_epoch, NUM_RANKS, timeout_ns, error_pointer, entry_code, rank
         )
-    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
-    x_mask = x_cols < X_WORDS
-    s_cols = tl.arange(0, S_BLOCK)[None, :]
-    s_mask = s_cols < S_WORDS
-    k_cols = tl.arange(0, K_BLOCK)[None, :]
-    k_mask = k_cols < NUM_TOPK
-    row_offsets = tl.arange(0, ROWS)
-    # Each program owns one contiguous range of rows. Combine rows are sorted by destination, so
-    # strided ranges had every program writing to the same peer at once (incast); contiguous ranges
-    # spread the programs over the destinations (EP4 combine push 640-710 -> see docs/performance.md).
-    chunk = tl.cdiv(tl.cdiv(num_rows, grid), ROWS) * ROWS
-    begin = pid * chunk
-    end = tl.minimum(begin + chunk, num_rows)
-    for first in range(begin, end, ROWS):
-        rows = row_offsets.to(tl.int64) + first
-        valid = rows < end
-        valid2 = valid[:, None]
-        # Every load of the step is issued before the first store.
-        x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
-        if HAS_SCALES:
-            scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
-        if HAS_TOPK_IDX:
-            topk_idx = tl.load(
-                topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
-            )
-        if HAS_TOPK_WEIGHTS:
-            topk_weights = tl.load(
-                topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
-            )
-        for step in tl.static_range(NUM_RANKS):
-            dst = (step + pid + rank) % NUM_RANKS
-            dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
-            # Rows past the capacity are left for the host to see in the count table (then it grows
-            # the buffer and every rank pushes again): never write past the area.
-            send = (dst_rows >= 0) & (dst_rows < capacity)
-            send2 = send[:, None]
-            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
-            tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
-            if HAS_SCALES:
-                tl.store(
-                    base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols, scales, mask=send2 & s_mask
+    # The rows are cut into CHECKPOINTS consecutive ranges, pushed one after the other by the whole
+    # grid; with PROGRESS, once every program is done with range k, this rank's progress flag k is
+    # released at every destination (a copy engine there copies those rows out while the rest are
+    # pushed). Within a range each program owns one contiguous part. Combine rows are sorted by
+    # destination, so strided parts had every program writing to the same peer at once (incast);
+    # contiguous parts spread the programs over the destinations (EP4 combine push 640-710 -> see
+    # docs/performance.md).
+    range_rows = tl.cdiv(num_rows, CHECKPOINTS)
+    for k in range(CHECKPOINTS):
+        range_begin = k * range_rows
+        range_end = tl.minimum(range_begin + range_rows, num_rows)
+        chunk = tl.cdiv(tl.cdiv(tl.maximum(range_end - range_begin, 0), grid), ROWS) * ROWS
+        begin = range_begin + pid * chunk
+        end = tl.minimum(begin + chunk, range_end)
+        _push_part(
+            p0,
+            p1,
+            p2,
+            p3,
+            p4,
+            p5,
+            p6,
+            p7,
+            x_ptr,
+            scales_ptr,
+            topk_idx_ptr,
+            topk_weights_ptr,
+            dst_row_ptr,
+            begin,
+            end,
+            pid,
+            rank,
+            num_local_experts,
+            capacity,
+            x_offset,
+            scales_offset,
+            topk_idx_offset,
+            topk_weights_offset,
+            src_idx_offset,
+            NUM_RANKS,
+            X_WORDS,
+            X_BLOCK,
+            S_WORDS,
+            S_BLOCK,
+            NUM_TOPK,
+            K_BLOCK,
+            ROWS,
+            HAS_SCALES,
+            HAS_TOPK_IDX,
+            HAS_TOPK_WEIGHTS,
+            LOCALIZE_TOPK,
+            WRITE_SRC_IDX,
+            PAYLOAD_OFFSET,
+        )
+        if PROGRESS:
+            # As the exit barrier below: every thread fences its stores, the last program of the
+            # range releases the flag for all of them.
+            fence_acq_rel_sys()
+            tl.debug_barrier()
+            done_k = tl.atomic_add(local + CHECKPOINT_COUNTER_OFFSET + k, 1, sem="acq_rel", scope="sys")
+            if done_k == grid - 1:
+                tl.store(local + CHECKPOINT_COUNTER_OFFSET + k, 0)
+                _release_at_peers(
+                    p0,
+                    p1,
+                    p2,
+                    p3,
+                    p4,
+                    p5,
+                    p6,
+                    p7,
+                    PROGRESS_OFFSET + rank * _MAX_CHECKPOINTS + k,
+                    exit_epoch,
+                    NUM_RANKS,
                 )
-            if LOCALIZE_TOPK:
-                local_idx = topk_idx - dst * num_local_experts
-                is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
-                if HAS_TOPK_IDX:
-                    idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
-                    tl.store(
-                        idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                        tl.where(is_local, local_idx, -1),
-                        mask=send2 & k_mask,
-                    )
-                if HAS_TOPK_WEIGHTS:
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(
-                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                        tl.where(is_local, topk_weights, 0.0),
-                        mask=send2 & k_mask,
-                    )
-            else:
-                if HAS_TOPK_WEIGHTS:
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(
-                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
-                    )
-            if WRITE_SRC_IDX:
-                tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
     if EXIT:
         # Every thread orders its stores before the count (system scope: the stores went to peers);
         # the last program to count releases the exit flag at every peer, so the release stands for
@@ -226,6 +349,16 @@ def push_rows_kernel(
                 exit_code,
                 rank,
             )
+            if PROGRESS:
+                # Every progress flag of this call is now set at every source's (the releases
+                # came before the exit flags), unless a wait expired: then set them here, so a copy
+                # engine waiting on one never hangs (the host raises the timeout).
+                slots = tl.arange(0, _MAX_PEERS * _MAX_CHECKPOINTS)
+                tl.store(
+                    local + PROGRESS_OFFSET + slots,
+                    exit_epoch,
+                    mask=(slots // _MAX_CHECKPOINTS < NUM_RANKS) & (slots % _MAX_CHECKPOINTS < CHECKPOINTS),
+                )
 
 
 @dataclass(frozen=True)
@@ -252,6 +385,13 @@ class PushBarriers(NamedTuple):
         payload_offset: int32-word offset of the payload in every buffer (regions count from it).
         flag_offset: int32-word offset of the ``MAX_PEERS`` epoch flags in every buffer.
         counter_offset: int32-word offset of this rank's done counter (zero between pushes).
+        checkpoints: ``0``: no progress flags. ``1..MAX_CHECKPOINTS``: the rows are pushed in that
+            many consecutive ranges; when every program is done with range ``k``, word
+            ``progress_offset + rank * MAX_CHECKPOINTS + k`` of every destination gets
+            ``exit_epoch`` (``SymmetricTransport.progress_address`` names it for a copy engine).
+        progress_offset: int32-word offset of the ``MAX_PEERS x MAX_CHECKPOINTS`` progress flags.
+        checkpoint_counter_offset: int32-word offset of this rank's ``MAX_CHECKPOINTS`` per-range
+            done counters (zero between pushes).
     """
 
     entry_epoch: int
@@ -263,6 +403,9 @@ class PushBarriers(NamedTuple):
     payload_offset: int
     flag_offset: int
     counter_offset: int
+    checkpoints: int = 0
+    progress_offset: int = 0
+    checkpoint_counter_offset: int = 0
 
 
 _NO_BARRIERS = PushBarriers(0, 0, 0, 0, 0, 0, 0, 0, 0)
@@ -315,6 +458,11 @@ def launch_push_rows(
         if num_rows == 0:
             return
         barriers = _NO_BARRIERS
+    if barriers.checkpoints and (barriers.exit_epoch == 0 or barriers.checkpoints > MAX_CHECKPOINTS):
+        raise ValueError(
+            f"progress flags need an exit barrier and 1..{MAX_CHECKPOINTS} checkpoints; "
+            f"got {barriers.checkpoints} checkpoints, exit epoch {barriers.exit_epoch}"
+        )
     for name, offset in vars(regions).items():
         if offset % 4 != 0:
             raise ValueError(f"region {name} offset {offset} must be a multiple of 4 words (16 bytes)")
@@ -368,6 +516,10 @@ def launch_push_rows(
             "COUNTER_OFFSET": barriers.counter_offset,
             "ENTRY": barriers.entry_epoch != 0,
             "EXIT": barriers.exit_epoch != 0,
+            "CHECKPOINTS": max(1, barriers.checkpoints),
+            "PROGRESS": barriers.checkpoints > 0,
+            "PROGRESS_OFFSET": barriers.progress_offset,
+            "CHECKPOINT_COUNTER_OFFSET": barriers.checkpoint_counter_offset,
         },
         PUSH_WARPS,
         peer_args,

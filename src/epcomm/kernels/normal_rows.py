@@ -20,7 +20,7 @@ from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import cdiv, launch, next_pow2
 from epcomm.kernels.primitives import signal_release_sys, wait_all_epoch
 
-__all__ = ["HOST_TABLE_WORD", "launch_combine_rows", "launch_dispatch_counts"]
+__all__ = ["HOST_TABLE_WORD", "counts_row_words", "launch_combine_rows", "launch_dispatch_counts"]
 
 _T_BLOCK = 512
 
@@ -30,23 +30,41 @@ _T_BLOCK = 512
 HOST_TABLE_WORD = 4
 
 
+def counts_row_words(num_ranks: int, num_experts: int, checkpoints: int) -> int:
+    """Words of one rank's row of the count table: tokens per rank, tokens per expert, then tokens
+    per rank below each of the ``checkpoints - 1`` inner checkpoints."""
+    return num_ranks + num_experts + (checkpoints - 1) * num_ranks
+
+
 @triton.jit
 def _store_counts_row(
     row,
     per_rank,
+    before,
     counts_ptr,
     NUM_RANKS: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
     E_BLOCK: tl.constexpr,
     R_BLOCK: tl.constexpr,
+    CK_BLOCK: tl.constexpr,
+    CHECKPOINTS: tl.constexpr,
 ):
-    """Write this rank's counts row ``[per_rank (NUM_RANKS), counts_ptr[:NUM_EXPERTS]]`` at ``row``."""
+    """Write this rank's counts row at ``row``: ``[per_rank (NUM_RANKS), counts_ptr[:NUM_EXPERTS],
+    before[1:CHECKPOINTS] (CHECKPOINTS - 1 rows of NUM_RANKS)]``; ``before[k, r]`` counts the tokens
+    below checkpoint ``k`` sent to rank ``r``."""
     r_cols = tl.arange(0, R_BLOCK)
     tl.store(row + r_cols, per_rank, mask=r_cols < NUM_RANKS)
     for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
         experts = tl.arange(0, E_BLOCK) + e_start
         e_mask = experts < NUM_EXPERTS
         tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
+    if CHECKPOINTS > 1:
+        ck = tl.arange(0, CK_BLOCK)[:, None]
+        tl.store(
+            row + NUM_RANKS + NUM_EXPERTS + (ck - 1) * NUM_RANKS + r_cols[None, :],
+            before,
+            mask=(ck >= 1) & (ck < CHECKPOINTS) & (r_cols[None, :] < NUM_RANKS),
+        )
 
 
 @triton.jit(
@@ -91,27 +109,42 @@ def dispatch_counts_kernel(
     R_BLOCK: tl.constexpr,
     T_BLOCK: tl.constexpr,
     HOST_TABLE: tl.constexpr,
+    CK_BLOCK: tl.constexpr,
+    CHECKPOINTS: tl.constexpr,
 ):
     # Program j publishes this rank's counts row to rank j, waits for every peer's row, then
     # computes where this rank's tokens land at rank j.
     j = tl.program_id(0)
-    num_counts = NUM_RANKS + NUM_EXPERTS
+    num_counts = NUM_RANKS + NUM_EXPERTS + (CHECKPOINTS - 1) * NUM_RANKS
     remote = _peer(j, p0, p1, p2, p3, p4, p5, p6, p7)
     local = _peer(rank, p0, p1, p2, p3, p4, p5, p6, p7)
     row = remote + TABLE_OFFSET + rank * num_counts
-    # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view).
+    # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view), and
+    # below each checkpoint (token k * cdiv(num_tokens, CHECKPOINTS), the push's progress steps).
     r_cols = tl.arange(0, R_BLOCK)
     r_mask = r_cols < NUM_RANKS
     per_rank = tl.zeros([R_BLOCK], dtype=tl.int32)
+    ck_rows = tl.arange(0, CK_BLOCK)[:, None]
+    before = tl.zeros([CK_BLOCK, R_BLOCK], dtype=tl.int32)
+    ck_size = tl.cdiv(num_tokens, CHECKPOINTS)
     for start in range(0, num_tokens, T_BLOCK):
         tokens = tl.arange(0, T_BLOCK) + start
-        hits = tl.load(
-            in_rank_ptr + tokens[:, None] * NUM_RANKS + r_cols[None, :],
-            mask=(tokens[:, None] < num_tokens) & r_mask[None, :],
-            other=0,
-        )
-        per_rank += tl.sum((hits != 0).to(tl.int32), axis=0)
-    _store_counts_row(row, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK)
+        hits = (
+            tl.load(
+                in_rank_ptr + tokens[:, None] * NUM_RANKS + r_cols[None, :],
+                mask=(tokens[:, None] < num_tokens) & r_mask[None, :],
+                other=0,
+            )
+            != 0
+        ).to(tl.int32)
+        per_rank += tl.sum(hits, axis=0)
+        if CHECKPOINTS > 1:
+            for k in tl.static_range(1, CHECKPOINTS):
+                below = tl.sum(tl.where((tokens < k * ck_size)[:, None], hits, 0), axis=0)
+                before += tl.where(ck_rows == k, below[None, :], 0)
+    _store_counts_row(
+        row, per_rank, before, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK, CK_BLOCK, CHECKPOINTS
+    )
     signal_release_sys(remote + FLAG_OFFSET + rank, epoch)
     error_pointer = error_address.to(tl.pointer_type(tl.int32))
     wait_all_epoch(local + FLAG_OFFSET, epoch, NUM_RANKS, timeout_ns, error_pointer, operation_code, rank)
@@ -153,7 +186,16 @@ def dispatch_counts_kernel(
             values = tl.load(table + words, mask=inside, other=0, volatile=True)
             tl.store(host + HOST_TABLE + words, values, mask=inside)
         _store_counts_row(
-            host + HOST_TABLE + own_first, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK
+            host + HOST_TABLE + own_first,
+            per_rank,
+            before,
+            counts_ptr,
+            NUM_RANKS,
+            NUM_EXPERTS,
+            E_BLOCK,
+            R_BLOCK,
+            CK_BLOCK,
+            CHECKPOINTS,
         )
         signal_release_sys(host, epoch)
 
@@ -171,11 +213,13 @@ def launch_dispatch_counts(
     table_offset: int,
     host_address: int,
     write_host: bool,
+    checkpoints: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exchange the dispatch counts and compute every row number, in one launch on the current stream.
 
-    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert]`` into
-    row ``rank`` of every peer's count table, releases flag ``rank`` there at ``epoch``, waits
+    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert, tokens
+    per rank below each checkpoint]`` (``counts_row_words`` words) into row ``rank`` of every
+    peer's count table, releases flag ``rank`` there at ``epoch``, waits
     (bounded by ``timeout_ns``) for every peer's flag, then derives the rows from the table.
 
     Arguments:
@@ -189,10 +233,13 @@ def launch_dispatch_counts(
         operation_code: written into the error word on timeout, names the operation.
         flag_offset, table_offset: int32-element offsets of the flags and the count table.
         host_address: address of a host-mapped int32 buffer of ``HOST_TABLE_WORD + num_ranks *
-            (num_ranks + num_experts)`` words. With ``write_host`` the table goes to word
+            counts_row_words(...)`` words. With ``write_host`` the table goes to word
             ``HOST_TABLE_WORD`` on, then ``epoch`` to word 0; without, this rank's receive count
             goes to word 1, then ``epoch`` to word 2.
         write_host: copy the table to the host buffer (the host waits for it).
+        checkpoints: the push's progress steps (``push_rows_kernel``'s ``CHECKPOINTS``); for
+            ``k`` in ``1..checkpoints-1`` the row ends with the tokens below token
+            ``k * cdiv(num_tokens, checkpoints)`` sent to each rank (``num_ranks`` words per ``k``).
 
     Returns:
         ``recv_row_of_token [num_tokens, num_ranks]`` int32 (row at each destination, ``-1`` = not
@@ -235,6 +282,8 @@ def launch_dispatch_counts(
             "R_BLOCK": max(next_pow2(num_ranks), 2),
             "T_BLOCK": _T_BLOCK,
             "HOST_TABLE": HOST_TABLE_WORD,
+            "CK_BLOCK": max(2, next_pow2(checkpoints)),
+            "CHECKPOINTS": checkpoints,
         },
         4,
         peer_args,

@@ -26,6 +26,7 @@ from epcomm.backends.base import (
     DispatchResult,
     LowLatencyDelegation,
 )
+from epcomm.backends.nvlink.copy_engine import CheckpointCopier, checkpoint_segments, copy_checkpoints
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.regions import CombineRegions, DispatchRegions
 from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
@@ -34,8 +35,8 @@ from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import launch_push_rows
-from epcomm.kernels.normal_rows import launch_combine_rows
+from epcomm.kernels.normal_push import MAX_CHECKPOINTS, launch_push_rows
+from epcomm.kernels.normal_rows import counts_row_words, launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
 __all__ = ["NvlinkBackend", "nvlink_placement"]
@@ -131,6 +132,10 @@ class NvlinkBackend(LowLatencyDelegation):
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes, shared_device)
         self._views: _BufferViews | None = None
+        # Dispatch copy-out on a copy engine behind the push's progress flags (copy_engine.py);
+        # EPCOMM_COPY_CHECKPOINTS=0 copies out after the push instead.
+        self._checkpoints = min(copy_checkpoints(), MAX_CHECKPOINTS)
+        self._copier: CheckpointCopier | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
@@ -200,7 +205,11 @@ class NvlinkBackend(LowLatencyDelegation):
         rank, num_ranks = self.rank, self.num_ranks
         num_experts = request.num_tokens_per_expert.numel()
         num_local_experts = num_experts // num_ranks
-        num_counts = num_ranks + num_experts
+        worst = request.num_worst_tokens
+        # The copy engine copies each (source, range) segment out as soon as it has landed; it needs
+        # the host to know the segments, so not with num_worst_tokens (no host read).
+        checkpoints = self._checkpoints if worst == 0 else 0
+        num_counts = counts_row_words(num_ranks, num_experts, max(1, checkpoints))
         # One kernel counts the tokens per rank, publishes [per-rank, per-expert] counts into every
         # peer's table, waits for theirs, turns the table into every row number and (unless
         # num_worst_tokens) copies it to host-mapped memory, which the host reads while the push runs.
@@ -209,13 +218,13 @@ class NvlinkBackend(LowLatencyDelegation):
         # exchange's, then the push's exit barrier's).
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
-        worst = request.num_worst_tokens
         counts_epoch = self.transport.next_epoch()
         recv_row_of_token, rank_prefix_matrix, num_recv_tokens = self.transport.dispatch_counts(
             counts_epoch,
             request.num_tokens_per_expert.contiguous(),
             is_token_in_rank,
             read_on_host=worst == 0,
+            checkpoints=max(1, checkpoints),
         )
         num_topk = max(
             1,
@@ -231,10 +240,15 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         self._ensure_rows(worst, row_words)
 
-        def push() -> DispatchRegions:
+        stream = torch.cuda.current_stream(self.device)
+
+        def push() -> tuple[DispatchRegions, int]:
             regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
             # No entry barrier: the count exchange was one (every peer had published its counts,
             # so it was done reading its area).
+            barriers = self.transport.push_barriers(None, Operation.DISPATCH, checkpoints)
+            if checkpoints:
+                self._checkpoint_copier().mark_push(stream)
             launch_push_rows(
                 self._peers(),
                 x_words,
@@ -249,12 +263,13 @@ class NvlinkBackend(LowLatencyDelegation):
                 localize_topk=request.topk_idx is not None,
                 write_src_idx=True,
                 num_sms=self._sms(request.config.num_sms),
-                barriers=self.transport.push_barriers(None, Operation.DISPATCH),
+                barriers=barriers,
             )
-            return regions
+            return regions, barriers.exit_epoch
 
-        regions = push()
+        regions, push_epoch = push()
         per_expert_list: list[int] = []
+        segments = None
         if worst > 0:
             num_rows = num_max_rows = worst
             self._worst_check = (counts_epoch, worst)
@@ -266,7 +281,9 @@ class NvlinkBackend(LowLatencyDelegation):
             num_max_rows = max(max(map(sum, sent)), max(map(sum, zip(*sent))))
             if num_max_rows > regions.capacity:  # every rank reads the same table: all grow and push again
                 self._ensure_rows(num_max_rows, row_words)
-                regions = push()
+                regions, push_epoch = push()
+            if checkpoints:
+                segments = checkpoint_segments(host, rank, num_ranks, num_experts, checkpoints)
             start = num_ranks + rank * num_local_experts
             per_expert_list = list(map(sum, zip(*(row[start : start + num_local_experts] for row in host))))
             alignment = request.expert_alignment
@@ -275,7 +292,16 @@ class NvlinkBackend(LowLatencyDelegation):
                     (count + alignment - 1) // alignment * alignment for count in per_expert_list
                 ]
 
-        recv_x, recv_scales = self._copy_out_payload(regions, num_rows, x.dtype, request.x_scales)
+        if segments is not None:
+            areas = self._dispatch_areas(regions)
+            payload = [areas.x] if request.x_scales is None else [areas.x, areas.scales]
+            copied = self._checkpoint_copier().copy_out(
+                stream, payload, num_rows, segments, self.transport.progress_address, push_epoch
+            )
+            recv_x = copied[0].view(x.dtype)
+            recv_scales = copied[1].view(request.x_scales.dtype) if request.x_scales is not None else None
+        else:
+            recv_x, recv_scales = self._copy_out_payload(regions, num_rows, x.dtype, request.x_scales)
         areas = self._dispatch_areas(regions)
         recv_src_idx, recv_topk_idx, recv_topk_weights = launch_copy_out_meta(
             areas.src_idx,
@@ -296,6 +322,12 @@ class NvlinkBackend(LowLatencyDelegation):
             num_max_rows=num_max_rows,
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
+
+    def _checkpoint_copier(self) -> CheckpointCopier:
+        """The side-stream copier of dispatch's copy-out (made on first use)."""
+        if self._copier is None:
+            self._copier = CheckpointCopier(self.device)
+        return self._copier
 
     def _buffer_views(self) -> _BufferViews:
         """Views of the current symmetric buffer (rebuilt when it is reallocated)."""

@@ -6,9 +6,11 @@ memory refuses) map each other's buffers through CUDA IPC instead. The kernels a
 processes' kernels then take turns on the device (time slices), so only correctness, not speed,
 carries over to a real NVLink node.
 
-Layout (int32 words): ``[flags: 64][count table: MAX_PEERS x MAX_COUNTS][payload ...]``; the
-flags are ``MAX_PEERS`` epoch flags (word ``s``: rank ``s`` arrived) and, at ``COUNTER_WORD``, the
-push kernel's done counter. The payload is reused by every operation; an entry barrier before
+Layout (int32 words): ``[flags: 128][count table: MAX_PEERS x MAX_COUNTS][payload ...]``; the
+flags are ``MAX_PEERS`` epoch flags (word ``s``: rank ``s`` arrived), at ``COUNTER_WORD`` the push
+kernel's done counter, from ``CHECKPOINT_COUNTER_WORD`` its per-range done counters and from
+``PROGRESS_WORD`` the ``MAX_PEERS x MAX_CHECKPOINTS`` progress flags (word ``s * 8 + k``: rank
+``s`` pushed its range ``k`` here; a copy engine waits on them). The payload is reused by every operation; an entry barrier before
 each push (the count exchange, for a dispatch) guarantees every peer has consumed the previous
 contents.
 """
@@ -27,15 +29,18 @@ from epcomm._collectives import all_gather_bytes
 from epcomm._logging import get_logger
 from epcomm.errors import PeerTimeoutError
 from epcomm.kernels.exchange import MAX_PEERS, PeerArgs, launch_barrier
-from epcomm.kernels.normal_push import PushBarriers
+from epcomm.kernels.normal_push import MAX_CHECKPOINTS, PushBarriers
 from epcomm.kernels.normal_rows import HOST_TABLE_WORD, launch_dispatch_counts
 
 __all__ = ["Operation", "SymmetricTransport"]
 
-FLAG_WORDS = 64
+FLAG_WORDS = 128
 FLAG_OFFSET = 0
 COUNTER_WORD = 32
-MAX_COUNTS = 8 + 4096 + 8  # per-rank counts, per-expert counts (up to 4096 experts), extras
+CHECKPOINT_COUNTER_WORD = 40
+PROGRESS_WORD = 64
+# Per-rank counts, per-expert counts (up to 4096 experts), per-rank counts below each checkpoint.
+MAX_COUNTS = MAX_PEERS + 4096 + MAX_PEERS * (MAX_CHECKPOINTS - 1)
 TABLE_OFFSET = FLAG_WORDS
 PAYLOAD_OFFSET = (TABLE_OFFSET + MAX_PEERS * MAX_COUNTS + 31) // 32 * 32
 # Grow by a quarter more than asked, so slowly rising batch sizes do not reallocate every call.
@@ -209,9 +214,10 @@ class SymmetricTransport:
             FLAG_OFFSET,
         )
 
-    def push_barriers(self, entry: Operation | None, exit_: Operation) -> PushBarriers:
+    def push_barriers(self, entry: Operation | None, exit_: Operation, checkpoints: int = 0) -> PushBarriers:
         """The barriers to fold into the next push: an entry barrier (unless ``entry`` is
-        ``None``) and an exit barrier, each named by its operation in a timeout."""
+        ``None``) and an exit barrier, each named by its operation in a timeout; with
+        ``checkpoints``, progress flags after each of that many ranges (``PushBarriers``)."""
         entry_epoch = self.next_epoch() if entry is not None else 0
         return PushBarriers(
             entry_epoch,
@@ -223,7 +229,15 @@ class SymmetricTransport:
             PAYLOAD_OFFSET,
             FLAG_OFFSET,
             COUNTER_WORD,
+            checkpoints,
+            PROGRESS_WORD,
+            CHECKPOINT_COUNTER_WORD,
         )
+
+    def progress_address(self, source: int, checkpoint: int) -> int:
+        """Device address of this rank's progress flag for ``source``'s range ``checkpoint``: the
+        push's ``exit_epoch`` once that range has landed here (``PushBarriers.checkpoints``)."""
+        return self.local.data_ptr() + 4 * (PROGRESS_WORD + source * MAX_CHECKPOINTS + checkpoint)
 
     def dispatch_counts(
         self,
@@ -231,6 +245,7 @@ class SymmetricTransport:
         num_tokens_per_expert: torch.Tensor,
         is_token_in_rank: torch.Tensor,
         read_on_host: bool,
+        checkpoints: int = 1,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Exchange the dispatch counts and compute the rows (``launch_dispatch_counts``).
 
@@ -240,6 +255,8 @@ class SymmetricTransport:
             is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
             read_on_host: copy the table to host-mapped memory for ``read_counts(epoch, ...)``;
                 without it, the receive count goes there for ``received_count(epoch)``.
+            checkpoints: the push's ranges; each row then ends with the counts below each inner
+                checkpoint (``counts_row_words``).
 
         Returns:
             ``recv_row_of_token``, ``rank_prefix_matrix`` and ``num_recv_tokens`` (device tensors).
@@ -258,6 +275,7 @@ class SymmetricTransport:
             TABLE_OFFSET,
             self.host_counts.data_ptr(),
             read_on_host,
+            checkpoints,
         )
 
     def read_counts(self, epoch: int, num_counts: int) -> list[list[int]]:
