@@ -1,0 +1,83 @@
+"""One rank's device timeline of back-to-back normal-mode calls: every kernel and copy of the last
+calls, with its stream, start (relative to the call's first activity) and duration.
+
+    PYTHONPATH=src python3 scripts/timeline_dispatch.py [--num-ranks N] [--ops dispatch_bf16,...]
+
+Shows what overlaps what (the push kernel, the copy-engine copy-out on its side stream, the
+metadata copy-out) and where the device waits for the host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+if "src" not in os.environ.get("PYTHONPATH", ""):
+    sys.path.insert(0, "src")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from profile_normal import normal_ops
+
+from epcomm.testing import parallel_launch
+
+
+def worker(pgi, ops_names: list[str], calls: int) -> str:
+    ops = normal_ops(pgi, 4096, 7168, 256, 8)
+    lines = []
+    for name in ops_names:
+        fn = ops[name]
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        dist.barrier()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                torch.cuda.synchronize()
+                fn()
+            torch.cuda.synchronize()
+        events = [
+            ev
+            for ev in prof.profiler.kineto_results.events()
+            if ev.device_type() == torch.profiler.DeviceType.CUDA
+            and str(ev.activity_type()) in ("kernel", "gpu_memcpy", "gpu_memset")
+        ]
+        events.sort(key=lambda ev: ev.start_ns())
+        # Calls are separated by a synchronize: split where the device was idle for > 200 us.
+        groups: list[list] = []
+        for ev in events:
+            if (
+                not groups
+                or ev.start_ns() - max(e.start_ns() + e.duration_ns() for e in groups[-1]) > 200_000
+            ):
+                groups.append([])
+            groups[-1].append(ev)
+        if pgi.rank != 0:
+            continue
+        for i, group in enumerate(groups[-2:]):
+            t0 = group[0].start_ns()
+            end = max(e.start_ns() + e.duration_ns() for e in group)
+            busy = sum(e.duration_ns() for e in group)
+            lines.append(
+                f"== {name}, call {i}: span {(end - t0) / 1e3:.1f} us, summed activities {busy / 1e3:.1f} us"
+            )
+            for ev in group:
+                lines.append(
+                    f"  stream {ev.device_resource_id():>3}  +{(ev.start_ns() - t0) / 1e3:7.1f} us  "
+                    f"{ev.duration_ns() / 1e3:7.1f} us  {str(ev.name())[:70]}"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--num-ranks", type=int, default=1)
+    parser.add_argument("--ops", default="dispatch_bf16,dispatch_fp8")
+    parser.add_argument("--calls", type=int, default=4)
+    args = parser.parse_args()
+    results = parallel_launch(
+        args.num_ranks, worker, args.ops.split(","), args.calls, backend="nccl", timeout_s=600
+    )
+    print(results[0])
