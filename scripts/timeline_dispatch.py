@@ -41,8 +41,7 @@ def worker(pgi, ops_names: list[str], calls: int) -> str:
         events = [
             ev
             for ev in prof.profiler.kineto_results.events()
-            if ev.device_type() == torch.profiler.DeviceType.CUDA
-            and str(ev.activity_type()) in ("kernel", "gpu_memcpy", "gpu_memset")
+            if ev.device_type() == torch.profiler.DeviceType.CUDA and ev.duration_ns() > 0
         ]
         events.sort(key=lambda ev: ev.start_ns())
         # Calls are separated by a synchronize: split where the device was idle for > 200 us.
