@@ -29,9 +29,11 @@ dispatch's count read does), inputs rotated, first call dropped; median per rank
 us`` (``gpu_time_us``) is device time, measured as DeepEP's tests do (``bench_kineto``): after the
 timed loop, ``--gpu-iters`` more iterations of the same protocol run under ``torch.profiler`` (CPU +
 CUDA activity) with a ``record_function`` range around the call, and each iteration's time is the
-sum of the durations of the GPU activities (kernels, memcpy, memset) launched inside that range,
-told apart from the L2 flush, the device barrier and the input refresh by CUPTI correlation, not by
-kernel names (``common.gpu_activity_us``); host gaps are not counted. Median per rank, max over
+device's busy time for the GPU activities (kernels, memcpy, memset) launched inside that range: the
+union of their intervals (the sum of their durations when they run one after another; a copy
+engine working beside a kernel counts once), told apart from the L2 flush, the device barrier and
+the input refresh by CUPTI correlation, not by kernel names (``common.gpu_activity_us``); host gaps
+are not counted. Median per rank, max over
 ranks. Compare with DeepEP's published kernel times using ``GPU us``. A profiler that fails
 (CUPTI unavailable, ...) leaves ``GPU us`` empty with a warning; after 3 failed measurements in a
 row the profiled loop is skipped for the rest of the run.

@@ -434,7 +434,7 @@ def _duration_ns(event: Any) -> int:
 
 
 def gpu_activity_us(events: Iterable[Any], marker: str = GPU_MARKER) -> list[float]:
-    """Per ``marker`` range, the summed duration (us) of the GPU activities launched inside it.
+    """Per ``marker`` range, the busy time (us) of the GPU activities launched inside it.
 
     ``events`` are torch's raw Kineto events (``prof.profiler.kineto_results.events()``). How an
     activity is attributed to a range, without relying on kernel names:
@@ -623,7 +623,7 @@ def profile_op(
     Runs ``iters`` iterations of ``time_op``'s protocol (L2 flush, ``cuda.synchronize()``,
     ``barrier()``, ``device_barrier()``, the call, ``refresh(slot)``) under ``torch.profiler``
     (CPU + CUDA activity), with ``torch.profiler.record_function(marker)`` around the call alone,
-    and returns per iteration the summed duration of the GPU activities (kernels, memcpy, memset)
+    and returns per iteration the busy time (union of intervals) of the GPU activities (kernels, memcpy, memset)
     that the call launched: ``gpu_activity_us`` says how they are told apart from the flush, the
     device barrier and the refresh (by CUPTI correlation with the host calls made inside the range,
     not by kernel names). Host time (Python, launch latency, the gaps between kernels) is not in it.
@@ -713,7 +713,7 @@ class ResultRow:
     Times: each rank takes the median of its ``iters`` samples; ``time_us`` is the max of those
     medians over ranks (the slowest rank is the real time), ``time_us_median`` their median. These
     are end to end: CUDA events around one call, host work inside it included.
-    ``gpu_time_us``: device time (``profile_op``: summed durations of the GPU activities the call
+    ``gpu_time_us``: device time (``profile_op``: busy time of the GPU activities the call
     launched, DeepEP's ``bench_kineto`` method), the median per rank, then the max over ranks
     (``gpu_time_us_ranks`` per rank); ``None`` on CPU, when not measured or when the profiler failed.
     ``b2b_time_us``: calls back to back (``time_back_to_back``, DeepEP's ``bench`` method: the host

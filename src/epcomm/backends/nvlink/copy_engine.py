@@ -28,9 +28,13 @@ _WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0, so epoch
 
 
 def copy_checkpoints() -> int:
-    """Progress ranges per dispatch push, from ``EPCOMM_COPY_CHECKPOINTS`` (default 4; ``0``: copy
-    out after the push on the caller's stream, as before)."""
-    return int(os.environ.get("EPCOMM_COPY_CHECKPOINTS", "4"))
+    """Progress ranges per dispatch push, from ``EPCOMM_COPY_CHECKPOINTS``: ``0`` (default) copies
+    out after the push on the caller's stream; ``1..8`` copy out on a copy engine behind the
+    push's progress flags. Off by default: on one H200 (EP1) it measured slower (push +10 us from
+    the per-range fences, split copies +9 us, and the host queues the copies only after the
+    64 us push is over); the EP4 push (~470 us) is long enough to hide the copy-out, which is
+    still to be measured (docs/performance.md, session 6)."""
+    return int(os.environ.get("EPCOMM_COPY_CHECKPOINTS", "0"))
 
 
 class Segment(NamedTuple):
