@@ -4,7 +4,8 @@ Dispatch: one kernel publishes the counts to every peer, waits for theirs and co
 number (it copies the count table to host-mapped memory, which the host reads while the push runs;
 ``num_worst_tokens`` skips the read); the push kernel writes each token row straight into its final
 row of every destination's receive area and ends with the exit barrier; the rows are then copied
-out. Combine: the push kernel (entry barrier, push, exit barrier) writes each received row back
+out (by a copy engine after the push, or, with ``EPCOMM_COPY_CHECKPOINTS``, range by range while it
+runs: ``copy_engine.py``). Combine: the push kernel (entry barrier, push, exit barrier) writes each received row back
 into the token rank's area in (rank, token) order, then a reduce kernel sums in float32 in rank
 order. Low-latency mode is ``NvlinkLowLatency`` (``low_latency.py``).
 """
@@ -132,9 +133,9 @@ class NvlinkBackend(LowLatencyDelegation):
         if low_latency_mode:
             self.low_latency = NvlinkLowLatency(group, self.device, timeout_s, num_rdma_bytes, shared_device)
         self._views: _BufferViews | None = None
-        # Dispatch copy-out on a copy engine behind the push's progress flags (copy_engine.py);
-        # EPCOMM_COPY_CHECKPOINTS=0 copies out after the push instead.
-        self._checkpoints = min(copy_checkpoints(), MAX_CHECKPOINTS)
+        # Dispatch copy-out on a copy engine behind the push's progress flags (copy_engine.py) with
+        # EPCOMM_COPY_CHECKPOINTS=1..8; 0 (default) copies out after the push.
+        self._checkpoints = max(0, min(copy_checkpoints(), MAX_CHECKPOINTS))
         self._copier: CheckpointCopier | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).

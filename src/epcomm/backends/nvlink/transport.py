@@ -10,9 +10,9 @@ Layout (int32 words): ``[flags: 128][count table: MAX_PEERS x MAX_COUNTS][payloa
 flags are ``MAX_PEERS`` epoch flags (word ``s``: rank ``s`` arrived), at ``COUNTER_WORD`` the push
 kernel's done counter, from ``CHECKPOINT_COUNTER_WORD`` its per-range done counters and from
 ``PROGRESS_WORD`` the ``MAX_PEERS x MAX_CHECKPOINTS`` progress flags (word ``s * 8 + k``: rank
-``s`` pushed its range ``k`` here; a copy engine waits on them). The payload is reused by every operation; an entry barrier before
-each push (the count exchange, for a dispatch) guarantees every peer has consumed the previous
-contents.
+``s`` pushed its range ``k`` here; a copy engine waits on them). The payload is reused by every
+operation; an entry barrier before each push (the count exchange, for a dispatch) guarantees every
+peer has consumed the previous contents.
 """
 
 from __future__ import annotations
