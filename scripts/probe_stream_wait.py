@@ -5,7 +5,7 @@ behind ``cuStreamWaitValue32`` on a side stream does not start before a kernel o
 releases the flag, and then copies the kernel's data; the host cost of the two driver calls; and
 whether the profiler attributes such copies to a ``record_function`` range (the bench's ``GPU us``).
 
-    PYTHONPATH=src:benchmarks python3 scripts/probe_stream_wait.py
+    PYTHONPATH=src:benchmarks python3 scripts/probe_stream_wait.py   (the same fence / release as the push)
 """
 
 from __future__ import annotations
@@ -17,20 +17,20 @@ import torch
 import triton
 import triton.language as tl
 
+from epcomm.kernels.primitives import fence_acq_rel_sys, signal_release_sys
+
 
 @triton.jit
 def _write_then_release(data_ptr, flag_ptr, value, epoch, n, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     tl.store(data_ptr + offs, value, mask=offs < n)
-    tl.inline_asm_elementwise(
-        "fence.acq_rel.sys; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1
-    )
+    fence_acq_rel_sys()
     tl.debug_barrier()
     done = tl.atomic_add(flag_ptr + 1, 1, sem="acq_rel", scope="sys")
     if done == tl.num_programs(0) - 1:
         tl.store(flag_ptr + 1, 0)
-        tl.atomic_xchg(flag_ptr, epoch, sem="release", scope="sys")
+        signal_release_sys(flag_ptr, epoch)
 
 
 def main() -> None:

@@ -72,111 +72,6 @@ def _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, slot, epoch, NUM_RANKS: tl
         signal_release_sys(_peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + slot, epoch)
 
 
-@triton.jit
-def _push_part(
-    p0,
-    p1,
-    p2,
-    p3,
-    p4,
-    p5,
-    p6,
-    p7,
-    x_ptr,
-    scales_ptr,
-    topk_idx_ptr,
-    topk_weights_ptr,
-    dst_row_ptr,
-    begin,
-    end,
-    pid,
-    rank,
-    num_local_experts,
-    capacity,
-    x_offset,
-    scales_offset,
-    topk_idx_offset,
-    topk_weights_offset,
-    src_idx_offset,
-    NUM_RANKS: tl.constexpr,
-    X_WORDS: tl.constexpr,
-    X_BLOCK: tl.constexpr,
-    S_WORDS: tl.constexpr,
-    S_BLOCK: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    K_BLOCK: tl.constexpr,
-    ROWS: tl.constexpr,
-    HAS_SCALES: tl.constexpr,
-    HAS_TOPK_IDX: tl.constexpr,
-    HAS_TOPK_WEIGHTS: tl.constexpr,
-    LOCALIZE_TOPK: tl.constexpr,
-    WRITE_SRC_IDX: tl.constexpr,
-    PAYLOAD_OFFSET: tl.constexpr,
-):
-    """Push rows ``[begin, end)``, ``ROWS`` per step (``push_rows_kernel``'s loop body)."""
-    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
-    x_mask = x_cols < X_WORDS
-    s_cols = tl.arange(0, S_BLOCK)[None, :]
-    s_mask = s_cols < S_WORDS
-    k_cols = tl.arange(0, K_BLOCK)[None, :]
-    k_mask = k_cols < NUM_TOPK
-    row_offsets = tl.arange(0, ROWS)
-    for first in range(begin, end, ROWS):
-        rows = row_offsets.to(tl.int64) + first
-        valid = rows < end
-        valid2 = valid[:, None]
-        # Every load of the step is issued before the first store.
-        x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
-        if HAS_SCALES:
-            scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
-        if HAS_TOPK_IDX:
-            topk_idx = tl.load(
-                topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
-            )
-        if HAS_TOPK_WEIGHTS:
-            topk_weights = tl.load(
-                topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
-            )
-        for step in tl.static_range(NUM_RANKS):
-            dst = (step + pid + rank) % NUM_RANKS
-            dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
-            # Rows past the capacity are left for the host to see in the count table (then it grows
-            # the buffer and every rank pushes again): never write past the area.
-            send = (dst_rows >= 0) & (dst_rows < capacity)
-            send2 = send[:, None]
-            base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
-            tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
-            if HAS_SCALES:
-                tl.store(
-                    base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols, scales, mask=send2 & s_mask
-                )
-            if LOCALIZE_TOPK:
-                local_idx = topk_idx - dst * num_local_experts
-                is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
-                if HAS_TOPK_IDX:
-                    idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
-                    tl.store(
-                        idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                        tl.where(is_local, local_idx, -1),
-                        mask=send2 & k_mask,
-                    )
-                if HAS_TOPK_WEIGHTS:
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(
-                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                        tl.where(is_local, topk_weights, 0.0),
-                        mask=send2 & k_mask,
-                    )
-            else:
-                if HAS_TOPK_WEIGHTS:
-                    w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                    tl.store(
-                        w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
-                    )
-            if WRITE_SRC_IDX:
-                tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
-
-
 @triton.jit(
     do_not_specialize=[
         "num_rows",
@@ -255,6 +150,13 @@ def push_rows_kernel(
         wait_all_epoch(
             local + FLAG_OFFSET, entry_epoch, NUM_RANKS, timeout_ns, error_pointer, entry_code, rank
         )
+    x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
+    x_mask = x_cols < X_WORDS
+    s_cols = tl.arange(0, S_BLOCK)[None, :]
+    s_mask = s_cols < S_WORDS
+    k_cols = tl.arange(0, K_BLOCK)[None, :]
+    k_mask = k_cols < NUM_TOPK
+    row_offsets = tl.arange(0, ROWS)
     # The rows are cut into CHECKPOINTS consecutive ranges, pushed one after the other by the whole
     # grid; with PROGRESS, once every program is done with range k, this rank's progress flag k is
     # released at every destination (a copy engine there copies those rows out while the rest are
@@ -269,46 +171,62 @@ def push_rows_kernel(
         chunk = tl.cdiv(tl.cdiv(tl.maximum(range_end - range_begin, 0), grid), ROWS) * ROWS
         begin = range_begin + pid * chunk
         end = tl.minimum(begin + chunk, range_end)
-        _push_part(
-            p0,
-            p1,
-            p2,
-            p3,
-            p4,
-            p5,
-            p6,
-            p7,
-            x_ptr,
-            scales_ptr,
-            topk_idx_ptr,
-            topk_weights_ptr,
-            dst_row_ptr,
-            begin,
-            end,
-            pid,
-            rank,
-            num_local_experts,
-            capacity,
-            x_offset,
-            scales_offset,
-            topk_idx_offset,
-            topk_weights_offset,
-            src_idx_offset,
-            NUM_RANKS,
-            X_WORDS,
-            X_BLOCK,
-            S_WORDS,
-            S_BLOCK,
-            NUM_TOPK,
-            K_BLOCK,
-            ROWS,
-            HAS_SCALES,
-            HAS_TOPK_IDX,
-            HAS_TOPK_WEIGHTS,
-            LOCALIZE_TOPK,
-            WRITE_SRC_IDX,
-            PAYLOAD_OFFSET,
-        )
+        for first in range(begin, end, ROWS):
+            rows = row_offsets.to(tl.int64) + first
+            valid = rows < end
+            valid2 = valid[:, None]
+            # Every load of the step is issued before the first store.
+            x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
+            if HAS_SCALES:
+                scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
+            if HAS_TOPK_IDX:
+                topk_idx = tl.load(
+                    topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
+                )
+            if HAS_TOPK_WEIGHTS:
+                topk_weights = tl.load(
+                    topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
+                )
+            for step in tl.static_range(NUM_RANKS):
+                dst = (step + pid + rank) % NUM_RANKS
+                dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
+                # Rows past the capacity are left for the host to see in the count table (then it grows
+                # the buffer and every rank pushes again): never write past the area.
+                send = (dst_rows >= 0) & (dst_rows < capacity)
+                send2 = send[:, None]
+                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
+                tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
+                if HAS_SCALES:
+                    tl.store(
+                        base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols,
+                        scales,
+                        mask=send2 & s_mask,
+                    )
+                if LOCALIZE_TOPK:
+                    local_idx = topk_idx - dst * num_local_experts
+                    is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+                    if HAS_TOPK_IDX:
+                        idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                        tl.store(
+                            idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                            tl.where(is_local, local_idx, -1),
+                            mask=send2 & k_mask,
+                        )
+                    if HAS_TOPK_WEIGHTS:
+                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                        tl.store(
+                            w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                            tl.where(is_local, topk_weights, 0.0),
+                            mask=send2 & k_mask,
+                        )
+                else:
+                    if HAS_TOPK_WEIGHTS:
+                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
+                        tl.store(
+                            w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
+                        )
+                if WRITE_SRC_IDX:
+                    tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
         if PROGRESS:
             # As the exit barrier below: every thread fences its stores, the last program of the
             # range releases the flag for all of them.

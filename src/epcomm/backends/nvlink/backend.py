@@ -241,14 +241,15 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         self._ensure_rows(worst, row_words)
 
-        stream = torch.cuda.current_stream(self.device)
+        # The caller's stream, where the copy-engine copy-out (if on) starts and ends.
+        stream = torch.cuda.current_stream(self.device) if checkpoints else None
 
         def push() -> tuple[DispatchRegions, int]:
             regions = DispatchRegions(self._capacity(row_words), x_words.size(1), num_scale_words, num_topk)
             # No entry barrier: the count exchange was one (every peer had published its counts,
             # so it was done reading its area).
             barriers = self.transport.push_barriers(None, Operation.DISPATCH, checkpoints)
-            if checkpoints:
+            if stream is not None:
                 self._checkpoint_copier().mark_push(stream)
             launch_push_rows(
                 self._peers(),
@@ -293,7 +294,7 @@ class NvlinkBackend(LowLatencyDelegation):
                     (count + alignment - 1) // alignment * alignment for count in per_expert_list
                 ]
 
-        if segments is not None:
+        if segments is not None and stream is not None:
             areas = self._dispatch_areas(regions)
             payload = [areas.x] if request.x_scales is None else [areas.x, areas.scales]
             copied = self._checkpoint_copier().copy_out(
