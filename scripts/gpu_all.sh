@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One device call: the GPU test tier, then both benchmarks. Logs and JSON under $OUT.
-# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|rows|copy|all]
+# Usage on the GPU machine, from the repo root:  bash scripts/gpu_all.sh [tests|bench|rows|copy|combine|all]
 # (on 4 GPUs "all" takes longer than one 10-minute device call: run "tests", then "bench", then "rows")
 set -u
 what=${1:-all}
@@ -36,6 +36,18 @@ if [ "$what" = copy ]; then
         | grep -E "^(dispatch|combine).*nvlink|FAIL|Error|Traceback"
     done
   done | tee "$OUT/copy_ab.log"
+fi
+if [ "$what" = combine ]; then
+  # Combine push order: contiguous parts of all rows (default) against parts of every destination's
+  # rows (EPCOMM_COMBINE_PUSH=balanced), at 24 and 8 SMs, interleaved.
+  for round in 1 2; do
+    for order in contiguous balanced; do
+      echo "### EPCOMM_COMBINE_PUSH=$order, round $round"
+      EPCOMM_COMBINE_PUSH=$order timeout 120 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
+        --sms 24,8 --ops combine_bf16 --baselines user --no-tqdm --out "$OUT/combine_ab.jsonl" 2>&1 \
+        | grep -E "^combine.*nvlink|FAIL|Error|Traceback"
+    done
+  done | tee "$OUT/combine_ab.log"
 fi
 if [ "$what" = rows ]; then
   # Rows per push step: the old fixed 2 against the byte-sized rule (push_rows_per_step), interleaved.

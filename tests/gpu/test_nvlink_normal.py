@@ -51,6 +51,19 @@ def test_copy_checkpoints(checkpoints: int, placement: str) -> None:
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_balanced_combine_push(world_size: int, placement: str) -> None:
+    """Combine's push balanced over the destinations (``EPCOMM_COMBINE_PUSH=balanced``), with
+    every setting (empty ranks, padding rows of ``num_worst_tokens``, bias) against the reference."""
+    backend = backend_or_skip(world_size, placement)
+    results = parallel_launch(
+        world_size, compare_normal_mode, SETTINGS, None, "balanced", backend=backend, timeout_s=600
+    )
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
 def test_skipped_call_raises_named_timeout(placement: str) -> None:
     backend = backend_or_skip(2, placement)
     results = parallel_launch(2, skip_one_dispatch, 3.0, backend=backend, timeout_s=120)

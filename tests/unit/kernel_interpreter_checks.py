@@ -145,6 +145,55 @@ def check_push_progress() -> None:
         assert int(buffers[rank][32]) == 0, "done counter not reset"
 
 
+def check_push_balanced() -> None:
+    """Balanced combine push (``segments``): every row lands at its one destination row and
+    nothing else is written, with padding rows past the real count left alone and an empty
+    destination; with progress flags in 3 ranges too (released at every destination, counters
+    reset). Only column ``rank`` of the prefix matrix is read."""
+    torch.manual_seed(5)
+    num_ranks, words, payload, epoch, capacity = 4, 8, 128, 7, 40
+    counts = torch.tensor([5, 0, 9, 4])
+    num_real = int(counts.sum())
+    num_rows = num_real + 2  # padding rows (num_worst_tokens): no destination
+    for rank in (0, 2):
+        for checkpoints in (0, 1, 3):
+            prefix = torch.full((num_ranks, num_ranks), 10_000, dtype=torch.int32)
+            prefix[:, rank] = torch.cumsum(counts, 0).to(torch.int32)
+            dst = torch.full((num_rows, num_ranks), -1, dtype=torch.int32)
+            begin = 0
+            for d in range(num_ranks):
+                n = int(counts[d])
+                dst[begin : begin + n, d] = torch.randperm(capacity)[:n].to(torch.int32)
+                begin += n
+            x = torch.randint(1, 1000, (num_rows, words), dtype=torch.int32)
+            buffers = [torch.zeros(payload + capacity * words, dtype=torch.int32) for _ in range(num_ranks)]
+            buffers[rank][:num_ranks] = epoch  # every peer's exit flag
+            error = torch.zeros(4, dtype=torch.int32)
+            barriers = PushBarriers(
+                0, epoch, 2_000_000, error.data_ptr(), 0, 5, payload, 0, 32, checkpoints, 64, 40
+            )
+            launch_push_rows(
+                buffers, x, None, None, None, dst, PushRegions(x=0), capacity, rank, 1, False, False, 3,
+                barriers, one_destination=True, segments=prefix,
+            )  # fmt: skip
+            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
+            for j in range(num_ranks):
+                area = buffers[j][payload:].view(capacity, words)
+                written = torch.zeros(capacity, dtype=torch.bool)
+                for r in range(num_rows):
+                    row = int(dst[r, j])
+                    if row >= 0:
+                        assert torch.equal(area[row], x[r]), (rank, checkpoints, j, r)
+                        written[row] = True
+                assert not area[~written].any(), f"push wrote outside its rows at rank {j}"
+                if checkpoints:
+                    flags = buffers[j][64:128].view(8, 8)
+                    released = flags[:num_ranks, :checkpoints] if j == rank else flags[rank, :checkpoints]
+                    assert bool((released == epoch).all()), (checkpoints, j, flags)
+            assert not buffers[rank][40:48].any(), "per-range counters not reset"
+            assert int(buffers[rank][32]) == 0, "done counter not reset"
+
+
 def check_rows_checkpoints() -> None:
     """``dispatch_counts_kernel`` with checkpoints: this rank's published row (at every peer and
     in the host copy) ends with, for each inner checkpoint k, the tokens below
@@ -321,6 +370,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "push": check_push,
     "push_barriers": check_push_barriers,
     "push_progress": check_push_progress,
+    "push_balanced": check_push_balanced,
     "rows_checkpoints": check_rows_checkpoints,
     "rows": check_rows,
     "copy_out": check_copy_out,

@@ -47,6 +47,7 @@ PUSH_SIGNATURE = {
     "topk_idx_ptr": "*i64",
     "topk_weights_ptr": "*fp32",
     "dst_row_ptr": "*i32",
+    "segment_ptr": "*i32",
     "num_rows": "i32",
     "rank": "i32",
     "num_local_experts": "i32",
@@ -70,6 +71,7 @@ PUSH_ALIGNED = [
     "topk_idx_ptr",
     "topk_weights_ptr",
     "dst_row_ptr",
+    "segment_ptr",
     "x_offset",
     "scales_offset",
     "topk_idx_offset",
@@ -86,6 +88,7 @@ PUSH_ALIGNED = [
         (8, 1792, 56, True, True, 2, 16, "progress"),  # fp8 dispatch with scales
         (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch push
         (4, 3584, 1, False, False, 4, 16, "both"),  # combine push (one destination per row)
+        (4, 3584, 1, False, False, 4, 16, "balanced"),  # combine push, balanced over destinations
         (4, 3584, 1, True, True, 4, 32, "none"),  # the tuning variants, no barriers
     ],
 )
@@ -116,12 +119,13 @@ def test_push_rows_compiles_with_vector_accesses(
         "PAYLOAD_OFFSET": 32832,
         "FLAG_OFFSET": 0,
         "COUNTER_OFFSET": 32,
-        "ENTRY": barriers == "both",
+        "ENTRY": barriers in ("both", "balanced"),
         "EXIT": barriers != "none",
         "CHECKPOINTS": 4 if barriers == "progress" else 1,
         "PROGRESS": barriers == "progress",
         "PROGRESS_OFFSET": 64,
         "CHECKPOINT_COUNTER_OFFSET": 40,
+        "BALANCE": barriers == "balanced",
     }
     compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=warps)
     accesses = _accesses(compiled)

@@ -18,7 +18,20 @@ pytest.importorskip("numpy")  # the interpreter runs on numpy
 HERE = Path(__file__).parent
 SRC = Path(__file__).resolve().parents[2] / "src"
 CHECKS = [
-    *(("kernel_interpreter_checks.py", check) for check in ("layout", "push", "rows", "copy_out", "reduce")),
+    *(
+        ("kernel_interpreter_checks.py", check)
+        for check in (
+            "layout",
+            "push",
+            "push_barriers",
+            "push_progress",
+            "push_balanced",
+            "rows",
+            "rows_checkpoints",
+            "copy_out",
+            "reduce",
+        )
+    ),
     *(
         ("ll_kernel_interpreter_checks.py", check)
         for check in ("dispatch_send", "dispatch_combine", "dispatch_fp8", "wait")

@@ -2,7 +2,8 @@
 
 Used by dispatch (a token row goes to every rank in ``is_token_in_rank``, with its top-k ids made
 local to that rank) and by combine (an expert-output row goes back to its token's rank). Each
-program owns a contiguous range of rows and takes ``ROWS`` of them per step, loads all of them (every load in flight before the
+program owns a contiguous range of rows (or, for a balanced combine push, one of every
+destination's rows) and takes ``ROWS`` of them per step, loads all of them (every load in flight before the
 first store: the compiler cannot hoist a load above a store that may alias it), then stores them to
 every destination, visiting destinations in an order rotated by program and rank so that no peer
 is written by everyone at once (EP4: 205 -> 261-287 GB/s, ``../shared/PERFORMANCE.md``).
@@ -33,6 +34,7 @@ __all__ = [
     "PUSH_WARPS",
     "PushBarriers",
     "PushRegions",
+    "balanced_combine_push",
     "launch_push_rows",
     "push_rows_per_step",
 ]
@@ -59,6 +61,20 @@ def push_rows_per_step(row_words: int, one_destination: bool) -> int:
 
 
 PUSH_WARPS = int(os.environ.get("EPCOMM_PUSH_WARPS", "16"))
+
+
+def balanced_combine_push() -> bool:
+    """``EPCOMM_COMBINE_PUSH``: ``contiguous`` (default) gives each combine push program one
+    contiguous part of all rows (rows are sorted by destination, so at EP4 a quarter of the
+    programs get only local rows); ``balanced`` gives each program an equal part of every
+    destination's rows (``launch_push_rows(segments=...)``). Off by default until measured on
+    several GPUs: with one GPU (EP1) every row is local and both orders are the same."""
+    value = os.environ.get("EPCOMM_COMBINE_PUSH", "contiguous").strip().lower()
+    if value not in ("contiguous", "balanced"):
+        raise ValueError(f"EPCOMM_COMBINE_PUSH must be contiguous or balanced; got {value!r}")
+    return value == "balanced"
+
+
 # Most progress ranges per push (PushBarriers.checkpoints): the progress flags are MAX_PEERS x this.
 MAX_CHECKPOINTS = 8
 # The same two numbers as constants inside kernels (Triton reads globals only when constexpr).
@@ -100,6 +116,7 @@ def push_rows_kernel(
     topk_idx_ptr,
     topk_weights_ptr,
     dst_row_ptr,
+    segment_ptr,
     num_rows,
     rank,
     num_local_experts,
@@ -137,6 +154,7 @@ def push_rows_kernel(
     PROGRESS: tl.constexpr,
     PROGRESS_OFFSET: tl.constexpr,
     CHECKPOINT_COUNTER_OFFSET: tl.constexpr,
+    BALANCE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -164,69 +182,96 @@ def push_rows_kernel(
     # destination, so strided parts had every program writing to the same peer at once (incast);
     # contiguous parts spread the programs over the destinations (EP4 combine push 640-710 -> see
     # docs/performance.md).
-    range_rows = tl.cdiv(num_rows, CHECKPOINTS)
+    #
+    # BALANCE (combine, one destination per row, rows sorted by destination): the rows are pieces,
+    # one per destination (``segment_ptr`` = the handle's rank prefix matrix: rows
+    # [prefix[d - 1, rank], prefix[d, rank]) go back to rank d), and each program owns one
+    # contiguous part of every piece, visited in an order rotated by program and rank. Every
+    # program then gets the same mix of local and remote rows (contiguous parts of the whole give
+    # a quarter of the programs only local rows at EP4, which finish early) and stores each step
+    # to its one known destination only; range k is the k-th part of every piece.
     for k in range(CHECKPOINTS):
-        range_begin = k * range_rows
-        range_end = tl.minimum(range_begin + range_rows, num_rows)
-        chunk = tl.cdiv(tl.cdiv(tl.maximum(range_end - range_begin, 0), grid), ROWS) * ROWS
-        begin = range_begin + pid * chunk
-        end = tl.minimum(begin + chunk, range_end)
-        for first in range(begin, end, ROWS):
-            rows = row_offsets.to(tl.int64) + first
-            valid = rows < end
-            valid2 = valid[:, None]
-            # Every load of the step is issued before the first store.
-            x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
-            if HAS_SCALES:
-                scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
-            if HAS_TOPK_IDX:
-                topk_idx = tl.load(
-                    topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
-                )
-            if HAS_TOPK_WEIGHTS:
-                topk_weights = tl.load(
-                    topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
-                )
-            for step in tl.static_range(NUM_RANKS):
-                dst = (step + pid + rank) % NUM_RANKS
-                dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(tl.int64)
-                # Rows past the capacity are left for the host to see in the count table (then it grows
-                # the buffer and every rank pushes again): never write past the area.
-                send = (dst_rows >= 0) & (dst_rows < capacity)
-                send2 = send[:, None]
-                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
-                tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
+        for piece in range(NUM_RANKS if BALANCE else 1):
+            if BALANCE:
+                dest = (piece + pid + rank) % NUM_RANKS
+                piece_begin = tl.load(segment_ptr + (dest - 1) * NUM_RANKS + rank, mask=dest > 0, other=0)
+                piece_end = tl.minimum(tl.load(segment_ptr + dest * NUM_RANKS + rank), num_rows)
+            else:
+                piece_begin = 0
+                piece_end = num_rows
+            range_rows = tl.cdiv(tl.maximum(piece_end - piece_begin, 0), CHECKPOINTS)
+            range_begin = piece_begin + k * range_rows
+            range_end = tl.minimum(range_begin + range_rows, piece_end)
+            chunk = tl.cdiv(tl.cdiv(tl.maximum(range_end - range_begin, 0), grid), ROWS) * ROWS
+            begin = range_begin + pid * chunk
+            end = tl.minimum(begin + chunk, range_end)
+            for first in range(begin, end, ROWS):
+                rows = row_offsets.to(tl.int64) + first
+                valid = rows < end
+                valid2 = valid[:, None]
+                # Every load of the step is issued before the first store.
+                x = tl.load(x_ptr + rows[:, None] * X_WORDS + x_cols, mask=valid2 & x_mask)
                 if HAS_SCALES:
-                    tl.store(
-                        base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols,
-                        scales,
-                        mask=send2 & s_mask,
+                    scales = tl.load(scales_ptr + rows[:, None] * S_WORDS + s_cols, mask=valid2 & s_mask)
+                if HAS_TOPK_IDX:
+                    topk_idx = tl.load(
+                        topk_idx_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=-1
                     )
-                if LOCALIZE_TOPK:
-                    local_idx = topk_idx - dst * num_local_experts
-                    is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
-                    if HAS_TOPK_IDX:
-                        idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                if HAS_TOPK_WEIGHTS:
+                    topk_weights = tl.load(
+                        topk_weights_ptr + rows[:, None] * NUM_TOPK + k_cols, mask=valid2 & k_mask, other=0.0
+                    )
+                for step in tl.static_range(1 if BALANCE else NUM_RANKS):
+                    if BALANCE:
+                        dst = dest
+                    else:
+                        dst = (step + pid + rank) % NUM_RANKS
+                    dst_rows = tl.load(dst_row_ptr + rows * NUM_RANKS + dst, mask=valid, other=-1).to(
+                        tl.int64
+                    )
+                    # Rows past the capacity are left for the host to see in the count table (then it grows
+                    # the buffer and every rank pushes again): never write past the area.
+                    send = (dst_rows >= 0) & (dst_rows < capacity)
+                    send2 = send[:, None]
+                    base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + PAYLOAD_OFFSET
+                    tl.store(base + x_offset + dst_rows[:, None] * X_WORDS + x_cols, x, mask=send2 & x_mask)
+                    if HAS_SCALES:
                         tl.store(
-                            idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                            tl.where(is_local, local_idx, -1),
-                            mask=send2 & k_mask,
+                            base + scales_offset + dst_rows[:, None] * S_WORDS + s_cols,
+                            scales,
+                            mask=send2 & s_mask,
                         )
-                    if HAS_TOPK_WEIGHTS:
-                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                        tl.store(
-                            w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
-                            tl.where(is_local, topk_weights, 0.0),
-                            mask=send2 & k_mask,
-                        )
-                else:
-                    if HAS_TOPK_WEIGHTS:
-                        w_base = (base + topk_weights_offset).to(tl.pointer_type(tl.float32), bitcast=True)
-                        tl.store(
-                            w_base + dst_rows[:, None] * NUM_TOPK + k_cols, topk_weights, mask=send2 & k_mask
-                        )
-                if WRITE_SRC_IDX:
-                    tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
+                    if LOCALIZE_TOPK:
+                        local_idx = topk_idx - dst * num_local_experts
+                        is_local = (topk_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+                        if HAS_TOPK_IDX:
+                            idx_base = (base + topk_idx_offset).to(tl.pointer_type(tl.int64), bitcast=True)
+                            tl.store(
+                                idx_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                                tl.where(is_local, local_idx, -1),
+                                mask=send2 & k_mask,
+                            )
+                        if HAS_TOPK_WEIGHTS:
+                            w_base = (base + topk_weights_offset).to(
+                                tl.pointer_type(tl.float32), bitcast=True
+                            )
+                            tl.store(
+                                w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                                tl.where(is_local, topk_weights, 0.0),
+                                mask=send2 & k_mask,
+                            )
+                    else:
+                        if HAS_TOPK_WEIGHTS:
+                            w_base = (base + topk_weights_offset).to(
+                                tl.pointer_type(tl.float32), bitcast=True
+                            )
+                            tl.store(
+                                w_base + dst_rows[:, None] * NUM_TOPK + k_cols,
+                                topk_weights,
+                                mask=send2 & k_mask,
+                            )
+                    if WRITE_SRC_IDX:
+                        tl.store(base + src_idx_offset + dst_rows, rows.to(tl.int32), mask=send)
         if PROGRESS:
             # As the exit barrier below: every thread fences its stores, the last program of the
             # range releases the flag for all of them.
@@ -345,6 +390,7 @@ def launch_push_rows(
     num_sms: int,
     barriers: PushBarriers | None = None,
     one_destination: bool = False,
+    segments: torch.Tensor | None = None,
 ) -> None:
     """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
 
@@ -365,6 +411,11 @@ def launch_push_rows(
         num_sms: programs to launch (one per SM).
         barriers: entry / exit barriers to fold in (collective then: launched with 0 rows too).
         one_destination: every row has exactly one destination (combine): more rows per step.
+        segments: with ``one_destination`` and rows sorted by destination, the ``[num_ranks,
+            num_ranks]`` int32 rank prefix matrix of the dispatch handle (rows
+            ``[segments[d - 1, rank], segments[d, rank])`` go to rank ``d``): every program then
+            pushes an equal part of each destination's rows ("balanced"); ``None``: each program
+            pushes one contiguous part of all rows.
 
     Example:
         Dispatch of 2 tokens to 2 ranks, token 0 to both, token 1 to rank 1 (rank 0 sent 3 rows
@@ -381,6 +432,8 @@ def launch_push_rows(
             f"progress flags need an exit barrier and 1..{MAX_CHECKPOINTS} checkpoints; "
             f"got {barriers.checkpoints} checkpoints, exit epoch {barriers.exit_epoch}"
         )
+    if segments is not None and not one_destination:
+        raise ValueError("a balanced push (segments) needs rows with one destination each")
     for name, offset in vars(regions).items():
         if offset % 4 != 0:
             raise ValueError(f"region {name} offset {offset} must be a multiple of 4 words (16 bytes)")
@@ -399,6 +452,7 @@ def launch_push_rows(
             topk_idx if topk_idx is not None else dst_row,
             topk_weights if topk_weights is not None else x_words,
             dst_row,
+            segments if segments is not None else dst_row,
             num_rows,
             rank,
             num_local_experts,
@@ -438,6 +492,7 @@ def launch_push_rows(
             "PROGRESS": barriers.checkpoints > 0,
             "PROGRESS_OFFSET": barriers.progress_offset,
             "CHECKPOINT_COUNTER_OFFSET": barriers.checkpoint_counter_offset,
+            "BALANCE": segments is not None,
         },
         PUSH_WARPS,
         peer_args,

@@ -36,7 +36,7 @@ from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import MAX_CHECKPOINTS, launch_push_rows
+from epcomm.kernels.normal_push import MAX_CHECKPOINTS, balanced_combine_push, launch_push_rows
 from epcomm.kernels.normal_rows import counts_row_words, launch_combine_rows
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
@@ -137,6 +137,9 @@ class NvlinkBackend(LowLatencyDelegation):
         # EPCOMM_COPY_CHECKPOINTS=1..8; 0 (default) copies out after the push.
         self._checkpoints = max(0, min(copy_checkpoints(), MAX_CHECKPOINTS))
         self._copier: CheckpointCopier | None = None
+        # Combine push order (EPCOMM_COMBINE_PUSH): contiguous parts (default) or balanced over
+        # the destinations.
+        self._balanced_combine = balanced_combine_push()
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
@@ -427,8 +430,9 @@ class NvlinkBackend(LowLatencyDelegation):
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = CombineRegions(self._capacity(row_words), x.size(1) // 2, num_topk)
         in_rank = handle.is_token_in_rank
+        rank_prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
         dst_row, token_slot = launch_combine_rows(
-            handle.rank_prefix_matrix.to(torch.int32).contiguous(),
+            rank_prefix,
             handle.recv_row_of_token.contiguous(),
             x.size(0),
             rank,
@@ -450,6 +454,7 @@ class NvlinkBackend(LowLatencyDelegation):
             num_sms=self._sms(request.config.num_sms),
             barriers=self.transport.push_barriers(Operation.COMBINE_ENTRY, Operation.COMBINE),
             one_destination=True,
+            segments=rank_prefix if self._balanced_combine else None,
         )
         area_x, area_weights = self._combine_areas(regions)
         combined_weights = None
