@@ -44,10 +44,10 @@ def main() -> None:
                     warps: int = warps,
                 ) -> None:
                     combine_reduce_kernel[(programs,)](
-                        area, weights, slot, out, out, out, out_w, tokens,
+                        area, weights, slot, out, out, out, out_w, tokens, slot, 0, 0, 0, 0, 0, 0,
                         NUM_RANKS=ranks, HIDDEN=hidden, H_BLOCK=triton.next_power_of_2(hidden),
                         NUM_TOPK=topk, K_BLOCK=topk, TOKENS=tokens_per_step, HAS_WEIGHTS=True,
-                        NUM_BIAS=0, num_warps=warps,
+                        NUM_BIAS=0, CHECKPOINTS=0, MAX_CHECKPOINTS=8, num_warps=warps,
                     )  # fmt: skip
 
                 run()

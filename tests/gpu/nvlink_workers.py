@@ -33,18 +33,11 @@ def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def compare_normal_mode(
-    pgi: ProcessGroupInfo,
-    settings: list[dict[str, Any]],
-    copy_checkpoints: int | None = None,
-    combine_push: str | None = None,
+    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], env: dict[str, str] | None = None
 ) -> list[str]:
     """Run every setting on both backends; return one line per failed check (empty = all passed).
-    ``copy_checkpoints`` sets ``EPCOMM_COPY_CHECKPOINTS`` (dispatch's copy-engine ranges) and
-    ``combine_push`` sets ``EPCOMM_COMBINE_PUSH`` (combine's push order) first."""
-    if copy_checkpoints is not None:
-        os.environ["EPCOMM_COPY_CHECKPOINTS"] = str(copy_checkpoints)
-    if combine_push is not None:
-        os.environ["EPCOMM_COMBINE_PUSH"] = combine_push
+    ``env`` is set first (backend options such as ``EPCOMM_COPY_CHECKPOINTS``)."""
+    os.environ.update(env or {})
     failures: list[str] = []
     nvlink = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 24, backend="nvlink")
     reference = epcomm.Buffer(pgi.group, backend="reference")

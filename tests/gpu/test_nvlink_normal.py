@@ -44,7 +44,12 @@ def test_copy_checkpoints(checkpoints: int, placement: str) -> None:
     (the default, 0, copies out after the push: the other tests), EP4."""
     backend = backend_or_skip(4, placement)
     results = parallel_launch(
-        4, compare_normal_mode, SETTINGS[:4], checkpoints, backend=backend, timeout_s=600
+        4,
+        compare_normal_mode,
+        SETTINGS[:4],
+        {"EPCOMM_COPY_CHECKPOINTS": str(checkpoints)},
+        backend=backend,
+        timeout_s=600,
     )
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
@@ -57,8 +62,26 @@ def test_balanced_combine_push(world_size: int, placement: str) -> None:
     every setting (empty ranks, padding rows of ``num_worst_tokens``, bias) against the reference."""
     backend = backend_or_skip(world_size, placement)
     results = parallel_launch(
-        world_size, compare_normal_mode, SETTINGS, None, "balanced", backend=backend, timeout_s=600
+        world_size,
+        compare_normal_mode,
+        SETTINGS,
+        {"EPCOMM_COMBINE_PUSH": "balanced"},
+        backend=backend,
+        timeout_s=600,
     )
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize(("world_size", "ranges", "reduce_sms"), [(2, 4, 0), (4, 1, 0), (4, 8, 1)])
+def test_combine_reduce_beside_push(world_size: int, ranges: int, reduce_sms: int, placement: str) -> None:
+    """Combine's reduce beside the push (``EPCOMM_COMBINE_OVERLAP``): on a side stream behind the
+    progress flags of a balanced push in 1 / 4 / 8 ranges (one reduce program in the last case),
+    every setting bitwise equal to the reference and across two runs."""
+    backend = backend_or_skip(world_size, placement)
+    env = {"EPCOMM_COMBINE_OVERLAP": str(ranges), "EPCOMM_COMBINE_REDUCE_SMS": str(reduce_sms)}
+    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, env, backend=backend, timeout_s=600)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
 

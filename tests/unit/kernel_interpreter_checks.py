@@ -16,7 +16,7 @@ import epcomm.kernels.normal_push as push_kernels
 import epcomm.kernels.normal_rows as rows_kernels
 import epcomm.kernels.primitives as primitives
 from epcomm.kernels.layout import launch_dispatch_layout
-from epcomm.kernels.normal_combine import launch_combine_reduce
+from epcomm.kernels.normal_combine import ReduceProgress, launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
 from epcomm.kernels.normal_rows import (
@@ -338,6 +338,40 @@ def check_reduce() -> None:
     assert torch.equal(out_w, total_w)
 
 
+def check_reduce_progress() -> None:
+    """The reduce beside the push (``ReduceProgress``): with every range's flag there, the same
+    sums as the plain reduce and no error; with one source's range 1 missing, the error word
+    names that source and the kernel returns (one bounded wait per program, no hang)."""
+    torch.manual_seed(4)
+    num_ranks, rank, num_tokens, hidden, checkpoints, epoch = 4, 1, 13, 32, 3, 11
+    in_rank = torch.rand(num_tokens, num_ranks) < 0.6
+    counts = in_rank.sum(0).to(torch.int32)  # rows this rank sent to each source (= gets back)
+    prefix = torch.randint(0, 5, (num_ranks, num_ranks), dtype=torch.int32).cumsum(0).to(torch.int32)
+    prefix[rank:] += counts - (prefix[rank] - (prefix[rank - 1] if rank else 0))
+    offset = torch.cumsum(counts, 0) - counts
+    slot = torch.where(in_rank, in_rank.int().cumsum(0) - 1 + offset, -1).to(torch.int32)
+    capacity = int(counts.sum())
+    area = torch.randn(capacity, hidden).bfloat16()
+    want = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
+    launch_combine_reduce(area, None, slot, (), want, None, 3)
+    for missing in (None, 2):
+        flags = torch.zeros(num_ranks, 8, dtype=torch.int32)
+        flags[:, :checkpoints] = epoch
+        if missing is not None:
+            flags[missing, 1] = epoch - 1
+        error = torch.zeros(4, dtype=torch.int32)
+        progress = ReduceProgress(
+            checkpoints, 8, prefix, flags.data_ptr(), rank, epoch, 2_000_000, error.data_ptr(), 6
+        )
+        out = torch.zeros(num_tokens, hidden, dtype=torch.bfloat16)
+        launch_combine_reduce(area, None, slot, (), out, None, 3, progress)
+        if missing is None:
+            assert int(error[0]) == 0, error.tolist()
+            assert torch.equal(out, want)
+        else:
+            assert error.tolist() == [1, 6, missing, rank], error.tolist()
+
+
 def check_layout() -> None:
     """``dispatch_layout_kernel`` against ``compute_dispatch_layout``: -1 entries, a token listing one
     expert twice, a token with no expert, node counts for 2 nodes, token counts not a multiple of
@@ -375,6 +409,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "rows": check_rows,
     "copy_out": check_copy_out,
     "reduce": check_reduce,
+    "reduce_progress": check_reduce_progress,
 }
 
 if __name__ == "__main__":

@@ -161,8 +161,11 @@ def test_barrier_compiles_with_system_scope_ordering() -> None:
     _assert_system_scope_ordering(compiled.asm["ptx"])
 
 
-@pytest.mark.parametrize(("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2)])
-def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int) -> None:
+@pytest.mark.parametrize(
+    ("hidden", "num_bias", "num_ranks", "checkpoints"),
+    [(7168, 0, 4, 0), (4096, 2, 8, 0), (7168, 0, 2, 0), (7168, 0, 4, 4)],  # 4: beside the push
+)
+def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int, checkpoints: int) -> None:
     signature = {
         "area_x_ptr": "*bf16",
         "area_weights_ptr": "*fp32",
@@ -172,6 +175,13 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int) -> 
         "out_x_ptr": "*bf16",
         "out_weights_ptr": "*fp32",
         "num_tokens": "i32",
+        "prefix_ptr": "*i32",
+        "progress_address": "i64",
+        "rank": "i32",
+        "epoch": "i32",
+        "timeout_ns": "i64",
+        "error_address": "i64",
+        "error_code": "i32",
     }
     constexprs = {
         "NUM_RANKS": num_ranks,
@@ -182,11 +192,15 @@ def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int) -> 
         "TOKENS": 2,
         "HAS_WEIGHTS": True,
         "NUM_BIAS": num_bias,
+        "CHECKPOINTS": checkpoints,
+        "MAX_CHECKPOINTS": 8,
     }
     aligned = [name for name in signature if name.endswith("_ptr")]
     compiled = _compile(combine_reduce_kernel, signature, constexprs, aligned, num_warps=16)
     accesses = _accesses(compiled)
     assert any(a.startswith("ld.global.cg") for a in accesses), accesses
+    # Beside the push: it polls the progress flags and acquires them at system scope.
+    assert ("ld.acquire.sys" in compiled.asm["ptx"]) == (checkpoints > 0)
 
 
 LL_SIGNAL_POINTERS = {"arrival_ptr": "*i32", "send_seq_ptr": "*i32", "recv_expected_ptr": "*i32"}

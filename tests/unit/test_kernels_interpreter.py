@@ -30,6 +30,7 @@ CHECKS = [
             "rows_checkpoints",
             "copy_out",
             "reduce",
+            "reduce_progress",
         )
     ),
     *(

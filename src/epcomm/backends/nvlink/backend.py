@@ -7,7 +7,8 @@ row of every destination's receive area and ends with the exit barrier; the rows
 out (by a copy engine after the push, or, with ``EPCOMM_COPY_CHECKPOINTS``, range by range while it
 runs: ``copy_engine.py``). Combine: the push kernel (entry barrier, push, exit barrier) writes each received row back
 into the token rank's area in (rank, token) order, then a reduce kernel sums in float32 in rank
-order. Low-latency mode is ``NvlinkLowLatency`` (``low_latency.py``).
+order (after the push, or, with ``EPCOMM_COMBINE_OVERLAP``, beside it on a side stream behind its
+progress flags). Low-latency mode is ``NvlinkLowLatency`` (``low_latency.py``).
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from epcomm.backends.nvlink.transport import Operation, SymmetricTransport
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.exchange import PeerArgs
 from epcomm.kernels.layout import launch_dispatch_layout
-from epcomm.kernels.normal_combine import launch_combine_reduce
+from epcomm.kernels.normal_combine import (
+    ReduceProgress,
+    combine_overlap,
+    launch_combine_reduce,
+    overlap_reduce_sms,
+)
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import MAX_CHECKPOINTS, balanced_combine_push, launch_push_rows
 from epcomm.kernels.normal_rows import counts_row_words, launch_combine_rows
@@ -140,6 +146,10 @@ class NvlinkBackend(LowLatencyDelegation):
         # Combine push order (EPCOMM_COMBINE_PUSH): contiguous parts (default) or balanced over
         # the destinations.
         self._balanced_combine = balanced_combine_push()
+        # Combine reduce beside the push (EPCOMM_COMBINE_OVERLAP=1..8 ranges; 0: after it), on
+        # this side stream with its two events (made on first use).
+        self._overlap = combine_overlap()
+        self._reduce_side: tuple[Any, Any, Any] | None = None
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
@@ -420,7 +430,12 @@ class NvlinkBackend(LowLatencyDelegation):
 
     # ---- combine ------------------------------------------------------------------------------
     def combine(self, request: CombineRequest) -> CombineResult:
-        """Normal-mode combine; see ``Buffer.combine``."""
+        """Normal-mode combine; see ``Buffer.combine``.
+
+        The push writes each row back into its token rank's combine area, then the reduce sums
+        them. With ``EPCOMM_COMBINE_OVERLAP`` the reduce runs beside the push instead, on a side
+        stream with part of the SMs, behind the push's progress flags.
+        """
         self.transport.check_error()
         self._check_worst()
         handle, x = request.handle, request.x
@@ -430,14 +445,33 @@ class NvlinkBackend(LowLatencyDelegation):
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = CombineRegions(self._capacity(row_words), x.size(1) // 2, num_topk)
         in_rank = handle.is_token_in_rank
+        num_sms = self._sms(request.config.num_sms)
+        overlap = self._overlap if num_sms >= 2 else 0
+        reduce_sms = overlap_reduce_sms(num_sms) if overlap else num_sms
         rank_prefix = handle.rank_prefix_matrix.to(torch.int32).contiguous()
         dst_row, token_slot = launch_combine_rows(
             rank_prefix,
             handle.recv_row_of_token.contiguous(),
             x.size(0),
             rank,
-            self._sms(request.config.num_sms),
+            num_sms,
         )
+        area_x, area_weights = self._combine_areas(regions)
+        combined_weights = None
+        num_tokens = in_rank.size(0)
+        if request.topk_weights is not None:
+            combined_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
+        combined = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=self.device)
+        bias = tuple(b.contiguous() for b in request.bias)
+        barriers = self.transport.push_barriers(Operation.COMBINE_ENTRY, Operation.COMBINE, overlap)
+        side = None
+        if overlap:
+            # Everything the reduce reads or writes exists now; the side stream starts from here.
+            stream = torch.cuda.current_stream(self.device)
+            if self._reduce_side is None:
+                self._reduce_side = (torch.cuda.Stream(self.device), torch.cuda.Event(), torch.cuda.Event())
+            side, ready, done = self._reduce_side
+            ready.record(stream)
         launch_push_rows(
             self._peers(),
             self._words(x, "x"),
@@ -451,26 +485,49 @@ class NvlinkBackend(LowLatencyDelegation):
             1,
             localize_topk=False,
             write_src_idx=False,
-            num_sms=self._sms(request.config.num_sms),
-            barriers=self.transport.push_barriers(Operation.COMBINE_ENTRY, Operation.COMBINE),
+            num_sms=num_sms - reduce_sms if overlap else num_sms,
+            barriers=barriers,
             one_destination=True,
-            segments=rank_prefix if self._balanced_combine else None,
+            segments=rank_prefix if self._balanced_combine or overlap else None,
         )
-        area_x, area_weights = self._combine_areas(regions)
-        combined_weights = None
-        num_tokens = in_rank.size(0)
-        if request.topk_weights is not None:
-            combined_weights = torch.empty(num_tokens, num_topk, dtype=torch.float32, device=self.device)
-        combined = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=self.device)
-        launch_combine_reduce(
-            area_x,
-            area_weights if request.topk_weights is not None else None,
-            token_slot,
-            tuple(b.contiguous() for b in request.bias),
-            combined,
-            combined_weights,
-            self._sms(request.config.num_sms),
+        if side is None:
+            launch_combine_reduce(
+                area_x,
+                area_weights if request.topk_weights is not None else None,
+                token_slot,
+                bias,
+                combined,
+                combined_weights,
+                num_sms,
+            )
+            return CombineResult(combined, combined_weights)
+        progress = ReduceProgress(
+            overlap,
+            MAX_CHECKPOINTS,
+            rank_prefix,
+            self.transport.progress_address(0, 0),
+            rank,
+            barriers.exit_epoch,
+            barriers.timeout_ns,
+            barriers.error_address,
+            int(Operation.COMBINE),
         )
+        with torch.cuda.stream(side):
+            side.wait_event(ready)
+            launch_combine_reduce(
+                area_x,
+                area_weights if request.topk_weights is not None else None,
+                token_slot,
+                bias,
+                combined,
+                combined_weights,
+                reduce_sms,
+                progress,
+            )
+            done.record(side)
+        # The caller's stream goes on after the reduce: every tensor the side stream touched is
+        # ordered before any later reuse of its memory there.
+        stream.wait_event(done)
         return CombineResult(combined, combined_weights)
 
     # ---- low-latency mode: LowLatencyDelegation forwards to NvlinkLowLatency -------------------
