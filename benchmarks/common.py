@@ -863,7 +863,8 @@ def _git(args: Sequence[str], cwd: Path) -> str | None:
 
 
 def environment_info(world_size: int, device_kind: str) -> dict[str, Any]:
-    """GPU model, world size, git commit (``'unknown'`` outside a checkout), versions, host, time."""
+    """GPU model, world size, git commit (``'unknown'`` outside a checkout), versions, host, time,
+    and the ``EPCOMM_*`` options set (side-by-side runs differ only there)."""
     repo = Path(__file__).resolve().parent.parent
     # EPCOMM_GIT_COMMIT first: the GPU machines get a copy of the working tree whose .git may lag.
     pinned = os.environ.get("EPCOMM_GIT_COMMIT")
@@ -895,6 +896,11 @@ def environment_info(world_size: int, device_kind: str) -> dict[str, Any]:
         "host": host,
         "timestamp": now.isoformat(timespec="seconds"),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "options": {
+            name: value
+            for name, value in sorted(os.environ.items())
+            if name.startswith("EPCOMM_") and name != "EPCOMM_GIT_COMMIT"
+        },
     }
 
 

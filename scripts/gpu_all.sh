@@ -38,12 +38,14 @@ if [ "$what" = copy ]; then
   done | tee "$OUT/copy_ab.log"
 fi
 if [ "$what" = combine ]; then
-  # Combine push order: contiguous parts of all rows (default) against parts of every destination's
-  # rows (EPCOMM_COMBINE_PUSH=balanced), at 24 and 8 SMs, interleaved.
-  for round in 1 2; do
-    for order in contiguous balanced; do
-      echo "### EPCOMM_COMBINE_PUSH=$order, round $round"
-      EPCOMM_COMBINE_PUSH=$order timeout 120 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
+  # Combine: push in contiguous parts then reduce (default) against the push balanced over the
+  # destinations, and the reduce beside the push (progress ranges x reduce SMs), at 24 and 8 SMs,
+  # interleaved; COMBINE_VARIANTS picks (space-separated, each a comma-separated env list).
+  variants=${COMBINE_VARIANTS:-"EPCOMM_COMBINE_PUSH=contiguous EPCOMM_COMBINE_PUSH=balanced EPCOMM_COMBINE_OVERLAP=4 EPCOMM_COMBINE_OVERLAP=8 EPCOMM_COMBINE_OVERLAP=4,EPCOMM_COMBINE_REDUCE_SMS=12"}
+  for round in $(seq 1 "${ROUNDS:-1}"); do
+    for variant in $variants; do
+      echo "### $variant, round $round"
+      env ${variant//,/ } timeout 100 python3 benchmarks/bench_normal.py --num-ranks "$n" --settings prefill \
         --sms 24,8 --ops combine_bf16 --baselines user --no-tqdm --out "$OUT/combine_ab.jsonl" 2>&1 \
         | grep -E "^combine.*nvlink|FAIL|Error|Traceback"
     done
