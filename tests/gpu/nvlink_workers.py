@@ -140,3 +140,36 @@ def skip_one_dispatch(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     except epcomm.errors.PeerTimeoutError as error:
         return f"raised after {time.monotonic() - begin:.1f}s: {error}"
     return "no error"
+
+
+def skip_one_combine(pgi: ProcessGroupInfo, timeout_s: float, env: dict[str, str]) -> str:
+    """Rank 1 skips a combine after a dispatch both ran; rank 0's combine must end on its own
+    (every wait bounded: the push's entry and exit waits, the reduce's progress waits with
+    ``EPCOMM_COMBINE_OVERLAP``) and its next call must fail naming combine and rank 1."""
+    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
+    os.environ.update(env)
+    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 22, backend="nvlink")
+    x = torch.randn(64, 256, device=pgi.device).bfloat16()
+    topk_idx = _routing(64, 8 * pgi.world_size, 4, pgi.rank, pgi.device)
+    layout = buffer.get_dispatch_layout(topk_idx, 8 * pgi.world_size)
+    recv_x, _, recv_w, _, handle, _ = buffer.dispatch(
+        x,
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=topk_idx,
+        topk_weights=torch.rand(64, 4, device=pgi.device),
+    )
+    torch.cuda.synchronize()
+    if pgi.rank == 1:
+        time.sleep(timeout_s * 6)
+        return "skipped"
+    begin = time.monotonic()
+    buffer.combine(recv_x, handle, topk_weights=recv_w)
+    torch.cuda.synchronize()
+    ended = time.monotonic() - begin
+    try:
+        buffer.combine(recv_x, handle, topk_weights=recv_w)
+    except epcomm.errors.PeerTimeoutError as error:
+        return f"raised; the combine ended after {ended:.1f}s: {error}"
+    return "no error"

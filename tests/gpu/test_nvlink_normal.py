@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nvlink_workers import compare_normal_mode, skip_one_dispatch
+from nvlink_workers import compare_normal_mode, skip_one_combine, skip_one_dispatch
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import parallel_launch
@@ -93,6 +93,21 @@ def test_skipped_call_raises_named_timeout(placement: str) -> None:
     assert results[0].startswith("raised"), results[0]
     for expected in ("dispatch", "rank 0", "[1]"):
         assert expected in results[0], results[0]
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("overlap", ["0", "4"])
+def test_skipped_combine_raises_named_timeout(overlap: str, placement: str) -> None:
+    """A rank skips a combine: the other's combine ends within its bounded waits (also with the
+    reduce beside the push) and its next call raises naming combine and the missing rank."""
+    backend = backend_or_skip(2, placement)
+    env = {"EPCOMM_COMBINE_OVERLAP": overlap}
+    results = parallel_launch(2, skip_one_combine, 2.0, env, backend=backend, timeout_s=120)
+    assert results[0].startswith("raised"), results[0]
+    for expected in ("combine", "rank 0", "[1]"):
+        assert expected in results[0], results[0]
+    ended = float(results[0].split("after ")[1].split("s:")[0])
+    assert ended < 2.0 * 5, results[0]
 
 
 @pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")
