@@ -154,6 +154,9 @@ def _wait_block(
     return known
 
 
+# num_tokens stays unspecialized for speed, not only for fewer compilations: specialized (a multiple
+# of 16), ptxas schedules fewer row loads ahead of the adds (86 instead of 101 registers) and the
+# EP4-shape reduce takes twice as long (24 programs: 302 vs 151 us; docs/performance.md, session 7).
 @triton.jit(
     do_not_specialize=[
         "num_tokens",
