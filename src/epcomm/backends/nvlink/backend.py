@@ -490,16 +490,10 @@ class NvlinkBackend(LowLatencyDelegation):
             one_destination=True,
             segments=rank_prefix if self._balanced_combine or overlap else None,
         )
+        weights_area = area_weights if request.topk_weights is not None else None
+        reduce_args = (area_x, weights_area, token_slot, bias, combined, combined_weights)
         if side is None:
-            launch_combine_reduce(
-                area_x,
-                area_weights if request.topk_weights is not None else None,
-                token_slot,
-                bias,
-                combined,
-                combined_weights,
-                num_sms,
-            )
+            launch_combine_reduce(*reduce_args, num_sms)
             return CombineResult(combined, combined_weights)
         progress = ReduceProgress(
             overlap,
@@ -514,16 +508,7 @@ class NvlinkBackend(LowLatencyDelegation):
         )
         with torch.cuda.stream(side):
             side.wait_event(ready)
-            launch_combine_reduce(
-                area_x,
-                area_weights if request.topk_weights is not None else None,
-                token_slot,
-                bias,
-                combined,
-                combined_weights,
-                reduce_sms,
-                progress,
-            )
+            launch_combine_reduce(*reduce_args, reduce_sms, progress)
             done.record(side)
         # The caller's stream goes on after the reduce: every tensor the side stream touched is
         # ordered before any later reuse of its memory there.
