@@ -39,16 +39,19 @@ def combine_overlap() -> int:
     reducing tokens as the push's progress flags say their rows have landed, the push being
     balanced over destinations in that many ranges. Off by default until measured on several
     GPUs: at EP1 the push is local and short, so splitting the SMs cannot win there."""
-    value = int(os.environ.get("EPCOMM_COMBINE_OVERLAP", "0"))
-    if not 0 <= value <= 8:
-        raise ValueError(f"EPCOMM_COMBINE_OVERLAP must be 0..8 progress ranges; got {value}")
-    return value
+    text = os.environ.get("EPCOMM_COMBINE_OVERLAP", "0").strip()
+    if not text.isdigit() or not 0 <= int(text) <= 8:
+        raise ValueError(f"EPCOMM_COMBINE_OVERLAP must be 0..8 progress ranges; got {text!r}")
+    return int(text)
 
 
 def overlap_reduce_sms(num_sms: int) -> int:
     """Programs of a reduce beside the push out of ``num_sms`` (the push gets the rest):
     ``EPCOMM_COMBINE_REDUCE_SMS`` if set, else a third (at least 1, leaving the push 1)."""
-    wanted = int(os.environ.get("EPCOMM_COMBINE_REDUCE_SMS", "0")) or num_sms // 3
+    text = os.environ.get("EPCOMM_COMBINE_REDUCE_SMS", "0").strip()
+    if not text.isdigit():
+        raise ValueError(f"EPCOMM_COMBINE_REDUCE_SMS must be a number of SMs (0: a third); got {text!r}")
+    wanted = int(text) or num_sms // 3
     return max(1, min(wanted, num_sms - 1))
 
 
