@@ -372,6 +372,91 @@ def check_reduce_progress() -> None:
             assert error.tolist() == [1, 6, missing, rank], error.tolist()
 
 
+def check_combine_progress() -> None:
+    """The balanced combine push and the reduce beside it agree on the progress ranges, end to
+    end over 4 simulated ranks. Each source pushes (one program, 3 ranges) into buffers whose
+    areas start as NaN, and the buffers are snapshotted at each progress-flag release. Then, for
+    every destination, range k and block of tokens, the reduce runs on that state with the flags
+    of ranges <= k set. It must succeed, with the exact sums, exactly when every row of the block
+    has landed, and report the timeout otherwise: a reduce that read a row before its flag would
+    return NaN with no error, and one that waited for a later range would time out with every row
+    there."""
+    torch.manual_seed(6)
+    num_ranks, words, payload, epoch, capacity, ranges = 4, 8, 128, 9, 64, 3
+    num_tokens = [11, 0, 14, 9]
+    in_rank = [torch.rand(n, num_ranks) < 0.55 for n in num_tokens]
+    sent = torch.stack([m.sum(0) for m in in_rank]).to(torch.int32)  # [source i, destination j]
+    prefix = torch.cumsum(sent, 0).to(torch.int32)
+    nan_words = torch.full((capacity * words,), 0x7FC07FC0, dtype=torch.int32)  # bf16 NaN pairs
+    buffers = [torch.cat([torch.zeros(payload, dtype=torch.int32), nan_words]) for _ in range(num_ranks)]
+    for buffer in buffers:
+        buffer[:num_ranks] = epoch  # every peer's exit flag
+    slots = []
+    snapshots: dict[tuple[int, int], list[torch.Tensor]] = {}
+    original = push_kernels._release_at_peers
+
+    def recording(p0, p1, p2, p3, p4, p5, p6, p7, slot, value, NUM_RANKS):
+        original(p0, p1, p2, p3, p4, p5, p6, p7, slot, value, NUM_RANKS)
+        word = int(slot.handle.data.reshape(-1)[0]) if hasattr(slot, "handle") else int(slot)
+        if word >= 64:  # a progress flag: (source, range)
+            snapshots[divmod(word - 64, 8)] = [b.clone() for b in buffers]
+
+    push_kernels._release_at_peers = recording
+    try:
+        for rank in range(num_ranks):
+            before = prefix[rank - 1] if rank else torch.zeros(num_ranks, dtype=torch.int32)
+            recv_row = rows_in_order(in_rank[rank], before)
+            num_recv = int(prefix[-1, rank])
+            dst_row, token_slot = launch_combine_rows(prefix, recv_row, num_recv, rank, 2)
+            slots.append(token_slot)
+            x = (torch.randn(num_recv, 2 * words).bfloat16().view(torch.int32)).contiguous()
+            error = torch.zeros(4, dtype=torch.int32)
+            barriers = PushBarriers(
+                0, epoch, 2_000_000, error.data_ptr(), 0, 5, payload, 0, 32, ranges, 64, 40
+            )
+            launch_push_rows(
+                buffers, x, None, None, None, dst_row, PushRegions(x=0), capacity, rank, 1, False, False, 1,
+                barriers, one_destination=True, segments=prefix,
+            )  # fmt: skip
+            assert int(error[0]) == 0, error.tolist()
+    finally:
+        push_kernels._release_at_peers = original
+    blocks_waiting = 0
+    for dest in range(num_ranks):
+
+        def area(state: list[torch.Tensor], dest: int = dest) -> torch.Tensor:
+            return state[dest][payload:].view(torch.bfloat16).view(capacity, 2 * words)
+
+        token_slot = slots[dest]
+        want = torch.empty(num_tokens[dest], 2 * words, dtype=torch.bfloat16)
+        launch_combine_reduce(area(buffers), None, token_slot, (), want, None, 1)
+        assert not want.isnan().any()
+        offset = torch.cumsum(sent[dest], 0) - sent[dest]
+        for k in range(ranges):
+            state = area(buffers).clone()
+            for source in range(num_ranks):  # each source's part of this area as its range k left it
+                rows = slice(int(offset[source]), int(offset[source] + sent[dest, source]))
+                state[rows] = area(snapshots[(source, k)])[rows]
+            flags = torch.full((num_ranks, 8), epoch - 1, dtype=torch.int32)
+            flags[:, : k + 1] = epoch
+            for first in range(0, num_tokens[dest], 4):
+                block = token_slot[first : first + 4]
+                rows_in = block[block >= 0].long()
+                landed = not state[rows_in].isnan().any()
+                blocks_waiting += not landed
+                out = torch.zeros(block.size(0), 2 * words, dtype=torch.bfloat16)
+                error = torch.zeros(4, dtype=torch.int32)
+                progress = ReduceProgress(
+                    ranges, 8, prefix, flags.data_ptr(), dest, epoch, 1_000_000, error.data_ptr(), 6
+                )
+                launch_combine_reduce(state, None, block, (), out, None, 1, progress)
+                reduced = int(error[0]) == 0
+                assert reduced == landed, (dest, k, first, error.tolist(), landed)
+                if reduced:
+                    assert torch.equal(out, want[first : first + 4]), (dest, k, first)
+    assert blocks_waiting > 0, "no block had to wait: the check would not see a wrong range"
+
+
 def check_layout() -> None:
     """``dispatch_layout_kernel`` against ``compute_dispatch_layout``: -1 entries, a token listing one
     expert twice, a token with no expert, node counts for 2 nodes, token counts not a multiple of
@@ -410,6 +495,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "copy_out": check_copy_out,
     "reduce": check_reduce,
     "reduce_progress": check_reduce_progress,
+    "combine_progress": check_combine_progress,
 }
 
 if __name__ == "__main__":

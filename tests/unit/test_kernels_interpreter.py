@@ -31,6 +31,7 @@ CHECKS = [
             "copy_out",
             "reduce",
             "reduce_progress",
+            "combine_progress",
         )
     ),
     *(
