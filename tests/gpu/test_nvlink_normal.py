@@ -28,13 +28,21 @@ SETTINGS = [
 ]
 
 
+def _assert_matches_reference(
+    world_size: int, placement: str, settings: list[dict], env: dict[str, str] | None = None
+) -> None:
+    """Every setting on the NVLink backend (with ``env`` set in the ranks) against the reference
+    backend in the same processes (``compare_normal_mode``): no check may fail on any rank."""
+    backend = backend_or_skip(world_size, placement)
+    results = parallel_launch(world_size, compare_normal_mode, settings, env, backend=backend, timeout_s=600)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
 @pytest.mark.parametrize("placement", PLACEMENTS)
 @pytest.mark.parametrize("world_size", [1, 2, 4, 8])  # 1: every row local, the same kernels and host path
 def test_nvlink_matches_reference(world_size: int, placement: str) -> None:
-    backend = backend_or_skip(world_size, placement)
-    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, backend=backend, timeout_s=600)
-    failures = [line for rank_failures in results for line in rank_failures]
-    assert not failures, "\n".join(failures[:20])
+    _assert_matches_reference(world_size, placement, SETTINGS)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -42,17 +50,7 @@ def test_nvlink_matches_reference(world_size: int, placement: str) -> None:
 def test_copy_checkpoints(checkpoints: int, placement: str) -> None:
     """Dispatch's copy-out on a copy engine behind the push's progress flags, in 1 / 4 / 8 ranges
     (the default, 0, copies out after the push: the other tests), EP4."""
-    backend = backend_or_skip(4, placement)
-    results = parallel_launch(
-        4,
-        compare_normal_mode,
-        SETTINGS[:4],
-        {"EPCOMM_COPY_CHECKPOINTS": str(checkpoints)},
-        backend=backend,
-        timeout_s=600,
-    )
-    failures = [line for rank_failures in results for line in rank_failures]
-    assert not failures, "\n".join(failures[:20])
+    _assert_matches_reference(4, placement, SETTINGS[:4], {"EPCOMM_COPY_CHECKPOINTS": str(checkpoints)})
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -60,17 +58,7 @@ def test_copy_checkpoints(checkpoints: int, placement: str) -> None:
 def test_balanced_combine_push(world_size: int, placement: str) -> None:
     """Combine's push balanced over the destinations (``EPCOMM_COMBINE_PUSH=balanced``), with
     every setting (empty ranks, padding rows of ``num_worst_tokens``, bias) against the reference."""
-    backend = backend_or_skip(world_size, placement)
-    results = parallel_launch(
-        world_size,
-        compare_normal_mode,
-        SETTINGS,
-        {"EPCOMM_COMBINE_PUSH": "balanced"},
-        backend=backend,
-        timeout_s=600,
-    )
-    failures = [line for rank_failures in results for line in rank_failures]
-    assert not failures, "\n".join(failures[:20])
+    _assert_matches_reference(world_size, placement, SETTINGS, {"EPCOMM_COMBINE_PUSH": "balanced"})
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
@@ -79,11 +67,8 @@ def test_combine_reduce_beside_push(world_size: int, ranges: int, reduce_sms: in
     """Combine's reduce beside the push (``EPCOMM_COMBINE_OVERLAP``): on a side stream behind the
     progress flags of a balanced push in 1 / 4 / 8 ranges (one reduce program in the last case),
     every setting bitwise equal to the reference and across two runs."""
-    backend = backend_or_skip(world_size, placement)
     env = {"EPCOMM_COMBINE_OVERLAP": str(ranges), "EPCOMM_COMBINE_REDUCE_SMS": str(reduce_sms)}
-    results = parallel_launch(world_size, compare_normal_mode, SETTINGS, env, backend=backend, timeout_s=600)
-    failures = [line for rank_failures in results for line in rank_failures]
-    assert not failures, "\n".join(failures[:20])
+    _assert_matches_reference(world_size, placement, SETTINGS, env)
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
