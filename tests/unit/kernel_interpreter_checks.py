@@ -68,6 +68,33 @@ def check_push() -> None:
             assert not peers[j][~written[j]].any(), "push wrote outside its rows"
 
 
+def _assert_error(error: torch.Tensor, missing: int | None, rank: int, code: int = 5) -> None:
+    """No wait expired (``missing`` None), or the error word names ``code``, ``missing`` and ``rank``."""
+    if missing is None:
+        assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
+    else:
+        assert error.tolist() == [1, code, missing, rank], error.tolist()
+
+
+def _assert_landed(
+    buffers: list[torch.Tensor], x: torch.Tensor, dst: torch.Tensor, payload: int
+) -> list[torch.Tensor]:
+    """Row ``x[t]`` sits at row ``dst[t, j]`` of buffer ``j``'s area (from word ``payload``) for
+    every ``dst[t, j] >= 0``; returns per buffer the ``[rows]`` mask of area rows written."""
+    words = x.size(1)
+    written = []
+    for j, buffer in enumerate(buffers):
+        area = buffer[payload:].view(-1, words)
+        mask = torch.zeros(area.size(0), dtype=torch.bool)
+        for t in range(x.size(0)):
+            row = int(dst[t, j])
+            if row >= 0:
+                assert torch.equal(area[row], x[t]), (j, t)
+                mask[row] = True
+        written.append(mask)
+    return written
+
+
 def check_push_barriers() -> None:
     """The barriers folded into the push: with every peer's entry and exit flags already there, the
     rows land past the payload offset, this rank's exit flag is released at every peer and the done
@@ -87,17 +114,10 @@ def check_push_barriers() -> None:
         launch_push_rows(
             buffers, x, None, None, None, dst, PushRegions(x=0), 16, rank, 1, False, False, 3, barriers
         )
-        if missing is None:
-            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
-        else:
-            assert error.tolist() == [1, 5, missing, rank], error.tolist()
+        _assert_error(error, missing, rank)
+        _assert_landed(buffers, x, dst, payload)
         for j in range(num_ranks):
             assert int(buffers[j][rank]) == 6, "exit flag not released at every peer"
-            for t in range(x.size(0)):
-                r = int(dst[t, j])
-                if r >= 0:
-                    got = buffers[j][payload + r * words : payload + (r + 1) * words]
-                    assert torch.equal(got, x[t]), (j, t)
         assert int(buffers[rank][32]) == 0, "done counter not reset"
 
 
@@ -124,16 +144,9 @@ def check_push_progress() -> None:
         launch_push_rows(
             buffers, x, None, None, None, dst, PushRegions(x=0), 64, rank, 1, False, False, 3, barriers
         )
-        if missing is None:
-            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
-        else:
-            assert error.tolist() == [1, 5, missing, rank], error.tolist()
+        _assert_error(error, missing, rank)
+        _assert_landed(buffers, x, dst, payload)
         for j in range(num_ranks):
-            for t in range(num_tokens):
-                r = int(dst[t, j])
-                if r >= 0:
-                    got = buffers[j][payload + r * words : payload + (r + 1) * words]
-                    assert torch.equal(got, x[t]), (j, t)
             flags = buffers[j][64:128].view(8, 8)
             want = torch.zeros(8, 8, dtype=torch.int32)
             if j == rank:
@@ -176,16 +189,11 @@ def check_push_balanced() -> None:
                 buffers, x, None, None, None, dst, PushRegions(x=0), capacity, rank, 1, False, False, 3,
                 barriers, one_destination=True, segments=prefix,
             )  # fmt: skip
-            assert int(error[0]) == 0, f"a wait timed out: {error.tolist()}"
+            _assert_error(error, None, rank)
+            written = _assert_landed(buffers, x, dst, payload)
             for j in range(num_ranks):
                 area = buffers[j][payload:].view(capacity, words)
-                written = torch.zeros(capacity, dtype=torch.bool)
-                for r in range(num_rows):
-                    row = int(dst[r, j])
-                    if row >= 0:
-                        assert torch.equal(area[row], x[r]), (rank, checkpoints, j, r)
-                        written[row] = True
-                assert not area[~written].any(), f"push wrote outside its rows at rank {j}"
+                assert not area[~written[j]].any(), f"push wrote outside its rows at rank {j}"
                 if checkpoints:
                     flags = buffers[j][64:128].view(8, 8)
                     released = flags[:num_ranks, :checkpoints] if j == rank else flags[rank, :checkpoints]
