@@ -101,12 +101,26 @@ def _row(
 
 
 @triton.jit
+def _source_ranges(prefix_ptr, rank, NUM_RANKS: tl.constexpr, CHECKPOINTS: tl.constexpr):
+    """``(offset [8], range_rows [8])``: source ``s`` pushed this rank's rows in CHECKPOINTS equal
+    ranges of ``range_rows[s]`` rows of its piece for us (a balanced push), landing at rows
+    ``[offset[s], offset[s] + n[s])`` of our area in token order (``n``: rows we sent it)."""
+    sources = tl.arange(0, 8)
+    in_ranks = sources < NUM_RANKS
+    cur = tl.load(prefix_ptr + rank * NUM_RANKS + sources, mask=in_ranks, other=0)
+    prev = tl.load(prefix_ptr + (rank - 1) * NUM_RANKS + sources, mask=in_ranks & (rank > 0), other=0)
+    n = cur - prev
+    return tl.cumsum(n, 0) - n, tl.maximum(tl.cdiv(n, CHECKPOINTS), 1)
+
+
+@triton.jit
 def _wait_block(
     slot_ptr,
     tokens,
     valid,
+    offset,
+    range_rows,
     progress_address,
-    prefix_ptr,
     rank,
     epoch,
     timeout_ns,
@@ -118,18 +132,12 @@ def _wait_block(
     MAX_CHECKPOINTS: tl.constexpr,
 ):
     """Wait until every row of ``tokens`` has landed: for each source, the progress flag of the
-    push range holding the block's last row from it. ``known[s]`` is the highest range of source
-    ``s`` already seen complete (ranges complete in order); returns it updated (past every range
-    after an expired wait, so one missing peer costs one timeout, not one per block)."""
+    push range holding the block's last row from it (``_source_ranges``). ``known[s]`` is the
+    highest range of source ``s`` already seen complete (ranges complete in order); returns it
+    updated (past every range after an expired wait, so one missing peer costs one timeout, not
+    one per block)."""
     sources = tl.arange(0, 8)
     in_ranks = sources < NUM_RANKS
-    # Source s pushed this rank's rows in CHECKPOINTS equal ranges of its piece for us (a
-    # balanced push): rows [offset[s], offset[s] + n[s]) of our area, in token order.
-    cur = tl.load(prefix_ptr + rank * NUM_RANKS + sources, mask=in_ranks, other=0)
-    prev = tl.load(prefix_ptr + (rank - 1) * NUM_RANKS + sources, mask=in_ranks & (rank > 0), other=0)
-    n = cur - prev
-    offset = tl.cumsum(n, 0) - n
-    range_rows = tl.maximum(tl.cdiv(n, CHECKPOINTS), 1)
     slots = tl.load(
         slot_ptr + tokens[:, None] * NUM_RANKS + sources[None, :],
         mask=valid[:, None] & in_ranks[None, :],
@@ -206,6 +214,10 @@ def combine_reduce_kernel(
     k_mask = k_cols < NUM_TOPK
     token_offsets = tl.arange(0, TOKENS)
     known = tl.full([8], -1, dtype=tl.int32)
+    offset = known  # of each source's rows in our area, and its range size: beside the push only
+    range_rows = known
+    if CHECKPOINTS > 0:
+        offset, range_rows = _source_ranges(prefix_ptr, rank, NUM_RANKS, CHECKPOINTS)
     # TOKENS consecutive tokens per step, every rank's rows as masked loads with no branches (adding
     # the +0.0 of a missing row changes no bit of the sum, which starts at +0.0 like the
     # reference's). Loading all ranks' rows into separate variables before the first add measured
@@ -216,7 +228,7 @@ def combine_reduce_kernel(
         if CHECKPOINTS > 0:
             # Running beside the push (ReduceProgress): reduce these tokens once their rows are in.
             known = _wait_block(
-                slot_ptr, tokens, valid, progress_address, prefix_ptr, rank, epoch, timeout_ns,
+                slot_ptr, tokens, valid, offset, range_rows, progress_address, rank, epoch, timeout_ns,
                 error_address, error_code, known, NUM_RANKS, CHECKPOINTS, MAX_CHECKPOINTS,
             )  # fmt: skip
         accumulator = tl.zeros([TOKENS, H_BLOCK], dtype=tl.float32)

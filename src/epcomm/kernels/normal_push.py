@@ -280,19 +280,8 @@ def push_rows_kernel(
             done_k = tl.atomic_add(local + CHECKPOINT_COUNTER_OFFSET + k, 1, sem="acq_rel", scope="sys")
             if done_k == grid - 1:
                 tl.store(local + CHECKPOINT_COUNTER_OFFSET + k, 0)
-                _release_at_peers(
-                    p0,
-                    p1,
-                    p2,
-                    p3,
-                    p4,
-                    p5,
-                    p6,
-                    p7,
-                    PROGRESS_OFFSET + rank * _MAX_CHECKPOINTS + k,
-                    exit_epoch,
-                    NUM_RANKS,
-                )
+                flag = PROGRESS_OFFSET + rank * _MAX_CHECKPOINTS + k
+                _release_at_peers(p0, p1, p2, p3, p4, p5, p6, p7, flag, exit_epoch, NUM_RANKS)
     if EXIT:
         # Every thread orders its stores before the count (system scope: the stores went to peers);
         # the last program to count releases the exit flag at every peer, so the release stands for
