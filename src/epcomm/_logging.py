@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import logging
 
-from epcomm import env
-
 _logged_once: set[str] = set()
 
 
 def get_logger() -> logging.Logger:
-    """The package logger, its level taken from ``EPCOMM_LOG_LEVEL``."""
-    logger = logging.getLogger("epcomm")
-    logger.setLevel(env.log_level())
-    return logger
+    """The package logger (its level is set from ``Settings.log_level`` by ``set_log_level``)."""
+    return logging.getLogger("epcomm")
+
+
+def set_log_level(level: str) -> None:
+    """Set the package logger's level (a ``logging`` level name, as ``EPCOMM_LOG_LEVEL``)."""
+    if not isinstance(logging.getLevelName(level), int):
+        raise ValueError(f"EPCOMM_LOG_LEVEL must be a logging level name (DEBUG, INFO, ...); got {level!r}")
+    get_logger().setLevel(level)
 
 
 def log_once(key: str, message: str, level: int = logging.INFO) -> None:

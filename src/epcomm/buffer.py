@@ -13,17 +13,18 @@ import torch.distributed as dist
 
 from epcomm import env, validation
 from epcomm._collectives import all_gather_ints, host_id
+from epcomm._logging import set_log_level
 from epcomm.backends import create_backend
 from epcomm.backends.base import (
     Backend,
     CombineRequest,
     DispatchRequest,
 )
+from epcomm.backends.nvlink.symmetric_buffer import low_latency_rdma_size_hint
 from epcomm.buffer_low_latency import LowLatencyMethods
 from epcomm.config import Config, combine_config_preset, dispatch_config_preset
 from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
 from epcomm.handles import DispatchHandle
-from epcomm.ll_layout import low_latency_rdma_size_hint
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["Buffer"]
@@ -38,11 +39,10 @@ DispatchOutput = tuple[
 ]
 
 
-def _num_ranks_per_node(group: Any) -> int:
-    """Ranks per node: ``LOCAL_WORLD_SIZE`` when it divides the group size, else counted from the
-    ranks' host names (a collective, so every rank must take the same branch: launchers set the
-    variable on all ranks or none)."""
-    local_world_size = env.local_world_size()
+def _num_ranks_per_node(group: Any, local_world_size: int | None) -> int:
+    """Ranks per node: ``local_world_size`` (``LOCAL_WORLD_SIZE``) when it divides the group size,
+    else counted from the ranks' host names (a collective, so every rank must take the same branch:
+    launchers set the variable on all ranks or none)."""
     num_ranks = dist.get_world_size(group)
     if local_world_size is not None and num_ranks % local_world_size == 0:
         return min(local_world_size, num_ranks)
@@ -64,11 +64,14 @@ class Buffer(LowLatencyMethods):
             DeepEP's RDMA options; accepted for compatibility.
         explicitly_destroy: resources are released only by ``destroy()``.
         enable_shrink: enable the rank mask of shrink mode.
-        backend: ``"auto"`` (default: ``EPCOMM_BACKEND``, else picked from the devices),
+        backend: ``"auto"`` (default: ``settings.backend``, else picked from the devices),
             ``"reference"``, ``"nvlink"`` or ``"nvshmem"`` (extra keyword, not in DeepEP).
+        settings: every ``EPCOMM_*`` option (extra keyword, not in DeepEP); default: read from the
+            environment now (``epcomm.env.read_settings``).
 
     Attributes:
-        rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name.
+        rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name,
+        settings.
     """
 
     num_sms: ClassVar[int] = 20
@@ -87,6 +90,7 @@ class Buffer(LowLatencyMethods):
         enable_shrink: bool = False,
         comm: Any = None,
         backend: str | None = None,
+        settings: env.Settings | None = None,
     ) -> None:
         if group is None:
             if not dist.is_initialized():
@@ -102,12 +106,16 @@ class Buffer(LowLatencyMethods):
         self.low_latency_mode = low_latency_mode
         self.explicitly_destroy = explicitly_destroy
         self.enable_shrink = enable_shrink
-        self.num_ranks_per_node = _num_ranks_per_node(group)
-        choice = self._check_backend(backend) if backend is not None else env.backend_choice()
+        if settings is not None and not isinstance(settings, env.Settings):
+            raise TypeError(f"settings must be an epcomm.env.Settings or None; got {type(settings).__name__}")
+        self.settings: env.Settings = settings if settings is not None else env.read_settings()
+        set_log_level(self.settings.log_level)
+        self.num_ranks_per_node = _num_ranks_per_node(group, self.settings.local_world_size)
+        choice = self._check_backend(backend) if backend is not None else self.settings.backend
         self._backend: Backend | None = create_backend(
             choice,
             group,
-            env.timeout_s(),
+            self.settings,
             self.num_ranks_per_node,
             enable_shrink,
             num_nvl_bytes,
@@ -273,7 +281,7 @@ class Buffer(LowLatencyMethods):
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         idx, _ = validation.check_topk(topk_idx, None, None, None)
         self._check_events(previous_event, async_finish, allocate_on_comm_stream)
-        if validation.should_check_values(idx):
+        if validation.should_check_values(idx, self.settings.check_values):
             validation.check_expert_ids("topk_idx", idx, num_experts)
         backend = self.backend
         with comm_stream_scope(self._stream_for(idx), previous_event, [idx]) as scope:
@@ -375,7 +383,7 @@ class Buffer(LowLatencyMethods):
             idx = weights = None
             if topk_idx is not None:
                 idx, weights = validation.check_topk(topk_idx, topk_weights, num_tokens, device)
-                if validation.should_check_values(idx):
+                if validation.should_check_values(idx, self.settings.check_values):
                     validation.check_expert_ids("topk_idx", idx, num_experts)
             elif topk_weights is not None:
                 raise ValueError("dispatch: topk_weights needs topk_idx")

@@ -15,9 +15,10 @@ import torch
 from epcomm import validation
 from epcomm._logging import log_once
 from epcomm.backends.base import Backend, LowLatencyCombineRequest, LowLatencyDispatchRequest
+from epcomm.backends.nvlink.symmetric_buffer import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
+from epcomm.env import Settings
 from epcomm.event import EventOverlap, comm_stream_scope
 from epcomm.handles import LowLatencyHandle
-from epcomm.ll_layout import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["LowLatencyMethods"]
@@ -34,6 +35,7 @@ class LowLatencyMethods:
     low_latency_mode: bool
     num_rdma_bytes: int
     enable_shrink: bool
+    settings: Settings
 
     @property
     def backend(self) -> Backend:  # provided by Buffer
@@ -141,7 +143,7 @@ class LowLatencyMethods:
             check_same_device("cumulative_local_expert_recv_stats", stats, data.device, "x")
         self._check_wait_stats("dispatch_wait_recv_cost_stats", dispatch_wait_recv_cost_stats)
         self._check_low_latency(capacity, hidden, num_experts)
-        if validation.should_check_values(idx):
+        if validation.should_check_values(idx, self.settings.check_values):
             validation.check_expert_ids("topk_idx", idx, num_experts)
         request = LowLatencyDispatchRequest(
             data,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from epcomm import env
+from epcomm.env import ValueCheck
 
 __all__ = [
     "check_dtype",
@@ -72,12 +72,12 @@ def check_int(name: str, value: Any, minimum: int | None = None) -> int:
     return value
 
 
-def should_check_values(tensor: torch.Tensor) -> bool:
-    """Whether to read ``tensor``'s values on the host (see ``EPCOMM_CHECK_VALUES``)."""
-    mode = env.value_check()
-    if mode is env.ValueCheck.ALWAYS:
+def should_check_values(tensor: torch.Tensor, mode: ValueCheck) -> bool:
+    """Whether to read ``tensor``'s values on the host (``Settings.check_values``, from
+    ``EPCOMM_CHECK_VALUES``)."""
+    if mode is ValueCheck.ALWAYS:
         return True
-    if mode is env.ValueCheck.NEVER:
+    if mode is ValueCheck.NEVER:
         return False
     # On GPUs a value check is a device-to-host read that stalls the host; "auto" leaves it out
     # there (1.9 ms of host stalls per dispatch + combine pair measured on an H200).

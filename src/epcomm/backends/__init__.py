@@ -9,7 +9,7 @@ import torch
 
 from epcomm._logging import log_once
 from epcomm.backends.base import Backend
-from epcomm.env import BackendChoice
+from epcomm.env import BackendChoice, Settings
 
 __all__ = ["Backend", "create_backend"]
 
@@ -17,7 +17,7 @@ __all__ = ["Backend", "create_backend"]
 def create_backend(
     choice: BackendChoice,
     group: Any,
-    timeout_s: float,
+    settings: Settings,
     num_ranks_per_node: int,
     enable_shrink: bool,
     num_nvl_bytes: int = 0,
@@ -29,7 +29,7 @@ def create_backend(
     Arguments:
         choice: the requested transport.
         group: the process group.
-        timeout_s: bound of every wait for a peer.
+        settings: the ``Buffer``'s options (timeout of every wait for a peer, kernel knobs).
         num_ranks_per_node: ranks per node.
         enable_shrink: keep a rank mask (shrink mode).
         num_nvl_bytes: initial size of the NVLink symmetric buffer.
@@ -47,9 +47,9 @@ def create_backend(
             "use 'nvlink' within a node or 'reference'"
         )
     if choice is BackendChoice.REFERENCE:
-        return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)
+        return ReferenceBackend(group, settings.timeout_s, num_ranks_per_node, enable_shrink)
     if torch.cuda.is_available():
-        from epcomm.backends.nvlink import NvlinkBackend, nvlink_placement
+        from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
 
         placement = nvlink_placement(group)
         if placement == "peers" or (placement == "shared" and choice is BackendChoice.NVLINK):
@@ -64,7 +64,7 @@ def create_backend(
                 )
             return NvlinkBackend(
                 group,
-                timeout_s,
+                settings,
                 num_ranks_per_node,
                 enable_shrink,
                 num_nvl_bytes,
@@ -75,7 +75,7 @@ def create_backend(
         if choice is BackendChoice.NVLINK:
             raise ValueError(
                 "backend 'nvlink' needs every rank on a CUDA device with peer access to the others "
-                "(one node, at most 8 GPUs)"
+                "(one host, GPUs with peer access to each other)"
             )
         if placement == "shared":
             log_once(
@@ -93,4 +93,4 @@ def create_backend(
             )
     elif choice is BackendChoice.NVLINK:
         raise ValueError("backend 'nvlink' needs CUDA devices; none is available")
-    return ReferenceBackend(group, timeout_s, num_ranks_per_node, enable_shrink)
+    return ReferenceBackend(group, settings.timeout_s, num_ranks_per_node, enable_shrink)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from triton import knobs
 
-__all__ = ["LeadingArgs", "cdiv", "launch", "next_pow2"]
+__all__ = ["cdiv", "launch", "next_pow2"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
@@ -58,20 +58,6 @@ class _KernelInfo:
 
 
 _INFO: dict[int, _KernelInfo] = {}
-
-
-class LeadingArgs:
-    """Tensor arguments that lead many launches (the 8 peer buffers), resolved once: their
-    specialization keys and addresses, so a launch does not redo them per call.
-
-    Arguments:
-        tensors: the tensors, in the kernel's parameter order.
-    """
-
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
-        self.tensors = tuple(tensors)
-        self.keys = tuple(_arg_key(tensor, True) for tensor in tensors)
-        self.values = tuple(tensor.data_ptr() for tensor in tensors)
 
 
 def _tensor_key(tensor: torch.Tensor, address: int) -> Any:
@@ -111,35 +97,27 @@ def launch(
     args: tuple[Any, ...],
     constexprs: dict[str, Any],
     num_warps: int,
-    leading: LeadingArgs | None = None,
 ) -> None:
-    """Launch ``kernel[grid](*leading.tensors, *args, **constexprs, num_warps=num_warps)`` on the
-    current stream.
+    """Launch ``kernel[grid](*args, **constexprs, num_warps=num_warps)`` on the current stream.
 
     Arguments:
         kernel: a ``triton.jit`` function whose constexpr parameters all follow its runtime ones.
         grid: 1 to 3 program counts.
-        args: the runtime arguments after ``leading``, in declaration order.
+        args: the runtime arguments, in declaration order.
         constexprs: every constexpr parameter by name.
         num_warps: warps per program.
-        leading: the first runtime arguments, resolved once (or ``None``).
     """
-    if leading is not None:
-        first_keys, first_values = leading.keys, leading.values
-        full_args = leading.tensors + args
-    else:
-        first_keys, first_values, full_args = (), (), args
     info = _INFO.get(id(kernel))
     if info is None:
         info = _INFO[id(kernel)] = _KernelInfo(kernel)
     if not info.cacheable:
-        kernel[grid](*full_args, **constexprs, num_warps=num_warps)
+        kernel[grid](*args, **constexprs, num_warps=num_warps)
         return
     ordered = tuple(constexprs[name] for name in info.constexpr_names)
     device = torch.cuda.current_device()
-    keys = list(first_keys)
-    values = list(first_values)
-    for value, specialize in zip(args, info.specialize[len(first_keys) :]):
+    keys: list[Any] = []
+    values: list[Any] = []
+    for value, specialize in zip(args, info.specialize):
         if isinstance(value, torch.Tensor):
             address = value.data_ptr()
             keys.append(_tensor_key(value, address))
@@ -150,7 +128,7 @@ def launch(
     key = (tuple(keys), ordered, num_warps, device)
     compiled = info.compiled.get(key)
     if compiled is None:
-        compiled = kernel[grid](*full_args, **constexprs, num_warps=num_warps)
+        compiled = kernel[grid](*args, **constexprs, num_warps=num_warps)
         if hasattr(compiled, "packed_metadata") and hasattr(compiled, "run"):
             info.compiled[key] = compiled
         else:
@@ -162,7 +140,7 @@ def launch(
     exit_hook: Any = runtime.launch_exit_hook
     metadata = None
     if getattr(enter_hook, "calls", True) or getattr(exit_hook, "calls", True):
-        metadata = compiled.launch_metadata(grid, _current_stream(device), *full_args, *ordered)
+        metadata = compiled.launch_metadata(grid, _current_stream(device), *args, *ordered)
     else:
         enter_hook = exit_hook = None
     stream = _current_stream(device)

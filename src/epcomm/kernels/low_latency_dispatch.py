@@ -4,7 +4,7 @@ expert-major layout on the receiver.
 Send (``ll_dispatch_send_kernel``, ``min(num_tokens, SMs)`` programs, 1 for no token): per token
 of this call, cast to FP8 with per-128-channel scales (fused), then write the payload into slot
 ``[source rank, token]`` of every destination rank holding one of its experts, and the token's
-top-k row to every destination; slots past ``num_tokens`` are not touched. ``parity_offset`` is
+top-k row to every destination; slots past ``num_tokens`` are not touched. ``staging_offset`` is
 specialized on purpose: both parities' offsets are multiples of 32 words (never 1), so they share
 one compiled kernel, and Triton then knows the 16-byte alignment that vector stores need (a
 ``tl.multiple_of`` hint on a scalar did not give them). The send kernel also fills this rank's
@@ -15,18 +15,29 @@ is no separate signal launch. Receive (``ll_dispatch_recv_kernel``, the hook): o
 local expert waits (bounded) for every unmasked source, reads each source's count, scans the
 top-k rows of slots ``[source, 0 : count]`` only, ranks the hits in (source, token) order with a
 prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves ~2.2x
-fewer bytes (``../shared/KERNELS.md``).
+fewer bytes at top-8 of 256 experts on 4 ranks (a token's 8 experts sit on ~3.6 of the 4 ranks).
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.exchange import _peer
-from epcomm.kernels.primitives import global_timer_ns, wait_flags
+from epcomm.kernels.launch import launch, next_pow2
+from epcomm.kernels.peer_group import PeerGroup
+from epcomm.kernels.primitives import global_timer_ns, peer_pointer, store_remote, wait_flags
 
-__all__ = ["ll_arrive_and_signal", "ll_dispatch_recv_kernel", "ll_dispatch_send_kernel", "wait_sources"]
+__all__ = [
+    "LowLatencyWords",
+    "SignalState",
+    "launch_ll_dispatch_recv",
+    "launch_ll_dispatch_send",
+    "ll_arrive_and_signal",
+    "wait_sources",
+]
 
 
 @triton.jit
@@ -43,14 +54,7 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
 
 @triton.jit(do_not_specialize=["num_tokens", "rank", "flag_offset", "count_offset"])
 def ll_dispatch_send_kernel(
-    p0,
-    p1,
-    p2,
-    p3,
-    p4,
-    p5,
-    p6,
-    p7,
+    peer_table,
     x_ptr,
     topk_idx_ptr,
     mask_ptr,
@@ -62,7 +66,7 @@ def ll_dispatch_send_kernel(
     rank,
     flag_offset,
     count_offset,
-    parity_offset,
+    staging_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
     CAPACITY: tl.constexpr,
@@ -81,7 +85,6 @@ def ll_dispatch_send_kernel(
     k_cols = tl.arange(0, K_BLOCK)
     k_mask = k_cols < NUM_TOPK
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
-    tl.static_assert(NUM_RANKS <= 8)
     # combine_gather_idx = -1 everywhere ([num_ranks, CAPACITY, num_topk], local memory, flat
     # vector stores): this kernel runs before this rank's receive kernel (same stream), which
     # writes the hits. First, so that the stores drain while the tokens are read.
@@ -112,25 +115,18 @@ def ll_dispatch_send_kernel(
         for step in tl.static_range(NUM_RANKS):
             dst = (step + rank + pid) % NUM_RANKS
             if tl.load(mask_ptr + dst) == 0:
-                base = _peer(dst, p0, p1, p2, p3, p4, p5, p6, p7) + parity_offset
+                base = peer_pointer(peer_table, dst) + staging_offset
                 slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
-                tl.store(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, mask=k_mask)
+                store_remote(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, k_mask)
                 hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
                 if hits > 0:
                     out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
-                    tl.store(slot + out_cols, words, mask=out_cols < X_WORDS)
+                    store_remote(slot + out_cols, words, out_cols < X_WORDS)
                     if USE_FP8:
                         group_cols = tl.arange(0, G_BLOCK)
-                        tl.store(slot + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+                        store_remote(slot + X_WORDS + group_cols, scale_words, group_cols < NUM_GROUPS)
     ll_arrive_and_signal(
-        p0,
-        p1,
-        p2,
-        p3,
-        p4,
-        p5,
-        p6,
-        p7,
+        peer_table,
         mask_ptr,
         arrival_ptr,
         send_seq_ptr,
@@ -145,29 +141,20 @@ def ll_dispatch_send_kernel(
 
 
 @triton.jit
-def ll_signal(
-    p0, p1, p2, p3, p4, p5, p6, p7, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer
-):
+def ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer):
     """Release the next sequence number at ``peer``'s flag for this rank and advance what this rank
     expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer."""
     if tl.load(mask_ptr + peer) == 0:
         sequence = tl.load(send_seq_ptr + peer) + 1
         tl.store(send_seq_ptr + peer, sequence)
         tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
-        flag = _peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + flag_offset + rank
+        flag = peer_pointer(peer_table, peer) + flag_offset + rank
         tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
 
 
 @triton.jit
 def ll_arrive_and_signal(
-    p0,
-    p1,
-    p2,
-    p3,
-    p4,
-    p5,
-    p6,
-    p7,
+    peer_table,
     mask_ptr,
     arrival_ptr,
     send_seq_ptr,
@@ -197,27 +184,12 @@ def ll_arrive_and_signal(
     if arrived == tl.num_programs(0) - 1:
         tl.store(arrival_ptr, 0)
         if HAS_COUNT:
-            for peer in tl.static_range(NUM_RANKS):
+            for peer in range(NUM_RANKS):
                 if tl.load(mask_ptr + peer) == 0:
-                    tl.store(_peer(peer, p0, p1, p2, p3, p4, p5, p6, p7) + count_offset + rank, count)
+                    store_remote(peer_pointer(peer_table, peer) + count_offset + rank, count)
             tl.debug_barrier()
-        for peer in tl.static_range(NUM_RANKS):
-            ll_signal(
-                p0,
-                p1,
-                p2,
-                p3,
-                p4,
-                p5,
-                p6,
-                p7,
-                mask_ptr,
-                send_seq_ptr,
-                recv_expected_ptr,
-                rank,
-                flag_offset,
-                peer,
-            )
+        for peer in range(NUM_RANKS):
+            ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
 
 
 @triton.jit
@@ -232,19 +204,28 @@ def wait_sources(
     stats_ptr,
     record_stats,
     NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
     HAS_STATS: tl.constexpr,
 ):
     """Bounded wait for every unmasked source's flag (``primitives.wait_flags``), then a block
     barrier; optional per-source wait time (ns) stats: per source, the time from the start of the
-    wait until its flag was first seen (until the end for a missing one).
+    wait until its flag was first seen (until the end for a missing one). ``R_BLOCK``: a power of
+    two >= ``NUM_RANKS``; the ``R_BLOCK`` words at ``flag_ptr`` must be readable.
     """
-    tl.static_assert(NUM_RANKS <= 8)
-    sources = tl.arange(0, 8)  # MAX_PEERS: every phase and parity has 8 flag words
+    sources = tl.arange(0, R_BLOCK)
     in_group = sources < NUM_RANKS
     waited_on = in_group & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
     expected = tl.load(expected_ptr + sources, mask=waited_on, other=0)
     missing, start, seen_at = wait_flags(
-        flag_ptr + sources, waited_on, expected, timeout_ns, error_ptr, operation_code, rank, HAS_STATS
+        flag_ptr + sources,
+        waited_on,
+        expected,
+        timeout_ns,
+        error_ptr,
+        operation_code,
+        rank,
+        HAS_STATS,
+        R_BLOCK,
     )
     if HAS_STATS:
         if record_stats:
@@ -253,7 +234,9 @@ def wait_sources(
     tl.debug_barrier()
 
 
-@triton.jit(do_not_specialize=["rank", "timeout_ns", "error_address", "flag_offset", "count_offset"])
+@triton.jit(
+    do_not_specialize=["rank", "timeout_ns", "error_address", "operation_code", "flag_offset", "count_offset"]
+)
 def ll_dispatch_recv_kernel(
     local_ptr,
     mask_ptr,
@@ -270,10 +253,12 @@ def ll_dispatch_recv_kernel(
     rank,
     timeout_ns,
     error_address,
+    operation_code,
     flag_offset,
     count_offset,
-    parity_offset,
+    staging_offset,
     NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
     CAPACITY: tl.constexpr,
     HIDDEN: tl.constexpr,
@@ -298,11 +283,12 @@ def ll_dispatch_recv_kernel(
         expected_ptr,
         timeout_ns,
         error_ptr,
-        8,  # Operation.LOW_LATENCY_DISPATCH
+        operation_code,
         rank,
         wait_stats_ptr,
         expert == 0,
         NUM_RANKS,
+        R_BLOCK,
         HAS_WAIT_STATS,
     )
     NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
@@ -321,7 +307,7 @@ def ll_dispatch_recv_kernel(
         cache_modifier=".cg",
     )
     real = row_mask & source_unmasked & (token_of_row < source_count)
-    staging = local_ptr + parity_offset
+    staging = local_ptr + staging_offset
     global_expert = rank * NUM_LOCAL_EXPERTS + expert
     hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
     # Bit k: top-k slot k names this expert (a token listing it twice gets one row, and both slots
@@ -404,3 +390,213 @@ def ll_dispatch_recv_kernel(
                     scales,
                     mask=valid[:, None] & group_mask[None, :],
                 )
+
+
+class LowLatencyWords(NamedTuple):
+    """int32-word offsets, from word 0 of every rank's buffer, of one (phase, parity)'s state.
+
+    Attributes:
+        flags: ``num_ranks`` sequence flags (word ``s``: the latest sequence rank ``s`` released
+            here), readable for ``PeerGroup.flag_block`` words.
+        counts: ``num_ranks`` dispatch token counts (word ``s``: tokens rank ``s`` sent in its last
+            dispatch of this parity); unused by combine.
+        staging: the staging area (dispatch: ``[num_ranks, M, message_words]``; combine:
+            ``[M, num_topk, hidden / 2]``); a multiple of 32.
+    """
+
+    flags: int
+    counts: int
+    staging: int
+
+
+class SignalState(NamedTuple):
+    """Device-resident signal state of one (phase, parity), so graph replays stay in step.
+
+    Attributes:
+        arrival: ``[1]`` int32 counter of the send kernel's programs (0 between calls).
+        send_seq: ``[num_ranks]`` int32, the last sequence number released at each peer.
+        recv_expected: ``[num_ranks]`` int32, the sequence number expected from each peer.
+    """
+
+    arrival: torch.Tensor
+    send_seq: torch.Tensor
+    recv_expected: torch.Tensor
+
+
+def _fp8_blocks(hidden: int, use_fp8: bool) -> tuple[int, int]:
+    """``(x_words, g_block)``: int32 words of one payload row, scale groups rounded up (>= 4)."""
+    return (hidden // 4 if use_fp8 else hidden // 2), max(4, next_pow2(hidden // 128))
+
+
+def launch_ll_dispatch_send(
+    *,
+    peers: PeerGroup,
+    x: torch.Tensor,
+    topk_idx: torch.Tensor,
+    rank_mask: torch.Tensor,
+    combine_gather_idx: torch.Tensor,
+    signals: SignalState,
+    words: LowLatencyWords,
+    num_local_experts: int,
+    capacity: int,
+    message_words: int,
+    use_fp8: bool,
+    round_scale: bool,
+    num_sms: int,
+) -> None:
+    """Send phase of a low-latency dispatch (one launch; the last program signals every peer).
+
+    Arguments:
+        peers: the peer table and rank.
+        x: ``[num_tokens, hidden]`` bf16, contiguous (``hidden`` a multiple of 128).
+        topk_idx: ``[num_tokens, num_topk]`` int64, contiguous (``-1`` = no expert).
+        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = skip that rank (shrink mode).
+        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64, filled with ``-1`` here.
+        signals: this (dispatch, parity)'s device signal state.
+        words: this (dispatch, parity)'s flag, count and staging offsets.
+        num_local_experts: experts per rank.
+        capacity: ``num_max_dispatch_tokens_per_rank``.
+        message_words: int32 words of one staging slot.
+        use_fp8: cast to FP8 with per-128-channel float scales on the way.
+        round_scale: round the scales up to powers of two.
+        num_sms: programs at most (one per token up to this; one with no token).
+    """
+    num_tokens, hidden = x.shape
+    num_topk = topk_idx.size(1)
+    x_words, g_block = _fp8_blocks(hidden, use_fp8)
+    launch(
+        ll_dispatch_send_kernel,
+        (max(1, min(num_tokens, num_sms)),),
+        (
+            peers.peer_table,
+            x,
+            topk_idx,
+            rank_mask,
+            combine_gather_idx,
+            signals.arrival,
+            signals.send_seq,
+            signals.recv_expected,
+            num_tokens,
+            peers.rank,
+            words.flags,
+            words.counts,
+            words.staging,
+        ),
+        {
+            "NUM_RANKS": peers.num_ranks,
+            "NUM_LOCAL_EXPERTS": num_local_experts,
+            "CAPACITY": capacity,
+            "HIDDEN": hidden,
+            "NUM_TOPK": num_topk,
+            "K_BLOCK": next_pow2(num_topk),
+            "MESSAGE_WORDS": message_words,
+            "X_WORDS": x_words,
+            "X_BLOCK": next_pow2(x_words),
+            "G_BLOCK": g_block,
+            "USE_FP8": use_fp8,
+            "ROUND_SCALE": round_scale,
+        },
+        8,
+    )
+
+
+def launch_ll_dispatch_recv(
+    *,
+    peers: PeerGroup,
+    local: torch.Tensor,
+    rank_mask: torch.Tensor,
+    recv_expected: torch.Tensor,
+    words: LowLatencyWords,
+    operation_code: int,
+    scratch: torch.Tensor,
+    recv_x_words: torch.Tensor,
+    recv_scales_words: torch.Tensor,
+    recv_count: torch.Tensor,
+    recv_src_info: torch.Tensor,
+    recv_layout_range: torch.Tensor,
+    combine_gather_idx: torch.Tensor,
+    cumulative_stats: torch.Tensor | None,
+    wait_stats: torch.Tensor | None,
+    capacity: int,
+    hidden: int,
+    num_topk: int,
+    message_words: int,
+    use_fp8: bool,
+    use_ue8m0: bool,
+    scale_columns: int,
+) -> None:
+    """Receive phase of a low-latency dispatch: one program per local expert waits (bounded) for
+    every unmasked source, then gathers its rows into the expert-major outputs.
+
+    Arguments:
+        peers: rank, timeout and error word.
+        local: this rank's whole symmetric buffer, int32.
+        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = do not wait for that rank.
+        recv_expected: ``[num_ranks]`` int32, the sequence expected from each source.
+        words: this (dispatch, parity)'s flag, count and staging offsets.
+        operation_code: written into the error word on timeout.
+        scratch: ``[num_local_experts, num_ranks * capacity]`` int32 work space.
+        recv_x_words: ``[num_local_experts, num_ranks * capacity, x_words]`` int32 view of the output.
+        recv_scales_words: ``[num_local_experts, scale_columns, num_ranks * capacity]`` int32 view
+            of the scales (column-major; float or packed UE8M0), any int32 tensor without FP8.
+        recv_count: ``[num_local_experts]`` int32.
+        recv_src_info: ``[num_local_experts, num_ranks * capacity]`` int32.
+        recv_layout_range: ``[num_local_experts, num_ranks]`` int64.
+        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64 (hits written here).
+        cumulative_stats: ``[num_local_experts]`` int32 to add the counts to, or ``None``.
+        wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
+        capacity: ``num_max_dispatch_tokens_per_rank``.
+        hidden: hidden size.
+        num_topk: top-k slots per token.
+        message_words: int32 words of one staging slot.
+        use_fp8: the payload is FP8 with scales.
+        use_ue8m0: pack the scales as UE8M0 exponents (4 per int32).
+        scale_columns: scale columns of the output.
+    """
+    num_local_experts, num_rows = scratch.shape
+    x_words, g_block = _fp8_blocks(hidden, use_fp8)
+    launch(
+        ll_dispatch_recv_kernel,
+        (num_local_experts,),
+        (
+            local,
+            rank_mask,
+            recv_expected,
+            scratch,
+            recv_x_words,
+            recv_scales_words,
+            recv_count,
+            recv_src_info,
+            recv_layout_range,
+            combine_gather_idx,
+            cumulative_stats if cumulative_stats is not None else recv_count,
+            wait_stats if wait_stats is not None else recv_layout_range,
+            peers.rank,
+            peers.timeout_ns,
+            peers.error_address,
+            operation_code,
+            words.flags,
+            words.counts,
+            words.staging,
+        ),
+        {
+            "NUM_RANKS": peers.num_ranks,
+            "R_BLOCK": peers.flag_block,
+            "NUM_LOCAL_EXPERTS": num_local_experts,
+            "CAPACITY": capacity,
+            "HIDDEN": hidden,
+            "NUM_TOPK": num_topk,
+            "K_BLOCK": next_pow2(num_topk),
+            "ROWS_BLOCK": next_pow2(num_rows),
+            "MESSAGE_WORDS": message_words,
+            "X_WORDS": x_words,
+            "X_BLOCK": next_pow2(x_words),
+            "G_BLOCK": g_block,
+            "USE_FP8": use_fp8,
+            "USE_UE8M0": use_ue8m0,
+            "SCALE_COLUMNS": scale_columns,
+            "HAS_CUMULATIVE_STATS": cumulative_stats is not None,
+            "HAS_WAIT_STATS": wait_stats is not None,
+        },
+        16,
+    )

@@ -70,6 +70,7 @@ def copy_out_meta_kernel(
 
 
 def launch_copy_out_meta(
+    *,
     src_idx_area: torch.Tensor,
     topk_idx_area: torch.Tensor | None,
     topk_weights_area: torch.Tensor | None,

@@ -16,9 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.exchange import PeerArgs, _peer, as_peer_args
 from epcomm.kernels.launch import cdiv, launch, next_pow2
-from epcomm.kernels.primitives import signal_release_sys, wait_all_epoch
+from epcomm.kernels.peer_group import PeerGroup
+from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_all_epoch
 
 __all__ = ["HOST_TABLE_WORD", "counts_row_words", "launch_combine_rows", "launch_dispatch_counts"]
 
@@ -30,41 +30,23 @@ _T_BLOCK = 512
 HOST_TABLE_WORD = 4
 
 
-def counts_row_words(num_ranks: int, num_experts: int, checkpoints: int) -> int:
-    """Words of one rank's row of the count table: tokens per rank, tokens per expert, then tokens
-    per rank below each of the ``checkpoints - 1`` inner checkpoints."""
-    return num_ranks + num_experts + (checkpoints - 1) * num_ranks
+def counts_row_words(num_ranks: int, num_experts: int) -> int:
+    """Words of one rank's row of the count table: tokens per rank, then tokens per expert."""
+    return num_ranks + num_experts
 
 
 @triton.jit
 def _store_counts_row(
-    row,
-    per_rank,
-    before,
-    counts_ptr,
-    NUM_RANKS: tl.constexpr,
-    NUM_EXPERTS: tl.constexpr,
-    E_BLOCK: tl.constexpr,
+    row, per_rank, counts_ptr, NUM_RANKS: tl.constexpr, NUM_EXPERTS: tl.constexpr, E_BLOCK: tl.constexpr,
     R_BLOCK: tl.constexpr,
-    CK_BLOCK: tl.constexpr,
-    CHECKPOINTS: tl.constexpr,
-):
-    """Write this rank's counts row at ``row``: ``[per_rank (NUM_RANKS), counts_ptr[:NUM_EXPERTS],
-    before[1:CHECKPOINTS] (CHECKPOINTS - 1 rows of NUM_RANKS)]``; ``before[k, r]`` counts the tokens
-    below checkpoint ``k`` sent to rank ``r``."""
+):  # fmt: skip
+    """Write this rank's counts row at ``row``: ``[per_rank (NUM_RANKS), counts_ptr[:NUM_EXPERTS]]``."""
     r_cols = tl.arange(0, R_BLOCK)
     tl.store(row + r_cols, per_rank, mask=r_cols < NUM_RANKS)
     for e_start in tl.static_range(0, NUM_EXPERTS, E_BLOCK):
         experts = tl.arange(0, E_BLOCK) + e_start
         e_mask = experts < NUM_EXPERTS
         tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
-    if CHECKPOINTS > 1:
-        ck = tl.arange(0, CK_BLOCK)[:, None]
-        tl.store(
-            row + NUM_RANKS + NUM_EXPERTS + (ck - 1) * NUM_RANKS + r_cols[None, :],
-            before,
-            mask=(ck >= 1) & (ck < CHECKPOINTS) & (r_cols[None, :] < NUM_RANKS),
-        )
 
 
 @triton.jit(
@@ -77,17 +59,12 @@ def _store_counts_row(
         "operation_code",
         "host_address",
         "write_host",
+        "flag_offset",
+        "table_offset",
     ]
 )
 def dispatch_counts_kernel(
-    p0,
-    p1,
-    p2,
-    p3,
-    p4,
-    p5,
-    p6,
-    p7,
+    peer_table,
     counts_ptr,
     in_rank_ptr,
     recv_row_ptr,
@@ -101,32 +78,26 @@ def dispatch_counts_kernel(
     operation_code,
     host_address,
     write_host,
-    FLAG_OFFSET: tl.constexpr,
-    TABLE_OFFSET: tl.constexpr,
+    flag_offset,
+    table_offset,
     NUM_RANKS: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
     E_BLOCK: tl.constexpr,
     R_BLOCK: tl.constexpr,
     T_BLOCK: tl.constexpr,
     HOST_TABLE: tl.constexpr,
-    CK_BLOCK: tl.constexpr,
-    CHECKPOINTS: tl.constexpr,
 ):
     # Program j publishes this rank's counts row to rank j, waits for every peer's row, then
     # computes where this rank's tokens land at rank j.
     j = tl.program_id(0)
-    num_counts = NUM_RANKS + NUM_EXPERTS + (CHECKPOINTS - 1) * NUM_RANKS
-    remote = _peer(j, p0, p1, p2, p3, p4, p5, p6, p7)
-    local = _peer(rank, p0, p1, p2, p3, p4, p5, p6, p7)
-    row = remote + TABLE_OFFSET + rank * num_counts
-    # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view), and
-    # below each checkpoint (token k * cdiv(num_tokens, CHECKPOINTS), the push's progress steps).
+    num_counts = NUM_RANKS + NUM_EXPERTS
+    remote = peer_pointer(peer_table, j)
+    local = peer_pointer(peer_table, rank)
+    row = remote + table_offset + rank * num_counts
+    # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view).
     r_cols = tl.arange(0, R_BLOCK)
     r_mask = r_cols < NUM_RANKS
     per_rank = tl.zeros([R_BLOCK], dtype=tl.int32)
-    ck_rows = tl.arange(0, CK_BLOCK)[:, None]
-    before = tl.zeros([CK_BLOCK, R_BLOCK], dtype=tl.int32)
-    ck_size = tl.cdiv(num_tokens, CHECKPOINTS)
     for start in range(0, num_tokens, T_BLOCK):
         tokens = tl.arange(0, T_BLOCK) + start
         hits = (
@@ -138,21 +109,17 @@ def dispatch_counts_kernel(
             != 0
         ).to(tl.int32)
         per_rank += tl.sum(hits, axis=0)
-        if CHECKPOINTS > 1:
-            for k in tl.static_range(1, CHECKPOINTS):
-                below = tl.sum(tl.where((tokens < k * ck_size)[:, None], hits, 0), axis=0)
-                before += tl.where(ck_rows == k, below[None, :], 0)
-    _store_counts_row(
-        row, per_rank, before, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK, CK_BLOCK, CHECKPOINTS
-    )
-    signal_release_sys(remote + FLAG_OFFSET + rank, epoch)
+    _store_counts_row(row, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK)
+    signal_release_sys(remote + flag_offset + rank, epoch)
     error_pointer = error_address.to(tl.pointer_type(tl.int32))
-    wait_all_epoch(local + FLAG_OFFSET, epoch, NUM_RANKS, timeout_ns, error_pointer, operation_code, rank)
+    wait_all_epoch(
+        local + flag_offset, epoch, timeout_ns, error_pointer, operation_code, rank, NUM_RANKS, R_BLOCK
+    )
 
     # Column j of the table: rows each source rank sends to j (volatile: never a stale cached line
     # of an earlier call's table). This rank's own row comes from registers: no program waits for
     # another program of this grid.
-    table = local + TABLE_OFFSET
+    table = local + table_offset
     sources = tl.arange(0, R_BLOCK)
     own = tl.sum(tl.where(r_cols == j, per_rank, 0), 0)
     peers = (sources < NUM_RANKS) & (sources != rank)
@@ -186,60 +153,41 @@ def dispatch_counts_kernel(
             values = tl.load(table + words, mask=inside, other=0, volatile=True)
             tl.store(host + HOST_TABLE + words, values, mask=inside)
         _store_counts_row(
-            host + HOST_TABLE + own_first,
-            per_rank,
-            before,
-            counts_ptr,
-            NUM_RANKS,
-            NUM_EXPERTS,
-            E_BLOCK,
-            R_BLOCK,
-            CK_BLOCK,
-            CHECKPOINTS,
+            host + HOST_TABLE + own_first, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK
         )
         signal_release_sys(host, epoch)
 
 
 def launch_dispatch_counts(
-    peers: list[torch.Tensor] | PeerArgs,
+    *,
+    peers: PeerGroup,
     num_tokens_per_expert: torch.Tensor,
     is_token_in_rank: torch.Tensor,
-    rank: int,
     epoch: int,
-    timeout_ns: int,
-    error_address: int,
     operation_code: int,
-    flag_offset: int,
     table_offset: int,
     host_address: int,
     write_host: bool,
-    checkpoints: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Exchange the dispatch counts and compute every row number, in one launch on the current stream.
 
-    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert, tokens
-    per rank below each checkpoint]`` (``counts_row_words`` words) into row ``rank`` of every
-    peer's count table, releases flag ``rank`` there at ``epoch``, waits
-    (bounded by ``timeout_ns``) for every peer's flag, then derives the rows from the table.
+    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert]``
+    (``counts_row_words`` words) into row ``rank`` of every peer's count table, releases flag
+    ``rank`` there at ``epoch``, waits (bounded) for every peer's flag, then derives the rows from
+    the table.
 
     Arguments:
-        peers: per rank an int32 view of its symmetric buffer (1..8 ranks).
+        peers: the peer table, rank, timeout, error word and flag offset.
         num_tokens_per_expert: ``[num_experts]`` int32, contiguous.
         is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
-        rank: this rank.
         epoch: a value larger than any earlier epoch of this buffer.
-        timeout_ns: bound of the wait.
-        error_address: address of the host-mapped ``[4]`` int32 error word.
         operation_code: written into the error word on timeout, names the operation.
-        flag_offset, table_offset: int32-element offsets of the flags and the count table.
+        table_offset: int32-word offset of the ``[num_ranks, counts_row_words]`` count table.
         host_address: address of a host-mapped int32 buffer of ``HOST_TABLE_WORD + num_ranks *
             counts_row_words(...)`` words. With ``write_host`` the table goes to word
             ``HOST_TABLE_WORD`` on, then ``epoch`` to word 0; without, this rank's receive count
             goes to word 1, then ``epoch`` to word 2.
         write_host: copy the table to the host buffer (the host waits for it).
-        checkpoints: the push's progress steps (``push_rows_kernel``'s ``CHECKPOINTS``); for
-            ``k`` in ``1..checkpoints-1`` the row ends with the tokens below token
-            ``k * cdiv(num_tokens, checkpoints)`` sent to each rank (``num_ranks`` words per ``k``).
 
     Returns:
         ``recv_row_of_token [num_tokens, num_ranks]`` int32 (row at each destination, ``-1`` = not
@@ -247,9 +195,8 @@ def launch_dispatch_counts(
         ranks) and ``num_recv_tokens [1]`` int32 (rows this rank receives).
     """
     num_tokens, num_ranks = is_token_in_rank.shape
-    peer_args = as_peer_args(peers)
-    if peer_args.num_ranks != num_ranks:
-        raise ValueError(f"{peer_args.num_ranks} peer buffers for is_token_in_rank of {num_ranks} ranks")
+    if peers.num_ranks != num_ranks:
+        raise ValueError(f"{peers.num_ranks} peers for is_token_in_rank of {num_ranks} ranks")
     device = is_token_in_rank.device
     recv_row = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     rank_prefix = torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device)
@@ -259,34 +206,32 @@ def launch_dispatch_counts(
         dispatch_counts_kernel,
         (num_ranks,),
         (
+            peers.peer_table,
             num_tokens_per_expert,
             is_token_in_rank.view(torch.int8),
             recv_row,
             rank_prefix,
             num_recv,
             num_tokens,
-            rank,
+            peers.rank,
             epoch,
-            timeout_ns,
-            error_address,
+            peers.timeout_ns,
+            peers.error_address,
             operation_code,
             host_address,
             int(write_host),
+            peers.flag_offset,
+            table_offset,
         ),
         {
-            "FLAG_OFFSET": flag_offset,
-            "TABLE_OFFSET": table_offset,
             "NUM_RANKS": num_ranks,
             "NUM_EXPERTS": num_experts,
             "E_BLOCK": min(max(next_pow2(max(num_experts, 1)), 32), 1024),
-            "R_BLOCK": max(next_pow2(num_ranks), 2),
+            "R_BLOCK": peers.flag_block,
             "T_BLOCK": _T_BLOCK,
             "HOST_TABLE": HOST_TABLE_WORD,
-            "CK_BLOCK": max(2, next_pow2(checkpoints)),
-            "CHECKPOINTS": checkpoints,
         },
         4,
-        peer_args,
     )
     return recv_row, rank_prefix, num_recv
 
@@ -348,7 +293,12 @@ def combine_rows_kernel(
 
 
 def launch_combine_rows(
-    rank_prefix_matrix: torch.Tensor, recv_row_of_token: torch.Tensor, num_rows: int, rank: int, num_sms: int
+    *,
+    rank_prefix_matrix: torch.Tensor,
+    recv_row_of_token: torch.Tensor,
+    num_rows: int,
+    rank: int,
+    num_sms: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Where combine rows go, from a dispatch handle, on the current stream.
 

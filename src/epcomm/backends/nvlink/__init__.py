@@ -1,5 +1,6 @@
-"""Intranode transport: PyTorch symmetric memory (CUDA IPC over NVLink) + Triton kernels."""
+"""One NVLink domain: PyTorch symmetric memory (CUDA IPC when ranks share a GPU) + Triton kernels.
 
-from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
-
-__all__ = ["NvlinkBackend", "nvlink_placement"]
+``backend.py`` (the backend and its placement check), ``normal.py`` and ``low_latency.py`` (mode
+sequencing), ``symmetric_buffer.py`` (the buffer, its whole map, epochs, error word). Nothing is
+imported here, so the facade can read the buffer's map without importing Triton.
+"""

@@ -1,0 +1,447 @@
+"""The symmetric buffer of one group: its whole map, allocation and rendezvous, epochs, error word.
+
+One ``SymmetricBuffer`` per mode of a ``Buffer`` (normal mode: ``num_nvl_bytes``; low-latency
+mode: ``num_rdma_bytes``), allocated with ``torch.distributed._symmetric_memory`` and mapped on
+every rank. Ranks that share one GPU (a test set-up: several processes on a single device, which
+symmetric memory refuses) map each other's buffers through CUDA IPC instead; the kernels are the
+same, the processes' kernels then take turns on the device, so only correctness carries over.
+This module launches no mode kernel (only the barrier that brackets an allocation); the modes
+(``normal.py``, ``low_latency.py``) sequence their kernels over it.
+
+The map, in int32 words (``R`` ranks; ``B`` = the next power of two >= ``R``, at least 2: the
+lanes of one wait over every rank's flag, so ``B`` words of every flag array must be readable)::
+
+    header (HeaderLayout)
+      [flags,   flags + align32(B))        barrier flags: word s = the last epoch rank s released here
+      [counter, counter + 32)              word 0: done counter of this rank's push kernel
+      [table,   table + R * (R + 4096))    count table (normal mode only): row s = rank s's
+                                           [tokens per rank (R), tokens per expert (<= 4096)]
+      [payload, end)                       payload, 32-word aligned, grown on demand
+    normal-mode payload (reused by every call; an entry barrier guards each reuse)
+      dispatch (DispatchRegions): capacity rows of x | scales | top-k ids (int64) | top-k
+                                  weights | source index, each region 32-word aligned
+      combine (CombineRegions):   capacity rows of bf16 x | top-k weights
+    low-latency payload (LowLatencyLayout; S = max(4, B) rounded up to a multiple of 4)
+      [0, 4S)        sequence flags, (phase, parity) = (dispatch|combine, 0|1): S words each
+      [4S, 6S)       dispatch token counts per parity: word s = tokens rank s sent in its last
+                     dispatch of that parity
+      align32(6S)..  per parity: dispatch staging [R, M, message_words] (slot = source, token),
+                     then combine staging [M, num_topk, hidden / 2] (slot = token, top-k slot)
+
+Every offset the kernels get comes from here, from word 0 of the buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import enum
+import pickle
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from epcomm._collectives import all_gather_bytes
+from epcomm._logging import get_logger
+from epcomm.errors import PeerTimeoutError
+from epcomm.kernels.peer_group import PeerGroup
+
+__all__ = [
+    "MAX_EXPERTS",
+    "MAX_LOW_LATENCY_TOPK",
+    "CombineRegions",
+    "DispatchRegions",
+    "HeaderLayout",
+    "LowLatencyLayout",
+    "Operation",
+    "SymmetricBuffer",
+    "low_latency_rdma_size_hint",
+]
+
+ALIGN_WORDS = 32  # 128 bytes: every area starts on its own cache line
+MAX_EXPERTS = 4096
+"""Most experts of a normal-mode dispatch on this transport: the width of a count-table row."""
+MAX_LOW_LATENCY_TOPK = 32
+"""Largest ``num_topk`` of low-latency mode (DeepEP: 11). The size hint reserves the combine
+staging area for this many slots per token."""
+# Grow by a quarter more than asked, so slowly rising batch sizes do not reallocate every call.
+GROWTH_FACTOR = 1.25
+
+
+def align(words: int) -> int:
+    """``words`` rounded up to a multiple of ``ALIGN_WORDS``."""
+    return -(-words // ALIGN_WORDS) * ALIGN_WORDS
+
+
+def flag_block(num_ranks: int) -> int:
+    """Lanes of a wait over every rank's flag: the next power of two >= ``num_ranks``, at least 2."""
+    return max(2, 1 << (num_ranks - 1).bit_length())
+
+
+# ---- the map ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class HeaderLayout:
+    """Offsets of the header (int32 words from word 0), the same on every rank.
+
+    Arguments:
+        num_ranks: ranks of the group.
+        count_table: whether the buffer holds the normal-mode count table.
+    """
+
+    num_ranks: int
+    count_table: bool
+
+    @property
+    def flags(self) -> int:
+        """Barrier flags: ``flag_block(num_ranks)`` words."""
+        return 0
+
+    @property
+    def counter(self) -> int:
+        """The push kernel's done counter (zero between pushes)."""
+        return align(flag_block(self.num_ranks))
+
+    @property
+    def table(self) -> int:
+        """The count table: ``num_ranks`` rows of ``num_ranks + MAX_EXPERTS`` words."""
+        return self.counter + ALIGN_WORDS
+
+    @property
+    def table_words(self) -> int:
+        """Words of the count table (0 without one)."""
+        return self.num_ranks * (self.num_ranks + MAX_EXPERTS) if self.count_table else 0
+
+    @property
+    def payload(self) -> int:
+        """First payload word."""
+        return align(self.table + self.table_words)
+
+
+# Up to five regions per area, each aligned to 32 words: this much slack always covers them.
+REGION_SLACK_WORDS = 8 * ALIGN_WORDS
+
+
+def row_capacity(payload_words: int, row_words: int) -> int:
+    """Rows of ``row_words`` words (over all regions) a payload of ``payload_words`` holds."""
+    return max(0, (payload_words - REGION_SLACK_WORDS) // row_words)
+
+
+@dataclass(frozen=True)
+class DispatchRegions:
+    """Receive area of a dispatch at word ``payload``: ``capacity`` rows of x, scales, top-k ids
+    (int64), top-k weights (float32) and source index (int32), each region 32-word aligned."""
+
+    payload: int
+    capacity: int
+    x_words: int
+    scale_words: int
+    num_topk: int
+
+    @property
+    def x(self) -> int:
+        return self.payload
+
+    @property
+    def scales(self) -> int:
+        return self.x + align(self.capacity * self.x_words)
+
+    @property
+    def topk_idx(self) -> int:
+        return self.scales + align(self.capacity * self.scale_words)
+
+    @property
+    def topk_weights(self) -> int:
+        return self.topk_idx + align(self.capacity * self.num_topk * 2)
+
+    @property
+    def src_idx(self) -> int:
+        return self.topk_weights + align(self.capacity * self.num_topk)
+
+    @staticmethod
+    def row_words(x_words: int, scale_words: int, num_topk: int) -> int:
+        """Words one row takes over all fields (int64 top-k ids count twice, plus the source index)."""
+        return x_words + scale_words + 3 * num_topk + 1
+
+
+@dataclass(frozen=True)
+class CombineRegions:
+    """Receive area of a combine at word ``payload``: ``capacity`` rows of bf16 x (``x_words``
+    int32 words each), then their float32 top-k weights."""
+
+    payload: int
+    capacity: int
+    x_words: int
+    num_topk: int
+
+    @property
+    def x(self) -> int:
+        return self.payload
+
+    @property
+    def topk_weights(self) -> int:
+        return self.x + align(self.capacity * self.x_words)
+
+    @staticmethod
+    def row_words(x_words: int, num_topk: int) -> int:
+        """Words one row takes over all fields."""
+        return x_words + num_topk
+
+
+@dataclass(frozen=True)
+class LowLatencyLayout:
+    """Low-latency payload offsets (int32 words from the payload's start) for one
+    ``(num_ranks, M, hidden, num_topk)``, the same on every rank."""
+
+    num_ranks: int
+    capacity: int
+    hidden: int
+    num_topk: int
+
+    @property
+    def flag_stride(self) -> int:
+        """Words of one (phase, parity)'s flags or one parity's counts: ``S``."""
+        return -(-max(4, flag_block(self.num_ranks)) // 4) * 4
+
+    def flags(self, phase: int, parity: int) -> int:
+        """Sequence flags of ``phase`` (0 dispatch, 1 combine) and ``parity``."""
+        return (phase * 2 + parity) * self.flag_stride
+
+    def counts(self, parity: int) -> int:
+        """``parity``'s dispatch token counts, one word per source rank."""
+        return (4 + parity) * self.flag_stride
+
+    @property
+    def message_words(self) -> int:
+        """Words of one dispatch message: bf16 row (the larger format) + top-k ids, 16-byte aligned."""
+        return (self.hidden // 2 + self.num_topk + 3) // 4 * 4
+
+    @property
+    def dispatch_words(self) -> int:
+        """Words of one parity's dispatch staging area."""
+        return align(self.num_ranks * self.capacity * self.message_words)
+
+    @property
+    def combine_words(self) -> int:
+        """Words of one parity's combine staging area."""
+        return align(self.capacity * self.num_topk * self.hidden // 2)
+
+    def dispatch_staging(self, parity: int) -> int:
+        """``parity``'s dispatch staging area."""
+        return align(6 * self.flag_stride) + parity * (self.dispatch_words + self.combine_words)
+
+    def combine_staging(self, parity: int) -> int:
+        """``parity``'s combine staging area."""
+        return self.dispatch_staging(parity) + self.dispatch_words
+
+    @property
+    def total_words(self) -> int:
+        """Payload words both parities need."""
+        return self.dispatch_staging(2)
+
+
+def low_latency_rdma_size_hint(
+    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+) -> int:
+    """Bytes of ``num_rdma_bytes`` low-latency mode needs: the real size of ``LowLatencyLayout``
+    for ``min(num_experts, MAX_LOW_LATENCY_TOPK)`` top-k slots (DeepEP's formula asks for ~17x
+    more at 128 tokens, hidden 7168, 256 experts; any larger buffer works too).
+
+    Arguments:
+        num_max_dispatch_tokens_per_rank: capacity ``M`` per rank.
+        hidden: hidden size (a multiple of 128).
+        num_ranks: ranks of the group.
+        num_experts: total experts.
+
+    Returns:
+        int, a multiple of 128.
+    """
+    num_topk = max(1, min(num_experts, MAX_LOW_LATENCY_TOPK))
+    layout = LowLatencyLayout(num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_topk)
+    return layout.total_words * 4
+
+
+# ---- errors -----------------------------------------------------------------------------------
+class Operation(enum.IntEnum):
+    """Codes the kernels write into the error word; they name the operation in errors."""
+
+    INIT = 1
+    DISPATCH_COUNTS = 2
+    DISPATCH = 3
+    CACHED_DISPATCH_ENTRY = 4
+    CACHED_DISPATCH = 5
+    COMBINE_ENTRY = 6
+    COMBINE = 7
+    LOW_LATENCY_DISPATCH = 8
+    LOW_LATENCY_COMBINE = 9
+
+
+_OPERATION_NAMES = {
+    Operation.INIT: "Buffer init (NVLink barrier)",
+    Operation.DISPATCH_COUNTS: "dispatch (count exchange)",
+    Operation.DISPATCH: "dispatch (data)",
+    Operation.CACHED_DISPATCH_ENTRY: "cached dispatch (entry barrier)",
+    Operation.CACHED_DISPATCH: "cached dispatch (data)",
+    Operation.COMBINE_ENTRY: "combine (entry barrier)",
+    Operation.COMBINE: "combine (data)",
+    Operation.LOW_LATENCY_DISPATCH: "low_latency_dispatch (receive)",
+    Operation.LOW_LATENCY_COMBINE: "low_latency_combine (receive)",
+}
+
+
+# ---- the buffer -------------------------------------------------------------------------------
+class SymmetricBuffer:
+    """The symmetric buffer of one group: allocation, peers' views and the peer table, epochs and
+    the host-mapped error word.
+
+    Arguments:
+        group: the process group (NCCL or gloo; only used for the rendezvous).
+        device: this rank's CUDA device.
+        timeout_s: bound of every wait.
+        initial_payload_bytes: payload bytes to allocate now (grown later when needed).
+        count_table: reserve the normal-mode count table in the header.
+        shared_device: ranks share a GPU: map peer buffers through CUDA IPC, since symmetric
+            memory refuses overlapping devices.
+    """
+
+    def __init__(
+        self,
+        group: Any,
+        device: torch.device,
+        timeout_s: float,
+        initial_payload_bytes: int,
+        count_table: bool,
+        shared_device: bool = False,
+    ) -> None:
+        import torch.distributed as dist
+
+        self.group = group
+        self.device = device
+        self.rank = dist.get_rank(group)
+        self.num_ranks = dist.get_world_size(group)
+        self.header = HeaderLayout(self.num_ranks, count_table)
+        self.timeout_ns = int(timeout_s * 1e9)
+        self.timeout_s = timeout_s
+        self.epoch = 0
+        # Host-mapped error word: kernels write it on a timed-out wait, the host reads it at any
+        # time without synchronizing the device.
+        self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=True)
+        self.error_address = self.error_word.data_ptr()
+        # Read through ctypes on every call: indexing the tensor costs a tensor op each time.
+        self._error_flag = ctypes.c_int32.from_address(self.error_address)
+        self.payload_words = 0
+        # Bumped at every allocation: views cached by the modes are valid for one generation.
+        self.generation = 0
+        self.shared_device = shared_device
+        self._handle: Any = None
+        self._local: torch.Tensor | None = None
+        self.peer_buffers: list[torch.Tensor] = []
+        self._peers: PeerGroup | None = None
+        self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
+        self.barrier(Operation.INIT)
+        torch.cuda.current_stream(device).synchronize()
+        self.check_error()
+
+    def _allocate(self, payload_words: int) -> None:
+        total_words = self.header.payload + payload_words
+        if self.shared_device:
+            buffer, handle, self.peer_buffers = self._allocate_ipc(total_words)
+        else:
+            import torch.distributed._symmetric_memory as symm_mem
+
+            buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
+            buffer.zero_()
+            torch.cuda.current_stream(self.device).synchronize()
+            handle = symm_mem.rendezvous(buffer, self.group)
+            self.peer_buffers = [
+                handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)
+            ]
+        addresses = [peer.data_ptr() for peer in self.peer_buffers]
+        misaligned = [r for r, address in enumerate(addresses) if address % 16 != 0]
+        if misaligned:
+            raise RuntimeError(f"symmetric buffers of ranks {misaligned} are not 16-byte aligned")
+        table = torch.tensor(addresses, dtype=torch.int64, device="cpu").to(self.device)
+        self._peers = PeerGroup(
+            peer_table=table,
+            rank=self.rank,
+            num_ranks=self.num_ranks,
+            timeout_ns=self.timeout_ns,
+            error_address=self.error_address,
+            flag_offset=self.header.flags,
+            counter_offset=self.header.counter,
+        )
+        self._local, self._handle = buffer, handle
+        self.payload_words = payload_words
+        self.generation += 1
+        # A fresh buffer starts with zero flags everywhere, below every epoch. Epochs are not reset
+        # (every rank grows at the same call, so they stay equal): host-mapped words the modes
+        # match against epochs must never see a stale word equal to a new epoch.
+
+    def _allocate_ipc(self, total_words: int) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
+        """Allocate with the caching allocator and map every peer's buffer through CUDA IPC (the
+        ``torch.multiprocessing`` reduction, its handles gathered over the group)."""
+        from torch.multiprocessing.reductions import reduce_tensor
+
+        buffer = torch.zeros(total_words, dtype=torch.int32, device=self.device)
+        torch.cuda.current_stream(self.device).synchronize()
+        rebuild, args = reduce_tensor(buffer)
+        blobs = all_gather_bytes(pickle.dumps(args), self.group)
+        peers = [buffer if r == self.rank else rebuild(*pickle.loads(blob)) for r, blob in enumerate(blobs)]
+        return buffer, None, peers
+
+    @property
+    def local(self) -> torch.Tensor:
+        """This rank's whole buffer, ``[total_words]`` int32."""
+        assert self._local is not None
+        return self._local
+
+    @property
+    def peers(self) -> PeerGroup:
+        """The peer table and everything else the kernels need to reach the peers."""
+        assert self._peers is not None
+        return self._peers
+
+    def view(self, offset_words: int, num_words: int, dtype: torch.dtype) -> torch.Tensor:
+        """A view of this rank's words ``[offset, offset + num_words)`` as ``dtype``."""
+        return self.local[offset_words : offset_words + num_words].view(dtype)
+
+    def ensure_payload(self, payload_words: int) -> None:
+        """Grow the payload to at least ``payload_words`` (collective: every rank must ask alike)."""
+        if payload_words <= self.payload_words:
+            return
+        new_words = int(payload_words * GROWTH_FACTOR) // ALIGN_WORDS * ALIGN_WORDS + ALIGN_WORDS
+        get_logger().info("epcomm NVLink buffer: growing payload to %.1f MB", new_words * 4 / 1e6)
+        torch.cuda.current_stream(self.device).synchronize()
+        self.barrier(Operation.INIT)
+        torch.cuda.current_stream(self.device).synchronize()
+        self.check_error()
+        self._allocate(new_words)
+        self.barrier(Operation.INIT)
+
+    def next_epoch(self) -> int:
+        """A value larger than every earlier epoch of this buffer."""
+        self.epoch += 1
+        return self.epoch
+
+    def barrier(self, operation: Operation) -> None:
+        """Barrier over every rank on the current stream; ``operation`` names it in a timeout."""
+        from epcomm.kernels.barrier import launch_barrier
+
+        launch_barrier(peers=self.peers, epoch=self.next_epoch(), operation_code=int(operation))
+
+    def check_error(self) -> None:
+        """Raise ``PeerTimeoutError`` if a kernel reported a timed-out wait (no device sync)."""
+        if self._error_flag.value != 0:
+            code, peer, rank = (int(v) for v in self.error_word[1:4])
+            try:
+                name = _OPERATION_NAMES[Operation(code)]
+            except ValueError:
+                name = f"operation {code}"
+            self.error_word.zero_()
+            raise PeerTimeoutError(name, rank, [peer], self.timeout_s)
+
+    def destroy(self) -> None:
+        """Drop the buffer and its peer mappings."""
+        self.peer_buffers = []
+        self._peers = None
+        self._local = None
+        self._handle = None
