@@ -41,41 +41,16 @@ def test_kernel_info_reads_the_signature() -> None:
     info = _KernelInfo(push_rows_kernel)
     assert info.cacheable
     assert info.constexpr_names[0] == "NUM_RANKS"
-    assert info.constexpr_names[-1] == "BALANCE"
+    assert info.constexpr_names[-1] == "EXIT"
     names = [p.name for p in push_rows_kernel.params if not p.is_constexpr]
     not_specialized = {name for name, special in zip(names, info.specialize) if not special}
-    assert not_specialized == {
-        "num_rows",
-        "rank",
-        "num_local_experts",
-        "capacity",
-        "entry_epoch",
-        "exit_epoch",
-        "timeout_ns",
-        "error_address",
-        "entry_code",
-        "exit_code",
-    }
+    # Per-call scalars are not specialized (no recompilation when they change); the region offsets
+    # are, so Triton knows their 16-byte alignment.
+    assert "num_rows" in not_specialized and "rank" in not_specialized and "exit_epoch" in not_specialized
+    assert not {"x_offset", "scales_offset", "topk_idx_offset", "topk_weights_offset"} & not_specialized
 
 
-def test_leading_args_resolve_like_the_per_call_key() -> None:
-    from epcomm.kernels.exchange import MAX_PEERS, PeerArgs
-    from epcomm.kernels.launch import LeadingArgs
-
-    base = torch.zeros(64, dtype=torch.int32)
-    tensors = [base, base[1:], base.view(torch.float32)]
-    leading = LeadingArgs(tensors)
-    assert leading.keys == tuple(_arg_key(t, True) for t in tensors)
-    assert leading.values == tuple(t.data_ptr() for t in tensors)
-    peers = PeerArgs([base, base[4:]])
-    assert peers.num_ranks == 2
-    assert len(peers.tensors) == MAX_PEERS
-    assert peers.values[2:] == (base.data_ptr(),) * (MAX_PEERS - 2)  # padding: rank 0's buffer
-    with pytest.raises(ValueError, match=r"1\.\.8 ranks"):
-        PeerArgs([])
-
-
-def test_push_rows_per_step_keeps_the_bytes_in_flight(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_push_rows_per_step_keeps_the_bytes_in_flight() -> None:
     import epcomm.kernels.normal_push as push
 
     assert push.push_rows_per_step(3584 + 1, False) == 2  # BF16 hidden 7168 (measured best at EP4)
@@ -83,5 +58,4 @@ def test_push_rows_per_step_keeps_the_bytes_in_flight(monkeypatch: pytest.Monkey
     assert push.push_rows_per_step(3584 + 1, True) == 4  # combine: one destination per row
     assert push.push_rows_per_step(64, False) == 8  # small rows: capped
     assert push.push_rows_per_step(100_000, True) == 2  # huge rows: at least 2
-    monkeypatch.setattr(push, "PUSH_ROWS", 1)
-    assert push.push_rows_per_step(3584 + 1, False) == 1  # EPCOMM_PUSH_ROWS forces it
+    assert push.push_rows_per_step(3584 + 1, False, forced=1) == 1  # Settings.push_rows forces it

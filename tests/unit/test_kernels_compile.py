@@ -1,5 +1,6 @@
-"""Every Triton kernel compiles for sm_90 on the CPU (no GPU needed), with the specializations the
-launchers use; the copy kernels must keep their 16-byte vector accesses."""
+"""Every Triton kernel compiles for sm_90 on the CPU (no GPU needed), with the arguments and
+specializations its typed launcher really passes (the launcher runs on CPU tensors with ``launch``
+replaced by a recorder); the copy kernels must keep their 16-byte vector accesses."""
 
 from __future__ import annotations
 
@@ -7,138 +8,76 @@ import re
 from typing import Any
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from epcomm.kernels.exchange import barrier_kernel  # noqa: E402
-from epcomm.kernels.layout import dispatch_layout_kernel  # noqa: E402
-from epcomm.kernels.normal_combine import combine_reduce_kernel  # noqa: E402
-from epcomm.kernels.normal_copy_out import copy_out_meta_kernel  # noqa: E402
-from epcomm.kernels.normal_push import push_rows_kernel  # noqa: E402
-from epcomm.kernels.normal_rows import combine_rows_kernel, dispatch_counts_kernel  # noqa: E402
+import epcomm.kernels.barrier as barrier_module  # noqa: E402
+import epcomm.kernels.layout as layout_module  # noqa: E402
+import epcomm.kernels.low_latency_combine as ll_combine_module  # noqa: E402
+import epcomm.kernels.low_latency_dispatch as ll_dispatch_module  # noqa: E402
+import epcomm.kernels.normal_combine as combine_module  # noqa: E402
+import epcomm.kernels.normal_copy_out as copy_out_module  # noqa: E402
+import epcomm.kernels.normal_push as push_module  # noqa: E402
+import epcomm.kernels.normal_rows as rows_module  # noqa: E402
+from epcomm.kernels.low_latency_dispatch import LowLatencyWords, SignalState  # noqa: E402
+from epcomm.kernels.normal_push import PushBarriers, PushRegions  # noqa: E402
+from epcomm.kernels.peer_group import PeerGroup  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
-PEERS = {f"p{i}": "*i32" for i in range(8)}
+_TYPES = {
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float32: "fp32",
+    torch.bfloat16: "bf16",
+    torch.bool: "i1",
+}
 
 
-def _compile(
-    kernel: Any, signature: dict[str, str], constexprs: dict[str, Any], aligned: list[str], num_warps: int
-) -> Any:
-    names = list(signature)
-    full = dict(signature)
+def _launches(module: Any, launcher: Any, monkeypatch: pytest.MonkeyPatch, **kwargs: Any) -> list[Any]:
+    """Run ``launcher(**kwargs)`` with ``module.launch`` recording its calls instead of launching."""
+    calls: list[Any] = []
+    monkeypatch.setattr(module, "launch", lambda *args: calls.append(args))
+    launcher(**kwargs)
+    assert calls, f"{launcher.__name__} launched nothing"
+    return calls
+
+
+def _compile(call: Any) -> Any:
+    """Compile a recorded ``launch(kernel, grid, args, constexprs, num_warps)`` for sm_90 as Triton's
+    JIT would: tensors are 16-byte-aligned pointers, specialized integers that are multiples of 16
+    get the divisibility hint, specialized integers equal to 1 become constants."""
+    kernel, _grid, args, constexprs, num_warps = call
+    runtime = [p for p in kernel.params if not p.is_constexpr]
+    assert len(runtime) == len(args), (
+        f"{kernel.__name__}: {len(args)} arguments for {len(runtime)} parameters"
+    )
+    signature: dict[str, str] = {}
+    values = dict(constexprs)
+    attrs: dict[tuple[int, ...], list[list[Any]]] = {}
+    for index, (param, value) in enumerate(zip(runtime, args)):
+        if isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + _TYPES[value.dtype]
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif not param.do_not_specialize and value == 1:
+            signature[param.name] = "constexpr"
+            values[param.name] = 1
+        else:
+            signature[param.name] = "i32" if -(2**31) <= value < 2**31 else "i64"
+            if not param.do_not_specialize and value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
     for name in constexprs:
-        full[name] = "constexpr"
-    # Triton's JIT marks 16-byte-aligned pointers and multiples of 16 this way at launch.
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in aligned}
-    source = ASTSource(kernel, full, constexprs=constexprs, attrs=attrs)
+        signature[name] = "constexpr"
+    source = ASTSource(kernel, signature, constexprs=values, attrs=attrs)
     return triton.compile(source, target=SM90, options={"num_warps": num_warps})
 
 
 def _accesses(compiled: Any) -> set[str]:
     return set(re.findall(r"(?:ld|st)\.global[a-z0-9.]*", compiled.asm["ptx"]))
-
-
-PUSH_SIGNATURE = {
-    **PEERS,
-    "x_ptr": "*i32",
-    "scales_ptr": "*i32",
-    "topk_idx_ptr": "*i64",
-    "topk_weights_ptr": "*fp32",
-    "dst_row_ptr": "*i32",
-    "segment_ptr": "*i32",
-    "num_rows": "i32",
-    "rank": "i32",
-    "num_local_experts": "i32",
-    "capacity": "i32",
-    "x_offset": "i32",
-    "scales_offset": "i32",
-    "topk_idx_offset": "i32",
-    "topk_weights_offset": "i32",
-    "src_idx_offset": "i32",
-    "entry_epoch": "i32",
-    "exit_epoch": "i32",
-    "timeout_ns": "i64",
-    "error_address": "i64",
-    "entry_code": "i32",
-    "exit_code": "i32",
-}
-PUSH_ALIGNED = [
-    *PEERS,
-    "x_ptr",
-    "scales_ptr",
-    "topk_idx_ptr",
-    "topk_weights_ptr",
-    "dst_row_ptr",
-    "segment_ptr",
-    "x_offset",
-    "scales_offset",
-    "topk_idx_offset",
-    "topk_weights_offset",
-    "src_idx_offset",
-]
-
-
-@pytest.mark.parametrize(
-    ("num_ranks", "x_words", "scale_words", "has_topk", "localize", "rows", "warps", "barriers"),
-    [
-        (4, 3584, 1, True, True, 2, 16, "exit"),  # bf16 dispatch, hidden 7168
-        (4, 3584, 1, True, True, 2, 16, "progress"),  # bf16 dispatch with progress flags (copy engine)
-        (8, 1792, 56, True, True, 2, 16, "progress"),  # fp8 dispatch with scales
-        (2, 3584, 1, False, False, 2, 16, "both"),  # cached dispatch push
-        (4, 3584, 1, False, False, 4, 16, "both"),  # combine push (one destination per row)
-        (4, 3584, 1, False, False, 4, 16, "balanced"),  # combine push, balanced over destinations
-        (4, 3584, 1, True, True, 4, 32, "none"),  # the tuning variants, no barriers
-    ],
-)
-def test_push_rows_compiles_with_vector_accesses(
-    num_ranks: int,
-    x_words: int,
-    scale_words: int,
-    has_topk: bool,
-    localize: bool,
-    rows: int,
-    warps: int,
-    barriers: str,
-) -> None:
-    constexprs = {
-        "NUM_RANKS": num_ranks,
-        "X_WORDS": x_words,
-        "X_BLOCK": triton.next_power_of_2(x_words),
-        "S_WORDS": scale_words,
-        "S_BLOCK": triton.next_power_of_2(scale_words),
-        "NUM_TOPK": 8,
-        "K_BLOCK": 8,
-        "HAS_SCALES": scale_words > 1,
-        "HAS_TOPK_IDX": has_topk,
-        "HAS_TOPK_WEIGHTS": True,
-        "ROWS": rows,
-        "LOCALIZE_TOPK": localize,
-        "WRITE_SRC_IDX": has_topk,
-        "PAYLOAD_OFFSET": 32832,
-        "FLAG_OFFSET": 0,
-        "COUNTER_OFFSET": 32,
-        "ENTRY": barriers in ("both", "balanced"),
-        "EXIT": barriers != "none",
-        "CHECKPOINTS": 4 if barriers == "progress" else 1,
-        "PROGRESS": barriers == "progress",
-        "PROGRESS_OFFSET": 64,
-        "CHECKPOINT_COUNTER_OFFSET": 40,
-        "BALANCE": barriers == "balanced",
-    }
-    compiled = _compile(push_rows_kernel, PUSH_SIGNATURE, constexprs, PUSH_ALIGNED, num_warps=warps)
-    accesses = _accesses(compiled)
-    assert "ld.global.v4.b32" in accesses, accesses
-    assert "st.global.v4.b32" in accesses, accesses
-    ptx = compiled.asm["ptx"]
-    if barriers != "none":
-        # The exit: every thread fences its peer stores at system scope before the done count.
-        _assert_system_scope_ordering(ptx)
-        assert "fence.acq_rel.sys" in ptx
-    else:
-        assert "atom." not in ptx
-        assert "fence.acq_rel.sys" not in ptx
 
 
 def _assert_system_scope_ordering(ptx: str) -> None:
@@ -148,62 +87,115 @@ def _assert_system_scope_ordering(ptx: str) -> None:
     )
 
 
-def test_barrier_compiles_with_system_scope_ordering() -> None:
-    signature = {
-        **PEERS,
-        "rank": "i32",
-        "epoch": "i32",
-        "timeout_ns": "i64",
-        "error_address": "i64",
-        "operation_code": "i32",
-    }
-    compiled = _compile(barrier_kernel, signature, {"FLAG_OFFSET": 0}, [*PEERS], 1)
-    _assert_system_scope_ordering(compiled.asm["ptx"])
+def _peers(num_ranks: int, rank: int = 1) -> PeerGroup:
+    """A peer group as the symmetric buffer builds it (the addresses are never dereferenced here)."""
+    return PeerGroup(
+        peer_table=torch.zeros(num_ranks, dtype=torch.int64),
+        rank=rank % num_ranks,
+        num_ranks=num_ranks,
+        timeout_ns=30 * 10**9,
+        error_address=1 << 40,
+        flag_offset=0,
+        counter_offset=32,
+    )
 
 
 @pytest.mark.parametrize(
-    ("hidden", "num_bias", "num_ranks", "checkpoints"),
-    [(7168, 0, 4, 0), (4096, 2, 8, 0), (7168, 0, 2, 0), (7168, 0, 4, 4)],  # 4: beside the push
+    ("num_ranks", "x_words", "scale_words", "kind", "warps"),
+    [
+        (4, 3584, 0, "dispatch", 16),  # bf16 dispatch, hidden 7168
+        (8, 1792, 56, "dispatch", 16),  # fp8 dispatch with scales
+        (2, 3584, 0, "cached", 16),  # cached dispatch push (entry and exit barriers)
+        (4, 3584, 0, "combine", 16),  # combine push (one destination per row)
+        (4, 3584, 0, "none", 32),  # no barriers (the tuning variants)
+        (16, 3584, 0, "dispatch", 16),  # more ranks than DeepEP's 8
+        (72, 1792, 56, "combine", 16),  # an NVL72-sized domain
+    ],
 )
-def test_combine_reduce_compiles(hidden: int, num_bias: int, num_ranks: int, checkpoints: int) -> None:
-    signature = {
-        "area_x_ptr": "*bf16",
-        "area_weights_ptr": "*fp32",
-        "slot_ptr": "*i32",
-        "bias0_ptr": "*bf16",
-        "bias1_ptr": "*bf16",
-        "out_x_ptr": "*bf16",
-        "out_weights_ptr": "*fp32",
-        "num_tokens": "i32",
-        "prefix_ptr": "*i32",
-        "progress_address": "i64",
-        "rank": "i32",
-        "epoch": "i32",
-        "timeout_ns": "i64",
-        "error_address": "i64",
-        "error_code": "i32",
-    }
-    constexprs = {
-        "NUM_RANKS": num_ranks,
-        "HIDDEN": hidden,
-        "H_BLOCK": triton.next_power_of_2(hidden),
-        "NUM_TOPK": 8,
-        "K_BLOCK": 8,
-        "TOKENS": 2,
-        "HAS_WEIGHTS": True,
-        "NUM_BIAS": num_bias,
-        "CHECKPOINTS": checkpoints,
-        "MAX_CHECKPOINTS": 8,
-    }
-    aligned = [name for name in signature if name.endswith("_ptr")]
-    compiled = _compile(combine_reduce_kernel, signature, constexprs, aligned, num_warps=16)
+def test_push_rows_compiles_with_vector_accesses(
+    num_ranks: int, x_words: int, scale_words: int, kind: str, warps: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    num_rows, num_topk = 64, 8
+    dispatch = kind == "dispatch"
+    barriers = {
+        "dispatch": PushBarriers(0, 7, 0, 3),
+        "cached": PushBarriers(6, 7, 4, 5),
+        "combine": PushBarriers(6, 7, 6, 7),
+        "none": None,
+    }[kind]
+    payload = 33024
+    (call,) = _launches(
+        push_module,
+        push_module.launch_push_rows,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        x_words=torch.zeros(num_rows, x_words, dtype=torch.int32),
+        dst_row=torch.zeros(num_rows, num_ranks, dtype=torch.int32),
+        regions=PushRegions(
+            payload, payload + 4096 * 32, payload + 8192 * 32, payload + 12288 * 32, payload + 16384 * 32
+        ),
+        capacity=4096,
+        num_sms=24,
+        num_warps=warps,
+        scales_words=torch.zeros(num_rows, scale_words, dtype=torch.int32) if scale_words else None,
+        topk_idx=torch.zeros(num_rows, num_topk, dtype=torch.int64) if dispatch else None,
+        topk_weights=torch.zeros(num_rows, num_topk, dtype=torch.float32) if kind != "cached" else None,
+        num_local_experts=256 // num_ranks,
+        localize_topk=dispatch,
+        write_src_idx=dispatch,
+        barriers=barriers,
+        one_destination=kind == "combine",
+    )
+    compiled = _compile(call)
     accesses = _accesses(compiled)
+    assert "ld.global.v4.b32" in accesses, accesses
+    assert "st.global.v4.b32" in accesses, accesses  # through the peer table: the alignment hint holds
+    ptx = compiled.asm["ptx"]
+    if barriers is not None:
+        # The exit: every thread fences its peer stores at system scope before the done count.
+        _assert_system_scope_ordering(ptx)
+        assert "fence.acq_rel.sys" in ptx
+    else:
+        assert "atom." not in ptx
+        assert "fence.acq_rel.sys" not in ptx
+
+
+@pytest.mark.parametrize("num_ranks", [2, 8, 16])
+def test_barrier_compiles_with_system_scope_ordering(num_ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    (call,) = _launches(
+        barrier_module,
+        barrier_module.launch_barrier,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        epoch=3,
+        operation_code=1,
+    )
+    _assert_system_scope_ordering(_compile(call).asm["ptx"])
+
+
+@pytest.mark.parametrize(
+    ("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2), (7168, 1, 16)]
+)
+def test_combine_reduce_compiles(
+    hidden: int, num_bias: int, num_ranks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    num_tokens, capacity = 32, 128
+    out_x = torch.zeros(num_tokens, hidden, dtype=torch.bfloat16)
+    (call,) = _launches(
+        combine_module,
+        combine_module.launch_combine_reduce,
+        monkeypatch,
+        area_x=torch.zeros(capacity, hidden, dtype=torch.bfloat16),
+        area_weights=torch.zeros(capacity * 8, dtype=torch.float32),
+        slot=torch.zeros(num_tokens, num_ranks, dtype=torch.int32),
+        bias=tuple(torch.zeros_like(out_x) for _ in range(num_bias)),
+        out_x=out_x,
+        out_weights=torch.zeros(num_tokens, 8, dtype=torch.float32),
+        num_sms=24,
+        num_warps=16,
+    )
+    accesses = _accesses(_compile(call))
     assert any(a.startswith("ld.global.cg") for a in accesses), accesses
-    # Beside the push: it polls the progress flags and acquires them at system scope.
-    assert ("ld.acquire.sys" in compiled.asm["ptx"]) == (checkpoints > 0)
-
-
-LL_SIGNAL_POINTERS = {"arrival_ptr": "*i32", "send_seq_ptr": "*i32", "recv_expected_ptr": "*i32"}
 
 
 def _assert_fused_signal(ptx: str) -> None:
@@ -221,161 +213,144 @@ def _assert_light_wait(ptx: str) -> None:
     assert "ld.acquire" not in spin
 
 
-LL_DISPATCH_RECV_SIGNATURE = {
-    "local_ptr": "*i32",
-    "mask_ptr": "*i32",
-    "expected_ptr": "*i32",
-    "scratch_ptr": "*i32",
-    "recv_x_ptr": "*i32",
-    "recv_scales_ptr": "*i32",
-    "recv_count_ptr": "*i32",
-    "recv_src_info_ptr": "*i32",
-    "recv_layout_range_ptr": "*i64",
-    "combine_gather_idx_ptr": "*i64",
-    "cumulative_stats_ptr": "*i32",
-    "wait_stats_ptr": "*i64",
-    "rank": "i32",
-    "timeout_ns": "i64",
-    "error_address": "i64",
-    "flag_offset": "i32",
-    "count_offset": "i32",
-    "parity_offset": "i32",
-}
+def _signals(num_ranks: int) -> SignalState:
+    stride = -(-num_ranks // 4) * 4
+    return SignalState(
+        torch.zeros(4, dtype=torch.int32),
+        torch.zeros(stride, dtype=torch.int32),
+        torch.zeros(stride, dtype=torch.int32),
+    )
+
+
+_WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
 
 
 @pytest.mark.parametrize(
-    ("use_fp8", "round_scale", "use_ue8m0", "hidden"),
+    ("use_fp8", "round_scale", "use_ue8m0", "hidden", "num_ranks"),
     [
-        (False, False, False, 7168),
-        (True, False, False, 7168),
-        (True, True, True, 640),
-        (True, True, False, 128),
+        (False, False, False, 7168, 4),
+        (True, False, False, 7168, 4),
+        (True, True, True, 640, 4),
+        (True, True, False, 128, 4),
+        (True, False, False, 7168, 16),
     ],
 )
 def test_low_latency_dispatch_kernels_compile(
-    use_fp8: bool, round_scale: bool, use_ue8m0: bool, hidden: int
+    use_fp8: bool,
+    round_scale: bool,
+    use_ue8m0: bool,
+    hidden: int,
+    num_ranks: int,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from epcomm.kernels.low_latency_dispatch import ll_dispatch_recv_kernel, ll_dispatch_send_kernel
-
+    num_tokens, num_topk, capacity = 128, 8, 128
+    num_local_experts = 256 // num_ranks
     num_groups = hidden // 128
-    x_words = hidden // 4 if use_fp8 else hidden // 2
-    common = {
-        "NUM_RANKS": 4,
-        "NUM_LOCAL_EXPERTS": 64,
-        "CAPACITY": 128,
-        "HIDDEN": hidden,
-        "NUM_TOPK": 8,
-        "K_BLOCK": 8,
-        "MESSAGE_WORDS": (hidden // 2 + 8 + 3) // 4 * 4,
-        "X_WORDS": x_words,
-        "X_BLOCK": triton.next_power_of_2(x_words),
-        "G_BLOCK": max(4, triton.next_power_of_2(num_groups)),
-        "USE_FP8": use_fp8,
-    }
-    send_signature = {
-        **PEERS,
-        "x_ptr": "*bf16",
-        "topk_idx_ptr": "*i64",
-        "mask_ptr": "*i32",
-        "combine_gather_idx_ptr": "*i64",
-        **LL_SIGNAL_POINTERS,
-        "num_tokens": "i32",
-        "rank": "i32",
-        "flag_offset": "i32",
-        "count_offset": "i32",
-        "parity_offset": "i32",
-    }
-    send = _compile(
-        ll_dispatch_send_kernel,
-        send_signature,
-        {**common, "ROUND_SCALE": round_scale},
-        [*(n for n, t in send_signature.items() if t.startswith("*")), "parity_offset"],
-        num_warps=8,
+    message_words = (hidden // 2 + num_topk + 3) // 4 * 4
+    gather = torch.zeros(num_ranks, capacity, num_topk, dtype=torch.int64)
+    (send,) = _launches(
+        ll_dispatch_module,
+        ll_dispatch_module.launch_ll_dispatch_send,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        x=torch.zeros(num_tokens, hidden, dtype=torch.bfloat16),
+        topk_idx=torch.zeros(num_tokens, num_topk, dtype=torch.int64),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        combine_gather_idx=gather,
+        signals=_signals(num_ranks),
+        words=_WORDS,
+        num_local_experts=num_local_experts,
+        capacity=capacity,
+        message_words=message_words,
+        use_fp8=use_fp8,
+        round_scale=round_scale,
+        num_sms=132,
     )
-    # parity_offset is specialized by Triton (a multiple of 16): the message stores stay 16-byte wide
-    # (for small rows 256 threads hold one word each, so there is nothing to vectorize).
+    compiled_send = _compile(send)
+    # The staging offset is specialized by Triton (a multiple of 16): the message stores stay 16-byte
+    # wide (for small rows 256 threads hold one word each, so there is nothing to vectorize).
     if hidden >= 4096:
-        assert "st.global.v4.b32" in _accesses(send)
+        assert "st.global.v4.b32" in _accesses(compiled_send)
     if use_fp8:
-        assert "cvt.rn.satfinite.e4m3x2.f32" in send.asm["ptx"]
-    _assert_fused_signal(send.asm["ptx"])
-    recv_constexprs = {
-        **common,
-        "ROWS_BLOCK": 512,
-        "USE_UE8M0": use_ue8m0,
-        "SCALE_COLUMNS": (num_groups + 3) // 4 if use_ue8m0 else num_groups,
-        "HAS_CUMULATIVE_STATS": True,
-        "HAS_WAIT_STATS": True,
-    }
-    recv = _compile(
-        ll_dispatch_recv_kernel,
-        LL_DISPATCH_RECV_SIGNATURE,
-        recv_constexprs,
-        [*(n for n, t in LL_DISPATCH_RECV_SIGNATURE.items() if t.startswith("*")), "parity_offset"],
-        num_warps=16,
+        assert "cvt.rn.satfinite.e4m3x2.f32" in compiled_send.asm["ptx"]
+    _assert_fused_signal(compiled_send.asm["ptx"])
+    num_rows = num_ranks * capacity
+    x_words = hidden // 4 if use_fp8 else hidden // 2
+    scale_columns = (num_groups + 3) // 4 if use_ue8m0 else num_groups
+    (recv,) = _launches(
+        ll_dispatch_module,
+        ll_dispatch_module.launch_ll_dispatch_recv,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        local=torch.zeros(64, dtype=torch.int32),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        recv_expected=torch.zeros(num_ranks, dtype=torch.int32),
+        words=_WORDS,
+        operation_code=8,
+        scratch=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
+        recv_x_words=torch.zeros(1, dtype=torch.int32).expand(num_local_experts * num_rows * x_words),
+        recv_scales_words=torch.zeros(num_local_experts, scale_columns, num_rows, dtype=torch.int32),
+        recv_count=torch.zeros(num_local_experts, dtype=torch.int32),
+        recv_src_info=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
+        recv_layout_range=torch.zeros(num_local_experts, num_ranks, dtype=torch.int64),
+        combine_gather_idx=gather,
+        cumulative_stats=torch.zeros(num_local_experts, dtype=torch.int32),
+        wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
+        capacity=capacity,
+        hidden=hidden,
+        num_topk=num_topk,
+        message_words=message_words,
+        use_fp8=use_fp8,
+        use_ue8m0=use_ue8m0,
+        scale_columns=scale_columns,
     )
-    _assert_light_wait(recv.asm["ptx"])
+    _assert_light_wait(_compile(recv).asm["ptx"])
 
 
-def test_low_latency_combine_kernels_compile() -> None:
-    from epcomm.kernels.low_latency_combine import ll_combine_recv_kernel, ll_combine_send_kernel
-
-    send_signature = {
-        **PEERS,
-        "x_ptr": "*i32",
-        "gather_idx_ptr": "*i64",
-        "mask_ptr": "*i32",
-        **LL_SIGNAL_POINTERS,
-        "rank": "i32",
-        "flag_offset": "i32",
-        "parity_offset": "i32",
-    }
-    send = _compile(
-        ll_combine_send_kernel,
-        send_signature,
-        {"NUM_RANKS": 4, "CAPACITY": 128, "NUM_TOPK": 8, "X_WORDS": 3584, "X_BLOCK": 4096},
-        [*(n for n, t in send_signature.items() if t.startswith("*")), "parity_offset"],
-        num_warps=8,
+@pytest.mark.parametrize("num_ranks", [4, 16])
+def test_low_latency_combine_kernels_compile(num_ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    hidden, capacity, num_topk, num_tokens = 7168, 128, 8, 128
+    num_local_experts = 256 // num_ranks
+    (send,) = _launches(
+        ll_combine_module,
+        ll_combine_module.launch_ll_combine_send,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        x_words=torch.zeros(1, dtype=torch.int32).expand(
+            num_local_experts, num_ranks * capacity, hidden // 2
+        ),
+        combine_gather_idx=torch.zeros(num_ranks, capacity, num_topk, dtype=torch.int64),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        signals=_signals(num_ranks),
+        words=_WORDS,
+        num_sms=132,
     )
-    assert "st.global.v4.b32" in _accesses(send)
-    _assert_fused_signal(send.asm["ptx"])
-    recv_signature = {
-        "local_ptr": "*i32",
-        "mask_ptr": "*i32",
-        "expected_ptr": "*i32",
-        "topk_idx_ptr": "*i64",
-        "topk_weights_ptr": "*fp32",
-        "out_ptr": "*bf16",
-        "wait_stats_ptr": "*i64",
-        "num_tokens": "i32",
-        "rank": "i32",
-        "timeout_ns": "i64",
-        "error_address": "i64",
-        "flag_offset": "i32",
-        "parity_offset": "i32",
-    }
-    recv = _compile(
-        ll_combine_recv_kernel,
-        recv_signature,
-        {
-            "NUM_RANKS": 4,
-            "NUM_LOCAL_EXPERTS": 64,
-            "HIDDEN": 7168,
-            "H_BLOCK": 8192,
-            "NUM_TOPK": 8,
-            "HAS_WAIT_STATS": True,
-        },
-        [*(n for n, t in recv_signature.items() if t.startswith("*")), "parity_offset"],
-        num_warps=16,
+    compiled_send = _compile(send)
+    assert "st.global.v4.b32" in _accesses(compiled_send)
+    _assert_fused_signal(compiled_send.asm["ptx"])
+    (recv,) = _launches(
+        ll_combine_module,
+        ll_combine_module.launch_ll_combine_recv,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        local=torch.zeros(64, dtype=torch.int32),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        recv_expected=torch.zeros(num_ranks, dtype=torch.int32),
+        words=_WORDS,
+        operation_code=9,
+        topk_idx=torch.zeros(num_tokens, num_topk, dtype=torch.int64),
+        topk_weights=torch.zeros(num_tokens, num_topk, dtype=torch.float32),
+        out=torch.zeros(num_tokens, hidden, dtype=torch.bfloat16),
+        wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
+        num_local_experts=num_local_experts,
+        num_sms=132,
     )
-    _assert_light_wait(recv.asm["ptx"])
+    _assert_light_wait(_compile(recv).asm["ptx"])
 
 
 def test_low_latency_kernel_names_say_their_operation() -> None:
     """A profiler trace attributes each launched low-latency kernel to dispatch or combine."""
-    from epcomm.kernels import low_latency_combine, low_latency_dispatch
-
-    for module, operation in ((low_latency_dispatch, "dispatch"), (low_latency_combine, "combine")):
+    for module, operation in ((ll_dispatch_module, "dispatch"), (ll_combine_module, "combine")):
         kernels = [name for name in vars(module) if name.endswith("_kernel")]
         assert kernels, module.__name__
         for name in kernels:
@@ -383,96 +358,64 @@ def test_low_latency_kernel_names_say_their_operation() -> None:
 
 
 @pytest.mark.parametrize(
-    ("num_ranks", "num_experts", "checkpoints"), [(1, 8, 4), (2, 256, 1), (4, 256, 4), (8, 4096, 8)]
+    ("num_ranks", "num_experts"), [(1, 8), (2, 256), (4, 256), (8, 4096), (16, 256), (72, 288)]
 )
-def test_normal_rows_kernels_compile(num_ranks: int, num_experts: int, checkpoints: int) -> None:
-    r_block = max(triton.next_power_of_2(num_ranks), 2)
-    counts_signature = {
-        **PEERS,
-        "counts_ptr": "*i32",
-        "in_rank_ptr": "*i8",
-        "recv_row_ptr": "*i32",
-        "rank_prefix_ptr": "*i32",
-        "num_recv_ptr": "*i32",
-        "num_tokens": "i32",
-        "rank": "i32",
-        "epoch": "i32",
-        "timeout_ns": "i64",
-        "error_address": "i64",
-        "operation_code": "i32",
-        "host_address": "i64",
-        "write_host": "i32",
-    }
-    constexprs = {
-        "FLAG_OFFSET": 0,
-        "TABLE_OFFSET": 64,
-        "NUM_RANKS": num_ranks,
-        "NUM_EXPERTS": num_experts,
-        "E_BLOCK": min(max(triton.next_power_of_2(num_experts), 32), 1024),
-        "R_BLOCK": r_block,
-        "T_BLOCK": 512,
-        "HOST_TABLE": 4,
-        "CK_BLOCK": max(2, triton.next_power_of_2(checkpoints)),
-        "CHECKPOINTS": checkpoints,
-    }
-    aligned = [*PEERS, *(name for name in counts_signature if name.endswith("_ptr"))]
-    compiled = _compile(dispatch_counts_kernel, counts_signature, constexprs, aligned, num_warps=4)
-    _assert_system_scope_ordering(compiled.asm["ptx"])
-    combine_signature = {
-        "rank_prefix_ptr": "*i32",
-        "recv_row_ptr": "*i32",
-        "dst_row_ptr": "*i32",
-        "token_slot_ptr": "*i32",
-        "num_rows": "i32",
-        "num_tokens": "i32",
-        "rank": "i32",
-    }
-    aligned = [name for name in combine_signature if name.endswith("_ptr")]
-    constexprs = {"NUM_RANKS": num_ranks, "R_BLOCK": r_block, "BLOCK": 256}
-    _compile(combine_rows_kernel, combine_signature, constexprs, aligned, num_warps=4)
+def test_normal_rows_kernels_compile(
+    num_ranks: int, num_experts: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    num_tokens = 100
+    (counts,) = _launches(
+        rows_module,
+        rows_module.launch_dispatch_counts,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        num_tokens_per_expert=torch.zeros(num_experts, dtype=torch.int32),
+        is_token_in_rank=torch.zeros(num_tokens, num_ranks, dtype=torch.bool),
+        epoch=5,
+        operation_code=2,
+        table_offset=64,
+        host_address=1 << 41,
+        write_host=True,
+    )
+    _assert_system_scope_ordering(_compile(counts).asm["ptx"])
+    (rows,) = _launches(
+        rows_module,
+        rows_module.launch_combine_rows,
+        monkeypatch,
+        rank_prefix_matrix=torch.zeros(num_ranks, num_ranks, dtype=torch.int32),
+        recv_row_of_token=torch.zeros(num_tokens, num_ranks, dtype=torch.int32),
+        num_rows=300,
+        rank=num_ranks - 1,
+        num_sms=24,
+    )
+    _compile(rows)
 
 
 @pytest.mark.parametrize(("has_topk", "has_num_real"), [(True, False), (True, True), (False, False)])
-def test_copy_out_meta_compiles(has_topk: bool, has_num_real: bool) -> None:
-    signature = {
-        "src_idx_area_ptr": "*i32",
-        "topk_idx_area_ptr": "*i64",
-        "topk_weights_area_ptr": "*fp32",
-        "src_idx_ptr": "*i32",
-        "topk_idx_ptr": "*i64",
-        "topk_weights_ptr": "*fp32",
-        "num_real_ptr": "*i32",
-        "num_rows": "i32",
-    }
-    constexprs = {
-        "NUM_TOPK": 8,
-        "K_BLOCK": 8,
-        "HAS_TOPK_IDX": has_topk,
-        "HAS_TOPK_WEIGHTS": has_topk,
-        "HAS_NUM_REAL": has_num_real,
-        "BLOCK": 256,
-    }
-    aligned = [name for name in signature if name.endswith("_ptr")]
-    compiled = _compile(copy_out_meta_kernel, signature, constexprs, aligned, num_warps=4)
-    assert any(a.startswith("ld.global.cg") for a in _accesses(compiled))
-
-
-@pytest.mark.parametrize(("num_ranks", "num_nodes"), [(4, 1), (8, 2), (2, 1)])
-def test_dispatch_layout_compiles_with_atomics(num_ranks: int, num_nodes: int) -> None:
-    signature = {"topk_idx_ptr": "*i64", "in_rank_ptr": "*i8", "counts_ptr": "*i32", "num_tokens": "i32"}
-    constexprs = {
-        "NUM_TOPK": 8,
-        "K_BLOCK": 8,
-        "NUM_RANKS": num_ranks,
-        "R_BLOCK": max(num_ranks, 2),
-        "NUM_LOCAL_EXPERTS": 256 // num_ranks,
-        "NUM_EXPERTS": 256,
-        "NUM_NODES": num_nodes,
-        "N_BLOCK": 2,
-        "RANKS_PER_NODE": num_ranks // num_nodes,
-        "BLOCK_T": 128,
-    }
-    compiled = _compile(
-        dispatch_layout_kernel, signature, constexprs, ["topk_idx_ptr", "in_rank_ptr", "counts_ptr"], 4
+def test_copy_out_meta_compiles(has_topk: bool, has_num_real: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    capacity, num_topk = 1024, 8
+    (call,) = _launches(
+        copy_out_module,
+        copy_out_module.launch_copy_out_meta,
+        monkeypatch,
+        src_idx_area=torch.zeros(capacity, dtype=torch.int32),
+        topk_idx_area=torch.zeros(capacity * num_topk, dtype=torch.int64) if has_topk else None,
+        topk_weights_area=torch.zeros(capacity * num_topk, dtype=torch.float32) if has_topk else None,
+        num_rows=700,
+        num_topk=num_topk,
+        num_real_rows=torch.zeros(1, dtype=torch.int32) if has_num_real else None,
+        num_sms=24,
     )
-    assert "atom.global" in compiled.asm["ptx"] or "red.global" in compiled.asm["ptx"]
+    assert any(a.startswith("ld.global.cg") for a in _accesses(_compile(call)))
+
+
+@pytest.mark.parametrize(("num_ranks", "per_node"), [(4, None), (8, 4), (2, None), (16, 8)])
+def test_dispatch_layout_compiles_with_atomics(
+    num_ranks: int, per_node: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[Any] = []
+    monkeypatch.setattr(layout_module, "launch", lambda *args: calls.append(args))
+    layout_module.launch_dispatch_layout(torch.zeros(300, 8, dtype=torch.int64), 256, num_ranks, per_node)
+    (call,) = calls
+    ptx = _compile(call).asm["ptx"]
+    assert "atom.global" in ptx or "red.global" in ptx
