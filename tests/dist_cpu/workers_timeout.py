@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from epcomm import Buffer
+from epcomm.env import Settings
 from epcomm.errors import PeerTimeoutError
 from epcomm.testing import ProcessGroupInfo
 
@@ -41,13 +41,18 @@ def skipped_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, done_
     One operation per launch: after a timeout gloo closes the connection to the peer, so the group
     cannot be used for a second one.
     """
-    os.environ["EPCOMM_TIMEOUT_S"] = str(TIMEOUT_S)  # read when the Buffer is built
     capacity = max(case.num_tokens, 1)
     num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
         capacity, case.hidden, pgi.world_size, case.num_experts
     )
     outcome: dict[str, Any] = {}
-    with Buffer(pgi.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True, backend=BACKEND) as buffer:
+    with Buffer(
+        pgi.group,
+        num_rdma_bytes=num_rdma_bytes,
+        low_latency_mode=True,
+        backend=BACKEND,
+        settings=Settings(timeout_s=TIMEOUT_S),
+    ) as buffer:
         if pgi.rank == 1:
             deadline = time.monotonic() + PEER_LINGER_S
             while not Path(done_file).exists() and time.monotonic() < deadline:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 
 import epcomm
 from epcomm import quant
+from epcomm.env import Settings
 from epcomm.testing import ProcessGroupInfo
 
 
@@ -237,9 +237,14 @@ def shrink_masked_rank(pgi: ProcessGroupInfo) -> list[str]:
 
 def skip_low_latency(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     """Rank 1 never calls; rank 0's receive times out and the next call raises a named error."""
-    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
     size = epcomm.Buffer.get_low_latency_rdma_size_hint(16, 256, pgi.world_size, 16)
-    buffer = epcomm.Buffer(pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="nvlink")
+    buffer = epcomm.Buffer(
+        pgi.group,
+        num_rdma_bytes=size,
+        low_latency_mode=True,
+        backend="nvlink",
+        settings=Settings(timeout_s=timeout_s),
+    )
     x, topk_idx, _ = _inputs(pgi, 16, 256, 16, 2, 5)
     if pgi.rank == 1:
         time.sleep(timeout_s * 3)

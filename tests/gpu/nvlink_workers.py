@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any
 
@@ -10,6 +9,7 @@ import torch
 
 import epcomm
 from epcomm import quant
+from epcomm.env import Settings
 from epcomm.testing import ProcessGroupInfo
 
 
@@ -33,13 +33,14 @@ def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def compare_normal_mode(
-    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], env: dict[str, str] | None = None
+    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], options: dict[str, Any] | None = None
 ) -> list[str]:
     """Run every setting on both backends; return one line per failed check (empty = all passed).
-    ``env`` is set first (backend options such as ``EPCOMM_COPY_CHECKPOINTS``)."""
-    os.environ.update(env or {})
+    ``options``: fields of ``epcomm.env.Settings`` for the NVLink buffer (kernel knobs)."""
     failures: list[str] = []
-    nvlink = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 24, backend="nvlink")
+    nvlink = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 24, backend="nvlink", settings=Settings(**(options or {}))
+    )
     reference = epcomm.Buffer(pgi.group, backend="reference")
     assert nvlink.backend_name == "nvlink"
     for setting in settings:
@@ -120,8 +121,9 @@ def compare_normal_mode(
 
 def skip_one_dispatch(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     """Rank 1 skips a dispatch; rank 0 must fail with an error naming the operation and rank 1."""
-    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
-    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 22, backend="nvlink")
+    buffer = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=timeout_s)
+    )
     x = torch.randn(64, 256, device=pgi.device).bfloat16()
     topk_idx = _routing(64, 8 * pgi.world_size, 4, pgi.rank, pgi.device)
     layout = buffer.get_dispatch_layout(topk_idx, 8 * pgi.world_size)
@@ -142,13 +144,13 @@ def skip_one_dispatch(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     return "no error"
 
 
-def skip_one_combine(pgi: ProcessGroupInfo, timeout_s: float, env: dict[str, str]) -> str:
+def skip_one_combine(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     """Rank 1 skips a combine after a dispatch both ran; rank 0's combine must end on its own
-    (every wait bounded: the push's entry and exit waits, the reduce's progress waits with
-    ``EPCOMM_COMBINE_OVERLAP``) and its next call must fail naming combine and rank 1."""
-    os.environ["EPCOMM_TIMEOUT_S"] = str(timeout_s)
-    os.environ.update(env)
-    buffer = epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 22, backend="nvlink")
+    (every wait bounded: the push's entry and exit waits) and its next call must fail naming
+    combine and rank 1."""
+    buffer = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=timeout_s)
+    )
     x = torch.randn(64, 256, device=pgi.device).bfloat16()
     topk_idx = _routing(64, 8 * pgi.world_size, 4, pgi.rank, pgi.device)
     layout = buffer.get_dispatch_layout(topk_idx, 8 * pgi.world_size)

@@ -49,10 +49,11 @@ SETTINGS = [
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8, 16])  # 16: past DeepEP's 8
 def test_low_latency_matches_reference(world_size: int, placement: str) -> None:
     backend = backend_or_skip(world_size, placement)
-    results = parallel_launch(world_size, compare_low_latency, SETTINGS, backend=backend, timeout_s=600)
+    settings = SETTINGS if world_size <= 8 else SETTINGS[1:3]
+    results = parallel_launch(world_size, compare_low_latency, settings, backend=backend, timeout_s=900)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
 

@@ -21,12 +21,12 @@ import torch
 import triton
 import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
+from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
 
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
 import epcomm.kernels.primitives as primitives
 from epcomm import quant
-from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
 
 triton_interpreter.use_cpu_primitives(dispatch_kernels, primitives)
 

@@ -15,7 +15,6 @@ cases run twice:
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from epcomm import Buffer, topk_idx_t
+from epcomm.env import Settings
 from epcomm.testing import ProcessGroupInfo, find_free_port, parallel_launch
 
 NUM_TOKENS = 4
@@ -38,7 +38,7 @@ LL_CAPACITY = 8
 # A bad argument must fail at once; a check placed after communication would wait for the idle
 # peer for _PEER_TIMEOUT_S (> _FAST_ERROR_S) and then fail with the wrong exception.
 _FAST_ERROR_S = 2.0
-_PEER_TIMEOUT_S = "4"
+_PEER_TIMEOUT_S = 4.0
 _LAUNCH_TIMEOUT_S = 120.0
 
 
@@ -100,16 +100,19 @@ def _routing(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return topk_idx, topk_weights
 
 
-def make_ctx(group: Any) -> Ctx:
-    """Collective: build the buffers and run one real dispatch and low-latency dispatch."""
+def make_ctx(group: Any, settings: Settings | None = None) -> Ctx:
+    """Collective: build the buffers (with ``settings``) and run one real dispatch and low-latency
+    dispatch."""
     num_ranks = dist.get_world_size(group)
     rank = dist.get_rank(group)
     ll_bytes = Buffer.get_low_latency_rdma_size_hint(LL_CAPACITY, HIDDEN, num_ranks, NUM_EXPERTS)
-    buffer = Buffer(group)
-    ll_buffer = Buffer(group, num_rdma_bytes=ll_bytes, low_latency_mode=True)
-    small_ll_buffer = Buffer(group, num_rdma_bytes=ll_bytes - 128, low_latency_mode=True)
-    shrink_buffer = Buffer(group, num_rdma_bytes=ll_bytes, low_latency_mode=True, enable_shrink=True)
-    destroyed = Buffer(group)
+    buffer = Buffer(group, settings=settings)
+    ll_buffer = Buffer(group, num_rdma_bytes=ll_bytes, low_latency_mode=True, settings=settings)
+    small_ll_buffer = Buffer(group, num_rdma_bytes=ll_bytes - 128, low_latency_mode=True, settings=settings)
+    shrink_buffer = Buffer(
+        group, num_rdma_bytes=ll_bytes, low_latency_mode=True, enable_shrink=True, settings=settings
+    )
+    destroyed = Buffer(group, settings=settings)
     destroyed.destroy()
 
     x = (torch.arange(NUM_TOKENS * HIDDEN, dtype=torch.float32).view(NUM_TOKENS, HIDDEN) + rank).bfloat16()
@@ -874,8 +877,7 @@ def bad_input_worker(pgi: ProcessGroupInfo, sync_dir: str) -> dict[str, Any]:
     times out against the idle rank and may break the gloo pair, and the per-case results must
     still come back.
     """
-    os.environ["EPCOMM_TIMEOUT_S"] = _PEER_TIMEOUT_S
-    ctx = make_ctx(pgi.group)
+    ctx = make_ctx(pgi.group, Settings(timeout_s=_PEER_TIMEOUT_S))
     dist.barrier(group=pgi.group)
     verdict_file = Path(sync_dir) / "rank0_verdict"
     outcomes: dict[str, tuple[str, str, float]] = {}

@@ -1,0 +1,96 @@
+"""The symmetric buffer's map (``backends/nvlink/symmetric_buffer.py``): for any number of ranks the
+header and the low-latency areas do not overlap, every area is aligned, every flag array is readable
+for a whole wait's lanes, and the low-latency size hint is the layout's size."""
+
+from __future__ import annotations
+
+import pytest
+
+from epcomm.backends.nvlink.symmetric_buffer import (
+    MAX_EXPERTS,
+    MAX_LOW_LATENCY_TOPK,
+    CombineRegions,
+    DispatchRegions,
+    HeaderLayout,
+    LowLatencyLayout,
+    flag_block,
+    low_latency_rdma_size_hint,
+)
+
+
+def _assert_disjoint(areas: list[range], end: int) -> None:
+    words: set[int] = set()
+    for area in areas:
+        assert not words & set(area), area
+        words |= set(area)
+    assert max(words) < end
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 3, 8, 9, 16, 72])
+def test_header_areas_are_disjoint_and_aligned(num_ranks: int) -> None:
+    header = HeaderLayout(num_ranks, count_table=True)
+    block = flag_block(num_ranks)
+    assert block >= num_ranks
+    assert block & (block - 1) == 0
+    _assert_disjoint(
+        [
+            range(header.flags, header.flags + block),  # a wait reads `block` lanes
+            range(header.counter, header.counter + 1),
+            range(header.table, header.table + num_ranks * (num_ranks + MAX_EXPERTS)),
+        ],
+        header.payload,
+    )
+    assert header.payload % 32 == 0
+    assert HeaderLayout(num_ranks, count_table=False).payload < header.payload
+
+
+@pytest.mark.parametrize(
+    ("capacity", "x_words", "scale_words", "num_topk"), [(1, 4, 0, 1), (4096, 3584, 56, 8)]
+)
+def test_normal_regions_fit_the_row_size(
+    capacity: int, x_words: int, scale_words: int, num_topk: int
+) -> None:
+    payload = 4160
+    dispatch = DispatchRegions(payload, capacity, x_words, scale_words, num_topk)
+    fields = [dispatch.x, dispatch.scales, dispatch.topk_idx, dispatch.topk_weights, dispatch.src_idx]
+    assert all(offset % 32 == 0 for offset in fields)
+    end = dispatch.src_idx + capacity
+    assert end - payload <= capacity * DispatchRegions.row_words(x_words, scale_words, num_topk) + 8 * 32
+    combine = CombineRegions(payload, capacity, x_words, num_topk)
+    assert combine.topk_weights % 32 == 0
+    end = combine.topk_weights + capacity * num_topk
+    assert end - payload <= capacity * CombineRegions.row_words(x_words, num_topk) + 8 * 32
+
+
+@pytest.mark.parametrize(
+    ("num_ranks", "capacity", "hidden", "num_topk"),
+    [(2, 1, 128, 1), (4, 128, 7168, 8), (8, 256, 640, 32), (16, 128, 7168, 8), (72, 8, 256, 4)],
+)
+def test_low_latency_areas_are_disjoint_and_aligned(
+    num_ranks: int, capacity: int, hidden: int, num_topk: int
+) -> None:
+    layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+    block = flag_block(num_ranks)
+    assert layout.flag_stride >= block
+    assert layout.flag_stride % 4 == 0  # 16-byte aligned rows
+    areas = [
+        range(layout.flags(phase, parity), layout.flags(phase, parity) + block)
+        for phase in (0, 1)
+        for parity in (0, 1)
+    ]
+    areas += [range(layout.counts(parity), layout.counts(parity) + block) for parity in (0, 1)]
+    for parity in (0, 1):
+        assert layout.dispatch_staging(parity) % 32 == 0
+        assert layout.combine_staging(parity) % 32 == 0
+        areas.append(
+            range(layout.dispatch_staging(parity), layout.dispatch_staging(parity) + layout.dispatch_words)
+        )
+        areas.append(
+            range(layout.combine_staging(parity), layout.combine_staging(parity) + layout.combine_words)
+        )
+    _assert_disjoint(areas, layout.total_words)
+
+
+def test_size_hint_is_the_layout_size() -> None:
+    layout = LowLatencyLayout(4, 128, 7168, MAX_LOW_LATENCY_TOPK)
+    assert low_latency_rdma_size_hint(128, 7168, 4, 256) == layout.total_words * 4
