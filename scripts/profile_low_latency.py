@@ -19,7 +19,7 @@ GPU:
 (c) the graph replays of (b) under the profiler: each kernel's GPU time inside the graph and the
     idle gaps between them (span - busy).
 
-    PYTHONPATH=src python3 scripts/profile_low_latency.py [--tokens 1,128] [--iters 5]
+    python3 scripts/profile_low_latency.py [--tokens 1,128] [--iters 5]
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
-"""One rank's device timeline of back-to-back normal-mode calls: every kernel and copy of the last
-calls, with its stream, start (relative to the call's first activity) and duration.
+"""One rank's device timeline of normal-mode calls: each kernel and copy with its stream, start and duration.
 
-    PYTHONPATH=src python3 scripts/timeline_dispatch.py [--num-ranks N] [--ops dispatch_bf16,...]
+The last two of ``--calls`` calls (each after a device sync) of each op, on rank 0: every device
+activity with its stream, its start relative to the call's first activity and its duration. Shows
+what overlaps what (the push kernel, the copy-out of the received rows, the metadata copy-out) and
+where the device waits for the host.
 
-Shows what overlaps what (the push kernel, the copy-engine copy-out on its side stream, the
-metadata copy-out) and where the device waits for the host.
+    python3 scripts/timeline_dispatch.py [--num-ranks N] [--ops dispatch_bf16,...] [--calls 4]
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-if "src" not in os.environ.get("PYTHONPATH", ""):
-    sys.path.insert(0, "src")
+if "src" not in os.environ.get("PYTHONPATH", ""):  # else the caller chose the code (A/B runs)
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "src"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from profile_normal import normal_ops
 
