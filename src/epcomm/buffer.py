@@ -24,7 +24,7 @@ from epcomm.backends.nvlink.symmetric_buffer import low_latency_rdma_size_hint
 from epcomm.buffer_low_latency import LowLatencyMethods
 from epcomm.config import Config, combine_config_preset, dispatch_config_preset
 from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
-from epcomm.handles import DispatchHandle
+from epcomm.handles import DispatchHandle, as_handle
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["Buffer"]
@@ -345,7 +345,7 @@ class Buffer(LowLatencyMethods):
         self._check_events(previous_event, async_finish, allocate_on_comm_stream)
         config = config or self.get_dispatch_config(self.group_size)
         if handle is not None:
-            cached = self._check_handle(handle)
+            cached = as_handle(handle, DispatchHandle, "a dispatch")
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
             check_shape("x (cached dispatch)", data, [cached.is_token_in_rank.size(0), None])
@@ -419,14 +419,6 @@ class Buffer(LowLatencyMethods):
             event,
         )
 
-    @staticmethod
-    def _check_handle(handle: Any) -> DispatchHandle:
-        if isinstance(handle, DispatchHandle):
-            return handle
-        if isinstance(handle, tuple) and len(handle) == len(DispatchHandle._fields):
-            return DispatchHandle(*handle)
-        raise TypeError(f"handle must be the handle a dispatch returned; got {type(handle).__name__}")
-
     def combine(
         self,
         x: torch.Tensor,
@@ -451,7 +443,7 @@ class Buffer(LowLatencyMethods):
             ``combined_x [num_tokens, hidden]`` bf16, ``combined_topk_weights [num_tokens,
             num_topk]`` float32 or ``None``, and the event.
         """
-        cached = self._check_handle(handle)
+        cached = as_handle(handle, DispatchHandle, "a dispatch")
         data = check_tensor("x", x)
         check_dtype("x", data, torch.bfloat16)
         check_shape("x", data, [cached.num_recv_rows, None])

@@ -18,7 +18,7 @@ from epcomm.backends.base import Backend, LowLatencyCombineRequest, LowLatencyDi
 from epcomm.backends.nvlink.symmetric_buffer import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
 from epcomm.env import Settings
 from epcomm.event import EventOverlap, comm_stream_scope
-from epcomm.handles import LowLatencyHandle
+from epcomm.handles import LowLatencyHandle, as_handle
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["LowLatencyMethods"]
@@ -204,13 +204,7 @@ class LowLatencyMethods:
         Returns:
             ``combined_x [num_tokens, hidden]`` bf16, the event and the hook.
         """
-        if not isinstance(handle, LowLatencyHandle):
-            if isinstance(handle, tuple) and len(handle) == len(LowLatencyHandle._fields):
-                handle = LowLatencyHandle(*handle)
-            else:
-                raise TypeError(
-                    f"handle must be the handle low_latency_dispatch returned; got {type(handle).__name__}"
-                )
+        handle = as_handle(handle, LowLatencyHandle, "low_latency_dispatch")
         num_local_experts = handle.num_experts // self.group_size
         rows = self.group_size * handle.num_max_dispatch_tokens_per_rank
         data = check_tensor("x", x)
@@ -254,8 +248,7 @@ class LowLatencyMethods:
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle | tuple[Any, ...]) -> torch.Tensor:
         """The buffer zero-copy combine reads: ``[num_local_experts, num_ranks * M, hidden]`` bf16."""
-        if not isinstance(handle, LowLatencyHandle):
-            handle = LowLatencyHandle(*handle)
+        handle = as_handle(handle, LowLatencyHandle, "low_latency_dispatch")
         return self.backend.get_next_low_latency_combine_buffer(handle)
 
     def clean_low_latency_buffer(

@@ -3,12 +3,12 @@
 ``num_sms`` bounds the streaming multiprocessors our kernels use. The four chunk sizes are
 DeepEP's ring-buffer knobs; they are accepted and kept (so DeepEP code that builds or tunes
 configs runs unchanged) and feed the buffer-size hints, but our backends write each token once
-into its final place and need no rings (see ``../shared/KERNELS.md``).
+into its final place and need no rings.
 
 SM presets: ``get_dispatch_config`` / ``get_combine_config`` use ``Buffer.num_sms`` (20 unless
-``Buffer.set_num_sms`` changes it, as in DeepEP) for every rank count. Our sweep on 4x H200
-(``benchmarks/bench_normal.py`` at 8/16/24/32 SMs and ``scripts/sweep_push.py`` /
-``scripts/sweep_reduce.py``, docs/performance.md): the dispatch push is NVLink-bound from 16
+``Buffer.set_num_sms`` changes it, as in DeepEP) for every rank count. Measured on 4x H200
+(``benchmarks/bench_normal.py`` at 8/16/24/32 SMs and the push / reduce sweeps of
+docs/performance.md): the dispatch push is NVLink-bound from 16
 programs on (EP4: 486 / 476 / 471 us at 16 / 24 / 32), so dispatch gains nothing past ~16 SMs;
 combine still gains up to 24-32 SMs (its local reduction scales with SMs: 412 / 215 / 153 / 123 us
 at 8 / 16 / 24 / 32); 8 SMs cost 1.1x (dispatch) to 1.6x (combine). 20 sits on the flat part for
@@ -27,7 +27,9 @@ __all__ = [
 ]
 
 # DeepEP's constants that enter its buffer-size hints (same formula as DeepEP V1's intranode
-# hint; our backends size their own buffers and grow them when a call needs more).
+# hint; our backends size their own buffers and grow them when a call needs more). The 8 is
+# DeepEP's API (its NVLink domain and its RDMA hint's node size), used only in these hints: the
+# NVLink backend itself serves any number of ranks.
 NUM_MAX_NVL_PEERS = 8
 NUM_MAX_TOPK = 128
 NUM_MAX_SCALES = 128

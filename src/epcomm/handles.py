@@ -7,11 +7,11 @@ types for everything else.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import torch
 
-__all__ = ["DispatchHandle", "LowLatencyHandle"]
+__all__ = ["DispatchHandle", "LowLatencyHandle", "as_handle"]
 
 
 class DispatchHandle(NamedTuple):
@@ -68,3 +68,16 @@ class LowLatencyHandle(NamedTuple):
     num_experts: int
     combine_gather_idx: torch.Tensor
     buffer_parity: int
+
+
+HandleType = TypeVar("HandleType", DispatchHandle, LowLatencyHandle)
+
+
+def as_handle(handle: Any, kind: type[HandleType], returned_by: str) -> HandleType:
+    """``handle`` as a ``kind``: itself, or built from a plain tuple of the same length (DeepEP
+    code may pass the tuple on); anything else raises ``TypeError`` naming ``returned_by``."""
+    if isinstance(handle, kind):
+        return handle
+    if isinstance(handle, tuple) and len(handle) == len(kind._fields):
+        return kind(*handle)
+    raise TypeError(f"handle must be the handle {returned_by} returned; got {type(handle).__name__}")

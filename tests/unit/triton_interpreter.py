@@ -1,22 +1,27 @@
 """Shared set-up of the kernel checks that run in Triton's CPU interpreter
 (``kernel_interpreter_checks.py``, ``ll_kernel_interpreter_checks.py``): refuses to run without
-``TRITON_INTERPRET=1`` (it must be set before any kernel is defined) and makes Triton 3.6's
-interpreter work with numpy 2."""
+``TRITON_INTERPRET=1`` (it must be set before any kernel is defined), makes Triton 3.6's
+interpreter work with numpy 2, replaces the inline-assembly primitives with CPU stand-ins
+(``use_cpu_primitives``) and builds the peer groups of simulated ranks (``peer_group``)."""
 
 from __future__ import annotations
 
+import importlib
 import os
+import pkgutil
 import sys
 import time
 from collections.abc import Callable
-from types import ModuleType
 
 if os.environ.get("TRITON_INTERPRET") != "1":
     raise SystemExit("run with TRITON_INTERPRET=1")
 
+import torch
 import triton
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
+
+from epcomm.kernels.peer_group import PeerGroup
 
 # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
 # non-0-d arrays: convert through the first element instead.
@@ -51,15 +56,72 @@ def _cpu_fence():
     pass
 
 
-def use_cpu_primitives(*modules: ModuleType) -> None:
-    """Replace the global timer, the system-scope loads and the fence in ``modules`` (kernel
-    modules, and ``epcomm.kernels.primitives`` for the helpers that call them) with CPU stand-ins
-    (the interpreter runs one program at a time: there is nothing to order)."""
-    for module in modules:
-        module.global_timer_ns = _cpu_timer_ns  # type: ignore[attr-defined]
-        module.load_acquire_sys = _cpu_load  # type: ignore[attr-defined]
-        module.load_relaxed_sys = _cpu_load  # type: ignore[attr-defined]
-        module.fence_acq_rel_sys = _cpu_fence  # type: ignore[attr-defined]
+_STAND_INS = {
+    "global_timer_ns": _cpu_timer_ns,
+    "load_acquire_sys": _cpu_load,
+    "load_relaxed_sys": _cpu_load,
+    "fence_acq_rel_sys": _cpu_fence,
+}
+
+# Every kernel module that reaches a primitive (directly or through the helpers of
+# ``primitives``): ``use_cpu_primitives`` patches them all and checks that no other module of
+# ``epcomm.kernels`` holds an inline-assembly primitive.
+KERNEL_MODULES = (
+    "epcomm.kernels.primitives",
+    "epcomm.kernels.barrier",
+    "epcomm.kernels.normal_push",
+    "epcomm.kernels.normal_rows",
+    "epcomm.kernels.low_latency_dispatch",
+    "epcomm.kernels.low_latency_combine",
+)
+
+
+def use_cpu_primitives() -> None:
+    """Replace the global timer, the system-scope loads and the fence in every kernel module
+    (``KERNEL_MODULES``, ``epcomm.kernels.primitives`` included for the helpers that call them)
+    with CPU stand-ins (the interpreter runs one program at a time: there is nothing to order).
+    ``peer_pointer`` needs none: the interpreter loads the table entry and turns it into a pointer.
+    Raises if a module of ``epcomm.kernels`` outside ``KERNEL_MODULES`` holds a primitive."""
+    import epcomm.kernels
+
+    def is_primitive(value: object) -> bool:
+        fn = getattr(value, "fn", None)
+        return getattr(fn, "__module__", None) == "epcomm.kernels.primitives" and fn.__name__ in _STAND_INS
+
+    for module_name in KERNEL_MODULES:
+        module = importlib.import_module(module_name)
+        for name, stand_in in _STAND_INS.items():
+            if hasattr(module, name):
+                setattr(module, name, stand_in)
+    for info in pkgutil.iter_modules(epcomm.kernels.__path__, "epcomm.kernels."):
+        module = importlib.import_module(info.name)
+        left = sorted(name for name, value in vars(module).items() if is_primitive(value))
+        if left:
+            raise RuntimeError(f"{info.name} holds inline-assembly primitives {left}: add it to KERNEL_MODULES")
+
+
+def peer_group(
+    buffers: list[torch.Tensor],
+    rank: int,
+    error: torch.Tensor,
+    timeout_ns: int = 10**12,
+    flag_offset: int = 0,
+    counter_offset: int = 32,
+) -> PeerGroup:
+    """Rank ``rank``'s ``PeerGroup`` over simulated ranks: ``buffers`` (one CPU int32 tensor per
+    rank, 16-byte aligned) reached through a table of their addresses, as the symmetric buffer
+    builds it; ``error`` a CPU int32 ``[4]`` error word."""
+    addresses = [buffer.data_ptr() for buffer in buffers]
+    assert all(address % 16 == 0 for address in addresses), "simulated buffers must be 16-byte aligned"
+    return PeerGroup(
+        peer_table=torch.tensor(addresses, dtype=torch.int64),
+        rank=rank,
+        num_ranks=len(buffers),
+        timeout_ns=timeout_ns,
+        error_address=error.data_ptr(),
+        flag_offset=flag_offset,
+        counter_offset=counter_offset,
+    )
 
 
 def run_checks(checks: dict[str, Callable[[], None]]) -> None:
