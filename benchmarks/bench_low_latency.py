@@ -30,9 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import epcomm
-from common import append_jsonl, capture_graph, environment_info
 from epcomm import quant
 from epcomm.testing import ProcessGroupInfo, parallel_launch
+from report import append_jsonl, environment_info
+from timing import capture_graph
 
 
 def _inputs(rank: int, tokens: int, hidden: int, experts: int, topk: int, device: torch.device) -> Any:
