@@ -74,7 +74,7 @@ from baseline import UserHandle, user_combine, user_dispatch, user_dispatch_cach
 from device_time import profile_op
 from epcomm import Buffer, Config
 from epcomm.quant import per_token_cast_to_fp8
-from epcomm.testing import ProcessGroupInfo, parallel_launch
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
 from report import (
     BASELINE_BACKENDS,
     Progress,
@@ -86,7 +86,7 @@ from report import (
     make_progress,
     plot_rows,
 )
-from shapes import SETTINGS, Setting, make_routing, payload_bytes
+from shapes import SETTINGS, Setting, payload_bytes
 from timing import maybe_nvtx, median, time_back_to_back, time_op
 
 OPS = (
@@ -267,7 +267,15 @@ class _Rank:
     # ---- setup + correctness guard ----
     def prepare(self, setting: Setting) -> _SettingState:
         spec = self.spec
-        topk_idx, topk_weights = make_routing(setting, self.rank, self.device, spec.seed, spec.num_masked)
+        topk_idx, topk_weights = make_routing(
+            setting.num_tokens,
+            setting.num_experts,
+            setting.num_topk,
+            seed=spec.seed,
+            rank=self.rank,
+            num_masked=spec.num_masked,
+            device=self.device,
+        )
         gen = torch.Generator(device=self.device).manual_seed(spec.seed * 7919 + 1000 + self.rank)
         state = _SettingState(setting, topk_idx, topk_weights, [], [], [], {}, {}, 0, 0, gen)
         state.x_sets = [state.rand(setting.num_tokens) for _ in range(spec.num_inputs)]

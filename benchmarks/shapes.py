@@ -1,16 +1,13 @@
-"""Benchmark shapes: named settings (tokens per rank, hidden size, top-k of experts), routing and
-payload sizes.
+"""Benchmark shapes: named settings (tokens per rank, hidden size, top-k of experts) and payload sizes.
 
-Plain ``torch`` only (no epcomm import), like the rest of the benchmark helpers.
+The routing of a setting comes from ``epcomm.testing.make_routing`` (the tests' generator).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
-__all__ = ["FP8_GROUP", "SETTINGS", "Setting", "make_routing", "payload_bytes"]
+__all__ = ["FP8_GROUP", "SETTINGS", "Setting", "payload_bytes"]
 
 FP8_GROUP = 128
 """Channels per FP8 scale (one float32 scale per token and 128 channels)."""
@@ -55,39 +52,6 @@ SETTINGS: dict[str, Setting] = {
         Setting("tiny", 64, 256, 4, 16),
     )
 }
-
-
-def make_routing(
-    setting: Setting,
-    rank: int,
-    device: torch.device,
-    seed: int,
-    num_masked: int = 0,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """DeepEP-style random routing of one rank's tokens.
-
-    ``scores = randn(num_tokens, num_experts).abs() + 1``, ``topk_idx = topk(scores).indices``
-    (as DeepEP's tests), then ``num_masked`` random entries set to ``-1``.
-
-    Arguments:
-        setting: the shape.
-        rank: this rank (enters the seed, so ranks route differently).
-        device: where the tensors live.
-        seed: base seed of the run.
-        num_masked: how many random ``(token, k)`` entries become ``-1`` (no expert).
-
-    Returns:
-        ``topk_idx [num_tokens, num_topk]`` int64 and ``topk_weights`` float32 (uniform in [0.5, 1.5)).
-    """
-    gen = torch.Generator(device=device).manual_seed(seed * 1_000_003 + rank)
-    scores = torch.randn(setting.num_tokens, setting.num_experts, generator=gen, device=device).abs() + 1
-    topk_idx = torch.topk(scores, setting.num_topk, dim=1).indices.to(torch.int64)
-    if num_masked > 0 and setting.num_tokens > 0:
-        rows = torch.randint(0, setting.num_tokens, (num_masked,), generator=gen, device=device)
-        cols = torch.randint(0, setting.num_topk, (num_masked,), generator=gen, device=device)
-        topk_idx[rows, cols] = -1
-    topk_weights = torch.rand(setting.num_tokens, setting.num_topk, generator=gen, device=device) + 0.5
-    return topk_idx.contiguous(), topk_weights.to(torch.float32).contiguous()
 
 
 def payload_bytes(num_rows: int, hidden: int, fp8: bool) -> int:

@@ -33,7 +33,7 @@ from epcomm._version import __version__
 from epcomm.buffer import Buffer
 from epcomm.handles import LowLatencyHandle
 from epcomm.quant import FP8_GROUP_SIZE, per_token_cast_back, per_token_cast_to_fp8
-from epcomm.testing.launch import ProcessGroupInfo, parallel_launch
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
 
 __all__ = ["CheckResult", "PhaseResult", "RankReport", "RoundtripConfig", "build_parser", "main", "run"]
 
@@ -125,16 +125,22 @@ class _Batch:
 def _make_batch(
     cfg: RoundtripConfig, rank: int, num_tokens: int, stream_id: int, device: torch.device
 ) -> _Batch:
-    """The batch of ``rank`` (a pure function of the seed, so peers can rebuild it): random bf16 rows, distinct
-    random experts per token with ~5% of entries masked to -1, positive weights summing to 1 per token."""
+    """The batch of ``rank`` (a pure function of the seed, so peers can rebuild it): random bf16 rows,
+    distinct random experts per token with ~5% of entries masked to -1 (``make_routing``), positive
+    weights summing to 1 per token. ``stream_id`` tells the normal-mode batch (0) from the decode one (1).
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1_000_003 + rank * 2 + stream_id)
     x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
-    scores = torch.rand(num_tokens, cfg.num_experts, generator=gen, device=device)
-    topk_idx = scores.topk(cfg.num_topk, dim=1).indices.to(torch.int64)
-    masked = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) < _MASKED_FRACTION
-    topk_idx = topk_idx.masked_fill(masked, -1)
-    weights = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) + 0.1
+    topk_idx, weights = make_routing(
+        num_tokens,
+        cfg.num_experts,
+        cfg.num_topk,
+        seed=cfg.seed * 2 + stream_id,
+        rank=rank,
+        masked_prob=_MASKED_FRACTION,
+        device=device,
+    )
     return _Batch(x, topk_idx, weights / weights.sum(dim=1, keepdim=True))
 
 
