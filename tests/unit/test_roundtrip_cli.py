@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from epcomm import roundtrip
+
 _SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def _load_roundtrip() -> ModuleType:
-    """``epcomm.roundtrip``, from the installed package or else from this checkout's ``src``."""
-    try:
-        return importlib.import_module("epcomm.roundtrip")
-    except ImportError:
-        sys.path.insert(0, str(_SRC))
-        return importlib.import_module("epcomm.roundtrip")
-
-
-roundtrip = _load_roundtrip()
 _SMALL = [
     "--dist-backend", "gloo", "--hidden", "256", "--num-experts", "8", "--num-topk", "4",
     "--num-tokens", "64", "--num-decode-tokens", "8",
