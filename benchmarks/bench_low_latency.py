@@ -30,18 +30,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import epcomm
-from common import append_jsonl, capture_graph, environment_info
 from epcomm import quant
-from epcomm.testing import ProcessGroupInfo, parallel_launch
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
+from report import append_jsonl, environment_info
+from timing import capture_graph
 
 
 def _inputs(rank: int, tokens: int, hidden: int, experts: int, topk: int, device: torch.device) -> Any:
+    """``x [tokens, hidden]`` bf16, ``topk_idx [tokens, topk]`` int64 and ``topk_weights`` float32 of ``rank``."""
     generator = torch.Generator(device="cpu").manual_seed(1000 + rank)
     x = torch.randn(tokens, hidden, generator=generator).bfloat16()
-    scores = torch.randn(tokens, experts, generator=generator).abs() + 1
-    topk_idx = torch.topk(scores, topk, dim=-1).indices
-    weights = torch.rand(tokens, topk, generator=generator)
-    return x.to(device), topk_idx.to(device), weights.to(device)
+    topk_idx, weights = make_routing(tokens, experts, topk, seed=1000, rank=rank, device=device)
+    return x.to(device), topk_idx, weights
 
 
 def _time(fn: Callable[[], Any], iters: int, barrier: Callable[[], None]) -> float:

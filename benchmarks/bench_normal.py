@@ -7,10 +7,10 @@ and measures, for every setting and every ``num_sms`` of the sweep (``Config(num
 precomputed, ``topk_idx``/``topk_weights`` sent along), and ``combine`` of the BF16 dispatch's rows
 (with its handle). The baselines run in the same process and run: the reference backend (NCCL
 point-to-point) and the "user path" (``all_to_all_single`` + ``index_select`` / ``index_add_``,
-see ``common.py``). Before timing, every backend is checked against the reference (dispatch bitwise,
+see ``baseline.py``). Before timing, every backend is checked against the reference (dispatch bitwise,
 combine allclose): PASS/FAIL per setting.
 
-Timing follows PERFORMANCE.md "How to measure": per iteration an L2 flush, a host barrier, then a
+Timing: per iteration an L2 flush, a host barrier, then a
 device barrier (an NCCL ``all_reduce`` of one int32 on the run's group, enqueued without the host
 waiting, so the start event fires only once every rank's stream reached it: the ranks' skew in
 leaving the host barrier is not timed), CUDA events around the one call (host work inside it, such
@@ -32,7 +32,7 @@ CUDA activity) with a ``record_function`` range around the call, and each iterat
 device's busy time for the GPU activities (kernels, memcpy, memset) launched inside that range: the
 union of their intervals (the sum of their durations when they run one after another; a copy
 engine working beside a kernel counts once), told apart from the L2 flush, the device barrier and
-the input refresh by CUPTI correlation, not by kernel names (``common.gpu_activity_us``); host gaps
+the input refresh by CUPTI correlation, not by kernel names (``device_time.gpu_activity_us``); host gaps
 are not counted. Median per rank, max over
 ranks. Compare with DeepEP's published kernel times using ``GPU us``. A profiler that fails
 (CUPTI unavailable, ...) leaves ``GPU us`` empty with a warning; after 3 failed measurements in a
@@ -60,7 +60,7 @@ from pathlib import Path
 from typing import Any
 
 _HERE = Path(__file__).resolve().parent
-if str(_HERE) not in sys.path:  # `common` next to this file (also for the spawned ranks)
+if str(_HERE) not in sys.path:  # the helper modules next to this file (also for the spawned ranks)
     sys.path.insert(0, str(_HERE))
 try:
     import epcomm  # noqa: F401
@@ -70,33 +70,24 @@ except ImportError:  # run from a checkout without `pip install -e .`
 import torch
 import torch.distributed as dist
 
-from common import (
+from baseline import UserHandle, user_combine, user_dispatch, user_dispatch_cached
+from device_time import profile_op
+from epcomm import Buffer, Config
+from epcomm.quant import per_token_cast_to_fp8
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
+from report import (
     BASELINE_BACKENDS,
-    SETTINGS,
     Progress,
     ResultRow,
-    Setting,
-    UserHandle,
     append_jsonl,
     best_baseline_us,
     environment_info,
     format_table,
     make_progress,
-    make_routing,
-    maybe_nvtx,
-    median,
-    payload_bytes,
     plot_rows,
-    profile_op,
-    time_back_to_back,
-    time_op,
-    user_combine,
-    user_dispatch,
-    user_dispatch_cached,
 )
-from epcomm import Buffer, Config
-from epcomm.quant import per_token_cast_to_fp8
-from epcomm.testing.launch import ProcessGroupInfo, parallel_launch
+from shapes import SETTINGS, Setting, payload_bytes
+from timing import maybe_nvtx, median, time_back_to_back, time_op
 
 OPS = (
     "layout",
@@ -276,7 +267,15 @@ class _Rank:
     # ---- setup + correctness guard ----
     def prepare(self, setting: Setting) -> _SettingState:
         spec = self.spec
-        topk_idx, topk_weights = make_routing(setting, self.rank, self.device, spec.seed, spec.num_masked)
+        topk_idx, topk_weights = make_routing(
+            setting.num_tokens,
+            setting.num_experts,
+            setting.num_topk,
+            seed=spec.seed,
+            rank=self.rank,
+            num_masked=spec.num_masked,
+            device=self.device,
+        )
         gen = torch.Generator(device=self.device).manual_seed(spec.seed * 7919 + 1000 + self.rank)
         state = _SettingState(setting, topk_idx, topk_weights, [], [], [], {}, {}, 0, 0, gen)
         state.x_sets = [state.rand(setting.num_tokens) for _ in range(spec.num_inputs)]

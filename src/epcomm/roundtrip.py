@@ -1,7 +1,9 @@
 """``python -m epcomm`` / ``epcomm-roundtrip``: an end-to-end, self-checking MoE round trip.
 
-The job starts N local processes (NCCL on GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every
-rank and sends it through both of the library's modes with one ``Buffer``:
+The job starts N local processes with ``epcomm.testing.parallel_launch`` (``--dist-backend``: NCCL on
+GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every rank (routing by
+``epcomm.testing.make_routing``) and sends it through both of the library's modes with one ``Buffer``
+(``--transport``: epcomm's reference or NVLink backend):
 
 * normal mode: ``get_dispatch_layout`` -> ``dispatch`` -> stand-in experts -> ``combine``;
 * low-latency mode: ``low_latency_dispatch`` -> stand-in experts -> ``low_latency_combine``.
@@ -33,7 +35,7 @@ from epcomm._version import __version__
 from epcomm.buffer import Buffer
 from epcomm.handles import LowLatencyHandle
 from epcomm.quant import FP8_GROUP_SIZE, per_token_cast_back, per_token_cast_to_fp8
-from epcomm.testing.launch import ProcessGroupInfo, parallel_launch
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
 
 __all__ = ["CheckResult", "PhaseResult", "RankReport", "RoundtripConfig", "build_parser", "main", "run"]
 
@@ -82,7 +84,9 @@ class RoundtripConfig:
     seed: int
     use_fp8: bool
     modes: tuple[str, ...]
+    """``"normal"`` and/or ``"low-latency"``."""
     transport: str | None
+    """epcomm's transport, ``Buffer(backend=...)`` (``--transport``); ``None``: ``EPCOMM_BACKEND``, else auto."""
 
 
 @dataclass(frozen=True)
@@ -125,16 +129,22 @@ class _Batch:
 def _make_batch(
     cfg: RoundtripConfig, rank: int, num_tokens: int, stream_id: int, device: torch.device
 ) -> _Batch:
-    """The batch of ``rank`` (a pure function of the seed, so peers can rebuild it): random bf16 rows, distinct
-    random experts per token with ~5% of entries masked to -1, positive weights summing to 1 per token."""
+    """The batch of ``rank`` (a pure function of the seed, so peers can rebuild it): random bf16 rows,
+    distinct random experts per token with ~5% of entries masked to -1 (``make_routing``), positive
+    weights summing to 1 per token. ``stream_id`` tells the normal-mode batch (0) from the decode one (1).
+    """
     gen = torch.Generator(device=device)
     gen.manual_seed(cfg.seed * 1_000_003 + rank * 2 + stream_id)
     x = torch.randn(num_tokens, cfg.hidden, generator=gen, device=device).to(torch.bfloat16)
-    scores = torch.rand(num_tokens, cfg.num_experts, generator=gen, device=device)
-    topk_idx = scores.topk(cfg.num_topk, dim=1).indices.to(torch.int64)
-    masked = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) < _MASKED_FRACTION
-    topk_idx = topk_idx.masked_fill(masked, -1)
-    weights = torch.rand(num_tokens, cfg.num_topk, generator=gen, device=device) + 0.1
+    topk_idx, weights = make_routing(
+        num_tokens,
+        cfg.num_experts,
+        cfg.num_topk,
+        seed=cfg.seed * 2 + stream_id,
+        rank=rank,
+        masked_prob=_MASKED_FRACTION,
+        device=device,
+    )
     return _Batch(x, topk_idx, weights / weights.sum(dim=1, keepdim=True))
 
 
@@ -474,10 +484,38 @@ def _worker(pgi: ProcessGroupInfo, cfg: RoundtripConfig) -> RankReport:
 
 # ---- command line ------------------------------------------------------------------------------------------
 
-_BACKEND_HELP = (
-    "torch.distributed backend; auto: nccl with one GPU per process, else gloo on CPU (default: auto)"
+_DIST_BACKEND_HELP = (
+    "torch.distributed backend of the spawned processes (how they rendezvous and what the reference "
+    "transport sends over; not epcomm's transport: see --transport); auto: nccl with one GPU per "
+    "process, else gloo on CPU (default: auto)"
 )
-_TRANSPORT_HELP = "epcomm transport, Buffer(backend=...) (default: EPCOMM_BACKEND, else auto)"
+_TRANSPORT_HELP = (
+    "epcomm's transport, Buffer(backend=...): reference (torch.distributed point-to-point over "
+    "--dist-backend, any device), nvlink (Triton kernels over NVLink symmetric memory, GPUs of one "
+    "node), auto (picked from the devices) (default: EPCOMM_BACKEND, else auto)"
+)
+_DIST_BACKENDS = ("auto", "gloo", "nccl")
+_TRANSPORTS = ("auto", "reference", "nvlink")
+
+
+class _DeprecatedDistBackend(argparse.Action):
+    """``--backend``, the old name of ``--dist-backend``: still accepted, with a note on stderr."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        print(
+            f"{parser.prog}: --backend is deprecated: it sets the torch.distributed backend, now "
+            "--dist-backend (epcomm's transport is --transport)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
+
+
 _FP8_HELP = "dispatch FP8 e4m3 with per-token x 128-channel scales in both modes, else bf16 (default: --fp8)"
 _INT_KNOBS: tuple[tuple[str, int | None, str], ...] = (
     ("--num-processes", None, "ranks to spawn (default: the CUDA device count if >= 2, else 2)"),
@@ -497,7 +535,14 @@ _INT_KNOBS: tuple[tuple[str, int | None, str], ...] = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``argparse`` parser of ``python -m epcomm`` (every knob documented in ``--help``)."""
+    """The ``argparse`` parser of ``python -m epcomm`` (every knob documented in ``--help``).
+
+    Two backends, two flags: ``--dist-backend`` (gloo / nccl) is the ``torch.distributed`` backend of
+    the spawned processes; ``--transport`` (reference / nvlink) is epcomm's, ``Buffer(backend=...)``.
+
+    Returns:
+        The parser.
+    """
     parser = argparse.ArgumentParser(
         prog="python -m epcomm",
         description=(
@@ -520,8 +565,16 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     add = parser.add_argument
-    add("--backend", choices=["auto", "gloo", "nccl"], default="auto", help=_BACKEND_HELP)
-    add("--transport", choices=["auto", "reference", "nvlink", "nvshmem"], default=None, help=_TRANSPORT_HELP)
+    add("--dist-backend", choices=_DIST_BACKENDS, default="auto", help=_DIST_BACKEND_HELP)
+    add(
+        "--backend",
+        dest="dist_backend",
+        choices=_DIST_BACKENDS,
+        default=argparse.SUPPRESS,
+        action=_DeprecatedDistBackend,
+        help=argparse.SUPPRESS,
+    )
+    add("--transport", choices=_TRANSPORTS, default=None, help=_TRANSPORT_HELP)
     add(
         "--mode",
         choices=["all", "normal", "low-latency"],
@@ -543,14 +596,14 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
     )
     if num_processes < 1:
         parser.error(f"--num-processes must be >= 1; got {num_processes}")
-    backend = args.backend
-    if backend == "auto":
-        backend = "nccl" if num_gpus >= num_processes else "gloo"
-    if backend == "nccl" and num_gpus < num_processes:
+    dist_backend = args.dist_backend
+    if dist_backend == "auto":
+        dist_backend = "nccl" if num_gpus >= num_processes else "gloo"
+    if dist_backend == "nccl" and num_gpus < num_processes:
         parser.error(
-            f"--backend nccl needs one CUDA GPU per process: {num_processes} processes, {num_gpus} GPUs"
+            f"--dist-backend nccl needs one CUDA GPU per process: {num_processes} processes, {num_gpus} GPUs"
         )
-    defaults = _GPU_DEFAULTS if backend == "nccl" else _CPU_DEFAULTS
+    defaults = _GPU_DEFAULTS if dist_backend == "nccl" else _CPU_DEFAULTS
     given = (
         args.hidden,
         args.num_experts,
@@ -592,7 +645,7 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
         modes,
         args.transport,
     )
-    return num_processes, backend, cfg
+    return num_processes, dist_backend, cfg
 
 
 def _format_bytes(num_bytes: int) -> str:
@@ -602,9 +655,14 @@ def _format_bytes(num_bytes: int) -> str:
     return f"{num_bytes} B" if num_bytes else "-"
 
 
-def format_report(reports: Sequence[RankReport], backend: str, cfg: RoundtripConfig) -> tuple[str, bool]:
+def format_report(reports: Sequence[RankReport], dist_backend: str, cfg: RoundtripConfig) -> tuple[str, bool]:
     """The printed table: per phase, the slowest rank's median time, the largest per-rank received bytes,
     the slowest rank's bandwidth and the check (PASS only if it passed on every rank; worst error shown).
+
+    Arguments:
+        reports: one report per rank, rank order (each with the same phases, in the same order).
+        dist_backend: the ``torch.distributed`` backend the ranks ran on (``"gloo"`` or ``"nccl"``).
+        cfg: the run's shapes and options.
 
     Returns:
         The text and whether every check passed on every rank.
@@ -612,7 +670,7 @@ def format_report(reports: Sequence[RankReport], backend: str, cfg: RoundtripCon
     num_ranks = len(reports)
     dtype = "FP8 e4m3 + scales" if cfg.use_fp8 else "bf16"
     lines = [
-        f"epcomm {__version__} round trip | transport: {reports[0].transport} | torch.distributed: {backend} | "
+        f"epcomm {__version__} round trip | transport: {reports[0].transport} | torch.distributed: {dist_backend} | "
         f"world size: {num_ranks} | device: {reports[0].device}",
         f"  normal mode : {cfg.num_tokens} tokens/rank x hidden {cfg.hidden}, {cfg.num_experts} experts "
         f"({cfg.num_experts // num_ranks}/rank), top-{cfg.num_topk}, dispatch in {dtype}",
@@ -650,17 +708,26 @@ def format_report(reports: Sequence[RankReport], backend: str, cfg: RoundtripCon
 
 
 def run(argv: Sequence[str] | None = None) -> int:
-    """Parse ``argv``, launch the ranks, print the table; returns the exit code (0 only if all passed)."""
+    """Parse ``argv``, launch the ranks, print the table.
+
+    Arguments:
+        argv: the command-line arguments (``build_parser``'s); ``None``: ``sys.argv[1:]``.
+
+    Returns:
+        The exit code: 0 every check passed on every rank, 1 a check failed, 3 a rank raised or timed
+        out (bad arguments exit with 2 from ``argparse``).
+    """
     parser = build_parser()
-    num_processes, backend, cfg = _resolve(parser.parse_args(argv), parser)
+    args = parser.parse_args(argv)
+    num_processes, dist_backend, cfg = _resolve(args, parser)
     try:
         reports: list[RankReport] = parallel_launch(
-            num_processes, _worker, cfg, backend=backend, timeout_s=float(parser.parse_args(argv).timeout)
+            num_processes, _worker, cfg, backend=dist_backend, timeout_s=float(args.timeout)
         )
     except (RuntimeError, TimeoutError) as exc:
         print(f"epcomm round trip: FAIL: the job did not complete\n{exc}", file=sys.stderr)
         return 3
-    text, passed = format_report(reports, backend, cfg)
+    text, passed = format_report(reports, dist_backend, cfg)
     print(text, flush=True)
     return 0 if passed else 1
 

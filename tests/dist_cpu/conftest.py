@@ -6,18 +6,10 @@ this tier runs its worker on a shared pool instead of spawning its own processes
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-
-# Without an installed epcomm (e.g. a plain checkout), import it from ``src/``. Spawned children
-# inherit this ``sys.path`` (multiprocessing's spawn hands the parent's path to the child).
-if importlib.util.find_spec("epcomm") is None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
 from epcomm.testing import ProcessGroupPool
 

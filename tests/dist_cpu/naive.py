@@ -19,6 +19,8 @@ from typing import NamedTuple
 
 import torch
 
+from epcomm.testing import make_routing
+
 RANK_CHANNEL = 0
 TOKEN_CHANNEL = 1
 MAX_TOKENS = 256
@@ -77,19 +79,18 @@ def make_x(case: Case, rank: int, salt: int = 0) -> torch.Tensor:
 
 
 def make_inputs(case: Case, rank: int, num_ranks: int) -> RankInputs:
-    """Rank ``rank``'s inputs (identical on every process that asks)."""
-    num_tokens = case.num_tokens_of(rank)
-    gen = _generator(case.seed, rank, 0)
-    num_local_experts = case.num_experts // num_ranks
-    scores = torch.randn(num_tokens, case.num_experts, generator=gen).abs() + 1
-    if case.routing is Routing.HOT_RANK_0:
-        scores[:, num_local_experts:] = -math.inf
-    values, topk_idx = torch.topk(scores, case.num_topk, dim=1)
-    topk_idx = torch.where(values == -math.inf, torch.full_like(topk_idx, -1), topk_idx)
-    dropped = torch.rand(num_tokens, case.num_topk, generator=gen) < case.drop_prob
-    topk_idx = torch.where(dropped, torch.full_like(topk_idx, -1), topk_idx).to(torch.int64)
-    topk_weights = torch.rand(num_tokens, case.num_topk, generator=gen) + 0.5
-    return RankInputs(make_x(case, rank), topk_idx, topk_weights.to(torch.float32))
+    """Rank ``rank``'s inputs (identical on every process that asks); routing by ``make_routing``."""
+    hot_rank_0 = case.routing is Routing.HOT_RANK_0
+    topk_idx, topk_weights = make_routing(
+        case.num_tokens_of(rank),
+        case.num_experts,
+        case.num_topk,
+        seed=case.seed,
+        rank=rank,
+        masked_prob=case.drop_prob,
+        allowed_experts=range(case.num_experts // num_ranks) if hot_rank_0 else None,
+    )
+    return RankInputs(make_x(case, rank), topk_idx, topk_weights)
 
 
 def make_all_inputs(case: Case, num_ranks: int) -> list[RankInputs]:

@@ -10,7 +10,7 @@ import torch
 import epcomm
 from epcomm import quant
 from epcomm.env import Settings
-from epcomm.testing import ProcessGroupInfo
+from epcomm.testing import ProcessGroupInfo, make_routing
 
 
 def _inputs(
@@ -20,11 +20,10 @@ def _inputs(
     x = torch.randn(num_tokens, hidden, generator=generator).bfloat16()
     x[:, 0] = pgi.rank
     x[:, 1] = torch.arange(num_tokens) % 256
-    scores = torch.randn(num_tokens, num_experts, generator=generator).abs() + 1
-    topk_idx = torch.topk(scores, num_topk, dim=-1).indices
-    topk_idx = torch.where(torch.rand(num_tokens, num_topk, generator=generator) < 0.05, -1, topk_idx)
-    weights = torch.rand(num_tokens, num_topk, generator=generator)
-    return x.to(pgi.device), topk_idx.to(pgi.device), weights.to(pgi.device)
+    topk_idx, weights = make_routing(
+        num_tokens, num_experts, num_topk, seed=seed, rank=pgi.rank, masked_prob=0.05, device=pgi.device
+    )
+    return x.to(pgi.device), topk_idx, weights
 
 
 def _buffers(

@@ -10,17 +10,15 @@ import torch
 import epcomm
 from epcomm import quant
 from epcomm.env import Settings
-from epcomm.testing import ProcessGroupInfo
+from epcomm.testing import ProcessGroupInfo, make_routing
 
 
 def _routing(
     num_tokens: int, num_experts: int, num_topk: int, seed: int, device: torch.device
 ) -> torch.Tensor:
-    generator = torch.Generator(device="cpu").manual_seed(seed)
-    scores = torch.randn(num_tokens, num_experts, generator=generator).abs() + 1
-    topk_idx = torch.topk(scores, num_topk, dim=-1).indices
-    drop = torch.rand(num_tokens, num_topk, generator=generator) < 0.05
-    return torch.where(drop, torch.full_like(topk_idx, -1), topk_idx).to(device)
+    return make_routing(
+        num_tokens, num_experts, num_topk, seed=seed, masked_prob=0.05, device=device
+    ).topk_idx
 
 
 def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:

@@ -1,4 +1,4 @@
-"""``benchmarks/common.gpu_activity_us`` on hand-made Kineto-like events: what belongs to a range
+"""``benchmarks/device_time.gpu_activity_us`` on hand-made Kineto-like events: what belongs to a range
 and the busy time (overlapping activities count once)."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
-from common import GPU_MARKER, _union_ns, gpu_activity_us
+from device_time import GPU_MARKER, _union_ns, gpu_activity_us
 
 
 class _Event:

@@ -7,17 +7,14 @@ import torch
 
 from epcomm import topk_idx_t
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
+from epcomm.testing import make_routing
 
 
 def _random_routing(
     num_tokens: int, num_topk: int, num_experts: int, seed: int, empty_fraction: float = 0.25
 ) -> torch.Tensor:
     """Distinct experts per token, about ``empty_fraction`` of the slots ``-1``."""
-    generator = torch.Generator().manual_seed(seed)
-    scores = torch.rand(num_tokens, num_experts, generator=generator)
-    topk_idx = scores.topk(num_topk, dim=1).indices.to(topk_idx_t)
-    empty = torch.rand(num_tokens, num_topk, generator=generator) < empty_fraction
-    return topk_idx.masked_fill(empty, -1)
+    return make_routing(num_tokens, num_experts, num_topk, seed=seed, masked_prob=empty_fraction).topk_idx
 
 
 def _naive_layout(

@@ -2,30 +2,18 @@
 
 from __future__ import annotations
 
-import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
+from epcomm import roundtrip
+
 _SRC = Path(__file__).resolve().parents[2] / "src"
-
-
-def _load_roundtrip() -> ModuleType:
-    """``epcomm.roundtrip``, from the installed package or else from this checkout's ``src``."""
-    try:
-        return importlib.import_module("epcomm.roundtrip")
-    except ImportError:
-        sys.path.insert(0, str(_SRC))
-        return importlib.import_module("epcomm.roundtrip")
-
-
-roundtrip = _load_roundtrip()
 _SMALL = [
-    "--backend", "gloo", "--hidden", "256", "--num-experts", "8", "--num-topk", "4",
+    "--dist-backend", "gloo", "--hidden", "256", "--num-experts", "8", "--num-topk", "4",
     "--num-tokens", "64", "--num-decode-tokens", "8",
 ]  # fmt: skip
 
@@ -60,11 +48,32 @@ def test_help_explains_every_knob() -> None:
     proc = _run_cli("--help", timeout_s=60.0)
     assert proc.returncode == 0, proc.stderr
     for flag in (
-        "--num-processes", "--backend", "--hidden", "--num-experts", "--num-topk", "--num-tokens",
-        "--num-decode-tokens", "--iters", "--seed", "--fp8", "--no-fp8",
+        "--num-processes", "--dist-backend", "--transport", "--hidden", "--num-experts", "--num-topk",
+        "--num-tokens", "--num-decode-tokens", "--iters", "--seed", "--fp8", "--no-fp8",
     ):  # fmt: skip
         assert flag in proc.stdout
     assert "round trip" in proc.stdout
+    # Two backends, two unambiguous flags: the deprecated --backend is not advertised.
+    assert "--backend " not in proc.stdout
+    assert "torch.distributed backend" in proc.stdout
+    assert "Buffer(backend=...)" in proc.stdout
+
+
+def test_transport_and_dist_backend_are_distinct_flags() -> None:
+    parser = roundtrip.build_parser()
+    args = parser.parse_args(["--dist-backend", "gloo", "--transport", "reference"])
+    assert (args.dist_backend, args.transport) == ("gloo", "reference")
+    defaults = parser.parse_args([])
+    assert (defaults.dist_backend, defaults.transport) == ("auto", None)
+    for wrong in (["--dist-backend", "nvlink"], ["--transport", "nccl"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(wrong)
+
+
+def test_old_backend_flag_is_a_deprecated_alias(capsys: pytest.CaptureFixture[str]) -> None:
+    args = roundtrip.build_parser().parse_args(["--backend", "gloo"])
+    assert args.dist_backend == "gloo"
+    assert "--dist-backend" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

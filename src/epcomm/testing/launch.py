@@ -53,8 +53,9 @@ import torch.multiprocessing as torch_mp
 
 __all__ = ["SHARED_GPU", "ProcessGroupInfo", "ProcessGroupPool", "find_free_port", "parallel_launch"]
 
-# Backend name for every rank on ``cuda:0`` with a gloo group: multi-rank GPU runs on a single GPU.
 SHARED_GPU = "gloo-shared-gpu"
+"""``backend=`` of :func:`parallel_launch` / :class:`ProcessGroupPool` that puts every rank on ``cuda:0``
+with a gloo group: multi-rank GPU runs on a single GPU (the protocol, not the speed)."""
 
 _MASTER_ADDR = "127.0.0.1"
 # Seconds the other ranks get to report after the first rank failed, before they are killed.
