@@ -1,7 +1,7 @@
 """Where does the fixed cost of low-latency dispatch / combine go? A per-kernel breakdown on rank 0.
 
 For each token count (default 1 and 128 tokens per rank; capacity 128, hidden 7168, top-8 of 256,
-FP8 dispatch, bf16 combine, DeepEP-style routing from ``benchmarks/common.py``), on every visible
+FP8 dispatch, bf16 combine, DeepEP-style routing from ``epcomm.testing.make_routing``), on every visible
 GPU:
 
 (a) eager calls under ``torch.profiler`` (CPU + CUDA activity), after warm-up, ``--iters`` times
@@ -45,9 +45,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 
 import epcomm
-from common import Setting, capture_graph, make_routing
 from epcomm import quant
-from epcomm.testing import ProcessGroupInfo, parallel_launch
+from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
+from timing import capture_graph
 
 _PREFIX = "epc|"
 _DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -317,9 +317,7 @@ def _setting(
 ) -> tuple[list[str], dict[str, float]]:
     generator = torch.Generator(device=pgi.device).manual_seed(1000 + pgi.rank)
     x = torch.randn(tokens, hidden, generator=generator, device=pgi.device).bfloat16()
-    topk_idx, weights = make_routing(
-        Setting("ll", tokens, hidden, topk, experts), pgi.rank, pgi.device, seed=0
-    )
+    topk_idx, weights = make_routing(tokens, experts, topk, seed=0, rank=pgi.rank, device=pgi.device)
     calls = _Calls(buffer, x, topk_idx, weights, capacity, experts)
 
     # Warm-up: compile every kernel with the GPU idle (a module load can wait behind a spinning
