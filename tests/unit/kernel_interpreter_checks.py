@@ -13,6 +13,7 @@ import torch
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 from triton_interpreter import peer_group
 
+from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
 from epcomm.kernels.barrier import launch_barrier
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
@@ -86,7 +87,9 @@ def check_push() -> None:
                     ids = buffers[j][regions.topk_idx : regions.topk_weights].view(torch.int64)
                     assert torch.equal(ids[r * topk : (r + 1) * topk], want), (j, t)
                     got_w = buffers[j][regions.topk_weights : regions.src_idx].view(torch.float32)
-                    assert torch.equal(got_w[r * topk : (r + 1) * topk], torch.where(want >= 0, weights[t], 0.0))
+                    assert torch.equal(
+                        got_w[r * topk : (r + 1) * topk], torch.where(want >= 0, weights[t], 0.0)
+                    )
                     assert int(buffers[j][regions.src_idx + r]) == t
                     written[j][r * words : (r + 1) * words] = True
                     written[j][regions.topk_idx + 2 * r * topk : regions.topk_idx + 2 * (r + 1) * topk] = True
@@ -127,24 +130,33 @@ def _assert_landed(
 
 def check_push_barriers() -> None:
     """The barriers folded into the push: with every peer's entry and exit flags already there, the
-    rows land past the payload offset (nothing else of the area written), this rank's exit flag is
-    released at every peer and the done counter is back at 0; with one peer's exit flag missing,
-    the error word names that peer and the exit operation (entry flags all there). 4 ranks, and 12
-    ranks (a 16-lane wait, the missing peer past lane 8)."""
+    rows land past the payload offset (nothing else of the area or the header written), this
+    rank's exit flag is released at every peer and the done counter is back at 0; with one peer's
+    exit flag missing, the error word names that peer and the exit operation (entry flags all
+    there). 4 ranks, 12 ranks (a 16-lane wait, the missing peer past lane 8) and 72 ranks (an
+    NVL72 domain: 128 lanes), the offsets from the symmetric buffer's header map."""
     torch.manual_seed(7)
-    words, payload, capacity = 8, 64, 16
+    words, capacity = 8, 16
     dst4 = torch.tensor([[0, 1, -1, 2], [1, -1, 0, 0], [-1, 0, 1, 1], [2, 2, 2, -1], [3, -1, 3, 3]])
     dst12 = rows_in_order(torch.rand(7, 12) < 0.5, torch.randint(0, 8, (12,)))
-    for num_ranks, rank, dst, missings in ((4, 2, dst4.to(torch.int32), (None, 1)), (12, 9, dst12, (None, 10))):
+    dst72 = rows_in_order(torch.rand(5, 72) < 0.5, torch.randint(0, 10, (72,)))
+    for num_ranks, rank, dst, missings in (
+        (4, 2, dst4.to(torch.int32), (None, 1)),
+        (12, 9, dst12, (None, 10)),
+        (72, 70, dst72, (None, 65)),
+    ):
+        header = HeaderLayout(num_ranks, count_table=False)
+        payload = header.payload
         x = torch.arange(dst.size(0) * words, dtype=torch.int32).view(-1, words) + 1
         for missing in missings:
             buffers = [torch.zeros(payload + capacity * words, dtype=torch.int32) for _ in range(num_ranks)]
-            buffers[rank][:num_ranks] = 6  # every peer's exit flag (>= the entry epoch 5 too)
+            buffers[rank][header.flags : header.flags + num_ranks] = 6  # every peer's exit flag (>= entry 5)
             if missing is not None:
-                buffers[rank][missing] = 5  # the peer entered but never finished
+                buffers[rank][header.flags + missing] = 5  # the peer entered but never finished
+            before = buffers[rank][:payload].clone()
             error = torch.zeros(4, dtype=torch.int32)
             launch_push_rows(
-                peers=peer_group(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET),
+                peers=peer_group(buffers, rank, error, 2_000_000, header.flags, header.counter),
                 x_words=x,
                 dst_row=dst,
                 regions=PushRegions(x=payload),
@@ -158,8 +170,10 @@ def check_push_barriers() -> None:
             for j in range(num_ranks):
                 area = buffers[j][payload:].view(capacity, words)
                 assert not area[~written[j]].any(), f"push wrote outside its rows at rank {j}"
-                assert int(buffers[j][FLAG_OFFSET + rank]) == 6, "exit flag not released at every peer"
-            assert int(buffers[rank][COUNTER_OFFSET]) == 0, "done counter not reset"
+                want = before.clone() if j == rank else torch.zeros(payload, dtype=torch.int32)
+                want[header.flags + rank] = 6  # the exit flag released at every peer
+                assert torch.equal(buffers[j][:payload], want), (j, "header", buffers[j][:payload])
+            assert int(buffers[rank][header.counter]) == 0, "done counter not reset"
 
 
 def check_barrier() -> None:
@@ -198,7 +212,8 @@ def check_rows() -> None:
             per_expert = torch.randint(0, 9, (num_ranks, experts), dtype=torch.int32)
             table = torch.cat([counts, per_expert], 1)
             buffers = [
-                torch.zeros(table_offset + num_ranks * num_counts, dtype=torch.int32) for _ in range(num_ranks)
+                torch.zeros(table_offset + num_ranks * num_counts, dtype=torch.int32)
+                for _ in range(num_ranks)
             ]
             local = buffers[rank]
             for s in range(num_ranks):
@@ -221,7 +236,9 @@ def check_rows() -> None:
                 )
                 assert int(error[0]) == 0, "the wait timed out"
                 for j in range(num_ranks):  # this rank's row and flag reached every buffer
-                    got = buffers[j][table_offset + rank * num_counts : table_offset + (rank + 1) * num_counts]
+                    got = buffers[j][
+                        table_offset + rank * num_counts : table_offset + (rank + 1) * num_counts
+                    ]
                     assert torch.equal(got, table[rank])
                     assert int(buffers[j][FLAG_OFFSET + rank]) == epoch
                 if write_host:
@@ -241,7 +258,11 @@ def check_rows() -> None:
             real = int(prefix[-1, rank])
             for num_rows in (real, real + 37):  # num_worst_tokens adds padding rows
                 dst_row, token_slot = launch_combine_rows(
-                    rank_prefix_matrix=prefix, recv_row_of_token=recv_row, num_rows=num_rows, rank=rank, num_sms=5
+                    rank_prefix_matrix=prefix,
+                    recv_row_of_token=recv_row,
+                    num_rows=num_rows,
+                    rank=rank,
+                    num_sms=5,
                 )
                 rows = torch.arange(num_rows, dtype=torch.int32)
                 column = prefix[:, rank].contiguous()
@@ -283,28 +304,40 @@ def check_copy_out() -> None:
 
 
 def check_reduce() -> None:
-    """fp32 sum in rank order plus bias; the interpreter truncates fp32 -> bf16 (the GPU rounds to
-    nearest even), so the expectation is truncated the same way."""
+    """fp32 sum in rank order plus the biases (4 ranks with one bias, 12 ranks with two); the
+    interpreter truncates fp32 -> bf16 (the GPU rounds to nearest even), so the expectation is
+    truncated the same way."""
     torch.manual_seed(0)
-    num_ranks, num_tokens, hidden, topk, capacity = 4, 13, 64, 3, 60
-    area = torch.randn(capacity, hidden).bfloat16()
-    area_w = torch.rand(capacity, topk)
-    slot = torch.randint(-1, capacity, (num_tokens, num_ranks), dtype=torch.int32)
-    bias = torch.randn(num_tokens, hidden).bfloat16()
-    out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
-    out_w = torch.empty(num_tokens, topk)
-    launch_combine_reduce(area, area_w, slot, (bias,), out, out_w, 3)
-    total = torch.zeros(num_tokens, hidden)
-    total_w = torch.zeros(num_tokens, topk)
-    for r in range(num_ranks):
-        s = slot[:, r].long()
-        present = (s >= 0)[:, None]
-        total += torch.where(present, area[s.clamp(min=0)].float(), 0.0)
-        total_w += torch.where(present, area_w[s.clamp(min=0)], 0.0)
-    total += bias.float()
-    truncated = (total.view(torch.int32) & -65536).view(torch.float32)
-    assert torch.equal(out.float(), truncated)
-    assert torch.equal(out_w, total_w)
+    num_tokens, hidden, topk, capacity = 13, 64, 3, 60
+    for num_ranks, num_bias in ((4, 1), (12, 2)):
+        area = torch.randn(capacity, hidden).bfloat16()
+        area_w = torch.rand(capacity, topk)
+        slot = torch.randint(-1, capacity, (num_tokens, num_ranks), dtype=torch.int32)
+        bias = tuple(torch.randn(num_tokens, hidden).bfloat16() for _ in range(num_bias))
+        out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16)
+        out_w = torch.empty(num_tokens, topk)
+        launch_combine_reduce(
+            area_x=area,
+            area_weights=area_w,
+            slot=slot,
+            bias=bias,
+            out_x=out,
+            out_weights=out_w,
+            num_sms=3,
+            num_warps=4,
+        )
+        total = torch.zeros(num_tokens, hidden)
+        total_w = torch.zeros(num_tokens, topk)
+        for r in range(num_ranks):
+            s = slot[:, r].long()
+            present = (s >= 0)[:, None]
+            total += torch.where(present, area[s.clamp(min=0)].float(), 0.0)
+            total_w += torch.where(present, area_w[s.clamp(min=0)], 0.0)
+        for b in bias:
+            total += b.float()
+        truncated = (total.view(torch.int32) & -65536).view(torch.float32)
+        assert torch.equal(out.float(), truncated), num_ranks
+        assert torch.equal(out_w, total_w), num_ranks
 
 
 def check_layout() -> None:
@@ -338,14 +371,10 @@ CHECKS: dict[str, Callable[[], None]] = {
     "layout": check_layout,
     "push": check_push,
     "push_barriers": check_push_barriers,
-    "push_progress": check_push_progress,
-    "push_balanced": check_push_balanced,
-    "rows_checkpoints": check_rows_checkpoints,
+    "barrier": check_barrier,
     "rows": check_rows,
     "copy_out": check_copy_out,
     "reduce": check_reduce,
-    "reduce_progress": check_reduce_progress,
-    "combine_progress": check_combine_progress,
 }
 
 if __name__ == "__main__":

@@ -21,14 +21,22 @@ import torch
 import triton
 import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
-from epcomm.ll_layout import LowLatencyLayout, count_offset, flag_offset
+from triton_interpreter import peer_group
 
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
-import epcomm.kernels.primitives as primitives
 from epcomm import quant
+from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout, LowLatencyLayout
+from epcomm.kernels.low_latency_combine import launch_ll_combine_recv, launch_ll_combine_send
+from epcomm.kernels.low_latency_dispatch import (
+    LowLatencyWords,
+    SignalState,
+    launch_ll_dispatch_recv,
+    launch_ll_dispatch_send,
+)
+from epcomm.kernels.peer_group import PeerGroup
 
-triton_interpreter.use_cpu_primitives(dispatch_kernels, primitives)
+triton_interpreter.use_cpu_primitives()
 
 
 def _scalar_range(*bounds: object) -> object:
@@ -40,13 +48,9 @@ def _scalar_range(*bounds: object) -> object:
 
 combine_kernels.range = _scalar_range  # type: ignore[attr-defined]
 
-MAX_PEERS = 8
 DISPATCH_OP, COMBINE_OP = 8, 9  # Operation.LOW_LATENCY_DISPATCH / LOW_LATENCY_COMBINE
+DISPATCH, COMBINE = 0, 1  # phases
 NO_TIMEOUT = 10**12
-
-
-def _peers(buffers: list[torch.Tensor]) -> list[torch.Tensor]:
-    return [*buffers, *([buffers[0]] * (MAX_PEERS - len(buffers)))]
 
 
 def _random_topk(num_tokens: int, num_experts: int, num_topk: int, g: torch.Generator) -> torch.Tensor:
@@ -63,20 +67,34 @@ def _random_topk(num_tokens: int, num_experts: int, num_topk: int, g: torch.Gene
 
 @dataclass
 class RankState:
-    """One simulated rank's device-resident state (as ``NvlinkLowLatency`` keeps it)."""
+    """One simulated rank's device-resident state (as ``NvlinkLowLatency`` keeps it: sequence rows
+    padded to a multiple of 4 words) and its peer group over every rank's buffer."""
 
-    arrivals: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
-    send_seq: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
-    expected: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, MAX_PEERS, dtype=torch.int32))
-    error: torch.Tensor = field(default_factory=lambda: torch.zeros(4, dtype=torch.int32))
-    wait_stats: torch.Tensor = field(default_factory=lambda: torch.zeros(MAX_PEERS, dtype=torch.int64))
+    peers: PeerGroup
+    error: torch.Tensor
+    stride: int
+    arrivals: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, 4, dtype=torch.int32))
+    send_seq: torch.Tensor = field(init=False)
+    expected: torch.Tensor = field(init=False)
+    wait_stats: torch.Tensor = field(init=False)
     cumulative: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.send_seq = torch.zeros(2, 2, self.stride, dtype=torch.int32)
+        self.expected = torch.zeros(2, 2, self.stride, dtype=torch.int32)
+        self.wait_stats = torch.zeros(self.peers.num_ranks, dtype=torch.int64)
+
+    def signals(self, phase: int, parity: int) -> SignalState:
+        return SignalState(
+            self.arrivals[phase, parity], self.send_seq[phase, parity], self.expected[phase, parity]
+        )
 
 
 class World:
-    """``num_ranks`` simulated ranks: symmetric buffers (stale garbage with top-k rows naming real
-    experts, as an earlier larger call leaves behind; stale token counts too; the sequence flags
-    zero) and per-rank state."""
+    """``num_ranks`` simulated ranks: symmetric buffers (header, then the low-latency payload at
+    ``HeaderLayout.payload``, as the symmetric buffer maps it) reached through a peer table; stale
+    garbage with top-k rows naming real experts, as an earlier larger call leaves behind; stale
+    token counts too; the header and the sequence flags zero) and per-rank state."""
 
     def __init__(
         self, num_ranks: int, capacity: int, hidden: int, num_topk: int, num_experts: int, seed: int
@@ -85,16 +103,17 @@ class World:
         self.num_topk, self.num_experts = num_topk, num_experts
         self.local_experts = num_experts // num_ranks
         self.layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+        self.payload = HeaderLayout(num_ranks, count_table=False).payload
         g = torch.Generator().manual_seed(seed)
-        words = self.layout.total_words
+        words = self.payload + self.layout.total_words
         self.buffers = [
             torch.randint(0, 2**20, (words,), generator=g, dtype=torch.int32) for _ in range(num_ranks)
         ]
         for buffer in self.buffers:
-            buffer[: 2 * 2 * MAX_PEERS] = 0  # the sequence flags
+            buffer[: self.payload + self.layout.counts(0)] = 0  # the header and the sequence flags
             for parity in range(2):
                 for fp8 in (False, True):
-                    start = self.layout.dispatch_offset(parity)
+                    start = self.words(DISPATCH, parity).staging
                     messages = buffer[start : start + num_ranks * capacity * self.layout.message_words]
                     column = self._topk_column(fp8)
                     messages.view(-1, self.layout.message_words)[:, column : column + num_topk] = (
@@ -102,18 +121,30 @@ class World:
                             0, num_experts, (num_ranks * capacity, num_topk), generator=g, dtype=torch.int32
                         )
                     )
-        self.states = [RankState() for _ in range(num_ranks)]
+        stride = -(-num_ranks // 4) * 4
+        self.states = []
+        for rank in range(num_ranks):
+            error = torch.zeros(4, dtype=torch.int32)
+            peers = peer_group(self.buffers, rank, error, NO_TIMEOUT)
+            self.states.append(RankState(peers, error, stride))
         # signals each rank sent to (and expects from) each peer, per phase and parity
-        self.signals = torch.zeros(num_ranks, 2, 2, MAX_PEERS, dtype=torch.int32)
+        self.signals = torch.zeros(num_ranks, 2, 2, stride, dtype=torch.int32)
+
+    def words(self, phase: int, parity: int) -> LowLatencyWords:
+        """``(phase, parity)``'s flags, counts and staging from word 0 (``NvlinkLowLatency._words``)."""
+        layout = self.layout
+        staging = layout.dispatch_staging(parity) if phase == DISPATCH else layout.combine_staging(parity)
+        return LowLatencyWords(
+            self.payload + layout.flags(phase, parity),
+            self.payload + layout.counts(parity),
+            self.payload + staging,
+        )
 
     def x_words(self, fp8: bool) -> int:
         return self.hidden // 4 if fp8 else self.hidden // 2
 
     def _topk_column(self, fp8: bool) -> int:
         return self.x_words(fp8) + (self.hidden // 128 if fp8 else 0)
-
-    def g_block(self) -> int:
-        return max(4, triton.next_power_of_2(self.hidden // 128))
 
     def dispatch_send(
         self,
@@ -123,37 +154,25 @@ class World:
         mask: torch.Tensor,
         gather: torch.Tensor,
         parity: int,
-        grid: int,
+        num_sms: int,
         fp8: bool = False,
         round_scale: bool = False,
     ) -> None:
-        state, x_words = self.states[rank], self.x_words(fp8)
-        dispatch_kernels.ll_dispatch_send_kernel[(grid,)](
-            *_peers(self.buffers),
-            x,
-            topk,
-            mask,
-            gather,
-            state.arrivals[0, parity],
-            state.send_seq[0, parity],
-            state.expected[0, parity],
-            x.shape[0],
-            rank,
-            flag_offset(0, parity),
-            count_offset(parity),
-            self.layout.dispatch_offset(parity),
-            NUM_RANKS=self.num_ranks,
-            NUM_LOCAL_EXPERTS=self.local_experts,
-            CAPACITY=self.capacity,
-            HIDDEN=self.hidden,
-            NUM_TOPK=self.num_topk,
-            K_BLOCK=triton.next_power_of_2(self.num_topk),
-            MESSAGE_WORDS=self.layout.message_words,
-            X_WORDS=x_words,
-            X_BLOCK=triton.next_power_of_2(x_words),
-            G_BLOCK=self.g_block(),
-            USE_FP8=fp8,
-            ROUND_SCALE=round_scale,
+        state = self.states[rank]
+        launch_ll_dispatch_send(
+            peers=state.peers,
+            x=x,
+            topk_idx=topk,
+            rank_mask=mask,
+            combine_gather_idx=gather,
+            signals=state.signals(DISPATCH, parity),
+            words=self.words(DISPATCH, parity),
+            num_local_experts=self.local_experts,
+            capacity=self.capacity,
+            message_words=self.layout.message_words,
+            use_fp8=fp8,
+            round_scale=round_scale,
+            num_sms=num_sms,
         )
 
     def dispatch_recv(
@@ -178,41 +197,29 @@ class World:
         }
         if state.cumulative is None:
             state.cumulative = torch.zeros(num_local, dtype=torch.int32)
-        dispatch_kernels.ll_dispatch_recv_kernel[(num_local,)](
-            self.buffers[rank],
-            mask,
-            state.expected[0, parity],
-            torch.zeros(num_local, num_rows, dtype=torch.int32),
-            out["x"],
-            out["scales"],
-            out["count"],
-            out["src_info"],
-            out["layout_range"],
-            gather,
-            state.cumulative,
-            state.wait_stats,
-            rank,
-            timeout_ns,
-            state.error.data_ptr(),
-            flag_offset(0, parity),
-            count_offset(parity),
-            self.layout.dispatch_offset(parity),
-            NUM_RANKS=self.num_ranks,
-            NUM_LOCAL_EXPERTS=num_local,
-            CAPACITY=self.capacity,
-            HIDDEN=self.hidden,
-            NUM_TOPK=self.num_topk,
-            K_BLOCK=triton.next_power_of_2(self.num_topk),
-            ROWS_BLOCK=triton.next_power_of_2(num_rows),
-            MESSAGE_WORDS=self.layout.message_words,
-            X_WORDS=x_words,
-            X_BLOCK=triton.next_power_of_2(x_words),
-            G_BLOCK=self.g_block(),
-            USE_FP8=fp8,
-            USE_UE8M0=ue8m0,
-            SCALE_COLUMNS=scale_columns,
-            HAS_CUMULATIVE_STATS=True,
-            HAS_WAIT_STATS=True,
+        launch_ll_dispatch_recv(
+            peers=state.peers._replace(timeout_ns=timeout_ns),
+            local=self.buffers[rank],
+            rank_mask=mask,
+            recv_expected=state.expected[DISPATCH, parity],
+            words=self.words(DISPATCH, parity),
+            operation_code=DISPATCH_OP,
+            scratch=torch.zeros(num_local, num_rows, dtype=torch.int32),
+            recv_x_words=out["x"],
+            recv_scales_words=out["scales"],
+            recv_count=out["count"],
+            recv_src_info=out["src_info"],
+            recv_layout_range=out["layout_range"],
+            combine_gather_idx=gather,
+            cumulative_stats=state.cumulative,
+            wait_stats=state.wait_stats,
+            capacity=self.capacity,
+            hidden=self.hidden,
+            num_topk=self.num_topk,
+            message_words=self.layout.message_words,
+            use_fp8=fp8,
+            use_ue8m0=ue8m0,
+            scale_columns=scale_columns,
         )
         return out
 
@@ -223,25 +230,17 @@ class World:
         gather: torch.Tensor,
         mask: torch.Tensor,
         parity: int,
-        grid: int,
+        num_sms: int,
     ) -> None:
-        state, x_words = self.states[rank], self.hidden // 2
-        combine_kernels.ll_combine_send_kernel[(grid,)](
-            *_peers(self.buffers),
-            expert_out.view(torch.int32),
-            gather,
-            mask,
-            state.arrivals[1, parity],
-            state.send_seq[1, parity],
-            state.expected[1, parity],
-            rank,
-            flag_offset(1, parity),
-            self.layout.combine_offset(parity),
-            NUM_RANKS=self.num_ranks,
-            CAPACITY=self.capacity,
-            NUM_TOPK=self.num_topk,
-            X_WORDS=x_words,
-            X_BLOCK=triton.next_power_of_2(x_words),
+        state = self.states[rank]
+        launch_ll_combine_send(
+            peers=state.peers,
+            x_words=expert_out.view(torch.int32),
+            combine_gather_idx=gather,
+            rank_mask=mask,
+            signals=state.signals(COMBINE, parity),
+            words=self.words(COMBINE, parity),
+            num_sms=num_sms,
         )
 
     def combine_recv(
@@ -251,31 +250,24 @@ class World:
         weights: torch.Tensor,
         mask: torch.Tensor,
         parity: int,
-        grid: int,
+        num_sms: int,
         timeout_ns: int = NO_TIMEOUT,
     ) -> torch.Tensor:
         state = self.states[rank]
         out = torch.full((topk.shape[0], self.hidden), 7.0, dtype=torch.bfloat16)
-        combine_kernels.ll_combine_recv_kernel[(grid,)](
-            self.buffers[rank],
-            mask,
-            state.expected[1, parity],
-            topk,
-            weights,
-            out,
-            state.wait_stats,
-            topk.shape[0],
-            rank,
-            timeout_ns,
-            state.error.data_ptr(),
-            flag_offset(1, parity),
-            self.layout.combine_offset(parity),
-            NUM_RANKS=self.num_ranks,
-            NUM_LOCAL_EXPERTS=self.local_experts,
-            HIDDEN=self.hidden,
-            NUM_TOPK=self.num_topk,
-            H_BLOCK=triton.next_power_of_2(self.hidden),
-            HAS_WAIT_STATS=True,
+        launch_ll_combine_recv(
+            peers=state.peers._replace(timeout_ns=timeout_ns),
+            local=self.buffers[rank],
+            rank_mask=mask,
+            recv_expected=state.expected[COMBINE, parity],
+            words=self.words(COMBINE, parity),
+            operation_code=COMBINE_OP,
+            topk_idx=topk,
+            topk_weights=weights,
+            out=out,
+            wait_stats=state.wait_stats,
+            num_local_experts=self.local_experts,
+            num_sms=num_sms,
         )
         return out
 
@@ -336,12 +328,13 @@ def check_dispatch_send() -> None:
         (2, 8, [(n, fp8, grid, 0, (0, 0)) for n in (0, 3, 8) for fp8 in (False, True) for grid in (1, 3)]),
         (2, 8, [(5, False, 4, 1, (1, 0)), (8, True, 2, 1, (0, 1))]),
         (3, 120, [(3, False, 2, 2, (0, 1, 0)), (0, False, 1, 0, (0, 0, 0))]),  # gather > 1024 entries
+        (12, 4, [(4, False, 3, 10, tuple(int(p in (3, 9)) for p in range(12)))]),  # peers 3, 9 masked
     ):
         layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
         num_experts = 4 * num_ranks
         local_experts = 4
-        for num_tokens, fp8, grid, rank, mask in cases:
-            g = torch.Generator().manual_seed(num_tokens * 10 + grid)
+        for num_tokens, fp8, num_sms, rank, mask in cases:
+            g = torch.Generator().manual_seed(num_tokens * 10 + num_sms)
             world = World(num_ranks, capacity, hidden, num_topk, num_experts, seed=1)
             for buffer in world.buffers:
                 buffer.fill_(7)
@@ -352,27 +345,28 @@ def check_dispatch_send() -> None:
             state.send_seq[0, parity].fill_(5)
             state.expected[0, parity].fill_(3)
             mask_tensor = torch.tensor(mask, dtype=torch.int32)
-            world.dispatch_send(rank, x, topk, mask_tensor, gather, parity, grid, fp8)
+            world.dispatch_send(rank, x, topk, mask_tensor, gather, parity, num_sms, fp8)
             assert bool((gather == -1).all()), "combine_gather_idx not filled with -1"
             assert bool((state.arrivals == 0).all()), state.arrivals
             x_words, topk_column = world.x_words(fp8), world._topk_column(fp8)
             if fp8:
                 _, scales = quant.per_token_cast_to_fp8(x)
                 expected_fp8 = _expected_fp8(x, round_scale=False)
+            words = world.words(DISPATCH, parity)
             for peer in range(num_ranks):
                 buffer = world.buffers[peer]
-                touched = torch.zeros(layout.total_words, dtype=torch.bool)
+                touched = torch.zeros(buffer.numel(), dtype=torch.bool)
                 seq, expected = state.send_seq[0, parity, peer], state.expected[0, parity, peer]
                 if mask[peer]:
                     assert (seq, expected) == (5, 3), (seq, expected)
                     assert bool((buffer == 7).all()), f"masked peer {peer} written"
                     continue
                 assert (seq, expected) == (6, 4), (seq, expected)
-                assert buffer[flag_offset(0, parity) + rank] == 6
-                assert buffer[count_offset(parity) + rank] == num_tokens
-                touched[flag_offset(0, parity) + rank] = True
-                touched[count_offset(parity) + rank] = True
-                base = layout.dispatch_offset(parity)
+                assert buffer[words.flags + rank] == 6
+                assert buffer[words.counts + rank] == num_tokens
+                touched[words.flags + rank] = True
+                touched[words.counts + rank] = True
+                base = words.staging
                 for t in range(num_tokens):
                     start = base + (rank * capacity + t) * layout.message_words
                     slot = buffer[start : start + layout.message_words]
@@ -431,8 +425,7 @@ def _run_round(
         xs.append(x)
         topks.append(_random_topk(n, world.num_experts, world.num_topk, g))
         gathers.append(torch.full((num_ranks, world.capacity, world.num_topk), 77, dtype=torch.int64))
-        grid = max(1, min(n, 3))
-        world.dispatch_send(rank, x, topks[rank], mask_tensors[rank], gathers[rank], parity, grid, fp8, ue8m0)
+        world.dispatch_send(rank, x, topks[rank], mask_tensors[rank], gathers[rank], parity, 3, fp8, ue8m0)
     for rank in range(num_ranks):
         world.signals[rank, 0, parity, :num_ranks] += 1 - mask_tensors[rank]
     received = []
@@ -448,7 +441,7 @@ def _run_round(
         if fp8:
             # the payload as staged at this receiver is epcomm.quant's cast; the scales are
             # epcomm.quant's
-            start = world.layout.dispatch_offset(parity)
+            start = world.words(DISPATCH, parity).staging
             staged = world.buffers[rank][
                 start : start + num_ranks * world.capacity * world.layout.message_words
             ]
@@ -483,15 +476,13 @@ def _run_round(
     factor = 1 + torch.arange(num_local).view(-1, 1, 1) / 8
     for rank in range(num_ranks):
         expert_out = (received[rank]["x"].view(torch.bfloat16).float() * factor).bfloat16()
-        world.combine_send(rank, expert_out, gathers[rank], mask_tensors[rank], parity, grid=5)
+        world.combine_send(rank, expert_out, gathers[rank], mask_tensors[rank], parity, num_sms=2)
     for rank in range(num_ranks):
         world.signals[rank, 1, parity, :num_ranks] += 1 - mask_tensors[rank]
     for rank in range(num_ranks):
         n = num_tokens[rank]
         weights = torch.rand(n, world.num_topk, generator=g)
-        out = world.combine_recv(
-            rank, topks[rank], weights, mask_tensors[rank], parity, grid=max(1, min(n, 2))
-        )
+        out = world.combine_recv(rank, topks[rank], weights, mask_tensors[rank], parity, num_sms=2)
         assert int(world.states[rank].error[0]) == 0, world.states[rank].error
         want = torch.zeros(n, hidden)
         for k in range(world.num_topk):
@@ -520,7 +511,8 @@ def check_dispatch_combine() -> None:
     """bf16 dispatch then combine on 3 simulated ranks, several calls on both parities on the same
     stale buffers (token counts going down and up, zero tokens, a rank masked by all): received
     rows, counts, source info, layout ranges, gather indices, cumulative stats, then the weighted
-    top-k sums, against torch; sequence numbers and arrival counters in step."""
+    top-k sums, against torch; sequence numbers and arrival counters in step. Then the same on 12
+    simulated ranks (16-lane waits, sources past 8), with a rank masked by all."""
     world = World(num_ranks=3, capacity=5, hidden=256, num_topk=3, num_experts=6, seed=3)
     open_mask = [(0, 0, 0)] * 3
     shrunk = [(0, 0, 1), (0, 0, 1), (1, 1, 0)]  # rank 2 out: it and the others skip each other
@@ -535,6 +527,18 @@ def check_dispatch_combine() -> None:
     ]
     for i, (num_tokens, masks, parity) in enumerate(rounds):
         _run_round(world, num_tokens, masks, parity, seed=10 + i)
+
+    num_ranks, out = 12, 9
+    world = World(num_ranks=num_ranks, capacity=3, hidden=128, num_topk=3, num_experts=24, seed=4)
+    open_mask = [(0,) * num_ranks] * num_ranks
+    shrunk = [tuple(int((r == out) != (p == out)) for p in range(num_ranks)) for r in range(num_ranks)]
+    rounds = [
+        ((3, 2, 3, 1, 0, 3, 2, 3, 3, 1, 2, 3), open_mask, 0),
+        ((1, 3, 0, 2, 3, 1, 3, 0, 2, 3, 3, 1), shrunk, 1),
+        ((2, 0, 1, 3, 2, 2, 1, 3, 0, 2, 1, 3), open_mask, 1),
+    ]
+    for i, (num_tokens, masks, parity) in enumerate(rounds):
+        _run_round(world, num_tokens, masks, parity, seed=30 + i)
 
 
 def check_dispatch_fp8() -> None:
@@ -552,7 +556,16 @@ def check_dispatch_fp8() -> None:
 
 
 @triton.jit
-def _wait_kernel(flag_ptr, mask_ptr, expected_ptr, timeout_ns, error_ptr, stats_ptr, NUM_RANKS: tl.constexpr):
+def _wait_kernel(
+    flag_ptr,
+    mask_ptr,
+    expected_ptr,
+    timeout_ns,
+    error_ptr,
+    stats_ptr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+):
     dispatch_kernels.wait_sources(
         flag_ptr,
         mask_ptr,
@@ -564,6 +577,7 @@ def _wait_kernel(flag_ptr, mask_ptr, expected_ptr, timeout_ns, error_ptr, stats_
         stats_ptr,
         tl.program_id(0) == 0,
         NUM_RANKS,
+        R_BLOCK,
         True,
     )
 
@@ -571,15 +585,16 @@ def _wait_kernel(flag_ptr, mask_ptr, expected_ptr, timeout_ns, error_ptr, stats_
 def check_wait() -> None:
     """``wait_sources``: returns once every unmasked source reached its expected sequence number;
     on expiry names the first missing source in the error word (``[1, op, source, rank]``) and
-    returns; per-source wait stats (0 for a masked source, >= the bound for a missing one). Then
-    both receive kernels give up on a source that never signals, with their operation codes."""
+    returns; per-source wait stats (0 for a masked source, >= the bound for a missing one); for 4
+    ranks and for 12 ranks (16 lanes, the missing source past lane 8). Then both receive kernels
+    give up on a source that never signals, with their operation codes."""
     timeout = 3_000_000
     flags = torch.tensor([5, 3, 0, 1, 9, 9, 9, 9], dtype=torch.int32)
     mask = torch.tensor([0, 0, 1, 0], dtype=torch.int32)
     expected = torch.tensor([5, 4, 7, 2, 0, 0, 0, 0], dtype=torch.int32)
     error = torch.zeros(4, dtype=torch.int32)
     stats = torch.zeros(8, dtype=torch.int64)
-    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4)
+    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4, R_BLOCK=4)
     assert error.tolist() == [1, 9, 1, 2], error
     assert stats[2] == 0, stats
     assert 0 <= stats[0] < timeout, stats
@@ -589,16 +604,39 @@ def check_wait() -> None:
     flags[1], flags[3] = 4, 2
     error.zero_()
     stats.zero_()
-    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4)
+    _wait_kernel[(2,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4, R_BLOCK=4)
     assert error.tolist() == [0, 0, 0, 0], error
     assert stats[2] == 0, stats
     assert bool(((stats[:4] >= 0) & (stats[:4] < timeout)).all()), stats
+
+    # 12 ranks: source 3 masked (its flag never comes), source 10 one behind, lanes 12-15 past the group.
+    expected = torch.arange(16, dtype=torch.int32) + 1
+    flags = expected.clone()
+    flags[3], flags[10], flags[12:] = 0, 10, 0
+    mask = torch.zeros(12, dtype=torch.int32)
+    mask[3] = 1
+    for missing in (10, None):
+        error.zero_()
+        stats = torch.zeros(16, dtype=torch.int64)
+        _wait_kernel[(1,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=12, R_BLOCK=16)
+        waited = torch.ones(16, dtype=torch.bool)
+        waited[3], waited[12:] = False, False
+        if missing is None:
+            assert error.tolist() == [0, 0, 0, 0], error
+        else:
+            assert error.tolist() == [1, 9, missing, 2], error
+            assert stats[missing] >= timeout, stats
+            waited[missing] = False
+        assert bool(((stats[waited] >= 0) & (stats[waited] < timeout)).all()), stats
+        assert stats[3] == 0, stats
+        assert bool((stats[12:] == 0).all()), stats
+        flags[10] = 11
 
     # Rank 1 masks rank 0 (sends nothing to it) while rank 0 still waits on rank 1: rank 0's
     # receive kernels time out naming source 1, and still finish (own tokens only).
     world = World(num_ranks=2, capacity=4, hidden=256, num_topk=2, num_experts=4, seed=7)
     masks = [torch.tensor([0, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)]
-    world.buffers[0][: world.layout.dispatch_offset(0)] = 0  # fresh header: no count from rank 1
+    world.buffers[0][: world.words(DISPATCH, 0).staging] = 0  # fresh header: no count from rank 1
     g = torch.Generator().manual_seed(0)
     gathers = [torch.zeros(2, 4, 2, dtype=torch.int64) for _ in range(2)]
     topks = [_random_topk(3, 4, 2, g) for _ in range(2)]
@@ -614,8 +652,8 @@ def check_wait() -> None:
     )
     world.states[0].error.zero_()
     expert_out = torch.randn(2, 8, 256, generator=g).bfloat16()
-    world.combine_send(0, expert_out, gathers[0], masks[0], 0, grid=2)  # rank 0 hears itself only
-    world.combine_recv(0, topks[0], torch.rand(3, 2, generator=g), masks[0], 0, grid=1, timeout_ns=timeout)
+    world.combine_send(0, expert_out, gathers[0], masks[0], 0, num_sms=1)  # rank 0 hears itself only
+    world.combine_recv(0, topks[0], torch.rand(3, 2, generator=g), masks[0], 0, num_sms=1, timeout_ns=timeout)
     assert world.states[0].error.tolist() == [1, COMBINE_OP, 1, 0], world.states[0].error
 
 

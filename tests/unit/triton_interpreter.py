@@ -97,7 +97,9 @@ def use_cpu_primitives() -> None:
         module = importlib.import_module(info.name)
         left = sorted(name for name, value in vars(module).items() if is_primitive(value))
         if left:
-            raise RuntimeError(f"{info.name} holds inline-assembly primitives {left}: add it to KERNEL_MODULES")
+            raise RuntimeError(
+                f"{info.name} holds inline-assembly primitives {left}: add it to KERNEL_MODULES"
+            )
 
 
 def peer_group(
