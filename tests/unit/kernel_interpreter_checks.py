@@ -1,6 +1,8 @@
 """Kernel logic checked on the CPU with Triton's interpreter (run by test_kernels_interpreter.py in a
 subprocess with ``TRITON_INTERPRET=1``; needs numpy). Each check compares a kernel's output with the
 torch definition it replaces; the GPU tier (tests/gpu) checks the same kernels on real hardware.
+Simulated ranks are plain CPU int32 tensors reached through a table of their addresses
+(``triton_interpreter.peer_group``), as the symmetric buffer's ``PeerGroup`` reaches real ones.
 
 Usage: ``TRITON_INTERPRET=1 python tests/unit/kernel_interpreter_checks.py [name ...]``
 """
@@ -200,7 +202,7 @@ def check_rows() -> None:
     against the torch definitions, for 4 ranks (every rank) and 12 ranks (three of them). The other
     ranks' counts rows and flags are written into the simulated buffers beforehand, as if they had
     published already; the kernel publishes this rank's own row (into every buffer) and must wait
-    for, then read, all of them."""
+    for, then read, all of them. With one peer's flag missing, the error word names it."""
     torch.manual_seed(1)
     table_offset, epoch = 64, 7
     for num_ranks, num_tokens, experts, ranks in ((4, 1300, 16, range(4)), (12, 600, 24, (0, 7, 11))):
@@ -276,6 +278,27 @@ def check_rows() -> None:
                 )
                 assert torch.equal(dst_row, want)
                 assert torch.equal(token_slot, rows_in_order(in_rank, send_offset[rank]))
+    # A peer that never published (its flag one epoch behind): the bounded wait names it (past lane 8).
+    num_ranks, rank, missing = 12, 3, 10
+    num_counts = counts_row_words(num_ranks, 24)
+    buffers = [
+        torch.zeros(table_offset + num_ranks * num_counts, dtype=torch.int32) for _ in range(num_ranks)
+    ]
+    buffers[rank][FLAG_OFFSET : FLAG_OFFSET + num_ranks] = epoch
+    buffers[rank][FLAG_OFFSET + missing] = epoch - 1
+    error = torch.zeros(4, dtype=torch.int32)
+    host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
+    launch_dispatch_counts(
+        peers=peer_group(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET),
+        num_tokens_per_expert=torch.zeros(24, dtype=torch.int32),
+        is_token_in_rank=torch.rand(50, num_ranks) < 0.5,
+        epoch=epoch,
+        operation_code=2,
+        table_offset=table_offset,
+        host_address=host.data_ptr(),
+        write_host=True,
+    )
+    _assert_error(error, missing, rank, code=2)
 
 
 def check_copy_out() -> None:

@@ -1,13 +1,15 @@
 """Low-latency kernel logic checked on the CPU with Triton's interpreter (run by
 test_kernels_interpreter.py in a subprocess with ``TRITON_INTERPRET=1``; needs numpy).
 
-Simulated ranks share plain CPU tensors as their symmetric buffers; every kernel of low-latency
-mode runs on them (dispatch send with its fused signal, dispatch receive, combine send, combine
-receive, the bounded wait) and each output is compared with an independent torch computation of
-what the API promises (``epcomm.quant`` for the FP8 scales). The inline-assembly primitives (the
-global timer, acquire / relaxed system-scope loads) have no interpreter version: this script
-replaces them with CPU stand-ins (a monotonic clock, a plain load) in the kernel modules; nothing in
-``src`` changes. The GPU tier (tests/gpu) checks the same kernels on real hardware.
+Simulated ranks share plain CPU tensors as their symmetric buffers, reached through a table of
+their addresses (``PeerGroup.peer_table``) with the symmetric buffer's map (header, then the
+low-latency payload); every kernel of low-latency mode runs on them through its launcher (dispatch
+send with its fused signal, dispatch receive, combine send, combine receive; the bounded wait) and
+each output is compared with an independent torch computation of what the API promises
+(``epcomm.quant`` for the FP8 scales). The inline-assembly primitives (the global timer, acquire /
+relaxed system-scope loads) have no interpreter version: ``triton_interpreter.use_cpu_primitives``
+replaces them with CPU stand-ins (a monotonic clock, a plain load) in the kernel modules; nothing
+in ``src`` changes. The GPU tier (tests/gpu) checks the same kernels on real hardware.
 
 Usage: ``TRITON_INTERPRET=1 python tests/unit/ll_kernel_interpreter_checks.py [name ...]``
 """

@@ -28,7 +28,7 @@ import triton.language as tl
 
 from epcomm.kernels.launch import launch, next_pow2
 from epcomm.kernels.peer_group import PeerGroup
-from epcomm.kernels.primitives import global_timer_ns, peer_pointer, store_remote, wait_flags
+from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
 
 __all__ = [
     "LowLatencyWords",
@@ -96,6 +96,12 @@ def ll_dispatch_send_kernel(
         tl.store(combine_gather_idx_ptr + start + fill_cols, no_expert, mask=start + fill_cols < GATHER_ITEMS)
     # This call's tokens only: the receiver scans slots [rank, 0 : num_tokens] (the count goes
     # with the signal), so slots past num_tokens are neither written nor read.
+    # The destinations' buffer addresses, loaded once per program (not per token, behind the
+    # previous token's stores), up to HOISTED_PEERS destinations (registers).
+    bases = ()
+    if NUM_RANKS <= HOISTED_PEERS:
+        for step in tl.static_range(NUM_RANKS):
+            bases = bases + (peer_pointer(peer_table, (step + rank + pid) % NUM_RANKS),)
     for token in range(pid, num_tokens, grid):
         topk = tl.load(topk_idx_ptr + token * NUM_TOPK + k_cols, mask=k_mask, other=-1).to(tl.int32)
         if USE_FP8:
@@ -115,7 +121,10 @@ def ll_dispatch_send_kernel(
         for step in tl.static_range(NUM_RANKS):
             dst = (step + rank + pid) % NUM_RANKS
             if tl.load(mask_ptr + dst) == 0:
-                base = peer_pointer(peer_table, dst) + staging_offset
+                if NUM_RANKS <= HOISTED_PEERS:
+                    base = bases[step] + staging_offset
+                else:
+                    base = peer_pointer(peer_table, dst) + staging_offset
                 slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
                 store_remote(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, k_mask)
                 hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
