@@ -52,7 +52,7 @@ def all_gather_bytes(blob: bytes, group: Any) -> list[bytes]:
     """
     lengths = [row[0] for row in all_gather_ints([len(blob)], group)]
     device = _device_for(group)
-    mine = torch.zeros(max(lengths), dtype=torch.uint8)
+    mine = torch.zeros(max(lengths), dtype=torch.uint8, device="cpu")
     if blob:
         mine[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8)
     mine = mine.to(device)

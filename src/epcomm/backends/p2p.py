@@ -120,7 +120,7 @@ class PeerGroup:
             if peer in recvs and recvs[peer].numel() > 0:
                 target = recvs[peer]
                 if target.is_cuda and not self.supports_cuda:
-                    host = torch.empty(target.shape, dtype=target.dtype)
+                    host = torch.empty(target.shape, dtype=target.dtype, device="cpu")
                     host_recvs[peer] = (target, host)
                     target = host
                 keep_alive.append(target)

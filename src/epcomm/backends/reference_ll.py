@@ -32,7 +32,7 @@ class ReferenceLowLatency:
 
     def __init__(self, peers: PeerGroup) -> None:
         self.peers = peers
-        self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32)
+        self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32, device="cpu")
         self._parity = 0
         self._buffers = ResultBuffers()
 
