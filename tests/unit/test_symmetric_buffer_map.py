@@ -40,8 +40,8 @@ def test_header_areas_are_disjoint_and_aligned(num_ranks: int) -> None:
         ],
         header.payload,
     )
-    assert header.payload % 32 == 0
-    assert HeaderLayout(num_ranks, count_table=False).payload < header.payload
+    assert header.payload % 1024 == 0  # 4 KB: the rows' copies keep that alignment
+    assert HeaderLayout(num_ranks, count_table=False).payload <= header.payload
 
 
 @pytest.mark.parametrize(
