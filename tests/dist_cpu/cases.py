@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
+
+import torch
 
 from .naive import Case, Routing
 
@@ -50,3 +53,18 @@ FEW_ROWS_SCENARIOS = frozenset({"hot_rank_0", "no_tokens_anywhere", "single_toke
 def normal_mode_scenarios() -> list[Any]:
     """Every scenario (those in ``FEW_ROWS_SCENARIOS`` once exposed a row-unpacking bug)."""
     return list(SCENARIOS)
+
+
+@contextlib.contextmanager
+def caller_default_dtype(dtype_name: str) -> Iterator[None]:
+    """Run the block under ``torch.set_default_dtype`` of ``dtype_name`` (``""``: unchanged), as
+    scripts written for DeepEP do before they create a ``Buffer``; the default is restored after."""
+    if not dtype_name:
+        yield
+        return
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, dtype_name))
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(previous)

@@ -31,6 +31,14 @@ def test_layout_dispatch_combine(run_on_ranks: RunOnRanks, scenario: str, world_
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
+def test_caller_default_dtype_bf16(run_on_ranks: RunOnRanks, world_size: int) -> None:
+    """DeepEP scripts call ``torch.set_default_dtype(torch.bfloat16)`` before building the
+    ``Buffer``: every internal allocation names its dtype, so results are unchanged."""
+    case = make_case("layout_dispatch_combine", world_size, "masked_slots")
+    run_on_ranks(world_size, layout_dispatch_combine_worker, case, "bfloat16")
+
+
+@pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("num_biases", [1, 2])
 def test_combine_bias(run_on_ranks: RunOnRanks, num_biases: int, world_size: int) -> None:
     case = make_case("combine_bias", world_size, "masked_slots")

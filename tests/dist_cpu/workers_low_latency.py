@@ -15,6 +15,7 @@ from epcomm import Buffer
 from epcomm.quant import per_token_cast_back
 from epcomm.testing import ProcessGroupInfo
 
+from .cases import caller_default_dtype
 from .naive import (
     Case,
     ExpectedLowLatency,
@@ -170,8 +171,11 @@ def _check_combined(
     assert_combined_close(combined, expected, token_keys, what, COMBINE_RTOL, LOW_LATENCY_COMBINE_ATOL_OF_MAX)
 
 
-def dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case, capacity: int, mode: str) -> None:
-    """One dispatch (bf16 or FP8) with receive stats; for bf16 also the weighted combine."""
+def dispatch_combine_worker(
+    pgi: ProcessGroupInfo, case: Case, capacity: int, mode: str, default_dtype: str = ""
+) -> None:
+    """One dispatch (bf16 or FP8) with receive stats; for bf16 also the weighted combine; the
+    buffer is made and called under the caller's ``default_dtype`` (``""``: torch's)."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
@@ -181,7 +185,7 @@ def dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case, capacity: int, mo
     wait_stats = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
     use_fp8, round_scale, use_ue8m0 = DISPATCH_MODES[mode]
     combined = None
-    with _low_latency_buffer(pgi, case, capacity) as buffer:
+    with caller_default_dtype(default_dtype), _low_latency_buffer(pgi, case, capacity) as buffer:
         result = buffer.low_latency_dispatch(
             mine.x,
             mine.topk_idx,
