@@ -108,7 +108,7 @@ def make_routing(
     gen = torch.Generator(device="cpu").manual_seed(seed * _RANK_STRIDE + rank)
     scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
     if allowed_experts is not None:
-        allowed = torch.tensor(list(allowed_experts), dtype=torch.int64)
+        allowed = torch.tensor(list(allowed_experts), dtype=torch.int64, device="cpu")
         if allowed.numel() and not bool(((allowed >= 0) & (allowed < num_experts)).all()):
             raise ValueError(
                 f"allowed_experts must be in [0, num_experts={num_experts}); got {allowed.tolist()}"
