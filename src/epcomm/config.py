@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from epcomm._math import align_up
+
 __all__ = [
     "NUM_MAX_NVL_PEERS",
     "Config",
@@ -34,10 +36,6 @@ NUM_MAX_NVL_PEERS = 8
 NUM_MAX_TOPK = 128
 NUM_MAX_SCALES = 128
 SOURCE_META_BYTES = 8
-
-
-def _align(num_bytes: int, alignment: int = 128) -> int:
-    return (num_bytes + alignment - 1) // alignment * alignment
 
 
 @dataclass(frozen=True)
@@ -90,7 +88,7 @@ class Config:
         slots = num_channels * num_nvl_ranks * self.num_max_nvl_chunked_recv_tokens
         num_bytes = num_channels * num_nvl_ranks * (2 * num_rdma_ranks + 3) * 4
         num_bytes += slots * (hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4)
-        return _align(num_bytes)
+        return align_up(num_bytes, 128)
 
     def get_rdma_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of RDMA buffer DeepEP would need for this config; 0 within one node.
@@ -109,7 +107,7 @@ class Config:
         slots = num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * 2
         num_bytes = num_channels * num_rdma_ranks * (NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4
         num_bytes += slots * (hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4)
-        return _align(num_bytes)
+        return align_up(num_bytes, 128)
 
 
 # DeepEP V1's tuned chunk sizes per rank count: (nvl send, nvl recv, rdma send, rdma recv).

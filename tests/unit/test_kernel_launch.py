@@ -7,7 +7,8 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-from epcomm.kernels.launch import _arg_key, _KernelInfo, cdiv, next_pow2
+from epcomm._math import cdiv, next_pow2
+from epcomm.kernels.launch import _arg_key, _KernelInfo
 from epcomm.kernels.normal_push import push_rows_kernel
 
 

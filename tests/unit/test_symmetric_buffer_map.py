@@ -13,9 +13,9 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     DispatchRegions,
     HeaderLayout,
     LowLatencyLayout,
-    flag_block,
     low_latency_rdma_size_hint,
 )
+from epcomm.kernels.peer_group import flag_block
 
 
 def _assert_disjoint(areas: list[range], end: int) -> None:

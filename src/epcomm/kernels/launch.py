@@ -25,19 +25,9 @@ from typing import Any
 import torch
 from triton import knobs
 
-__all__ = ["cdiv", "launch", "next_pow2"]
+__all__ = ["launch"]
 
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-
-
-def next_pow2(n: int) -> int:
-    """Smallest power of two >= ``n`` (``n >= 1``); ``triton.next_power_of_2`` costs ~2-5 us per host call."""
-    return 1 << (n - 1).bit_length()
-
-
-def cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)`` for positive ``b``."""
-    return -(-a // b)
 
 
 class _KernelInfo:

@@ -14,7 +14,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch, next_pow2
+from epcomm._math import next_pow2
+from epcomm.kernels.launch import launch
 from epcomm.kernels.low_latency_dispatch import (
     LowLatencyWords,
     SignalState,

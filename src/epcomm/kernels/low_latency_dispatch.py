@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch, next_pow2
+from epcomm._math import next_pow2
+from epcomm.kernels.launch import launch
 from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
 

@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import launch, next_pow2
+from epcomm._math import next_pow2
+from epcomm.kernels.launch import launch
 
 __all__ = ["launch_combine_reduce", "reduce_tokens_per_step"]
 

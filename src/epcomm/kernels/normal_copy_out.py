@@ -11,7 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import cdiv, launch, next_pow2
+from epcomm._math import cdiv, next_pow2
+from epcomm.kernels.launch import launch
 
 __all__ = ["launch_copy_out_meta"]
 

@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels.launch import cdiv, launch, next_pow2
+from epcomm._math import cdiv, next_pow2
+from epcomm.kernels.launch import launch
 from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_all_epoch
 

@@ -6,7 +6,14 @@ from typing import NamedTuple
 
 import torch
 
-__all__ = ["PeerGroup"]
+from epcomm._math import next_pow2
+
+__all__ = ["PeerGroup", "flag_block"]
+
+
+def flag_block(num_ranks: int) -> int:
+    """Lanes of a wait over every rank's flag: the next power of two >= ``num_ranks``, at least 2."""
+    return max(2, next_pow2(num_ranks))
 
 
 class PeerGroup(NamedTuple):
@@ -34,5 +41,5 @@ class PeerGroup(NamedTuple):
 
     @property
     def flag_block(self) -> int:
-        """Lanes of a wait over every rank's flag: the next power of two >= ``num_ranks`` (at least 2)."""
-        return max(2, 1 << (self.num_ranks - 1).bit_length())
+        """Lanes of a wait over every rank's flag (``flag_block(num_ranks)``)."""
+        return flag_block(self.num_ranks)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from epcomm import quant
+from epcomm._math import align_up
 from epcomm.backends.base import (
     LowLatencyCombineRequest,
     LowLatencyCombineResult,
@@ -51,7 +52,7 @@ class NvlinkLowLatency:
         # Per (phase, parity): sequence numbers per peer, and the send kernels' arrival counter (0
         # between calls). Rows padded to a multiple of 4 words keep every row 16-byte aligned, so
         # both parities share one kernel specialization.
-        stride = -(-self.num_ranks // 4) * 4
+        stride = align_up(self.num_ranks, 4)
         self._send_seq = torch.zeros(2, 2, stride, dtype=torch.int32, device=device)
         self._recv_expected = torch.zeros(2, 2, stride, dtype=torch.int32, device=device)
         self._arrivals = torch.zeros(2, 2, 4, dtype=torch.int32, device=device)

@@ -43,8 +43,9 @@ import torch
 
 from epcomm._collectives import all_gather_bytes
 from epcomm._logging import get_logger
+from epcomm._math import align_up
 from epcomm.errors import PeerTimeoutError
-from epcomm.kernels.peer_group import PeerGroup
+from epcomm.kernels.peer_group import PeerGroup, flag_block
 
 __all__ = [
     "MAX_EXPERTS",
@@ -75,12 +76,7 @@ GROWTH_FACTOR = 1.25
 
 def align(words: int) -> int:
     """``words`` rounded up to a multiple of ``ALIGN_WORDS``."""
-    return -(-words // ALIGN_WORDS) * ALIGN_WORDS
-
-
-def flag_block(num_ranks: int) -> int:
-    """Lanes of a wait over every rank's flag: the next power of two >= ``num_ranks``, at least 2."""
-    return max(2, 1 << (num_ranks - 1).bit_length())
+    return align_up(words, ALIGN_WORDS)
 
 
 # ---- the map ----------------------------------------------------------------------------------
@@ -120,7 +116,7 @@ class HeaderLayout:
     def payload(self) -> int:
         """First payload word (4 KB aligned: ``PAYLOAD_ALIGN_WORDS``)."""
         end = self.table + self.table_words
-        return -(-end // PAYLOAD_ALIGN_WORDS) * PAYLOAD_ALIGN_WORDS
+        return align_up(end, PAYLOAD_ALIGN_WORDS)
 
 
 # Up to five regions per area, each aligned to 32 words: this much slack always covers them.
@@ -206,7 +202,7 @@ class LowLatencyLayout:
     @property
     def flag_stride(self) -> int:
         """Words of one (phase, parity)'s flags or one parity's counts: ``S``."""
-        return -(-max(4, flag_block(self.num_ranks)) // 4) * 4
+        return align_up(max(4, flag_block(self.num_ranks)), 4)
 
     def flags(self, phase: int, parity: int) -> int:
         """Sequence flags of ``phase`` (0 dispatch, 1 combine) and ``parity``."""
