@@ -1,4 +1,5 @@
 """Triton kernels (``@triton.jit``) and their typed launchers, one file per (mode, op).
 
-Importing this package imports Triton; the reference backend never does.
+Each kernel module imports Triton; this package file and ``peer_group.py`` do not, so the
+symmetric buffer's map can be read without it. The reference backend never imports a kernel.
 """
