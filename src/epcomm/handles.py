@@ -75,9 +75,12 @@ HandleType = TypeVar("HandleType", DispatchHandle, LowLatencyHandle)
 
 def as_handle(handle: Any, kind: type[HandleType], returned_by: str) -> HandleType:
     """``handle`` as a ``kind``: itself, or built from a plain tuple of the same length (DeepEP
-    code may pass the tuple on); anything else raises ``TypeError`` naming ``returned_by``."""
+    code may pass the tuple on); anything else (the other mode's handle too) raises a one-line
+    ``TypeError`` naming ``returned_by``."""
     if isinstance(handle, kind):
         return handle
-    if isinstance(handle, tuple) and len(handle) == len(kind._fields):
+    if type(handle) is tuple and len(handle) == len(kind._fields):
         return kind(*handle)
-    raise TypeError(f"handle must be the handle {returned_by} returned; got {type(handle).__name__}")
+    other = {DispatchHandle: "dispatch", LowLatencyHandle: "low_latency_dispatch"}.get(type(handle))
+    got = f"the {type(handle).__name__} of {other}" if other else type(handle).__name__
+    raise TypeError(f"handle must be the handle {returned_by} returned; got {got}")

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from epcomm.env import ValueCheck
+from epcomm.quant import FP8_GROUP_SIZE, num_packed_ue8m0, num_scales
 
 __all__ = [
     "check_dtype",
@@ -109,8 +110,18 @@ def split_x(x: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
         check_dtype("x[1] (x_scales)", scales, (torch.float32, torch.int32))
         check_shape("x[1] (x_scales)", scales, [data.size(0), None])
         check_same_device("x[1] (x_scales)", scales, data.device, "x[0]")
-        if scales.size(1) < 1:
-            raise ValueError(f"x[1] (x_scales) must have at least one column; got {list(scales.shape)}")
+        hidden = data.size(1)
+        if hidden % FP8_GROUP_SIZE != 0:
+            raise ValueError(
+                f"x[0] (x_fp8): FP8 needs hidden a multiple of {FP8_GROUP_SIZE} (one scale per "
+                f"{FP8_GROUP_SIZE} channels); got hidden={hidden}"
+            )
+        want = num_scales(hidden) if scales.dtype == torch.float32 else num_packed_ue8m0(hidden)
+        if scales.size(1) != want:
+            kind = "float32 scales" if scales.dtype == torch.float32 else "packed UE8M0 int32 scales"
+            raise ValueError(
+                f"x[1] (x_scales): hidden={hidden} has {want} {kind} per token; got {scales.size(1)} columns"
+            )
         return data, scales
     data = check_tensor("x", x)
     check_dtype("x", data, torch.bfloat16)

@@ -39,6 +39,8 @@ LL_CAPACITY = 8
 # peer for _PEER_TIMEOUT_S (> _FAST_ERROR_S) and then fail with the wrong exception.
 _FAST_ERROR_S = 2.0
 _PEER_TIMEOUT_S = 4.0
+# An error message is one line a person reads: longer ones dump tensors or tracebacks.
+_MAX_MESSAGE_CHARS = 300
 _LAUNCH_TIMEOUT_S = 120.0
 
 
@@ -303,6 +305,30 @@ CASES: list[Case] = [
         lambda c: _dispatch(c, x=_fp8_x(c, scale_rows=NUM_TOKENS - 1)),
         ValueError,
         ("x_scales", "[4, *]", "[3, 1]"),
+    ),
+    Case(
+        "dispatch_fp8_scales_wrong_columns",
+        lambda c: _dispatch(c, x=(_fp8_x(c)[0], torch.ones(NUM_TOKENS, HIDDEN // 128 + 1))),
+        ValueError,
+        ("x_scales", "hidden=128 has 1 float32 scales", "got 2 columns"),
+    ),
+    Case(
+        "dispatch_fp8_ue8m0_scales_wrong_columns",
+        lambda c: _dispatch(c, x=(_fp8_x(c)[0], torch.ones(NUM_TOKENS, 2, dtype=torch.int32))),
+        ValueError,
+        ("x_scales", "packed UE8M0 int32 scales", "got 2 columns"),
+    ),
+    Case(
+        "dispatch_fp8_hidden_not_multiple_of_128",
+        lambda c: _dispatch(c, x=(c.x[:, :100].float().to(torch.float8_e4m3fn), torch.ones(NUM_TOKENS, 1))),
+        ValueError,
+        ("x_fp8", "multiple of 128", "hidden=100"),
+    ),
+    Case(
+        "dispatch_cached_low_latency_handle",
+        lambda c: c.buffer.dispatch(c.x, handle=c.ll_handle),
+        TypeError,
+        ("handle", "a dispatch", "LowLatencyHandle"),
     ),
     Case(
         "dispatch_fp8_data_wrong_dtype",
@@ -615,6 +641,12 @@ CASES: list[Case] = [
     ),
     # -- low_latency_combine
     Case(
+        "ll_combine_normal_mode_handle",
+        lambda c: _ll_combine(c, handle=c.handle),
+        TypeError,
+        ("handle", "low_latency_dispatch", "DispatchHandle"),
+    ),
+    Case(
         "ll_combine_x_wrong_shape",
         lambda c: _ll_combine(c, x=_bf16(c.num_local_experts, c.num_ranks * LL_CAPACITY - 1, HIDDEN)),
         ValueError,
@@ -840,6 +872,8 @@ def test_bad_input_single_rank(case: Case, ctx1: Ctx) -> None:
     message = str(info.value)
     for needle in _expected_needles(case, ctx1.fmt()):
         assert needle in message, f"{needle!r} not in {message!r}"
+    assert len(message) <= _MAX_MESSAGE_CHARS, f"not a one-line message: {message!r}"
+    assert "\n" not in message, f"not a one-line message: {message!r}"
     assert Buffer.num_sms == num_sms, "a rejected call changed Buffer.num_sms"
 
 
