@@ -21,6 +21,7 @@ from epcomm.backends.base import (
     DispatchRequest,
 )
 from epcomm.backends.nvlink.symmetric_buffer import low_latency_rdma_size_hint
+from epcomm.backends.p2p import PeerGroup
 from epcomm.buffer_low_latency import LowLatencyMethods
 from epcomm.config import Config, combine_config_preset, dispatch_config_preset
 from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
@@ -48,6 +49,22 @@ def _num_ranks_per_node(group: Any, local_world_size: int | None) -> int:
         return min(local_world_size, num_ranks)
     hosts = [row[0] for row in all_gather_ints([host_id(socket.gethostname())], group)]
     return hosts.count(hosts[dist.get_rank(group)])
+
+
+def _rendezvous(group: Any, timeout_s: float) -> None:
+    """Every rank of a gloo group says it is in ``Buffer()``, with a bounded wait: a rank that never
+    builds its ``Buffer`` makes the others raise ``PeerTimeoutError`` naming it, instead of hanging
+    in the collectives that follow. NCCL groups skip it (their first point-to-point message would
+    set up extra communicators; the NCCL collectives that follow are bounded by NCCL's own timeout)."""
+    backend = str(dist.get_backend(group)).lower()
+    num_ranks, rank = dist.get_world_size(group), dist.get_rank(group)
+    if num_ranks == 1 or "gloo" not in backend:
+        return
+    hello = torch.tensor([rank], dtype=torch.int64, device="cpu")
+    replies = {
+        peer: torch.empty(1, dtype=torch.int64, device="cpu") for peer in range(num_ranks) if peer != rank
+    }
+    PeerGroup(group, timeout_s).post("Buffer() (rendezvous)", dict.fromkeys(replies, hello), replies).wait()
 
 
 class Buffer(LowLatencyMethods):
@@ -110,8 +127,9 @@ class Buffer(LowLatencyMethods):
             raise TypeError(f"settings must be an epcomm.env.Settings or None; got {type(settings).__name__}")
         self.settings: env.Settings = settings if settings is not None else env.read_settings()
         set_log_level(self.settings.log_level)
-        self.num_ranks_per_node = _num_ranks_per_node(group, self.settings.local_world_size)
         choice = self._check_backend(backend) if backend is not None else self.settings.backend
+        _rendezvous(group, self.settings.timeout_s)
+        self.num_ranks_per_node = _num_ranks_per_node(group, self.settings.local_world_size)
         self._backend: Backend | None = create_backend(
             choice,
             group,
@@ -231,7 +249,11 @@ class Buffer(LowLatencyMethods):
         check_int("offset", offset, 0)
         num_bytes = self.num_rdma_bytes if use_rdma_buffer else self.num_nvl_bytes
         if use_rdma_buffer not in self._local_buffers:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+            device = (
+                torch.device("cuda", torch.cuda.current_device())
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
             self._local_buffers[use_rdma_buffer] = torch.zeros(num_bytes, dtype=torch.uint8, device=device)
         raw = self._local_buffers[use_rdma_buffer][offset:]
         count = raw.numel() // dtype.itemsize

@@ -9,7 +9,7 @@ import pytest
 from epcomm.testing import parallel_launch
 
 from .cases import make_case
-from .workers_timeout import TIMEOUT_S, skipped_peer_worker
+from .workers_timeout import TIMEOUT_S, absent_peer_worker, skipped_peer_worker
 
 # Slack over EPCOMM_TIMEOUT_S for a loaded 2-core machine; the error must not wait much longer.
 TIMEOUT_SLACK_S = 7.0
@@ -36,3 +36,19 @@ def test_skipped_peer_times_out(tmp_path: Path, operation: str) -> None:
     assert "rank 0" in message, message
     assert result["missing_peers"] == [1], result["missing_peers"]
     assert "[1]" in message, message
+
+
+@pytest.mark.parametrize("local_world_size", [2, None])
+def test_absent_peer_bounds_buffer_construction(tmp_path: Path, local_world_size: int | None) -> None:
+    """A peer that never builds its ``Buffer``: ``Buffer()`` raises the named timeout within the
+    bound, with ``LOCAL_WORLD_SIZE`` known (no host-name exchange) or not."""
+    done_file = tmp_path / "rank0_done"
+    outcomes = parallel_launch(
+        2, absent_peer_worker, local_world_size, str(done_file), backend="gloo", timeout_s=120
+    )
+    result = outcomes[0]
+    assert result["message"] is not None, f"Buffer() returned after {result['elapsed_s']:.1f} s"
+    assert TIMEOUT_S - 0.5 <= result["elapsed_s"] <= TIMEOUT_S + TIMEOUT_SLACK_S, result
+    assert result["operation"].startswith("Buffer()"), result["operation"]
+    assert result["missing_peers"] == [1], result["missing_peers"]
+    assert "rank 0" in result["message"], result["message"]

@@ -78,3 +78,17 @@ def skipped_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, done_
             )
     Path(done_file).touch()
     return outcome
+
+
+def absent_peer_worker(pgi: ProcessGroupInfo, local_world_size: int | None, done_file: str) -> dict[str, Any]:
+    """Rank 1 never builds its ``Buffer``; rank 0's ``Buffer()`` must fail naming it within the bound
+    (``local_world_size``: given, so no host-name exchange follows, or ``None``)."""
+    if pgi.rank == 1:
+        deadline = time.monotonic() + PEER_LINGER_S
+        while not Path(done_file).exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return {}
+    settings = Settings(timeout_s=TIMEOUT_S, local_world_size=local_world_size)
+    outcome = _timed(lambda: Buffer(pgi.group, backend=BACKEND, settings=settings))
+    Path(done_file).write_text("done")
+    return outcome

@@ -796,7 +796,7 @@ CASES: list[Case] = [
     ),
     Case(
         "get_local_buffer_tensor_negative_offset",
-        lambda c: Buffer(c.buffer.group, num_nvl_bytes=64).get_local_buffer_tensor(torch.int32, offset=-8),
+        lambda c: c.buffer.get_local_buffer_tensor(torch.int32, offset=-8),
         ValueError,
         ("offset", ">= 0", "-8"),
     ),
