@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import pytest
 from epcomm.testing import parallel_launch
 
 from .cases import make_case
-from .workers_timeout import TIMEOUT_S, absent_peer_worker, skipped_peer_worker
+from .workers_timeout import TIMEOUT_S, absent_peer_worker, dead_peer_worker, skipped_peer_worker
 
 # Slack over EPCOMM_TIMEOUT_S for a loaded 2-core machine; the error must not wait much longer.
 TIMEOUT_SLACK_S = 7.0
@@ -52,3 +53,22 @@ def test_absent_peer_bounds_buffer_construction(tmp_path: Path, local_world_size
     assert result["operation"].startswith("Buffer()"), result["operation"]
     assert result["missing_peers"] == [1], result["missing_peers"]
     assert "rank 0" in result["message"], result["message"]
+
+
+@pytest.mark.parametrize("operation", ["dispatch", "low_latency_dispatch"])
+def test_dead_peer_is_a_named_error(tmp_path: Path, operation: str) -> None:
+    """A peer killed between calls: the survivor's next call raises epcomm's error naming the
+    operation, this rank and the lost peer within the bound (not gloo's raw error), and the
+    survivor can destroy its Buffer and build a new group and Buffer."""
+    case = make_case("timeout", 2, "balanced")
+    result_file = tmp_path / "rank0_result.json"
+    with pytest.raises(RuntimeError, match="rank 1"):  # the launch reports the killed rank
+        parallel_launch(2, dead_peer_worker, case, operation, str(result_file), backend="gloo", timeout_s=120)
+    result = json.loads(result_file.read_text())
+    assert result["message"] is not None, f"{operation} returned after {result['elapsed_s']:.1f} s"
+    assert result["kind"] in ("PeerLostError", "PeerTimeoutError"), result
+    assert result["elapsed_s"] <= TIMEOUT_S + TIMEOUT_SLACK_S, result
+    assert result["operation"].startswith(operation), result["operation"]
+    assert result["rank"] == 0
+    assert result["missing_peers"] == [1], result
+    assert result["fresh_buffer_ranks"] == 1

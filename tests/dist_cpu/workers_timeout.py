@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from epcomm import Buffer
 from epcomm.env import Settings
-from epcomm.errors import PeerTimeoutError
+from epcomm.errors import PeerLostError, PeerTimeoutError
 from epcomm.testing import ProcessGroupInfo
 
 from .naive import Case, make_inputs
@@ -27,10 +32,20 @@ def _timed(call: Any) -> dict[str, Any]:
     except PeerTimeoutError as error:
         return {
             "elapsed_s": time.monotonic() - start,
+            "kind": type(error).__name__,
             "message": str(error),
             "operation": error.operation,
             "rank": error.rank,
             "missing_peers": error.missing_peers,
+        }
+    except PeerLostError as error:
+        return {
+            "elapsed_s": time.monotonic() - start,
+            "kind": type(error).__name__,
+            "message": str(error),
+            "operation": error.operation,
+            "rank": error.rank,
+            "missing_peers": error.lost_peers,
         }
     return {"elapsed_s": time.monotonic() - start, "message": None}
 
@@ -91,4 +106,46 @@ def absent_peer_worker(pgi: ProcessGroupInfo, local_world_size: int | None, done
     settings = Settings(timeout_s=TIMEOUT_S, local_world_size=local_world_size)
     outcome = _timed(lambda: Buffer(pgi.group, backend=BACKEND, settings=settings))
     Path(done_file).write_text("done")
+    return outcome
+
+
+def dead_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, result_file: str) -> dict[str, Any]:
+    """Rank 1 is killed (SIGKILL) after both ranks built their buffers; rank 0 then calls
+    ``operation`` and writes what it raised to ``result_file`` (the launch itself fails: a rank died),
+    then builds a new group and ``Buffer`` over itself alone to show the process can go on."""
+    capacity = max(case.num_tokens, 1)
+    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
+        capacity, case.hidden, pgi.world_size, case.num_experts
+    )
+    settings = Settings(timeout_s=TIMEOUT_S)
+    buffer = Buffer(
+        pgi.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True, backend=BACKEND, settings=settings
+    )
+    mine = make_inputs(case, pgi.rank, pgi.world_size)
+    layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
+    dist.barrier(group=pgi.group)
+    if pgi.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(0.5)  # the peer is gone
+    if operation == "dispatch":
+        num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = layout
+        outcome = _timed(
+            lambda: buffer.dispatch(
+                mine.x,
+                num_tokens_per_rank=num_tokens_per_rank,
+                is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=mine.topk_idx,
+                topk_weights=mine.topk_weights,
+            )
+        )
+    else:
+        outcome = _timed(
+            lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts)
+        )
+    buffer.destroy()
+    alone = dist.new_group([0], backend="gloo")
+    with Buffer(alone, backend=BACKEND, settings=settings) as fresh:
+        outcome["fresh_buffer_ranks"] = fresh.group_size
+    Path(result_file).write_text(json.dumps(outcome))
     return outcome

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from epcomm.errors import PeerTimeoutError
+from epcomm.errors import PeerLostError, PeerTimeoutError
 
 __all__ = ["PeerGroup", "PendingExchange"]
 
@@ -58,7 +58,8 @@ class PendingExchange:
                 work.wait(datetime.timedelta(seconds=budget))
             except RuntimeError as error:
                 if "imed out" not in str(error) and "imeout" not in str(error):
-                    raise
+                    # Not a timeout: the transport lost the peer (gloo: connection closed or reset).
+                    raise PeerLostError(self.operation, self.group.rank, peers, str(error)) from error
                 missing.extend(peers)
                 continue
             for peer in peers:
@@ -127,7 +128,14 @@ class PeerGroup:
                 ops.append(dist.P2POp(dist.irecv, target, self._global_ranks[peer], self.group))
                 op_peers.append(peer)
         works: list[tuple[Any, list[int]]] = []
-        if ops:
+        if ops and not self.supports_cuda:
+            # Gloo: one message at a time, so a peer whose connection is gone is named at once.
+            for op, peer in zip(ops, op_peers):
+                try:
+                    works.append((op.op(op.tensor, op.peer, op.group, op.tag), [peer]))
+                except RuntimeError as error:
+                    raise PeerLostError(operation, self.rank, [peer], str(error)) from error
+        elif ops:
             issued = dist.batch_isend_irecv(ops)
             if len(issued) == len(ops):
                 works = [(work, [peer]) for work, peer in zip(issued, op_peers)]
