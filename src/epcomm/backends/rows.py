@@ -32,7 +32,7 @@ class RowLayout:
     def pack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[num_tokens, row_bytes]`` uint8 from tensors ``[num_tokens, columns]`` (any strides)."""
         parts = [
-            t.contiguous().view(torch.uint8).reshape(t.size(0), columns * dtype.itemsize)
+            _dense(t).view(torch.uint8).reshape(t.size(0), columns * dtype.itemsize)
             for t, (columns, dtype) in zip(tensors, self.fields)
         ]
         return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
@@ -48,3 +48,13 @@ class RowLayout:
             )
             out.append(block.view(dtype).reshape(packed.size(0), columns))
         return out
+
+
+def _dense(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` with unit stride in its last dimension. ``.contiguous()`` alone is not enough: an
+    empty or one-row tensor counts as contiguous whatever its strides (stride 0 from an expand), and
+    a byte view needs stride 1."""
+    dense = tensor.contiguous()
+    if dense.dim() and dense.stride(-1) != 1:
+        dense = tensor.clone(memory_format=torch.contiguous_format)
+    return dense
