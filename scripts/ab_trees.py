@@ -11,7 +11,7 @@ BF16 / FP8, cached dispatch and combine (prefill shape: 4096 tokens a rank, hidd
 time-slice: the numbers compare the two trees under the same conditions, they are not NVLink speed.
 
 Usage (repo root, GPU machine):
-    git archive OLD src | tar -x -C /tmp/old
+    mkdir -p /tmp/old && git archive OLD src | tar -x -C /tmp/old
     python3 scripts/ab_trees.py --trees /tmp/old/src src --ranks 1,2,4 --rounds 2 --out ab.jsonl
 """
 
