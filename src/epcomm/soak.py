@@ -30,7 +30,9 @@ from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
 
 __all__ = ["SoakConfig", "SoakReport", "build_parser", "main", "run"]
 
-_HIDDEN_CHOICES = (128, 256, 640)
+# Multiples of 512: the NVLink backend moves rows of whole 16-byte words, so FP8 scale rows (one
+# float32 per 128 channels) need hidden / 128 to be a multiple of 4.
+_HIDDEN_CHOICES = (512, 1024, 2560)
 _TOPK_CHOICES = (1, 2, 4, 8)
 _EXPERTS_PER_RANK = (1, 2, 4, 8)
 _MASKED_CHOICES = (0.0, 0.1, 0.5)
