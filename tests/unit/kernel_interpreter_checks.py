@@ -2,7 +2,7 @@
 subprocess with ``TRITON_INTERPRET=1``; needs numpy). Each check compares a kernel's output with the
 torch definition it replaces; the GPU tier (tests/gpu) checks the same kernels on real hardware.
 Simulated ranks are plain CPU int32 tensors reached through a table of their addresses
-(``triton_interpreter.peer_group``), as the symmetric buffer's ``PeerGroup`` reaches real ones.
+(``triton_interpreter.symmetric_peers``), as the symmetric buffer's ``SymmetricPeers`` reaches real ones.
 
 Usage: ``TRITON_INTERPRET=1 python tests/unit/kernel_interpreter_checks.py [name ...]``
 """
@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import torch
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
-from triton_interpreter import peer_group
+from triton_interpreter import symmetric_peers
 
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
 from epcomm.kernels.barrier import launch_barrier
@@ -60,7 +60,7 @@ def check_push() -> None:
             layout = compute_dispatch_layout(idx, experts, num_ranks)
             dst = rows_in_order(layout.is_token_in_rank, torch.tensor(offsets))
             launch_push_rows(
-                peers=peer_group(buffers, rank, error),
+                peers=symmetric_peers(buffers, rank, error),
                 x_words=x,
                 dst_row=dst,
                 regions=regions,
@@ -158,7 +158,7 @@ def check_push_barriers() -> None:
             before = buffers[rank][:payload].clone()
             error = torch.zeros(4, dtype=torch.int32)
             launch_push_rows(
-                peers=peer_group(buffers, rank, error, 2_000_000, header.flags, header.counter),
+                peers=symmetric_peers(buffers, rank, error, 2_000_000, header.flags, header.counter),
                 x_words=x,
                 dst_row=dst,
                 regions=PushRegions(x=payload),
@@ -189,7 +189,7 @@ def check_barrier() -> None:
             if missing is not None:
                 buffers[rank][missing] = epoch - 1
             error = torch.zeros(4, dtype=torch.int32)
-            peers = peer_group(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET)
+            peers = symmetric_peers(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET)
             launch_barrier(peers=peers, epoch=epoch, operation_code=code)
             _assert_error(error, missing, rank, code)
             for j in range(num_ranks):
@@ -223,7 +223,7 @@ def check_rows() -> None:
                     local[table_offset + s * num_counts : table_offset + (s + 1) * num_counts] = table[s]
                     local[FLAG_OFFSET + s] = epoch
             error = torch.zeros(4, dtype=torch.int32)
-            peers = peer_group(buffers, rank, error, 10**12, FLAG_OFFSET, COUNTER_OFFSET)
+            peers = symmetric_peers(buffers, rank, error, 10**12, FLAG_OFFSET, COUNTER_OFFSET)
             for write_host in (True, False):
                 host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
                 recv_row, prefix, num_recv = launch_dispatch_counts(
@@ -289,7 +289,7 @@ def check_rows() -> None:
     error = torch.zeros(4, dtype=torch.int32)
     host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
     launch_dispatch_counts(
-        peers=peer_group(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET),
+        peers=symmetric_peers(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET),
         num_tokens_per_expert=torch.zeros(24, dtype=torch.int32),
         is_token_in_rank=torch.rand(50, num_ranks) < 0.5,
         epoch=epoch,

@@ -2,7 +2,7 @@
 test_kernels_interpreter.py in a subprocess with ``TRITON_INTERPRET=1``; needs numpy).
 
 Simulated ranks share plain CPU tensors as their symmetric buffers, reached through a table of
-their addresses (``PeerGroup.peer_table``) with the symmetric buffer's map (header, then the
+their addresses (``SymmetricPeers.peer_table``) with the symmetric buffer's map (header, then the
 low-latency payload); every kernel of low-latency mode runs on them through its launcher (dispatch
 send with its fused signal, dispatch receive, combine send, combine receive; the bounded wait) and
 each output is compared with an independent torch computation of what the API promises
@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
-from triton_interpreter import peer_group
+from triton_interpreter import symmetric_peers
 
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
@@ -36,7 +36,7 @@ from epcomm.kernels.low_latency_dispatch import (
     launch_ll_dispatch_recv,
     launch_ll_dispatch_send,
 )
-from epcomm.kernels.peer_group import PeerGroup
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 triton_interpreter.use_cpu_primitives()
 
@@ -72,7 +72,7 @@ class RankState:
     """One simulated rank's device-resident state (as ``NvlinkLowLatency`` keeps it: sequence rows
     padded to a multiple of 4 words) and its peer group over every rank's buffer."""
 
-    peers: PeerGroup
+    peers: SymmetricPeers
     error: torch.Tensor
     stride: int
     arrivals: torch.Tensor = field(default_factory=lambda: torch.zeros(2, 2, 4, dtype=torch.int32))
@@ -127,7 +127,7 @@ class World:
         self.states = []
         for rank in range(num_ranks):
             error = torch.zeros(4, dtype=torch.int32)
-            peers = peer_group(self.buffers, rank, error, NO_TIMEOUT)
+            peers = symmetric_peers(self.buffers, rank, error, NO_TIMEOUT)
             self.states.append(RankState(peers, error, stride))
         # signals each rank sent to (and expects from) each peer, per phase and parity
         self.signals = torch.zeros(num_ranks, 2, 2, stride, dtype=torch.int32)

@@ -24,7 +24,7 @@ import epcomm.kernels.normal_push as push_module  # noqa: E402
 import epcomm.kernels.normal_rows as rows_module  # noqa: E402
 from epcomm.kernels.low_latency_dispatch import LowLatencyWords, SignalState  # noqa: E402
 from epcomm.kernels.normal_push import PushBarriers, PushRegions  # noqa: E402
-from epcomm.kernels.peer_group import PeerGroup  # noqa: E402
+from epcomm.kernels.symmetric_peers import SymmetricPeers  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
 _TYPES = {
@@ -87,9 +87,9 @@ def _assert_system_scope_ordering(ptx: str) -> None:
     )
 
 
-def _peers(num_ranks: int, rank: int = 1) -> PeerGroup:
+def _peers(num_ranks: int, rank: int = 1) -> SymmetricPeers:
     """A peer group as the symmetric buffer builds it (the addresses are never dereferenced here)."""
-    return PeerGroup(
+    return SymmetricPeers(
         peer_table=torch.zeros(num_ranks, dtype=torch.int64),
         rank=rank % num_ranks,
         num_ranks=num_ranks,

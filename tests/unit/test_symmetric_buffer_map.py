@@ -15,7 +15,7 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     LowLatencyLayout,
     low_latency_rdma_size_hint,
 )
-from epcomm.kernels.peer_group import flag_block
+from epcomm.kernels.symmetric_peers import flag_block
 
 
 def _assert_disjoint(areas: list[range], end: int) -> None:

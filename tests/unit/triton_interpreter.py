@@ -2,7 +2,7 @@
 (``kernel_interpreter_checks.py``, ``ll_kernel_interpreter_checks.py``): refuses to run without
 ``TRITON_INTERPRET=1`` (it must be set before any kernel is defined), makes Triton 3.6's
 interpreter work with numpy 2, replaces the inline-assembly primitives with CPU stand-ins
-(``use_cpu_primitives``) and builds the peer groups of simulated ranks (``peer_group``)."""
+(``use_cpu_primitives``) and builds the peers of simulated ranks (``symmetric_peers``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 import triton.runtime.interpreter as interpreter
 
-from epcomm.kernels.peer_group import PeerGroup
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 # Triton 3.6's interpreter converts 1-element arrays with int(), which numpy 2 rejects for
 # non-0-d arrays: convert through the first element instead.
@@ -102,20 +102,20 @@ def use_cpu_primitives() -> None:
             )
 
 
-def peer_group(
+def symmetric_peers(
     buffers: list[torch.Tensor],
     rank: int,
     error: torch.Tensor,
     timeout_ns: int = 10**12,
     flag_offset: int = 0,
     counter_offset: int = 32,
-) -> PeerGroup:
-    """Rank ``rank``'s ``PeerGroup`` over simulated ranks: ``buffers`` (one CPU int32 tensor per
+) -> SymmetricPeers:
+    """Rank ``rank``'s ``SymmetricPeers`` over simulated ranks: ``buffers`` (one CPU int32 tensor per
     rank, 16-byte aligned) reached through a table of their addresses, as the symmetric buffer
     builds it; ``error`` a CPU int32 ``[4]`` error word."""
     addresses = [buffer.data_ptr() for buffer in buffers]
     assert all(address % 16 == 0 for address in addresses), "simulated buffers must be 16-byte aligned"
-    return PeerGroup(
+    return SymmetricPeers(
         peer_table=torch.tensor(addresses, dtype=torch.int64),
         rank=rank,
         num_ranks=len(buffers),

@@ -7,8 +7,8 @@ import triton
 import triton.language as tl
 
 from epcomm.kernels.launch import launch
-from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_epoch
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["launch_barrier"]
 
@@ -25,7 +25,7 @@ def barrier_kernel(peer_table, rank, epoch, timeout_ns, error_address, operation
     wait_epoch(local + flag_offset + peer, epoch, timeout_ns, error_pointer, operation_code, peer, rank)
 
 
-def launch_barrier(*, peers: PeerGroup, epoch: int, operation_code: int) -> None:
+def launch_barrier(*, peers: SymmetricPeers, epoch: int, operation_code: int) -> None:
     """Barrier over every rank of ``peers`` on the current stream (bounded wait).
 
     Arguments:

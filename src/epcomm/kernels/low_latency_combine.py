@@ -22,8 +22,8 @@ from epcomm.kernels.low_latency_dispatch import (
     ll_arrive_and_signal,
     wait_sources,
 )
-from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import peer_pointer, store_remote
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["launch_ll_combine_recv", "launch_ll_combine_send"]
 
@@ -142,7 +142,7 @@ def ll_combine_recv_kernel(
 
 def launch_ll_combine_send(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     x_words: torch.Tensor,
     combine_gather_idx: torch.Tensor,
     rank_mask: torch.Tensor,
@@ -193,7 +193,7 @@ def launch_ll_combine_send(
 
 def launch_ll_combine_recv(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     local: torch.Tensor,
     rank_mask: torch.Tensor,
     recv_expected: torch.Tensor,

@@ -28,8 +28,8 @@ import triton.language as tl
 
 from epcomm._math import next_pow2
 from epcomm.kernels.launch import launch
-from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = [
     "LowLatencyWords",
@@ -407,7 +407,7 @@ class LowLatencyWords(NamedTuple):
 
     Attributes:
         flags: ``num_ranks`` sequence flags (word ``s``: the latest sequence rank ``s`` released
-            here), readable for ``PeerGroup.flag_block`` words.
+            here), readable for ``SymmetricPeers.flag_block`` words.
         counts: ``num_ranks`` dispatch token counts (word ``s``: tokens rank ``s`` sent in its last
             dispatch of this parity); unused by combine.
         staging: the staging area (dispatch: ``[num_ranks, M, message_words]``; combine:
@@ -440,7 +440,7 @@ def _fp8_blocks(hidden: int, use_fp8: bool) -> tuple[int, int]:
 
 def launch_ll_dispatch_send(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     rank_mask: torch.Tensor,
@@ -512,7 +512,7 @@ def launch_ll_dispatch_send(
 
 def launch_ll_dispatch_recv(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     local: torch.Tensor,
     rank_mask: torch.Tensor,
     recv_expected: torch.Tensor,

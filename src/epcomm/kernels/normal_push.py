@@ -25,7 +25,6 @@ import triton.language as tl
 
 from epcomm._math import next_pow2
 from epcomm.kernels.launch import launch
-from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import (
     HOISTED_PEERS,
     fence_acq_rel_sys,
@@ -34,6 +33,7 @@ from epcomm.kernels.primitives import (
     store_remote,
     wait_all_epoch,
 )
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["PushBarriers", "PushRegions", "launch_push_rows", "push_rows_per_step"]
 
@@ -253,7 +253,7 @@ _NO_BARRIERS = PushBarriers(0, 0, 0, 0)
 
 def launch_push_rows(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     x_words: torch.Tensor,
     dst_row: torch.Tensor,
     regions: PushRegions,

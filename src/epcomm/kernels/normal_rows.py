@@ -18,8 +18,8 @@ import triton.language as tl
 
 from epcomm._math import cdiv, next_pow2
 from epcomm.kernels.launch import launch
-from epcomm.kernels.peer_group import PeerGroup
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_all_epoch
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["HOST_TABLE_WORD", "counts_row_words", "launch_combine_rows", "launch_dispatch_counts"]
 
@@ -161,7 +161,7 @@ def dispatch_counts_kernel(
 
 def launch_dispatch_counts(
     *,
-    peers: PeerGroup,
+    peers: SymmetricPeers,
     num_tokens_per_expert: torch.Tensor,
     is_token_in_rank: torch.Tensor,
     epoch: int,

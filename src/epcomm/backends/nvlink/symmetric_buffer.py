@@ -45,7 +45,7 @@ from epcomm._collectives import all_gather_bytes
 from epcomm._logging import get_logger
 from epcomm._math import align_up
 from epcomm.errors import PeerTimeoutError
-from epcomm.kernels.peer_group import PeerGroup, flag_block
+from epcomm.kernels.symmetric_peers import SymmetricPeers, flag_block
 
 __all__ = [
     "MAX_EXPERTS",
@@ -337,7 +337,7 @@ class SymmetricBuffer:
         self._handle: Any = None
         self._local: torch.Tensor | None = None
         self.peer_buffers: list[torch.Tensor] = []
-        self._peers: PeerGroup | None = None
+        self._peers: SymmetricPeers | None = None
         self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
         self.barrier(Operation.INIT)
         torch.cuda.current_stream(device).synchronize()
@@ -362,7 +362,7 @@ class SymmetricBuffer:
         if misaligned:
             raise RuntimeError(f"symmetric buffers of ranks {misaligned} are not 16-byte aligned")
         table = torch.tensor(addresses, dtype=torch.int64, device="cpu").to(self.device)
-        self._peers = PeerGroup(
+        self._peers = SymmetricPeers(
             peer_table=table,
             rank=self.rank,
             num_ranks=self.num_ranks,
@@ -397,7 +397,7 @@ class SymmetricBuffer:
         return self._local
 
     @property
-    def peers(self) -> PeerGroup:
+    def peers(self) -> SymmetricPeers:
         """The peer table and everything else the kernels need to reach the peers."""
         assert self._peers is not None
         return self._peers

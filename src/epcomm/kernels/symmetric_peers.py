@@ -8,7 +8,7 @@ import torch
 
 from epcomm._math import next_pow2
 
-__all__ = ["PeerGroup", "flag_block"]
+__all__ = ["SymmetricPeers", "flag_block"]
 
 
 def flag_block(num_ranks: int) -> int:
@@ -16,7 +16,7 @@ def flag_block(num_ranks: int) -> int:
     return max(2, next_pow2(num_ranks))
 
 
-class PeerGroup(NamedTuple):
+class SymmetricPeers(NamedTuple):
     """The peers of one symmetric buffer, as the kernels' launchers take them.
 
     Attributes:
