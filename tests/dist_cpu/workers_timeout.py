@@ -29,25 +29,35 @@ def _timed(call: Any) -> dict[str, Any]:
     start = time.monotonic()
     try:
         call()
-    except PeerTimeoutError as error:
+    except (PeerTimeoutError, PeerLostError) as error:
         return {
             "elapsed_s": time.monotonic() - start,
             "kind": type(error).__name__,
             "message": str(error),
             "operation": error.operation,
             "rank": error.rank,
-            "missing_peers": error.missing_peers,
-        }
-    except PeerLostError as error:
-        return {
-            "elapsed_s": time.monotonic() - start,
-            "kind": type(error).__name__,
-            "message": str(error),
-            "operation": error.operation,
-            "rank": error.rank,
-            "missing_peers": error.lost_peers,
+            "missing_peers": error.missing_peers if isinstance(error, PeerTimeoutError) else error.lost_peers,
         }
     return {"elapsed_s": time.monotonic() - start, "message": None}
+
+
+def _timed_call(buffer: Buffer, operation: str, mine: Any, case: Case, capacity: int) -> dict[str, Any]:
+    """``_timed`` of one ``dispatch`` (after its layout) or ``low_latency_dispatch`` of ``mine``."""
+    if operation == "dispatch":
+        num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+            mine.topk_idx, case.num_experts
+        )
+        return _timed(
+            lambda: buffer.dispatch(
+                mine.x,
+                num_tokens_per_rank=num_tokens_per_rank,
+                is_token_in_rank=is_token_in_rank,
+                num_tokens_per_expert=num_tokens_per_expert,
+                topk_idx=mine.topk_idx,
+                topk_weights=mine.topk_weights,
+            )
+        )
+    return _timed(lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts))
 
 
 def skipped_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, done_file: str) -> dict[str, Any]:
@@ -74,23 +84,7 @@ def skipped_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, done_
                 time.sleep(0.05)
             return outcome
         mine = make_inputs(case, pgi.rank, pgi.world_size)
-        if operation == "dispatch":
-            layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
-            num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = layout
-            outcome = _timed(
-                lambda: buffer.dispatch(
-                    mine.x,
-                    num_tokens_per_rank=num_tokens_per_rank,
-                    is_token_in_rank=is_token_in_rank,
-                    num_tokens_per_expert=num_tokens_per_expert,
-                    topk_idx=mine.topk_idx,
-                    topk_weights=mine.topk_weights,
-                )
-            )
-        else:
-            outcome = _timed(
-                lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts)
-            )
+        outcome = _timed_call(buffer, operation, mine, case, capacity)
     Path(done_file).touch()
     return outcome
 
@@ -122,27 +116,11 @@ def dead_peer_worker(pgi: ProcessGroupInfo, case: Case, operation: str, result_f
         pgi.group, num_rdma_bytes=num_rdma_bytes, low_latency_mode=True, backend=BACKEND, settings=settings
     )
     mine = make_inputs(case, pgi.rank, pgi.world_size)
-    layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
     dist.barrier(group=pgi.group)
     if pgi.rank == 1:
         os.kill(os.getpid(), signal.SIGKILL)
     time.sleep(0.5)  # the peer is gone
-    if operation == "dispatch":
-        num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = layout
-        outcome = _timed(
-            lambda: buffer.dispatch(
-                mine.x,
-                num_tokens_per_rank=num_tokens_per_rank,
-                is_token_in_rank=is_token_in_rank,
-                num_tokens_per_expert=num_tokens_per_expert,
-                topk_idx=mine.topk_idx,
-                topk_weights=mine.topk_weights,
-            )
-        )
-    else:
-        outcome = _timed(
-            lambda: buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts)
-        )
+    outcome = _timed_call(buffer, operation, mine, case, capacity)
     buffer.destroy()
     alone = dist.new_group([0], backend="gloo")
     with Buffer(alone, backend=BACKEND, settings=settings) as fresh:
