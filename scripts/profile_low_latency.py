@@ -10,11 +10,11 @@ GPU:
     memcpy / memset each call launched (count per call, GPU time), the CUDA runtime/driver calls
     and torch ops it made on the host, and its host time. A barrier (device sync + host barrier)
     precedes every call and a device sync follows it, outside the measured range, so each call's
-    GPU work is attributed to it alone; a receive kernel's time still includes waiting for the
+    GPU work is attributed to it alone; the receive phase's time still includes waiting for the
     peers' sends of the same call, the hook's does not (its peers' sends are done).
 (b) the same calls captured in CUDA graphs, ``--replays`` replays back to back timed with CUDA
     events (median of 3 such runs; rank 0 and the slowest rank): dispatch, combine, send only,
-    hook alone (flags already set, so it never waits: the receive kernel's own cost), send + hook,
+    hook alone (flags already set, so it never waits: the receive phase's own cost), send + hook,
     the same for combine, and graphs of 1 and 4 tiny dependent kernels (the per-node floor).
 (c) the graph replays of (b) under the profiler: each kernel's GPU time inside the graph and the
     idle gaps between them (span - busy).

@@ -17,9 +17,9 @@ def _inputs(
     pgi: ProcessGroupInfo, num_tokens: int, hidden: int, num_experts: int, num_topk: int, seed: int
 ) -> Any:
     generator = torch.Generator(device="cpu").manual_seed(seed * 100 + pgi.rank)
-    x = torch.randn(num_tokens, hidden, generator=generator).bfloat16()
+    x = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32, device="cpu").bfloat16()
     x[:, 0] = pgi.rank
-    x[:, 1] = torch.arange(num_tokens) % 256
+    x[:, 1] = torch.arange(num_tokens, device="cpu") % 256
     topk_idx, weights = make_routing(
         num_tokens, num_experts, num_topk, seed=seed, rank=pgi.rank, masked_prob=0.05, device=pgi.device
     )

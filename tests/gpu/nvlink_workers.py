@@ -52,11 +52,11 @@ def compare_normal_mode(
             num_tokens = 0
         seed = setting["seed"] * 1000 + pgi.rank
         torch.manual_seed(seed)
-        x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
+        x = torch.randn(num_tokens, hidden, dtype=torch.float32, device=pgi.device).bfloat16()
         x[:, 0] = pgi.rank
         x[:, 1] = torch.arange(num_tokens, device=pgi.device) % 256
         topk_idx = _routing(num_tokens, num_experts, num_topk, seed, pgi.device)
-        topk_weights = torch.rand(num_tokens, num_topk, device=pgi.device)
+        topk_weights = torch.rand(num_tokens, num_topk, dtype=torch.float32, device=pgi.device)
         worst = setting.get("num_worst_tokens", 0)
         if worst == "max":  # every token of every rank could land here
             worst = setting["num_tokens"] * pgi.world_size

@@ -29,12 +29,13 @@ import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
 from epcomm import quant
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout, LowLatencyLayout
-from epcomm.kernels.low_latency_combine import launch_ll_combine_recv, launch_ll_combine_send
+from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
+    DispatchOutputs,
     LowLatencyWords,
+    Phase,
     SignalState,
-    launch_ll_dispatch_recv,
-    launch_ll_dispatch_send,
+    launch_ll_dispatch,
 )
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -49,6 +50,7 @@ def _scalar_range(*bounds: object) -> object:
 
 
 combine_kernels.range = _scalar_range  # type: ignore[attr-defined]
+dispatch_kernels.range = _scalar_range  # type: ignore[attr-defined]
 
 DISPATCH_OP, COMBINE_OP = 8, 9  # Operation.LOW_LATENCY_DISPATCH / LOW_LATENCY_COMBINE
 DISPATCH, COMBINE = 0, 1  # phases
@@ -160,22 +162,7 @@ class World:
         fp8: bool = False,
         round_scale: bool = False,
     ) -> None:
-        state = self.states[rank]
-        launch_ll_dispatch_send(
-            peers=state.peers,
-            x=x,
-            topk_idx=topk,
-            rank_mask=mask,
-            combine_gather_idx=gather,
-            signals=state.signals(DISPATCH, parity),
-            words=self.words(DISPATCH, parity),
-            num_local_experts=self.local_experts,
-            capacity=self.capacity,
-            message_words=self.layout.message_words,
-            use_fp8=fp8,
-            round_scale=round_scale,
-            num_sms=num_sms,
-        )
+        self._dispatch(Phase.SEND, rank, x, topk, mask, gather, parity, num_sms, fp8, round_scale)
 
     def dispatch_recv(
         self,
@@ -184,6 +171,42 @@ class World:
         gather: torch.Tensor,
         parity: int,
         fp8: bool = False,
+        ue8m0: bool = False,
+        timeout_ns: int = NO_TIMEOUT,
+    ) -> dict[str, torch.Tensor]:
+        x = torch.empty(0, self.hidden, dtype=torch.bfloat16)
+        topk = torch.empty(0, self.num_topk, dtype=torch.int64)
+        return self._dispatch(
+            Phase.RECEIVE, rank, x, topk, mask, gather, parity, 1, fp8, ue8m0, ue8m0, timeout_ns
+        )
+
+    def dispatch_both(
+        self,
+        rank: int,
+        x: torch.Tensor,
+        topk: torch.Tensor,
+        mask: torch.Tensor,
+        gather: torch.Tensor,
+        parity: int,
+        fp8: bool = False,
+        ue8m0: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Both phases in one launch of one program (the interpreter runs programs one after
+        another: a second program would wait for the first's signal forever)."""
+        return self._dispatch(Phase.BOTH, rank, x, topk, mask, gather, parity, 1, fp8, ue8m0, ue8m0)
+
+    def _dispatch(
+        self,
+        phase: Phase,
+        rank: int,
+        x: torch.Tensor,
+        topk: torch.Tensor,
+        mask: torch.Tensor,
+        gather: torch.Tensor,
+        parity: int,
+        num_sms: int,
+        fp8: bool,
+        round_scale: bool,
         ue8m0: bool = False,
         timeout_ns: int = NO_TIMEOUT,
     ) -> dict[str, torch.Tensor]:
@@ -199,29 +222,34 @@ class World:
         }
         if state.cumulative is None:
             state.cumulative = torch.zeros(num_local, dtype=torch.int32)
-        launch_ll_dispatch_recv(
+        outputs = DispatchOutputs(
+            torch.zeros(num_local, num_rows, dtype=torch.int32),
+            out["x"],
+            out["scales"],
+            out["count"],
+            out["src_info"],
+            out["layout_range"],
+            state.cumulative,
+            state.wait_stats,
+        )
+        launch_ll_dispatch(
+            phase=phase,
             peers=state.peers._replace(timeout_ns=timeout_ns),
             local=self.buffers[rank],
+            x=x,
+            topk_idx=topk,
             rank_mask=mask,
-            recv_expected=state.expected[DISPATCH, parity],
-            words=self.words(DISPATCH, parity),
-            operation_code=DISPATCH_OP,
-            scratch=torch.zeros(num_local, num_rows, dtype=torch.int32),
-            recv_x_words=out["x"],
-            recv_scales_words=out["scales"],
-            recv_count=out["count"],
-            recv_src_info=out["src_info"],
-            recv_layout_range=out["layout_range"],
             combine_gather_idx=gather,
-            cumulative_stats=state.cumulative,
-            wait_stats=state.wait_stats,
-            capacity=self.capacity,
-            hidden=self.hidden,
-            num_topk=self.num_topk,
+            signals=state.signals(DISPATCH, parity),
+            words=self.words(DISPATCH, parity),
+            outputs=None if phase == Phase.SEND else outputs,
+            operation_code=DISPATCH_OP,
+            num_local_experts=num_local,
             message_words=self.layout.message_words,
             use_fp8=fp8,
+            round_scale=round_scale,
             use_ue8m0=ue8m0,
-            scale_columns=scale_columns,
+            num_sms=num_sms,
         )
         return out
 
@@ -234,16 +262,9 @@ class World:
         parity: int,
         num_sms: int,
     ) -> None:
-        state = self.states[rank]
-        launch_ll_combine_send(
-            peers=state.peers,
-            x_words=expert_out.view(torch.int32),
-            combine_gather_idx=gather,
-            rank_mask=mask,
-            signals=state.signals(COMBINE, parity),
-            words=self.words(COMBINE, parity),
-            num_sms=num_sms,
-        )
+        topk = torch.empty(0, self.num_topk, dtype=torch.int64)
+        out = torch.empty(0, self.hidden, dtype=torch.bfloat16)
+        self._combine(Phase.SEND, rank, expert_out, gather, topk, topk.float(), out, mask, parity, num_sms)
 
     def combine_recv(
         self,
@@ -255,13 +276,53 @@ class World:
         num_sms: int,
         timeout_ns: int = NO_TIMEOUT,
     ) -> torch.Tensor:
-        state = self.states[rank]
         out = torch.full((topk.shape[0], self.hidden), 7.0, dtype=torch.bfloat16)
-        launch_ll_combine_recv(
+        num_rows = self.num_ranks * self.capacity
+        expert_out = torch.zeros(self.local_experts, num_rows, self.hidden, dtype=torch.bfloat16)
+        gather = torch.full((self.num_ranks, self.capacity, self.num_topk), -1, dtype=torch.int64)
+        self._combine(
+            Phase.RECEIVE, rank, expert_out, gather, topk, weights, out, mask, parity, num_sms, timeout_ns
+        )
+        return out
+
+    def combine_both(
+        self,
+        rank: int,
+        expert_out: torch.Tensor,
+        gather: torch.Tensor,
+        topk: torch.Tensor,
+        weights: torch.Tensor,
+        mask: torch.Tensor,
+        parity: int,
+    ) -> torch.Tensor:
+        """Both phases in one launch of one program (see ``dispatch_both``)."""
+        out = torch.full((topk.shape[0], self.hidden), 7.0, dtype=torch.bfloat16)
+        self._combine(Phase.BOTH, rank, expert_out, gather, topk, weights, out, mask, parity, 1)
+        return out
+
+    def _combine(
+        self,
+        phase: Phase,
+        rank: int,
+        expert_out: torch.Tensor,
+        gather: torch.Tensor,
+        topk: torch.Tensor,
+        weights: torch.Tensor,
+        out: torch.Tensor,
+        mask: torch.Tensor,
+        parity: int,
+        num_sms: int,
+        timeout_ns: int = NO_TIMEOUT,
+    ) -> None:
+        state = self.states[rank]
+        launch_ll_combine(
+            phase=phase,
             peers=state.peers._replace(timeout_ns=timeout_ns),
             local=self.buffers[rank],
+            x_words=expert_out.view(torch.int32),
+            combine_gather_idx=gather,
             rank_mask=mask,
-            recv_expected=state.expected[COMBINE, parity],
+            signals=state.signals(COMBINE, parity),
             words=self.words(COMBINE, parity),
             operation_code=COMBINE_OP,
             topk_idx=topk,
@@ -271,7 +332,6 @@ class World:
             num_local_experts=self.local_experts,
             num_sms=num_sms,
         )
-        return out
 
 
 def _expected_dispatch(
@@ -415,8 +475,11 @@ def _run_round(
     seed: int,
     fp8: bool = False,
     ue8m0: bool = False,
+    both_rank: int | None = None,
 ) -> None:
-    """One dispatch (+ combine for bf16) over every rank, checked against torch."""
+    """One dispatch (+ combine for bf16) over every rank, checked against torch. ``both_rank`` runs
+    each op as one launch of both phases, after the other ranks' send phases and before their
+    receive phases."""
     g = torch.Generator().manual_seed(seed)
     num_ranks, hidden, num_local = world.num_ranks, world.hidden, world.local_experts
     mask_tensors = [torch.tensor(m, dtype=torch.int32) for m in masks]
@@ -427,14 +490,34 @@ def _run_round(
         xs.append(x)
         topks.append(_random_topk(n, world.num_experts, world.num_topk, g))
         gathers.append(torch.full((num_ranks, world.capacity, world.num_topk), 77, dtype=torch.int64))
-        world.dispatch_send(rank, x, topks[rank], mask_tensors[rank], gathers[rank], parity, 3, fp8, ue8m0)
+        if rank != both_rank:
+            world.dispatch_send(
+                rank, x, topks[rank], mask_tensors[rank], gathers[rank], parity, 3, fp8, ue8m0
+            )
     for rank in range(num_ranks):
         world.signals[rank, 0, parity, :num_ranks] += 1 - mask_tensors[rank]
-    received = []
+    befores = []
     for rank in range(num_ranks):
         before = world.states[rank].cumulative
-        before = before.clone() if before is not None else torch.zeros(num_local, dtype=torch.int32)
-        got = world.dispatch_recv(rank, mask_tensors[rank], gathers[rank], parity, fp8, ue8m0)
+        befores.append(before.clone() if before is not None else torch.zeros(num_local, dtype=torch.int32))
+    if both_rank is not None:
+        got_both = world.dispatch_both(
+            both_rank,
+            xs[both_rank],
+            topks[both_rank],
+            mask_tensors[both_rank],
+            gathers[both_rank],
+            parity,
+            fp8,
+            ue8m0,
+        )
+    received = []
+    for rank in range(num_ranks):
+        before = befores[rank]
+        if rank == both_rank:
+            got = got_both
+        else:
+            got = world.dispatch_recv(rank, mask_tensors[rank], gathers[rank], parity, fp8, ue8m0)
         hit, want_gather = _expected_dispatch(world, rank, topks, masks)
         assert torch.equal(gathers[rank], want_gather), (rank, gathers[rank], want_gather)
         assert world.states[rank].cumulative is not None
@@ -476,15 +559,30 @@ def _run_round(
         return
     # combine: expert e's output is its input times (1 + e / 8)
     factor = 1 + torch.arange(num_local).view(-1, 1, 1) / 8
+    expert_outs = [(got["x"].view(torch.bfloat16).float() * factor).bfloat16() for got in received]
+    all_weights = [torch.rand(num_tokens[rank], world.num_topk, generator=g) for rank in range(num_ranks)]
     for rank in range(num_ranks):
-        expert_out = (received[rank]["x"].view(torch.bfloat16).float() * factor).bfloat16()
-        world.combine_send(rank, expert_out, gathers[rank], mask_tensors[rank], parity, num_sms=2)
+        if rank != both_rank:
+            world.combine_send(rank, expert_outs[rank], gathers[rank], mask_tensors[rank], parity, num_sms=2)
     for rank in range(num_ranks):
         world.signals[rank, 1, parity, :num_ranks] += 1 - mask_tensors[rank]
+    if both_rank is not None:
+        out_both = world.combine_both(
+            both_rank,
+            expert_outs[both_rank],
+            gathers[both_rank],
+            topks[both_rank],
+            all_weights[both_rank],
+            mask_tensors[both_rank],
+            parity,
+        )
     for rank in range(num_ranks):
         n = num_tokens[rank]
-        weights = torch.rand(n, world.num_topk, generator=g)
-        out = world.combine_recv(rank, topks[rank], weights, mask_tensors[rank], parity, num_sms=2)
+        weights = all_weights[rank]
+        if rank == both_rank:
+            out = out_both
+        else:
+            out = world.combine_recv(rank, topks[rank], weights, mask_tensors[rank], parity, num_sms=2)
         assert int(world.states[rank].error[0]) == 0, world.states[rank].error
         want = torch.zeros(n, hidden)
         for k in range(world.num_topk):
@@ -568,10 +666,11 @@ def _wait_kernel(
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
 ):
+    sources = tl.arange(0, R_BLOCK)
     dispatch_kernels.wait_sources(
         flag_ptr,
         mask_ptr,
-        expected_ptr,
+        tl.load(expected_ptr + sources),
         timeout_ns,
         error_ptr,
         9,
@@ -588,7 +687,7 @@ def check_wait() -> None:
     """``wait_sources``: returns once every unmasked source reached its expected sequence number;
     on expiry names the first missing source in the error word (``[1, op, source, rank]``) and
     returns; per-source wait stats (0 for a masked source, >= the bound for a missing one); for 4
-    ranks and for 12 ranks (16 lanes, the missing source past lane 8). Then both receive kernels
+    ranks and for 12 ranks (16 lanes, the missing source past lane 8). Then both receive phases
     give up on a source that never signals, with their operation codes."""
     timeout = 3_000_000
     flags = torch.tensor([5, 3, 0, 1, 9, 9, 9, 9], dtype=torch.int32)
@@ -635,7 +734,7 @@ def check_wait() -> None:
         flags[10] = 11
 
     # Rank 1 masks rank 0 (sends nothing to it) while rank 0 still waits on rank 1: rank 0's
-    # receive kernels time out naming source 1, and still finish (own tokens only).
+    # receive phases time out naming source 1, and still finish (own tokens only).
     world = World(num_ranks=2, capacity=4, hidden=256, num_topk=2, num_experts=4, seed=7)
     masks = [torch.tensor([0, 0], dtype=torch.int32), torch.tensor([1, 0], dtype=torch.int32)]
     world.buffers[0][: world.words(DISPATCH, 0).staging] = 0  # fresh header: no count from rank 1
@@ -659,11 +758,30 @@ def check_wait() -> None:
     assert world.states[0].error.tolist() == [1, COMBINE_OP, 1, 0], world.states[0].error
 
 
+def check_one_launch() -> None:
+    """Each op as one launch of both phases (``Phase.BOTH``: send, signal, wait and receive in one
+    kernel, several local experts per program): on 1 simulated rank, and on 3 ranks where one rank
+    runs both phases at once and the others run them as two launches, bf16 and FP8, with a masked
+    rank, repeated on both parities so the sequence numbers it expects stay in step."""
+    solo = World(num_ranks=1, capacity=4, hidden=256, num_topk=3, num_experts=4, seed=11)
+    for i, (n, parity) in enumerate([(4, 0), (2, 1), (0, 0), (3, 1)]):
+        _run_round(solo, (n,), [(0,)], parity, seed=70 + i, both_rank=0)
+    _run_round(solo, (3,), [(0,)], 0, seed=75, fp8=True, ue8m0=True, both_rank=0)
+    world = World(num_ranks=3, capacity=5, hidden=256, num_topk=3, num_experts=6, seed=12)
+    open_mask = [(0, 0, 0)] * 3
+    shrunk = [(0, 1, 0), (1, 0, 1), (0, 1, 0)]  # rank 1 out
+    rounds = [((5, 3, 4), open_mask, 0, 2), ((1, 5, 0), open_mask, 1, 0), ((4, 0, 5), shrunk, 0, 2)]
+    for i, (num_tokens, masks, parity, both_rank) in enumerate(rounds):
+        _run_round(world, num_tokens, masks, parity, seed=80 + i, both_rank=both_rank)
+    _run_round(world, (2, 5, 3), open_mask, 1, seed=90, fp8=True, both_rank=1)
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_send": check_dispatch_send,
     "dispatch_combine": check_dispatch_combine,
     "dispatch_fp8": check_dispatch_fp8,
     "wait": check_wait,
+    "one_launch": check_one_launch,
 }
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ import epcomm.kernels.normal_combine as combine_module  # noqa: E402
 import epcomm.kernels.normal_copy_out as copy_out_module  # noqa: E402
 import epcomm.kernels.normal_push as push_module  # noqa: E402
 import epcomm.kernels.normal_rows as rows_module  # noqa: E402
-from epcomm.kernels.low_latency_dispatch import LowLatencyWords, SignalState  # noqa: E402
+from epcomm.kernels.low_latency_dispatch import DispatchOutputs, LowLatencyWords, Phase, SignalState  # noqa: E402
 from epcomm.kernels.normal_push import PushBarriers, PushRegions  # noqa: E402
 from epcomm.kernels.symmetric_peers import SymmetricPeers  # noqa: E402
 
@@ -199,7 +199,7 @@ def test_combine_reduce_compiles(
 
 
 def _assert_fused_signal(ptx: str) -> None:
-    """A send kernel signals by itself: one acquire-release arrival on the counter (system scope),
+    """A send phase signals by itself: one acquire-release arrival on the counter (system scope),
     then the last program's system-scope release of the sequence number at each peer's flag."""
     atomics = re.findall(r"atom\.[a-z0-9_.]+", ptx)
     assert any("acq_rel" in a and "sys" in a and ".add" in a for a in atomics), atomics
@@ -207,7 +207,7 @@ def _assert_fused_signal(ptx: str) -> None:
 
 
 def _assert_light_wait(ptx: str) -> None:
-    """A receive kernel spins on relaxed system-scope loads (no barrier in the loop) and acquires once."""
+    """A receive phase spins on relaxed system-scope loads (no barrier in the loop) and acquires once."""
     spin = ptx[ptx.index("ld.relaxed.sys") : ptx.index("ld.acquire.sys")]
     assert "bar.sync" not in spin
     assert "ld.acquire" not in spin
@@ -225,6 +225,57 @@ def _signals(num_ranks: int) -> SignalState:
 _WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
 
 
+def _dispatch_launch(
+    phase: Phase,
+    use_fp8: bool,
+    round_scale: bool,
+    use_ue8m0: bool,
+    hidden: int,
+    num_ranks: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Any:
+    num_tokens, num_topk, capacity = 128, 8, 128
+    num_local_experts = 256 // num_ranks
+    num_groups = hidden // 128
+    num_rows = num_ranks * capacity
+    x_words = hidden // 4 if use_fp8 else hidden // 2
+    scale_columns = (num_groups + 3) // 4 if use_ue8m0 else num_groups
+    outputs = DispatchOutputs(
+        scratch=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
+        recv_x_words=torch.zeros(1, dtype=torch.int32).expand(num_local_experts * num_rows * x_words),
+        recv_scales_words=torch.zeros(num_local_experts, scale_columns, num_rows, dtype=torch.int32),
+        recv_count=torch.zeros(num_local_experts, dtype=torch.int32),
+        recv_src_info=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
+        recv_layout_range=torch.zeros(num_local_experts, num_ranks, dtype=torch.int64),
+        cumulative_stats=torch.zeros(num_local_experts, dtype=torch.int32),
+        wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
+    )
+    (call,) = _launches(
+        ll_dispatch_module,
+        ll_dispatch_module.launch_ll_dispatch,
+        monkeypatch,
+        phase=phase,
+        peers=_peers(num_ranks),
+        local=torch.zeros(64, dtype=torch.int32),
+        x=torch.zeros(num_tokens, hidden, dtype=torch.bfloat16),
+        topk_idx=torch.zeros(num_tokens, num_topk, dtype=torch.int64),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        combine_gather_idx=torch.zeros(num_ranks, capacity, num_topk, dtype=torch.int64),
+        signals=_signals(num_ranks),
+        words=_WORDS,
+        outputs=None if phase == Phase.SEND else outputs,
+        operation_code=8,
+        num_local_experts=num_local_experts,
+        message_words=(hidden // 2 + num_topk + 3) // 4 * 4,
+        use_fp8=use_fp8,
+        round_scale=round_scale,
+        use_ue8m0=use_ue8m0,
+        num_sms=132,
+    )
+    return call
+
+
+@pytest.mark.parametrize("phase", list(Phase))
 @pytest.mark.parametrize(
     ("use_fp8", "round_scale", "use_ue8m0", "hidden", "num_ranks"),
     [
@@ -235,7 +286,8 @@ _WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
         (True, False, False, 7168, 16),
     ],
 )
-def test_low_latency_dispatch_kernels_compile(
+def test_low_latency_dispatch_kernel_compiles(
+    phase: Phase,
     use_fp8: bool,
     round_scale: bool,
     use_ue8m0: bool,
@@ -243,99 +295,47 @@ def test_low_latency_dispatch_kernels_compile(
     num_ranks: int,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    num_tokens, num_topk, capacity = 128, 8, 128
-    num_local_experts = 256 // num_ranks
-    num_groups = hidden // 128
-    message_words = (hidden // 2 + num_topk + 3) // 4 * 4
-    gather = torch.zeros(num_ranks, capacity, num_topk, dtype=torch.int64)
-    (send,) = _launches(
-        ll_dispatch_module,
-        ll_dispatch_module.launch_ll_dispatch_send,
-        monkeypatch,
-        peers=_peers(num_ranks),
-        x=torch.zeros(num_tokens, hidden, dtype=torch.bfloat16),
-        topk_idx=torch.zeros(num_tokens, num_topk, dtype=torch.int64),
-        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
-        combine_gather_idx=gather,
-        signals=_signals(num_ranks),
-        words=_WORDS,
-        num_local_experts=num_local_experts,
-        capacity=capacity,
-        message_words=message_words,
-        use_fp8=use_fp8,
-        round_scale=round_scale,
-        num_sms=132,
-    )
-    compiled_send = _compile(send)
-    # The staging offset is specialized by Triton (a multiple of 16): the message stores stay 16-byte
-    # wide (for small rows 256 threads hold one word each, so there is nothing to vectorize).
-    if hidden >= 4096:
-        assert "st.global.v4.b32" in _accesses(compiled_send)
-    if use_fp8:
-        assert "cvt.rn.satfinite.e4m3x2.f32" in compiled_send.asm["ptx"]
-    _assert_fused_signal(compiled_send.asm["ptx"])
-    num_rows = num_ranks * capacity
-    x_words = hidden // 4 if use_fp8 else hidden // 2
-    scale_columns = (num_groups + 3) // 4 if use_ue8m0 else num_groups
-    (recv,) = _launches(
-        ll_dispatch_module,
-        ll_dispatch_module.launch_ll_dispatch_recv,
-        monkeypatch,
-        peers=_peers(num_ranks),
-        local=torch.zeros(64, dtype=torch.int32),
-        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
-        recv_expected=torch.zeros(num_ranks, dtype=torch.int32),
-        words=_WORDS,
-        operation_code=8,
-        scratch=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
-        recv_x_words=torch.zeros(1, dtype=torch.int32).expand(num_local_experts * num_rows * x_words),
-        recv_scales_words=torch.zeros(num_local_experts, scale_columns, num_rows, dtype=torch.int32),
-        recv_count=torch.zeros(num_local_experts, dtype=torch.int32),
-        recv_src_info=torch.zeros(num_local_experts, num_rows, dtype=torch.int32),
-        recv_layout_range=torch.zeros(num_local_experts, num_ranks, dtype=torch.int64),
-        combine_gather_idx=gather,
-        cumulative_stats=torch.zeros(num_local_experts, dtype=torch.int32),
-        wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
-        capacity=capacity,
-        hidden=hidden,
-        num_topk=num_topk,
-        message_words=message_words,
-        use_fp8=use_fp8,
-        use_ue8m0=use_ue8m0,
-        scale_columns=scale_columns,
-    )
-    _assert_light_wait(_compile(recv).asm["ptx"])
+    call = _dispatch_launch(phase, use_fp8, round_scale, use_ue8m0, hidden, num_ranks, monkeypatch)
+    if phase == Phase.BOTH:
+        assert call[1][0] <= 132, call[1]  # at most one program per SM: all resident while waiting
+    compiled = _compile(call)
+    ptx = compiled.asm["ptx"]
+    if phase & Phase.SEND:
+        # The staging offset is specialized by Triton (a multiple of 16): the message stores stay
+        # 16-byte wide (for small rows 256 threads hold one word each: nothing to vectorize).
+        if hidden >= 4096:
+            assert "st.global.v4.b32" in _accesses(compiled)
+        if use_fp8:
+            assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
+        _assert_fused_signal(ptx)
+    else:
+        assert "atom" not in ptx.split("ld.relaxed.sys")[0], "a receive launch must not signal"
+    if phase & Phase.RECEIVE:
+        _assert_light_wait(ptx)
+    else:
+        assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
 
 
+@pytest.mark.parametrize("phase", list(Phase))
 @pytest.mark.parametrize("num_ranks", [4, 16])
-def test_low_latency_combine_kernels_compile(num_ranks: int, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_low_latency_combine_kernel_compiles(
+    phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hidden, capacity, num_topk, num_tokens = 7168, 128, 8, 128
     num_local_experts = 256 // num_ranks
-    (send,) = _launches(
+    (call,) = _launches(
         ll_combine_module,
-        ll_combine_module.launch_ll_combine_send,
+        ll_combine_module.launch_ll_combine,
         monkeypatch,
+        phase=phase,
         peers=_peers(num_ranks),
+        local=torch.zeros(64, dtype=torch.int32),
         x_words=torch.zeros(1, dtype=torch.int32).expand(
             num_local_experts, num_ranks * capacity, hidden // 2
         ),
         combine_gather_idx=torch.zeros(num_ranks, capacity, num_topk, dtype=torch.int64),
         rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
         signals=_signals(num_ranks),
-        words=_WORDS,
-        num_sms=132,
-    )
-    compiled_send = _compile(send)
-    assert "st.global.v4.b32" in _accesses(compiled_send)
-    _assert_fused_signal(compiled_send.asm["ptx"])
-    (recv,) = _launches(
-        ll_combine_module,
-        ll_combine_module.launch_ll_combine_recv,
-        monkeypatch,
-        peers=_peers(num_ranks),
-        local=torch.zeros(64, dtype=torch.int32),
-        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
-        recv_expected=torch.zeros(num_ranks, dtype=torch.int32),
         words=_WORDS,
         operation_code=9,
         topk_idx=torch.zeros(num_tokens, num_topk, dtype=torch.int64),
@@ -345,16 +345,29 @@ def test_low_latency_combine_kernels_compile(num_ranks: int, monkeypatch: pytest
         num_local_experts=num_local_experts,
         num_sms=132,
     )
-    _assert_light_wait(_compile(recv).asm["ptx"])
+    if phase == Phase.BOTH:
+        assert call[1][0] <= 132, call[1]
+    compiled = _compile(call)
+    ptx = compiled.asm["ptx"]
+    if phase & Phase.SEND:
+        assert "st.global.v4.b32" in _accesses(compiled)
+        _assert_fused_signal(ptx)
+    if phase & Phase.RECEIVE:
+        _assert_light_wait(ptx)
+    else:
+        assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
 
 
-def test_low_latency_kernel_names_say_their_operation() -> None:
-    """A profiler trace attributes each launched low-latency kernel to dispatch or combine."""
+def test_low_latency_ops_are_one_kernel_each() -> None:
+    """A profiler table shows one kernel name containing ``dispatch`` and one containing ``combine``
+    for the low-latency ops (DeepEP users time them by name): each module defines one kernel."""
     for module, operation in ((ll_dispatch_module, "dispatch"), (ll_combine_module, "combine")):
-        kernels = [name for name in vars(module) if name.endswith("_kernel")]
-        assert kernels, module.__name__
-        for name in kernels:
-            assert operation in name, f"{module.__name__}.{name} does not say {operation!r}"
+        kernels = [
+            name
+            for name, value in vars(module).items()
+            if hasattr(value, "params") and name.endswith("_kernel")
+        ]
+        assert kernels == [f"ll_{operation}_kernel"], kernels
 
 
 @pytest.mark.parametrize(

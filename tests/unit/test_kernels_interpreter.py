@@ -26,7 +26,7 @@ CHECKS = [
     ),
     *(
         ("ll_kernel_interpreter_checks.py", check)
-        for check in ("dispatch_send", "dispatch_combine", "dispatch_fp8", "wait")
+        for check in ("dispatch_send", "dispatch_combine", "dispatch_fp8", "wait", "one_launch")
     ),
 ]
 

@@ -1,11 +1,16 @@
 """Low-latency combine over NVLink: expert outputs go back as one bf16 row per (token, top-k slot)
-into slot ``[token, k]`` of the token's rank; the token's rank applies the weights.
+into slot ``[token, k]`` of the token's rank; the token's rank applies the weights. One kernel,
+``ll_combine_kernel``, with a phase (``low_latency_dispatch.Phase``), so a profile shows exactly one
+kernel name containing ``combine``.
 
-Send (``ll_combine_send_kernel``): work item ``(source rank, token, slot)`` with a local expert
+Send phase: work item ``(source rank, token, slot)`` with a local expert
 (``combine_gather_idx >= 0``) copies that expert output row to the source rank; consecutive items
-go to different ranks; the last program to finish signals every peer (``ll_arrive_and_signal``).
-Receive (``ll_combine_recv_kernel``, the hook): bounded wait for every unmasked expert rank, then
-``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16 write.
+go to different ranks; ``ITEMS`` items per step, all loads in flight before the stores; the last
+program to finish signals every peer (``ll_arrive_and_signal``). Receive phase: bounded wait for
+every unmasked expert rank, then ``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16
+write. ``SEND`` alone runs up to 4 programs per SM of 8 warps, one item per step; ``BOTH`` waits
+inside the signalling kernel, so its grid is at most one program per SM (every program resident)
+and each program moves 4 items per step instead.
 """
 
 from __future__ import annotations
@@ -18,70 +23,29 @@ from epcomm._math import next_pow2
 from epcomm.kernels.launch import launch
 from epcomm.kernels.low_latency_dispatch import (
     LowLatencyWords,
+    Phase,
     SignalState,
     ll_arrive_and_signal,
     wait_sources,
 )
-from epcomm.kernels.primitives import peer_pointer, store_remote
+from epcomm.kernels.primitives import peer_pointer, peer_pointers, store_remote
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
-__all__ = ["launch_ll_combine_recv", "launch_ll_combine_send"]
+__all__ = ["combine_grid", "launch_ll_combine"]
 
 
-@triton.jit(do_not_specialize=["rank", "flag_offset"])
-def ll_combine_send_kernel(
+@triton.jit(
+    do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "operation_code", "flag_offset"]
+)
+def ll_combine_kernel(
     peer_table,
+    local_ptr,
     x_ptr,
     gather_idx_ptr,
     mask_ptr,
     arrival_ptr,
     send_seq_ptr,
     recv_expected_ptr,
-    rank,
-    flag_offset,
-    staging_offset,
-    NUM_RANKS: tl.constexpr,
-    CAPACITY: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    X_WORDS: tl.constexpr,
-    X_BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    grid = tl.num_programs(0)
-    words = tl.arange(0, X_BLOCK)
-    word_mask = words < X_WORDS
-    ITEMS_PER_RANK: tl.constexpr = CAPACITY * NUM_TOPK
-    for item in range(pid, NUM_RANKS * ITEMS_PER_RANK, grid):
-        dst = (item + rank) % NUM_RANKS  # spread: consecutive items go to different ranks
-        slot = item // NUM_RANKS  # token * NUM_TOPK + k on the destination
-        row = tl.load(gather_idx_ptr + dst * ITEMS_PER_RANK + slot)
-        if row >= 0:
-            if tl.load(mask_ptr + dst) == 0:
-                data = tl.load(x_ptr + row * X_WORDS + words, mask=word_mask)
-                base = peer_pointer(peer_table, dst) + staging_offset
-                store_remote(base + slot.to(tl.int64) * X_WORDS + words, data, word_mask)
-    ll_arrive_and_signal(
-        peer_table,
-        mask_ptr,
-        arrival_ptr,
-        send_seq_ptr,
-        recv_expected_ptr,
-        rank,
-        flag_offset,
-        0,  # no count: the combine receiver reads its own tokens' slots
-        0,
-        NUM_RANKS,
-        False,
-    )
-
-
-@triton.jit(
-    do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "operation_code", "flag_offset"]
-)
-def ll_combine_recv_kernel(
-    local_ptr,
-    mask_ptr,
-    expected_ptr,
     topk_idx_ptr,
     topk_weights_ptr,
     out_ptr,
@@ -93,31 +57,147 @@ def ll_combine_recv_kernel(
     operation_code,
     flag_offset,
     staging_offset,
+    PHASE: tl.constexpr,
+    ITEMS: tl.constexpr,
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
-    HIDDEN: tl.constexpr,
+    CAPACITY: tl.constexpr,
     NUM_TOPK: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr,
     H_BLOCK: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    error_ptr = error_address.to(tl.pointer_type(tl.int32))
-    wait_sources(
-        local_ptr + flag_offset,
-        mask_ptr,
-        expected_ptr,
-        timeout_ns,
-        error_ptr,
-        operation_code,
-        rank,
-        wait_stats_ptr,
-        pid == 0,
-        NUM_RANKS,
-        R_BLOCK,
-        HAS_WAIT_STATS,
-    )
+    # As in ll_dispatch_kernel: with BOTH, read the expected sequence numbers before arriving.
+    sources = tl.arange(0, R_BLOCK)
+    expected = tl.load(recv_expected_ptr + sources, mask=sources < NUM_RANKS, other=0) + PHASE // 3
+    if PHASE & 1:
+        _send_rows(
+            peer_table,
+            x_ptr,
+            gather_idx_ptr,
+            mask_ptr,
+            rank,
+            staging_offset,
+            ITEMS,
+            NUM_RANKS,
+            CAPACITY,
+            NUM_TOPK,
+            X_WORDS,
+            X_BLOCK,
+        )
+        ll_arrive_and_signal(
+            peer_table,
+            mask_ptr,
+            arrival_ptr,
+            send_seq_ptr,
+            recv_expected_ptr,
+            rank,
+            flag_offset,
+            0,  # no count: the combine receiver reads its own tokens' slots
+            0,
+            NUM_RANKS,
+            False,
+        )
+    if PHASE & 2:
+        if pid < tl.maximum(tl.minimum(num_tokens, grid), 1):
+            wait_sources(
+                local_ptr + flag_offset,
+                mask_ptr,
+                expected,
+                timeout_ns,
+                error_address.to(tl.pointer_type(tl.int32)),
+                operation_code,
+                rank,
+                wait_stats_ptr,
+                pid == 0,
+                NUM_RANKS,
+                R_BLOCK,
+                HAS_WAIT_STATS,
+            )
+        _reduce_rows(
+            local_ptr,
+            mask_ptr,
+            topk_idx_ptr,
+            topk_weights_ptr,
+            out_ptr,
+            num_tokens,
+            staging_offset,
+            NUM_LOCAL_EXPERTS,
+            HIDDEN,
+            NUM_TOPK,
+            H_BLOCK,
+        )
+
+
+@triton.jit
+def _send_rows(
+    peer_table,
+    x_ptr,
+    gather_idx_ptr,
+    mask_ptr,
+    rank,
+    staging_offset,
+    ITEMS: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+):
+    """The send phase's data movement (the module docstring); the caller arrives and signals."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    words = tl.arange(0, X_BLOCK)
+    word_mask = words < X_WORDS
+    ITEMS_PER_RANK: tl.constexpr = CAPACITY * NUM_TOPK
+    TOTAL: tl.constexpr = NUM_RANKS * ITEMS_PER_RANK
+    if ITEMS == 1:
+        for item in range(pid, TOTAL, grid):
+            dst = (item + rank) % NUM_RANKS  # spread: consecutive items go to different ranks
+            slot = item // NUM_RANKS  # token * NUM_TOPK + k on the destination
+            row = tl.load(gather_idx_ptr + dst * ITEMS_PER_RANK + slot)
+            if row >= 0:
+                if tl.load(mask_ptr + dst) == 0:
+                    data = tl.load(x_ptr + row * X_WORDS + words, mask=word_mask)
+                    base = peer_pointer(peer_table, dst) + staging_offset
+                    store_remote(base + slot.to(tl.int64) * X_WORDS + words, data, word_mask)
+    else:
+        steps = tl.arange(0, ITEMS)
+        for first in range(pid * ITEMS, TOTAL, grid * ITEMS):
+            item = first + steps
+            valid = item < TOTAL
+            dst = (item + rank) % NUM_RANKS
+            slot = item // NUM_RANKS
+            row = tl.load(gather_idx_ptr + dst * ITEMS_PER_RANK + slot, mask=valid, other=-1)
+            use = (row >= 0) & (tl.load(mask_ptr + dst, mask=valid, other=1) == 0)
+            both = use[:, None] & word_mask[None, :]
+            data = tl.load(x_ptr + row[:, None] * X_WORDS + words[None, :], mask=both)
+            base = peer_pointers(peer_table, dst, use) + staging_offset
+            store_remote(base[:, None] + (slot.to(tl.int64) * X_WORDS)[:, None] + words[None, :], data, both)
+
+
+@triton.jit
+def _reduce_rows(
+    local_ptr,
+    mask_ptr,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    out_ptr,
+    num_tokens,
+    staging_offset,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+):
+    """The receive phase after the wait: this program's tokens, weighted sums in slot order."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
     staging = (local_ptr + staging_offset).to(tl.pointer_type(tl.bfloat16), bitcast=True)
     cols = tl.arange(0, H_BLOCK)
     col_mask = cols < HIDDEN
@@ -140,63 +220,28 @@ def ll_combine_recv_kernel(
         tl.store(out_ptr + token.to(tl.int64) * HIDDEN + cols, accumulator.to(tl.bfloat16), mask=col_mask)
 
 
-def launch_ll_combine_send(
+def combine_grid(phase: Phase, num_items: int, num_tokens: int, num_sms: int) -> tuple[int, int, int]:
+    """``(programs, warps, items per step)`` of a combine launch for ``num_items = num_ranks *
+    capacity * num_topk`` send items: send, up to 4 programs per SM of 8 warps; receive, one program
+    per token up to the SMs, 16 warps; both, at most one program per SM (every program resident:
+    it waits inside the signalling kernel), 16 warps, 4 items per step."""
+    receive = max(1, min(num_tokens, num_sms))
+    if phase == Phase.SEND:
+        return max(1, min(num_items, 4 * num_sms)), 8, 1
+    if phase == Phase.RECEIVE:
+        return receive, 16, 1
+    return min(max(num_items, receive, 1), num_sms), 16, 4
+
+
+def launch_ll_combine(
     *,
+    phase: Phase,
     peers: SymmetricPeers,
+    local: torch.Tensor,
     x_words: torch.Tensor,
     combine_gather_idx: torch.Tensor,
     rank_mask: torch.Tensor,
     signals: SignalState,
-    words: LowLatencyWords,
-    num_sms: int,
-) -> None:
-    """Send phase of a low-latency combine (one launch; the last program signals every peer).
-
-    Arguments:
-        peers: the peer table and rank.
-        x_words: ``[num_local_experts, num_ranks * capacity, hidden / 2]`` int32 view of the bf16
-            expert outputs, contiguous.
-        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64 from the dispatch handle: the
-            flat row of ``x_words`` for slot ``(source, token, k)``, ``-1`` = none here.
-        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = skip that rank.
-        signals: this (combine, parity)'s device signal state.
-        words: this (combine, parity)'s flag and staging offsets.
-        num_sms: SMs of the device (the grid is at most 4 programs per SM).
-    """
-    num_ranks, capacity, num_topk = combine_gather_idx.shape
-    x_words_per_row = x_words.size(-1)
-    launch(
-        ll_combine_send_kernel,
-        (max(1, min(num_ranks * capacity * num_topk, 4 * num_sms)),),
-        (
-            peers.peer_table,
-            x_words,
-            combine_gather_idx,
-            rank_mask,
-            signals.arrival,
-            signals.send_seq,
-            signals.recv_expected,
-            peers.rank,
-            words.flags,
-            words.staging,
-        ),
-        {
-            "NUM_RANKS": peers.num_ranks,
-            "CAPACITY": capacity,
-            "NUM_TOPK": num_topk,
-            "X_WORDS": x_words_per_row,
-            "X_BLOCK": next_pow2(x_words_per_row),
-        },
-        8,
-    )
-
-
-def launch_ll_combine_recv(
-    *,
-    peers: SymmetricPeers,
-    local: torch.Tensor,
-    rank_mask: torch.Tensor,
-    recv_expected: torch.Tensor,
     words: LowLatencyWords,
     operation_code: int,
     topk_idx: torch.Tensor,
@@ -206,14 +251,20 @@ def launch_ll_combine_recv(
     num_local_experts: int,
     num_sms: int,
 ) -> None:
-    """Receive phase of a low-latency combine: bounded wait for every unmasked expert rank, then
-    ``out[t] = sum_k topk_weights[t, k] * row[t, k]`` in float32 in slot order, one bf16 write.
+    """One phase of a low-latency combine (``ll_combine_kernel``; the module docstring).
 
     Arguments:
-        peers: rank, timeout and error word.
+        phase: ``SEND`` / ``RECEIVE`` (the two launches of a call with a receive hook, in that
+            order on one stream) or ``BOTH`` (one launch).
+        peers: the peer table, rank, timeout and error word.
         local: this rank's whole symmetric buffer, int32.
-        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = skip that rank's rows.
-        recv_expected: ``[num_ranks]`` int32, the sequence expected from each rank.
+        x_words: ``[num_local_experts, num_ranks * capacity, hidden / 2]`` int32 view of the bf16
+            expert outputs, contiguous.
+        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64 from the dispatch handle: the
+            flat row of ``x_words`` for slot ``(source, token, k)``, ``-1`` = none here.
+        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = neither send to that rank nor use
+            its rows.
+        signals: this (combine, parity)'s device signal state.
         words: this (combine, parity)'s flag and staging offsets.
         operation_code: written into the error word on timeout.
         topk_idx: ``[num_tokens, num_topk]`` int64, contiguous.
@@ -221,16 +272,24 @@ def launch_ll_combine_recv(
         out: ``[num_tokens, hidden]`` bf16.
         wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
         num_local_experts: experts per rank.
-        num_sms: programs at most.
+        num_sms: SMs of the device.
     """
+    num_ranks, capacity, num_topk = combine_gather_idx.shape
     num_tokens, hidden = out.shape
+    x_words_per_row = x_words.size(-1)
+    programs, warps, items = combine_grid(phase, num_ranks * capacity * num_topk, num_tokens, num_sms)
     launch(
-        ll_combine_recv_kernel,
-        (max(1, min(num_tokens, num_sms)),),
+        ll_combine_kernel,
+        (programs,),
         (
+            peers.peer_table,
             local,
+            x_words,
+            combine_gather_idx,
             rank_mask,
-            recv_expected,
+            signals.arrival,
+            signals.send_seq,
+            signals.recv_expected,
             topk_idx,
             topk_weights,
             out,
@@ -244,13 +303,18 @@ def launch_ll_combine_recv(
             words.staging,
         ),
         {
-            "NUM_RANKS": peers.num_ranks,
+            "PHASE": int(phase),
+            "ITEMS": items,
+            "NUM_RANKS": num_ranks,
             "R_BLOCK": peers.flag_block,
             "NUM_LOCAL_EXPERTS": num_local_experts,
+            "CAPACITY": capacity,
+            "NUM_TOPK": num_topk,
+            "X_WORDS": x_words_per_row,
+            "X_BLOCK": next_pow2(x_words_per_row),
             "HIDDEN": hidden,
-            "NUM_TOPK": topk_idx.size(1),
             "H_BLOCK": next_pow2(hidden),
             "HAS_WAIT_STATS": wait_stats is not None,
         },
-        16,
+        warps,
     )

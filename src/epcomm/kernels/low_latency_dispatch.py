@@ -1,25 +1,32 @@
 """Low-latency dispatch over NVLink: one message per (token, destination rank), expanded into the
-expert-major layout on the receiver.
+expert-major layout on the receiver. One kernel, ``ll_dispatch_kernel``, with a phase: ``SEND``,
+``RECEIVE`` (the two halves of a call with a receive hook) or ``BOTH`` (a call without one), so a
+profile shows exactly one kernel name containing ``dispatch``, as DeepEP's does.
 
-Send (``ll_dispatch_send_kernel``, ``min(num_tokens, SMs)`` programs, 1 for no token): per token
-of this call, cast to FP8 with per-128-channel scales (fused), then write the payload into slot
-``[source rank, token]`` of every destination rank holding one of its experts, and the token's
-top-k row to every destination; slots past ``num_tokens`` are not touched. ``staging_offset`` is
-specialized on purpose: both parities' offsets are multiples of 32 words (never 1), so they share
-one compiled kernel, and Triton then knows the 16-byte alignment that vector stores need (a
-``tl.multiple_of`` hint on a scalar did not give them). The send kernel also fills this rank's
-``combine_gather_idx`` with -1 (the receive kernel, later on the same stream, writes the hits) and
-signals: the last of its programs to finish writes ``num_tokens`` into this rank's count word at
-every peer, then releases the sequence number at every peer (``ll_arrive_and_signal``), so there
-is no separate signal launch. Receive (``ll_dispatch_recv_kernel``, the hook): one program per
-local expert waits (bounded) for every unmasked source, reads each source's count, scans the
-top-k rows of slots ``[source, 0 : count]`` only, ranks the hits in (source, token) order with a
-prefix sum and copies them into ``recv_x``. Sending per rank instead of per expert moves ~2.2x
-fewer bytes at top-8 of 256 experts on 4 ranks (a token's 8 experts sit on ~3.6 of the 4 ranks).
+Send phase (``min(num_tokens, SMs)`` programs, 1 for no token): per token of this call, cast to FP8
+with per-128-channel scales (fused), then write the payload into slot ``[source rank, token]`` of
+every destination rank holding one of its experts, and the token's top-k row to every destination;
+slots past ``num_tokens`` are not touched. ``staging_offset`` is specialized on purpose: both
+parities' offsets are multiples of 32 words (never 1), so they share one compiled kernel, and
+Triton then knows the 16-byte alignment that vector stores need (a ``tl.multiple_of`` hint on a
+scalar did not give them). The send phase also fills this rank's ``combine_gather_idx`` with -1
+(the receive phase writes the hits) and signals: the last program to finish writes ``num_tokens``
+into this rank's count word at every peer, then releases the sequence number at every peer
+(``ll_arrive_and_signal``). Receive phase (one program per local expert; with ``BOTH`` each program
+takes local experts ``pid, pid + grid, ...``): wait (bounded) for every unmasked source, read each
+source's count, scan the top-k rows of slots ``[source, 0 : count]`` only, rank the hits in
+(source, token) order with a prefix sum and copy them into ``recv_x``. Sending per rank instead of
+per expert moves ~2.2x fewer bytes at top-8 of 256 experts on 4 ranks (a token's 8 experts sit on
+~3.6 of the 4 ranks).
+
+``BOTH`` waits inside the kernel that signals, so every program must be resident at once: its grid
+is at most one program per SM (a program always fits on an SM), and its programs read the sequence
+numbers they expect before they arrive (the last program advances them after every arrival).
 """
 
 from __future__ import annotations
 
+from enum import IntEnum
 from typing import NamedTuple
 
 import torch
@@ -32,13 +39,23 @@ from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_point
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = [
+    "DispatchOutputs",
     "LowLatencyWords",
+    "Phase",
     "SignalState",
-    "launch_ll_dispatch_recv",
-    "launch_ll_dispatch_send",
+    "dispatch_grid",
+    "launch_ll_dispatch",
     "ll_arrive_and_signal",
     "wait_sources",
 ]
+
+
+class Phase(IntEnum):
+    """Which half of a low-latency op a launch runs (bit flags: ``BOTH = SEND | RECEIVE``)."""
+
+    SEND = 1
+    RECEIVE = 2
+    BOTH = 3
 
 
 @triton.jit
@@ -53,9 +70,20 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
     return scale
 
 
-@triton.jit(do_not_specialize=["num_tokens", "rank", "flag_offset", "count_offset"])
-def ll_dispatch_send_kernel(
+@triton.jit(
+    do_not_specialize=[
+        "num_tokens",
+        "rank",
+        "timeout_ns",
+        "error_address",
+        "operation_code",
+        "flag_offset",
+        "count_offset",
+    ]
+)
+def ll_dispatch_kernel(
     peer_table,
+    local_ptr,
     x_ptr,
     topk_idx_ptr,
     mask_ptr,
@@ -63,10 +91,143 @@ def ll_dispatch_send_kernel(
     arrival_ptr,
     send_seq_ptr,
     recv_expected_ptr,
+    scratch_ptr,
+    recv_x_ptr,
+    recv_scales_ptr,
+    recv_count_ptr,
+    recv_src_info_ptr,
+    recv_layout_range_ptr,
+    cumulative_stats_ptr,
+    wait_stats_ptr,
     num_tokens,
     rank,
+    timeout_ns,
+    error_address,
+    operation_code,
     flag_offset,
     count_offset,
+    staging_offset,
+    PHASE: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    G_BLOCK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SCALE_COLUMNS: tl.constexpr,
+    HAS_CUMULATIVE_STATS: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    # The sequence number expected from each source. A receive-only launch runs after its send
+    # launch advanced it; with BOTH, read here, before this program arrives (the last program
+    # advances it after every arrival), and add the one this call's send releases.
+    sources = tl.arange(0, R_BLOCK)
+    expected = tl.load(recv_expected_ptr + sources, mask=sources < NUM_RANKS, other=0) + PHASE // 3
+    if PHASE & 1:
+        _send_tokens(
+            peer_table,
+            x_ptr,
+            topk_idx_ptr,
+            mask_ptr,
+            combine_gather_idx_ptr,
+            num_tokens,
+            rank,
+            staging_offset,
+            NUM_RANKS,
+            NUM_LOCAL_EXPERTS,
+            CAPACITY,
+            HIDDEN,
+            NUM_TOPK,
+            K_BLOCK,
+            MESSAGE_WORDS,
+            X_WORDS,
+            X_BLOCK,
+            G_BLOCK,
+            USE_FP8,
+            ROUND_SCALE,
+        )
+        ll_arrive_and_signal(
+            peer_table,
+            mask_ptr,
+            arrival_ptr,
+            send_seq_ptr,
+            recv_expected_ptr,
+            rank,
+            flag_offset,
+            count_offset,
+            num_tokens,
+            NUM_RANKS,
+            True,
+        )
+    if PHASE & 2:
+        if pid < NUM_LOCAL_EXPERTS:
+            wait_sources(
+                local_ptr + flag_offset,
+                mask_ptr,
+                expected,
+                timeout_ns,
+                error_address.to(tl.pointer_type(tl.int32)),
+                operation_code,
+                rank,
+                wait_stats_ptr,
+                pid == 0,
+                NUM_RANKS,
+                R_BLOCK,
+                HAS_WAIT_STATS,
+            )
+        for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
+            _expand_received(
+                local_ptr,
+                mask_ptr,
+                scratch_ptr,
+                recv_x_ptr,
+                recv_scales_ptr,
+                recv_count_ptr,
+                recv_src_info_ptr,
+                recv_layout_range_ptr,
+                combine_gather_idx_ptr,
+                cumulative_stats_ptr,
+                expert,
+                rank,
+                count_offset,
+                staging_offset,
+                NUM_RANKS,
+                NUM_LOCAL_EXPERTS,
+                CAPACITY,
+                HIDDEN,
+                NUM_TOPK,
+                ROWS_BLOCK,
+                MESSAGE_WORDS,
+                X_WORDS,
+                X_BLOCK,
+                G_BLOCK,
+                USE_FP8,
+                USE_UE8M0,
+                SCALE_COLUMNS,
+                HAS_CUMULATIVE_STATS,
+            )
+
+
+@triton.jit
+def _send_tokens(
+    peer_table,
+    x_ptr,
+    topk_idx_ptr,
+    mask_ptr,
+    combine_gather_idx_ptr,
+    num_tokens,
+    rank,
     staging_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
@@ -81,14 +242,15 @@ def ll_dispatch_send_kernel(
     USE_FP8: tl.constexpr,
     ROUND_SCALE: tl.constexpr,
 ):
+    """The send phase's data movement (the module docstring); the caller arrives and signals."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     k_cols = tl.arange(0, K_BLOCK)
     k_mask = k_cols < NUM_TOPK
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
     # combine_gather_idx = -1 everywhere ([num_ranks, CAPACITY, num_topk], local memory, flat
-    # vector stores): this kernel runs before this rank's receive kernel (same stream), which
-    # writes the hits. First, so that the stores drain while the tokens are read.
+    # vector stores): the receive phase (a later launch, or this one after its wait) writes the
+    # hits. First, so that the stores drain while the tokens are read.
     GATHER_ITEMS: tl.constexpr = NUM_RANKS * CAPACITY * NUM_TOPK
     FILL_BLOCK: tl.constexpr = 1024
     fill_cols = tl.arange(0, FILL_BLOCK)
@@ -135,122 +297,12 @@ def ll_dispatch_send_kernel(
                     if USE_FP8:
                         group_cols = tl.arange(0, G_BLOCK)
                         store_remote(slot + X_WORDS + group_cols, scale_words, group_cols < NUM_GROUPS)
-    ll_arrive_and_signal(
-        peer_table,
-        mask_ptr,
-        arrival_ptr,
-        send_seq_ptr,
-        recv_expected_ptr,
-        rank,
-        flag_offset,
-        count_offset,
-        num_tokens,
-        NUM_RANKS,
-        True,
-    )
 
 
 @triton.jit
-def ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer):
-    """Release the next sequence number at ``peer``'s flag for this rank and advance what this rank
-    expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer."""
-    if tl.load(mask_ptr + peer) == 0:
-        sequence = tl.load(send_seq_ptr + peer) + 1
-        tl.store(send_seq_ptr + peer, sequence)
-        tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
-        flag = peer_pointer(peer_table, peer) + flag_offset + rank
-        tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
-
-
-@triton.jit
-def ll_arrive_and_signal(
-    peer_table,
-    mask_ptr,
-    arrival_ptr,
-    send_seq_ptr,
-    recv_expected_ptr,
-    rank,
-    flag_offset,
-    count_offset,
-    count,
-    NUM_RANKS: tl.constexpr,
-    HAS_COUNT: tl.constexpr,
-):
-    """The end of a send kernel: every program arrives on ``arrival_ptr`` (an int32 counter in local
-    memory, 0 between calls, one per phase and parity); the last one resets it, writes ``count``
-    at ``count_offset + rank`` of every unmasked peer if ``HAS_COUNT`` (plain stores, then a block
-    barrier), and signals every unmasked peer (``ll_signal``): the release orders the count (and
-    every payload store) before the sequence number, so a receiver reads it after its acquire.
-
-    Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
-    before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
-    The arrivals are read-modify-writes of one location, so the last program's arrival (acq_rel)
-    acquires every earlier program's release: all programs' stores happen-before its following
-    system-scope release at each peer's flag, which is cumulative, so a peer that acquires the flag
-    sees them all. The reset is an ordinary store: the counter's next user is a later kernel.
-    """
-    tl.debug_barrier()
-    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="sys")
-    if arrived == tl.num_programs(0) - 1:
-        tl.store(arrival_ptr, 0)
-        if HAS_COUNT:
-            for peer in range(NUM_RANKS):
-                if tl.load(mask_ptr + peer) == 0:
-                    store_remote(peer_pointer(peer_table, peer) + count_offset + rank, count)
-            tl.debug_barrier()
-        for peer in range(NUM_RANKS):
-            ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
-
-
-@triton.jit
-def wait_sources(
-    flag_ptr,
-    mask_ptr,
-    expected_ptr,
-    timeout_ns,
-    error_ptr,
-    operation_code,
-    rank,
-    stats_ptr,
-    record_stats,
-    NUM_RANKS: tl.constexpr,
-    R_BLOCK: tl.constexpr,
-    HAS_STATS: tl.constexpr,
-):
-    """Bounded wait for every unmasked source's flag (``primitives.wait_flags``), then a block
-    barrier; optional per-source wait time (ns) stats: per source, the time from the start of the
-    wait until its flag was first seen (until the end for a missing one). ``R_BLOCK``: a power of
-    two >= ``NUM_RANKS``; the ``R_BLOCK`` words at ``flag_ptr`` must be readable.
-    """
-    sources = tl.arange(0, R_BLOCK)
-    in_group = sources < NUM_RANKS
-    waited_on = in_group & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
-    expected = tl.load(expected_ptr + sources, mask=waited_on, other=0)
-    missing, start, seen_at = wait_flags(
-        flag_ptr + sources,
-        waited_on,
-        expected,
-        timeout_ns,
-        error_ptr,
-        operation_code,
-        rank,
-        HAS_STATS,
-        R_BLOCK,
-    )
-    if HAS_STATS:
-        if record_stats:
-            waited = tl.where(missing, global_timer_ns(), seen_at) - start
-            tl.atomic_add(stats_ptr + sources, waited, mask=waited_on)
-    tl.debug_barrier()
-
-
-@triton.jit(
-    do_not_specialize=["rank", "timeout_ns", "error_address", "operation_code", "flag_offset", "count_offset"]
-)
-def ll_dispatch_recv_kernel(
+def _expand_received(
     local_ptr,
     mask_ptr,
-    expected_ptr,
     scratch_ptr,
     recv_x_ptr,
     recv_scales_ptr,
@@ -259,21 +311,15 @@ def ll_dispatch_recv_kernel(
     recv_layout_range_ptr,
     combine_gather_idx_ptr,
     cumulative_stats_ptr,
-    wait_stats_ptr,
+    expert,
     rank,
-    timeout_ns,
-    error_address,
-    operation_code,
-    flag_offset,
     count_offset,
     staging_offset,
     NUM_RANKS: tl.constexpr,
-    R_BLOCK: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
     CAPACITY: tl.constexpr,
     HIDDEN: tl.constexpr,
     NUM_TOPK: tl.constexpr,
-    K_BLOCK: tl.constexpr,
     ROWS_BLOCK: tl.constexpr,
     MESSAGE_WORDS: tl.constexpr,
     X_WORDS: tl.constexpr,
@@ -283,24 +329,8 @@ def ll_dispatch_recv_kernel(
     USE_UE8M0: tl.constexpr,
     SCALE_COLUMNS: tl.constexpr,
     HAS_CUMULATIVE_STATS: tl.constexpr,
-    HAS_WAIT_STATS: tl.constexpr,
 ):
-    expert = tl.program_id(0)
-    error_ptr = error_address.to(tl.pointer_type(tl.int32))
-    wait_sources(
-        local_ptr + flag_offset,
-        mask_ptr,
-        expected_ptr,
-        timeout_ns,
-        error_ptr,
-        operation_code,
-        rank,
-        wait_stats_ptr,
-        expert == 0,
-        NUM_RANKS,
-        R_BLOCK,
-        HAS_WAIT_STATS,
-    )
+    """The receive phase for local expert ``expert``, after the wait (the module docstring)."""
     NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
     rows = tl.arange(0, ROWS_BLOCK)
@@ -402,6 +432,100 @@ def ll_dispatch_recv_kernel(
                 )
 
 
+@triton.jit
+def ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer):
+    """Release the next sequence number at ``peer``'s flag for this rank and advance what this rank
+    expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer."""
+    if tl.load(mask_ptr + peer) == 0:
+        sequence = tl.load(send_seq_ptr + peer) + 1
+        tl.store(send_seq_ptr + peer, sequence)
+        tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
+        flag = peer_pointer(peer_table, peer) + flag_offset + rank
+        tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
+
+
+@triton.jit
+def ll_arrive_and_signal(
+    peer_table,
+    mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    rank,
+    flag_offset,
+    count_offset,
+    count,
+    NUM_RANKS: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
+):
+    """The end of a send phase: every program arrives on ``arrival_ptr`` (an int32 counter in local
+    memory, 0 between calls, one per phase and parity); the last one resets it, writes ``count``
+    at ``count_offset + rank`` of every unmasked peer if ``HAS_COUNT`` (plain stores, then a block
+    barrier), and signals every unmasked peer (``ll_signal``): the release orders the count (and
+    every payload store) before the sequence number, so a receiver reads it after its acquire.
+
+    Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
+    before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
+    The arrivals are read-modify-writes of one location, so the last program's arrival (acq_rel)
+    acquires every earlier program's release: all programs' stores happen-before its following
+    system-scope release at each peer's flag, which is cumulative, so a peer that acquires the flag
+    sees them all. The reset is an ordinary store: the counter's next user is a later kernel.
+    """
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="sys")
+    if arrived == tl.num_programs(0) - 1:
+        tl.store(arrival_ptr, 0)
+        if HAS_COUNT:
+            for peer in range(NUM_RANKS):
+                if tl.load(mask_ptr + peer) == 0:
+                    store_remote(peer_pointer(peer_table, peer) + count_offset + rank, count)
+            tl.debug_barrier()
+        for peer in range(NUM_RANKS):
+            ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
+
+
+@triton.jit
+def wait_sources(
+    flag_ptr,
+    mask_ptr,
+    expected,
+    timeout_ns,
+    error_ptr,
+    operation_code,
+    rank,
+    stats_ptr,
+    record_stats,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+):
+    """Bounded wait for every unmasked source's flag to reach ``expected`` (``[R_BLOCK]`` int32)
+    (``primitives.wait_flags``), then a block barrier; optional per-source wait time (ns) stats:
+    per source, the time from the start of the wait until its flag was first seen (until the end
+    for a missing one). ``R_BLOCK``: a power of two >= ``NUM_RANKS``; the ``R_BLOCK`` words at
+    ``flag_ptr`` must be readable.
+    """
+    sources = tl.arange(0, R_BLOCK)
+    in_group = sources < NUM_RANKS
+    waited_on = in_group & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
+    missing, start, seen_at = wait_flags(
+        flag_ptr + sources,
+        waited_on,
+        expected,
+        timeout_ns,
+        error_ptr,
+        operation_code,
+        rank,
+        HAS_STATS,
+        R_BLOCK,
+    )
+    if HAS_STATS:
+        if record_stats:
+            waited = tl.where(missing, global_timer_ns(), seen_at) - start
+            tl.atomic_add(stats_ptr + sources, waited, mask=waited_on)
+    tl.debug_barrier()
+
+
 class LowLatencyWords(NamedTuple):
     """int32-word offsets, from word 0 of every rank's buffer, of one (phase, parity)'s state.
 
@@ -423,7 +547,7 @@ class SignalState(NamedTuple):
     """Device-resident signal state of one (phase, parity), so graph replays stay in step.
 
     Attributes:
-        arrival: ``[1]`` int32 counter of the send kernel's programs (0 between calls).
+        arrival: ``[1]`` int32 counter of the send phase's programs (0 between calls).
         send_seq: ``[num_ranks]`` int32, the last sequence number released at each peer.
         recv_expected: ``[num_ranks]`` int32, the sequence number expected from each peer.
     """
@@ -433,52 +557,108 @@ class SignalState(NamedTuple):
     recv_expected: torch.Tensor
 
 
+class DispatchOutputs(NamedTuple):
+    """The receive phase's outputs and work space (``L`` local experts, ``N = num_ranks * capacity``).
+
+    Attributes:
+        scratch: ``[L, N]`` int32 work space.
+        recv_x_words: ``[L, N, x_words]`` int32 view of ``recv_x`` (bf16 or FP8 payload).
+        recv_scales_words: ``[L, scale_columns, N]`` int32 view of the scales (column-major; float
+            or packed UE8M0); any int32 tensor without FP8.
+        recv_count: ``[L]`` int32.
+        recv_src_info: ``[L, N]`` int32.
+        recv_layout_range: ``[L, num_ranks]`` int64.
+        cumulative_stats: ``[L]`` int32 to add the counts to, or ``None``.
+        wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
+    """
+
+    scratch: torch.Tensor
+    recv_x_words: torch.Tensor
+    recv_scales_words: torch.Tensor
+    recv_count: torch.Tensor
+    recv_src_info: torch.Tensor
+    recv_layout_range: torch.Tensor
+    cumulative_stats: torch.Tensor | None
+    wait_stats: torch.Tensor | None
+
+
 def _fp8_blocks(hidden: int, use_fp8: bool) -> tuple[int, int]:
     """``(x_words, g_block)``: int32 words of one payload row, scale groups rounded up (>= 4)."""
     return (hidden // 4 if use_fp8 else hidden // 2), max(4, next_pow2(hidden // 128))
 
 
-def launch_ll_dispatch_send(
+def dispatch_grid(phase: Phase, num_tokens: int, num_local_experts: int, num_sms: int) -> tuple[int, int]:
+    """``(programs, warps)`` of a dispatch launch: send, one program per token up to the SMs (one
+    with no token), 8 warps; receive, one program per local expert, 16 warps; both, the larger of
+    the two up to one program per SM (every program resident: it waits inside the signalling
+    kernel), 16 warps."""
+    send = max(1, min(num_tokens, num_sms))
+    if phase == Phase.SEND:
+        return send, 8
+    if phase == Phase.RECEIVE:
+        return num_local_experts, 16
+    return min(max(send, num_local_experts), num_sms), 16
+
+
+def launch_ll_dispatch(
     *,
+    phase: Phase,
     peers: SymmetricPeers,
+    local: torch.Tensor,
     x: torch.Tensor,
     topk_idx: torch.Tensor,
     rank_mask: torch.Tensor,
     combine_gather_idx: torch.Tensor,
     signals: SignalState,
     words: LowLatencyWords,
+    outputs: DispatchOutputs | None,
+    operation_code: int,
     num_local_experts: int,
-    capacity: int,
     message_words: int,
     use_fp8: bool,
     round_scale: bool,
+    use_ue8m0: bool,
     num_sms: int,
 ) -> None:
-    """Send phase of a low-latency dispatch (one launch; the last program signals every peer).
+    """One phase of a low-latency dispatch (``ll_dispatch_kernel``; the module docstring).
 
     Arguments:
-        peers: the peer table and rank.
+        phase: ``SEND`` / ``RECEIVE`` (the two launches of a call with a receive hook, in that
+            order on one stream) or ``BOTH`` (one launch).
+        peers: the peer table, rank, timeout and error word.
+        local: this rank's whole symmetric buffer, int32.
         x: ``[num_tokens, hidden]`` bf16, contiguous (``hidden`` a multiple of 128).
         topk_idx: ``[num_tokens, num_topk]`` int64, contiguous (``-1`` = no expert).
-        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = skip that rank (shrink mode).
-        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64, filled with ``-1`` here.
+        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = neither send to nor wait for that
+            rank (shrink mode).
+        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64: the send phase fills it with
+            ``-1``, the receive phase writes the hits.
         signals: this (dispatch, parity)'s device signal state.
         words: this (dispatch, parity)'s flag, count and staging offsets.
+        outputs: the receive phase's outputs (``None`` for ``SEND``).
+        operation_code: written into the error word on timeout.
         num_local_experts: experts per rank.
-        capacity: ``num_max_dispatch_tokens_per_rank``.
         message_words: int32 words of one staging slot.
         use_fp8: cast to FP8 with per-128-channel float scales on the way.
         round_scale: round the scales up to powers of two.
-        num_sms: programs at most (one per token up to this; one with no token).
+        use_ue8m0: pack the received scales as UE8M0 exponents (4 per int32).
+        num_sms: SMs of the device.
     """
     num_tokens, hidden = x.shape
-    num_topk = topk_idx.size(1)
+    num_ranks, capacity, num_topk = combine_gather_idx.shape
+    if outputs is None:
+        if phase != Phase.SEND:
+            raise ValueError(f"a {phase.name} dispatch launch needs its outputs")
+        unused = combine_gather_idx  # never dereferenced by the send phase
+        outputs = DispatchOutputs(unused, unused, unused, unused, unused, unused, None, None)
     x_words, g_block = _fp8_blocks(hidden, use_fp8)
+    programs, warps = dispatch_grid(phase, num_tokens, num_local_experts, num_sms)
     launch(
-        ll_dispatch_send_kernel,
-        (max(1, min(num_tokens, num_sms)),),
+        ll_dispatch_kernel,
+        (programs,),
         (
             peers.peer_table,
+            local,
             x,
             topk_idx,
             rank_mask,
@@ -486,101 +666,15 @@ def launch_ll_dispatch_send(
             signals.arrival,
             signals.send_seq,
             signals.recv_expected,
+            outputs.scratch,
+            outputs.recv_x_words,
+            outputs.recv_scales_words,
+            outputs.recv_count,
+            outputs.recv_src_info,
+            outputs.recv_layout_range,
+            outputs.cumulative_stats if outputs.cumulative_stats is not None else outputs.recv_count,
+            outputs.wait_stats if outputs.wait_stats is not None else outputs.recv_layout_range,
             num_tokens,
-            peers.rank,
-            words.flags,
-            words.counts,
-            words.staging,
-        ),
-        {
-            "NUM_RANKS": peers.num_ranks,
-            "NUM_LOCAL_EXPERTS": num_local_experts,
-            "CAPACITY": capacity,
-            "HIDDEN": hidden,
-            "NUM_TOPK": num_topk,
-            "K_BLOCK": next_pow2(num_topk),
-            "MESSAGE_WORDS": message_words,
-            "X_WORDS": x_words,
-            "X_BLOCK": next_pow2(x_words),
-            "G_BLOCK": g_block,
-            "USE_FP8": use_fp8,
-            "ROUND_SCALE": round_scale,
-        },
-        8,
-    )
-
-
-def launch_ll_dispatch_recv(
-    *,
-    peers: SymmetricPeers,
-    local: torch.Tensor,
-    rank_mask: torch.Tensor,
-    recv_expected: torch.Tensor,
-    words: LowLatencyWords,
-    operation_code: int,
-    scratch: torch.Tensor,
-    recv_x_words: torch.Tensor,
-    recv_scales_words: torch.Tensor,
-    recv_count: torch.Tensor,
-    recv_src_info: torch.Tensor,
-    recv_layout_range: torch.Tensor,
-    combine_gather_idx: torch.Tensor,
-    cumulative_stats: torch.Tensor | None,
-    wait_stats: torch.Tensor | None,
-    capacity: int,
-    hidden: int,
-    num_topk: int,
-    message_words: int,
-    use_fp8: bool,
-    use_ue8m0: bool,
-    scale_columns: int,
-) -> None:
-    """Receive phase of a low-latency dispatch: one program per local expert waits (bounded) for
-    every unmasked source, then gathers its rows into the expert-major outputs.
-
-    Arguments:
-        peers: rank, timeout and error word.
-        local: this rank's whole symmetric buffer, int32.
-        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = do not wait for that rank.
-        recv_expected: ``[num_ranks]`` int32, the sequence expected from each source.
-        words: this (dispatch, parity)'s flag, count and staging offsets.
-        operation_code: written into the error word on timeout.
-        scratch: ``[num_local_experts, num_ranks * capacity]`` int32 work space.
-        recv_x_words: ``[num_local_experts, num_ranks * capacity, x_words]`` int32 view of the output.
-        recv_scales_words: ``[num_local_experts, scale_columns, num_ranks * capacity]`` int32 view
-            of the scales (column-major; float or packed UE8M0), any int32 tensor without FP8.
-        recv_count: ``[num_local_experts]`` int32.
-        recv_src_info: ``[num_local_experts, num_ranks * capacity]`` int32.
-        recv_layout_range: ``[num_local_experts, num_ranks]`` int64.
-        combine_gather_idx: ``[num_ranks, capacity, num_topk]`` int64 (hits written here).
-        cumulative_stats: ``[num_local_experts]`` int32 to add the counts to, or ``None``.
-        wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
-        capacity: ``num_max_dispatch_tokens_per_rank``.
-        hidden: hidden size.
-        num_topk: top-k slots per token.
-        message_words: int32 words of one staging slot.
-        use_fp8: the payload is FP8 with scales.
-        use_ue8m0: pack the scales as UE8M0 exponents (4 per int32).
-        scale_columns: scale columns of the output.
-    """
-    num_local_experts, num_rows = scratch.shape
-    x_words, g_block = _fp8_blocks(hidden, use_fp8)
-    launch(
-        ll_dispatch_recv_kernel,
-        (num_local_experts,),
-        (
-            local,
-            rank_mask,
-            recv_expected,
-            scratch,
-            recv_x_words,
-            recv_scales_words,
-            recv_count,
-            recv_src_info,
-            recv_layout_range,
-            combine_gather_idx,
-            cumulative_stats if cumulative_stats is not None else recv_count,
-            wait_stats if wait_stats is not None else recv_layout_range,
             peers.rank,
             peers.timeout_ns,
             peers.error_address,
@@ -590,23 +684,25 @@ def launch_ll_dispatch_recv(
             words.staging,
         ),
         {
-            "NUM_RANKS": peers.num_ranks,
+            "PHASE": int(phase),
+            "NUM_RANKS": num_ranks,
             "R_BLOCK": peers.flag_block,
             "NUM_LOCAL_EXPERTS": num_local_experts,
             "CAPACITY": capacity,
             "HIDDEN": hidden,
             "NUM_TOPK": num_topk,
             "K_BLOCK": next_pow2(num_topk),
-            "ROWS_BLOCK": next_pow2(num_rows),
+            "ROWS_BLOCK": next_pow2(num_ranks * capacity),
             "MESSAGE_WORDS": message_words,
             "X_WORDS": x_words,
             "X_BLOCK": next_pow2(x_words),
             "G_BLOCK": g_block,
             "USE_FP8": use_fp8,
+            "ROUND_SCALE": round_scale,
             "USE_UE8M0": use_ue8m0,
-            "SCALE_COLUMNS": scale_columns,
-            "HAS_CUMULATIVE_STATS": cumulative_stats is not None,
-            "HAS_WAIT_STATS": wait_stats is not None,
+            "SCALE_COLUMNS": outputs.recv_scales_words.size(1) if use_fp8 and phase != Phase.SEND else 1,
+            "HAS_CUMULATIVE_STATS": outputs.cumulative_stats is not None,
+            "HAS_WAIT_STATS": outputs.wait_stats is not None,
         },
-        16,
+        warps,
     )

@@ -4,7 +4,7 @@ A kernel never touches a peer's memory except through these functions, so a seco
 (NVSHMEM put-with-signal for the cross-node leg) replaces this file's peer functions, not the
 kernels. The NVLink transport's meaning:
 
-- **address**: ``peer_pointer(peer_table, peer)``. ``peer_table`` is an int64 device tensor with
+- **address**: ``peer_pointer(peer_table, peer)`` (``peer_pointers`` for a block of ranks). ``peer_table`` is an int64 device tensor with
   one entry per rank: the address, in this process, of that rank's symmetric buffer (its own
   included). No fixed peer count: the table has as many entries as the group has ranks.
 - **store**: ``store_remote`` is a plain ``st.global`` through that address (NVLink or local).
@@ -32,6 +32,7 @@ __all__ = [
     "load_acquire_sys",
     "load_relaxed_sys",
     "peer_pointer",
+    "peer_pointers",
     "release_at_peers",
     "signal_release_sys",
     "store_remote",
@@ -62,6 +63,13 @@ def peer_pointer(peer_table, peer):
     int64 addresses). The 16-byte alignment hint keeps the stores through it 16-byte vectors (the
     buffers are allocated 16-byte aligned; without the hint the compiler emits 4-byte stores)."""
     return tl.multiple_of(tl.load(peer_table + peer).to(tl.pointer_type(tl.int32)), 16)
+
+
+@triton.jit
+def peer_pointers(peer_table, peers, mask):
+    """``peer_pointer`` for a block of ranks: ``[BLOCK]`` pointers to word 0 of each ``peers[i]``'s
+    buffer where ``mask[i]`` holds (null elsewhere), with the same 16-byte alignment hint."""
+    return tl.multiple_of(tl.load(peer_table + peers, mask=mask, other=0).to(tl.pointer_type(tl.int32)), 16)
 
 
 @triton.jit

@@ -106,26 +106,26 @@ def make_routing(
     if num_masked < 0:
         raise ValueError(f"num_masked must be >= 0; got {num_masked}")
     gen = torch.Generator(device="cpu").manual_seed(seed * _RANK_STRIDE + rank)
-    scores = torch.randn(num_tokens, num_experts, generator=gen).abs() + 1
+    scores = torch.randn(num_tokens, num_experts, generator=gen, dtype=torch.float32, device="cpu").abs() + 1
     if allowed_experts is not None:
         allowed = torch.tensor(list(allowed_experts), dtype=torch.int64, device="cpu")
         if allowed.numel() and not bool(((allowed >= 0) & (allowed < num_experts)).all()):
             raise ValueError(
                 f"allowed_experts must be in [0, num_experts={num_experts}); got {allowed.tolist()}"
             )
-        is_allowed = torch.zeros(num_experts, dtype=torch.bool)
+        is_allowed = torch.zeros(num_experts, dtype=torch.bool, device="cpu")
         is_allowed[allowed] = True
         scores[:, ~is_allowed] = -math.inf
     values, topk_idx = torch.topk(scores, num_topk, dim=1)
     no_expert = torch.full_like(topk_idx, -1)
     topk_idx = torch.where(values == -math.inf, no_expert, topk_idx)
-    masked = torch.rand(num_tokens, num_topk, generator=gen) < masked_prob
+    masked = torch.rand(num_tokens, num_topk, generator=gen, dtype=torch.float32, device="cpu") < masked_prob
     topk_idx = torch.where(masked, no_expert, topk_idx).to(torch.int64)
     if num_masked > 0 and num_tokens > 0:
-        rows = torch.randint(0, num_tokens, (num_masked,), generator=gen)
-        slots = torch.randint(0, num_topk, (num_masked,), generator=gen)
+        rows = torch.randint(0, num_tokens, (num_masked,), generator=gen, device="cpu")
+        slots = torch.randint(0, num_topk, (num_masked,), generator=gen, device="cpu")
         topk_idx[rows, slots] = -1
-    topk_weights = torch.rand(num_tokens, num_topk, generator=gen) + _WEIGHT_OFFSET
+    topk_weights = torch.rand(num_tokens, num_topk, generator=gen, dtype=torch.float32, device="cpu") + _WEIGHT_OFFSET
     return TopkRouting(
         topk_idx.contiguous().to(device), topk_weights.to(torch.float32).contiguous().to(device)
     )

@@ -1,12 +1,16 @@
-"""Low-latency mode on the NVLink symmetric buffer: Triton send (which also signals) / receive
-kernels, no host synchronization anywhere (capturable in a CUDA graph), a receive hook that holds
-no SM.
+"""Low-latency mode on the NVLink symmetric buffer: one Triton kernel per op (``ll_dispatch_kernel``,
+``ll_combine_kernel``), launched once (both phases) or, with a receive hook, twice (send, which also
+signals, then receive on ``hook()``); no host synchronization anywhere (capturable in a CUDA
+graph), a receive hook that holds no SM.
 
 The payload layout is ``symmetric_buffer.LowLatencyLayout`` (also the size hint). Sequence numbers
 live in device memory on both sides, so replays of a captured graph stay in step.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
@@ -18,19 +22,21 @@ from epcomm.backends.base import (
     LowLatencyDispatchRequest,
     LowLatencyDispatchResult,
     ResultBuffers,
-    finish_receive,
 )
 from epcomm.backends.nvlink.symmetric_buffer import LowLatencyLayout, Operation, SymmetricBuffer
 from epcomm.handles import LowLatencyHandle
-from epcomm.kernels.low_latency_combine import launch_ll_combine_recv, launch_ll_combine_send
+from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
+    DispatchOutputs,
     LowLatencyWords,
+    Phase,
     SignalState,
-    launch_ll_dispatch_recv,
-    launch_ll_dispatch_send,
+    launch_ll_dispatch,
 )
 
 __all__ = ["NvlinkLowLatency"]
+
+_Result = TypeVar("_Result", LowLatencyDispatchResult, LowLatencyCombineResult)
 
 _DISPATCH, _COMBINE = 0, 1
 
@@ -49,7 +55,7 @@ class NvlinkLowLatency:
         self.num_ranks = buffer.num_ranks
         self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device="cpu")
         self._mask_device = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
-        # Per (phase, parity): sequence numbers per peer, and the send kernels' arrival counter (0
+        # Per (phase, parity): sequence numbers per peer, and the send phases' arrival counter (0
         # between calls). Rows padded to a multiple of 4 words keep every row 16-byte aligned, so
         # both parities share one kernel specialization.
         stride = align_up(self.num_ranks, 4)
@@ -92,7 +98,7 @@ class NvlinkLowLatency:
         )
 
     def _signals(self, phase: int, parity: int) -> SignalState:
-        """The send kernel's signal state: arrival counter, send sequence, expected sequence."""
+        """The send phase's signal state: arrival counter, send sequence, expected sequence."""
         return SignalState(
             self._arrivals[phase, parity],
             self._send_seq[phase, parity],
@@ -143,7 +149,7 @@ class NvlinkLowLatency:
         scratch = self._buffer(parity, "scratch", (num_local_experts, num_rows), torch.int32)
         recv_src_info = torch.empty(num_local_experts, num_rows, dtype=torch.int32, device=self.device)
         recv_layout_range = torch.empty(num_local_experts, num_ranks, dtype=torch.int64, device=self.device)
-        # -1 everywhere, written by the send kernel (no separate fill launch); the receive kernel
+        # -1 everywhere, written by the send phase (no separate fill launch); the receive phase
         # then writes the hits.
         combine_gather_idx = torch.empty(num_ranks, capacity, num_topk, dtype=torch.int64, device=self.device)
         handle = LowLatencyHandle(
@@ -155,60 +161,45 @@ class NvlinkLowLatency:
             combine_gather_idx,
             parity,
         )
-        words = self._words(layout, _DISPATCH, parity)
-        peers = self.buffer.peers
-        # One program per token up to the SMs (the grid is fixed per captured shape); with no token,
-        # one program that only fills combine_gather_idx and signals (count 0).
-        launch_ll_dispatch_send(
-            peers=peers,
-            x=x,
-            topk_idx=topk_idx,
-            rank_mask=self._mask_device,
-            combine_gather_idx=combine_gather_idx,
-            signals=self._signals(_DISPATCH, parity),
-            words=words,
-            num_local_experts=num_local_experts,
-            capacity=capacity,
-            message_words=layout.message_words,
-            use_fp8=request.use_fp8,
-            round_scale=request.round_scale,
-            num_sms=self.num_sms,
-        )
-        cumulative = request.cumulative_local_expert_recv_stats
-        wait_stats = request.dispatch_wait_recv_cost_stats
-        local = self.buffer.local
         recv_words = (
             recv_data.view(torch.uint8).view(torch.int32) if request.use_fp8 else recv_data.view(torch.int32)
         )
+        outputs = DispatchOutputs(
+            scratch,
+            recv_words,
+            scale_storage.view(torch.int32),
+            recv_count,
+            recv_src_info,
+            recv_layout_range,
+            request.cumulative_local_expert_recv_stats,
+            request.dispatch_wait_recv_cost_stats,
+        )
+        signals = self._signals(_DISPATCH, parity)
+        words = self._words(layout, _DISPATCH, parity)
 
-        def receive() -> None:
-            launch_ll_dispatch_recv(
-                peers=peers,
-                local=local,
+        def run(phase: Phase) -> None:
+            launch_ll_dispatch(
+                phase=phase,
+                peers=self.buffer.peers,
+                local=self.buffer.local,
+                x=x,
+                topk_idx=topk_idx,
                 rank_mask=self._mask_device,
-                recv_expected=self._recv_expected[_DISPATCH, parity],
-                words=words,
-                operation_code=int(Operation.LOW_LATENCY_DISPATCH),
-                scratch=scratch,
-                recv_x_words=recv_words,
-                recv_scales_words=scale_storage.view(torch.int32),
-                recv_count=recv_count,
-                recv_src_info=recv_src_info,
-                recv_layout_range=recv_layout_range,
                 combine_gather_idx=combine_gather_idx,
-                cumulative_stats=cumulative,
-                wait_stats=wait_stats,
-                capacity=capacity,
-                hidden=hidden,
-                num_topk=num_topk,
+                signals=signals,
+                words=words,
+                outputs=outputs,
+                operation_code=int(Operation.LOW_LATENCY_DISPATCH),
+                num_local_experts=num_local_experts,
                 message_words=layout.message_words,
                 use_fp8=request.use_fp8,
+                round_scale=request.round_scale,
                 use_ue8m0=request.use_ue8m0,
-                scale_columns=scale_columns,
+                num_sms=self.num_sms,
             )
 
-        return finish_receive(
-            LowLatencyDispatchResult(recv_x, recv_count, handle, None), receive, request.return_recv_hook
+        return self._run(
+            LowLatencyDispatchResult(recv_x, recv_count, handle, None), run, request.return_recv_hook
         )
 
     # ---- combine ------------------------------------------------------------------------------
@@ -221,44 +212,44 @@ class NvlinkLowLatency:
         layout = LowLatencyLayout(self.num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
         x = self.combine_buffer(handle) if request.zero_copy else request.x.contiguous()
-        peers = self.buffer.peers
-        words = self._words(layout, _COMBINE, parity)
-        launch_ll_combine_send(
-            peers=peers,
-            x_words=x.view(torch.int32),
-            combine_gather_idx=handle.combine_gather_idx,
-            rank_mask=self._mask_device,
-            signals=self._signals(_COMBINE, parity),
-            words=words,
-            num_sms=self.num_sms,
-        )
         out = (
             request.out
             if request.out is not None
             else torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=self.device)
         )
         topk_idx, topk_weights = request.topk_idx.contiguous(), request.topk_weights.contiguous()
-        wait_stats = request.combine_wait_recv_cost_stats
-        local = self.buffer.local
-        num_local_experts = handle.num_experts // self.num_ranks
+        signals = self._signals(_COMBINE, parity)
+        words = self._words(layout, _COMBINE, parity)
 
-        def receive() -> None:
-            launch_ll_combine_recv(
-                peers=peers,
-                local=local,
+        def run(phase: Phase) -> None:
+            launch_ll_combine(
+                phase=phase,
+                peers=self.buffer.peers,
+                local=self.buffer.local,
+                x_words=x.view(torch.int32),
+                combine_gather_idx=handle.combine_gather_idx,
                 rank_mask=self._mask_device,
-                recv_expected=self._recv_expected[_COMBINE, parity],
+                signals=signals,
                 words=words,
                 operation_code=int(Operation.LOW_LATENCY_COMBINE),
                 topk_idx=topk_idx,
                 topk_weights=topk_weights,
                 out=out,
-                wait_stats=wait_stats,
-                num_local_experts=num_local_experts,
+                wait_stats=request.combine_wait_recv_cost_stats,
+                num_local_experts=handle.num_experts // self.num_ranks,
                 num_sms=self.num_sms,
             )
 
-        return finish_receive(LowLatencyCombineResult(out, None), receive, request.return_recv_hook)
+        return self._run(LowLatencyCombineResult(out, None), run, request.return_recv_hook)
+
+    @staticmethod
+    def _run(result: _Result, run: Callable[[Phase], None], return_recv_hook: bool) -> _Result:
+        """One launch of both phases, or the send phase now and the receive phase as the hook."""
+        if not return_recv_hook:
+            run(Phase.BOTH)
+            return result
+        run(Phase.SEND)
+        return result._replace(hook=lambda: run(Phase.RECEIVE))
 
     def destroy(self) -> None:
         """Release the symmetric buffer."""
