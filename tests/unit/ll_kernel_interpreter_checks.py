@@ -29,6 +29,7 @@ import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
 from epcomm import quant
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout, LowLatencyLayout
+from epcomm.kernels.barrier import launch_masked_barrier
 from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
     DispatchOutputs,
@@ -665,6 +666,7 @@ def _wait_kernel(
     stats_ptr,
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
+    SHRINK: tl.constexpr = False,
 ):
     sources = tl.arange(0, R_BLOCK)
     dispatch_kernels.wait_sources(
@@ -680,6 +682,7 @@ def _wait_kernel(
         NUM_RANKS,
         R_BLOCK,
         True,
+        SHRINK,
     )
 
 
@@ -776,12 +779,48 @@ def check_one_launch() -> None:
     _run_round(world, (2, 5, 3), open_mask, 1, seed=90, fp8=True, both_rank=1)
 
 
+def check_shrink_waits() -> None:
+    """Shrink mode: an expired wait masks every missing source and logs the operation in word
+    ``4 + s`` of the error word, reporting no error; the masked barrier (the low-latency buffer
+    clean) releases only unmasked ranks, waits for them, and with shrink masks a rank that never
+    arrives."""
+    timeout = 3_000_000
+    flags = torch.tensor([5, 3, 0, 1], dtype=torch.int32)
+    mask = torch.tensor([0, 0, 1, 0], dtype=torch.int32)
+    expected = torch.tensor([5, 4, 7, 2], dtype=torch.int32)
+    error = torch.zeros(4 + 4, dtype=torch.int32)
+    stats = torch.zeros(4, dtype=torch.int64)
+    _wait_kernel[(1,)](flags, mask, expected, timeout, error, stats, NUM_RANKS=4, R_BLOCK=4, SHRINK=True)
+    assert error.tolist() == [0, 0, 0, 0, 0, 9, 0, 9], error  # sources 1 and 3 missed: masked
+    assert mask.tolist() == [0, 1, 1, 1], mask
+
+    # 3 ranks, rank 2 masked by rank 0 beforehand; rank 1 already released epoch 4 at rank 0.
+    buffers = [torch.zeros(64, dtype=torch.int32) for _ in range(3)]
+    buffers[0][1] = 4
+    errors = [torch.zeros(4 + 3, dtype=torch.int32) for _ in range(3)]
+    masks = [torch.tensor([0, 0, 1], dtype=torch.int32), torch.zeros(3, dtype=torch.int32)]
+    peers = [symmetric_peers(buffers, rank, errors[rank], timeout) for rank in range(2)]
+    launch_masked_barrier(peers=peers[0], rank_mask=masks[0], epoch=4, operation_code=10, shrink=False)
+    assert [int(buffer[0]) for buffer in buffers] == [4, 4, 0], buffers  # released at ranks 0, 1 only
+    assert errors[0].tolist() == [0] * 7, errors[0]
+    # Rank 1 does not mask rank 2, which never arrives: an error without shrink, a mask with it.
+    launch_masked_barrier(peers=peers[1], rank_mask=masks[1], epoch=4, operation_code=10, shrink=False)
+    assert errors[1].tolist() == [1, 10, 2, 1, 0, 0, 0], errors[1]
+    errors[1].zero_()
+    buffers[1][0] = 5  # rank 0 arrived at the next barrier
+    launch_masked_barrier(peers=peers[1], rank_mask=masks[1], epoch=5, operation_code=10, shrink=True)
+    assert errors[1].tolist() == [0, 0, 0, 0, 0, 0, 10], errors[1]
+    assert masks[1].tolist() == [0, 0, 1], masks[1]
+    assert buffers[2][1] == 5, "released at rank 2 before it was masked"
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_send": check_dispatch_send,
     "dispatch_combine": check_dispatch_combine,
     "dispatch_fp8": check_dispatch_fp8,
     "wait": check_wait,
     "one_launch": check_one_launch,
+    "shrink_waits": check_shrink_waits,
 }
 
 if __name__ == "__main__":

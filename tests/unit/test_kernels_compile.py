@@ -173,6 +173,24 @@ def test_barrier_compiles_with_system_scope_ordering(num_ranks: int, monkeypatch
     _assert_system_scope_ordering(_compile(call).asm["ptx"])
 
 
+@pytest.mark.parametrize("shrink", [False, True])
+@pytest.mark.parametrize("num_ranks", [2, 16])
+def test_masked_barrier_compiles(num_ranks: int, shrink: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    (call,) = _launches(
+        barrier_module,
+        barrier_module.launch_masked_barrier,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        epoch=3,
+        operation_code=10,
+        shrink=shrink,
+    )
+    ptx = _compile(call).asm["ptx"]
+    _assert_system_scope_ordering(ptx)
+    _assert_light_wait(ptx)
+
+
 @pytest.mark.parametrize(
     ("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2), (7168, 1, 16)]
 )
@@ -233,6 +251,7 @@ def _dispatch_launch(
     hidden: int,
     num_ranks: int,
     monkeypatch: pytest.MonkeyPatch,
+    shrink: bool = False,
 ) -> Any:
     num_tokens, num_topk, capacity = 128, 8, 128
     num_local_experts = 256 // num_ranks
@@ -271,6 +290,7 @@ def _dispatch_launch(
         round_scale=round_scale,
         use_ue8m0=use_ue8m0,
         num_sms=132,
+        shrink=shrink,
     )
     return call
 
@@ -316,11 +336,9 @@ def test_low_latency_dispatch_kernel_compiles(
         assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
 
 
-@pytest.mark.parametrize("phase", list(Phase))
-@pytest.mark.parametrize("num_ranks", [4, 16])
-def test_low_latency_combine_kernel_compiles(
-    phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _combine_launch(
+    phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch, shrink: bool = False
+) -> Any:
     hidden, capacity, num_topk, num_tokens = 7168, 128, 8, 128
     num_local_experts = 256 // num_ranks
     (call,) = _launches(
@@ -344,7 +362,17 @@ def test_low_latency_combine_kernel_compiles(
         wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
         num_local_experts=num_local_experts,
         num_sms=132,
+        shrink=shrink,
     )
+    return call
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+@pytest.mark.parametrize("num_ranks", [4, 16])
+def test_low_latency_combine_kernel_compiles(
+    phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    call = _combine_launch(phase, num_ranks, monkeypatch)
     if phase == Phase.BOTH:
         assert call[1][0] <= 132, call[1]
     compiled = _compile(call)
@@ -356,6 +384,18 @@ def test_low_latency_combine_kernel_compiles(
         _assert_light_wait(ptx)
     else:
         assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
+
+
+@pytest.mark.parametrize("phase", [Phase.RECEIVE, Phase.BOTH])
+def test_low_latency_kernels_compile_in_shrink_mode(phase: Phase, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shrink mode: an expired wait masks the missing sources (stores into the mask and the error
+    word's log) instead of reporting an error."""
+    for call in (
+        _dispatch_launch(phase, True, False, False, 7168, 4, monkeypatch, shrink=True),
+        _combine_launch(phase, 4, monkeypatch, shrink=True),
+    ):
+        assert call[3]["SHRINK"] is True
+        _assert_light_wait(_compile(call).asm["ptx"])
 
 
 def test_low_latency_ops_are_one_kernel_each() -> None:

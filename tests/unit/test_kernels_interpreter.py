@@ -26,7 +26,14 @@ CHECKS = [
     ),
     *(
         ("ll_kernel_interpreter_checks.py", check)
-        for check in ("dispatch_send", "dispatch_combine", "dispatch_fp8", "wait", "one_launch")
+        for check in (
+            "dispatch_send",
+            "dispatch_combine",
+            "dispatch_fp8",
+            "wait",
+            "one_launch",
+            "shrink_waits",
+        )
     ),
 ]
 

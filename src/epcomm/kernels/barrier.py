@@ -1,16 +1,20 @@
-"""Barrier over the peers of a symmetric buffer: each rank releases an epoch flag at every peer,
-then waits (bounded) for every peer's flag. One program per peer."""
+"""Barriers over the peers of a symmetric buffer: each rank releases an epoch flag at every peer,
+then waits (bounded) for every peer's flag. ``barrier_kernel``: one program per peer, every rank.
+``masked_barrier_kernel``: one program, the ranks a shrink-mode mask leaves (the low-latency
+buffer clean)."""
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 from epcomm.kernels.launch import launch
+from epcomm.kernels.low_latency_dispatch import wait_sources
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_epoch
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
-__all__ = ["launch_barrier"]
+__all__ = ["launch_barrier", "launch_masked_barrier"]
 
 
 @triton.jit(
@@ -46,5 +50,73 @@ def launch_barrier(*, peers: SymmetricPeers, epoch: int, operation_code: int) ->
             peers.flag_offset,
         ),
         {},
+        1,
+    )
+
+
+@triton.jit(
+    do_not_specialize=["rank", "epoch", "timeout_ns", "error_address", "operation_code", "flag_offset"]
+)
+def masked_barrier_kernel(
+    peer_table,
+    mask_ptr,
+    rank,
+    epoch,
+    timeout_ns,
+    error_address,
+    operation_code,
+    flag_offset,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    SHRINK: tl.constexpr,
+):
+    for peer in range(NUM_RANKS):
+        if tl.load(mask_ptr + peer) == 0:
+            signal_release_sys(peer_pointer(peer_table, peer) + flag_offset + rank, epoch)
+    error_pointer = error_address.to(tl.pointer_type(tl.int32))
+    wait_sources(
+        peer_pointer(peer_table, rank) + flag_offset,
+        mask_ptr,
+        tl.full([R_BLOCK], epoch, tl.int32),
+        timeout_ns,
+        error_pointer,
+        operation_code,
+        rank,
+        error_pointer,  # no stats
+        False,
+        NUM_RANKS,
+        R_BLOCK,
+        False,
+        SHRINK,
+    )
+
+
+def launch_masked_barrier(
+    *, peers: SymmetricPeers, rank_mask: torch.Tensor, epoch: int, operation_code: int, shrink: bool
+) -> None:
+    """Barrier over the ranks ``rank_mask`` leaves, on the current stream (bounded wait): this rank
+    releases ``epoch`` at every unmasked rank, then waits for theirs.
+
+    Arguments:
+        peers: the group's peer table, rank, timeout, error word and flag offset.
+        rank_mask: ``[num_ranks]`` int32 device mask, non-zero = leave that rank out.
+        epoch: a value larger than any earlier epoch of this buffer.
+        operation_code: names the operation (error word, or the shrink log).
+        shrink: a rank that misses the bound is masked and logged (``wait_sources``), not an error.
+    """
+    launch(
+        masked_barrier_kernel,
+        (1,),
+        (
+            peers.peer_table,
+            rank_mask,
+            peers.rank,
+            epoch,
+            peers.timeout_ns,
+            peers.error_address,
+            operation_code,
+            peers.flag_offset,
+        ),
+        {"NUM_RANKS": peers.num_ranks, "R_BLOCK": peers.flag_block, "SHRINK": shrink},
         1,
     )

@@ -69,6 +69,7 @@ def ll_combine_kernel(
     HIDDEN: tl.constexpr,
     H_BLOCK: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -118,6 +119,7 @@ def ll_combine_kernel(
                 NUM_RANKS,
                 R_BLOCK,
                 HAS_WAIT_STATS,
+                SHRINK,
             )
         _reduce_rows(
             local_ptr,
@@ -250,6 +252,7 @@ def launch_ll_combine(
     wait_stats: torch.Tensor | None,
     num_local_experts: int,
     num_sms: int,
+    shrink: bool = False,
 ) -> None:
     """One phase of a low-latency combine (``ll_combine_kernel``; the module docstring).
 
@@ -273,6 +276,8 @@ def launch_ll_combine(
         wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
         num_local_experts: experts per rank.
         num_sms: SMs of the device.
+        shrink: shrink mode: an expert rank that misses the bound is masked (its rows count as
+            ``-1`` slots) and logged instead of reported as an error (``wait_sources``).
     """
     num_ranks, capacity, num_topk = combine_gather_idx.shape
     num_tokens, hidden = out.shape
@@ -315,6 +320,7 @@ def launch_ll_combine(
             "HIDDEN": hidden,
             "H_BLOCK": next_pow2(hidden),
             "HAS_WAIT_STATS": wait_stats is not None,
+            "SHRINK": shrink,
         },
         warps,
     )

@@ -126,6 +126,7 @@ def ll_dispatch_kernel(
     SCALE_COLUMNS: tl.constexpr,
     HAS_CUMULATIVE_STATS: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -185,6 +186,7 @@ def ll_dispatch_kernel(
                 NUM_RANKS,
                 R_BLOCK,
                 HAS_WAIT_STATS,
+                SHRINK,
             )
         for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
             _expand_received(
@@ -498,12 +500,18 @@ def wait_sources(
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
     HAS_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
 ):
     """Bounded wait for every unmasked source's flag to reach ``expected`` (``[R_BLOCK]`` int32)
     (``primitives.wait_flags``), then a block barrier; optional per-source wait time (ns) stats:
     per source, the time from the start of the wait until its flag was first seen (until the end
     for a missing one). ``R_BLOCK``: a power of two >= ``NUM_RANKS``; the ``R_BLOCK`` words at
     ``flag_ptr`` must be readable.
+
+    On expiry, without ``SHRINK`` the first missing source is reported in the error word; with
+    ``SHRINK`` (shrink mode) every missing source ``s`` is masked instead: ``mask[s] = 1`` (the
+    caller's later reads of the mask, and every later call, skip it) and word ``4 + s`` of the
+    host-mapped error word gets ``operation_code`` (the host warns, naming the op and the peer).
     """
     sources = tl.arange(0, R_BLOCK)
     in_group = sources < NUM_RANKS
@@ -518,7 +526,11 @@ def wait_sources(
         rank,
         HAS_STATS,
         R_BLOCK,
+        1 - SHRINK,
     )
+    if SHRINK:
+        tl.store(mask_ptr + sources, 1, mask=missing)
+        tl.store(error_ptr + 4 + sources, operation_code, mask=missing)
     if HAS_STATS:
         if record_stats:
             waited = tl.where(missing, global_timer_ns(), seen_at) - start
@@ -619,6 +631,7 @@ def launch_ll_dispatch(
     round_scale: bool,
     use_ue8m0: bool,
     num_sms: int,
+    shrink: bool = False,
 ) -> None:
     """One phase of a low-latency dispatch (``ll_dispatch_kernel``; the module docstring).
 
@@ -643,6 +656,8 @@ def launch_ll_dispatch(
         round_scale: round the scales up to powers of two.
         use_ue8m0: pack the received scales as UE8M0 exponents (4 per int32).
         num_sms: SMs of the device.
+        shrink: shrink mode: a source that misses the bound (``peers.timeout_ns``) is masked and
+            logged in the error word's words ``4 + s`` instead of reported as an error.
     """
     num_tokens, hidden = x.shape
     num_ranks, capacity, num_topk = combine_gather_idx.shape
@@ -703,6 +718,7 @@ def launch_ll_dispatch(
             "SCALE_COLUMNS": outputs.recv_scales_words.size(1) if use_fp8 and phase != Phase.SEND else 1,
             "HAS_CUMULATIVE_STATS": outputs.cumulative_stats is not None,
             "HAS_WAIT_STATS": outputs.wait_stats is not None,
+            "SHRINK": shrink,
         },
         warps,
     )

@@ -155,6 +155,7 @@ def wait_flags(
     rank,
     TRACK: tl.constexpr,
     BLOCK: tl.constexpr,
+    REPORT: tl.constexpr,
 ):
     """Bounded wait on ``BLOCK`` flags at once: until ``flags[s] >= expected[s]`` for every ``s`` in
     ``waited_on`` (``[BLOCK]`` pointers / bools / values; ``expected`` may be a scalar) or
@@ -162,8 +163,8 @@ def wait_flags(
 
     One relaxed system-scope poll of all flags per round (no acquire fence in the spin); once all
     arrived (or the bound passed), one acquire load per flag orders this program's later reads after
-    the peers' releases. On expiry reports the first missing ``s`` and returns, so the stream never
-    hangs. No block barrier: the caller adds it. Returns ``(missing [BLOCK], start_ns, seen_at_ns
+    the peers' releases. On expiry reports the first missing ``s`` (if ``REPORT``; else the caller
+    handles ``missing``) and returns, so the stream never hangs. No block barrier: the caller adds it. Returns ``(missing [BLOCK], start_ns, seen_at_ns
     [BLOCK])``; with ``TRACK``, ``seen_at`` is when each flag was first seen arrived (else the
     first poll's time).
     """
@@ -181,10 +182,11 @@ def wait_flags(
             seen_at = tl.where(was_missing & ~missing, now, seen_at)
         expired = (now - start) > timeout_ns
     missing = waited_on & (load_acquire_sys(flags) < expected)
-    if tl.max(missing.to(tl.int32), axis=0) > 0:
-        _report_timeout(
-            error_pointer, operation_code, tl.min(tl.where(missing, sources, BLOCK), axis=0), rank
-        )
+    if REPORT:
+        if tl.max(missing.to(tl.int32), axis=0) > 0:
+            _report_timeout(
+                error_pointer, operation_code, tl.min(tl.where(missing, sources, BLOCK), axis=0), rank
+            )
     return missing, start, seen_at
 
 
@@ -214,5 +216,6 @@ def wait_all_epoch(
         rank,
         False,
         BLOCK,
+        True,
     )
     tl.debug_barrier()

@@ -125,7 +125,9 @@ def make_routing(
         rows = torch.randint(0, num_tokens, (num_masked,), generator=gen, device="cpu")
         slots = torch.randint(0, num_topk, (num_masked,), generator=gen, device="cpu")
         topk_idx[rows, slots] = -1
-    topk_weights = torch.rand(num_tokens, num_topk, generator=gen, dtype=torch.float32, device="cpu") + _WEIGHT_OFFSET
+    topk_weights = (
+        torch.rand(num_tokens, num_topk, generator=gen, dtype=torch.float32, device="cpu") + _WEIGHT_OFFSET
+    )
     return TopkRouting(
         topk_idx.contiguous().to(device), topk_weights.to(torch.float32).contiguous().to(device)
     )

@@ -57,6 +57,7 @@ __all__ = [
     "Operation",
     "SymmetricBuffer",
     "low_latency_rdma_size_hint",
+    "operation_name",
 ]
 
 ALIGN_WORDS = 32  # 128 bytes: every area starts on its own cache line
@@ -275,6 +276,7 @@ class Operation(enum.IntEnum):
     COMBINE = 7
     LOW_LATENCY_DISPATCH = 8
     LOW_LATENCY_COMBINE = 9
+    LOW_LATENCY_CLEAN = 10
 
 
 _OPERATION_NAMES = {
@@ -287,7 +289,16 @@ _OPERATION_NAMES = {
     Operation.COMBINE: "combine (data)",
     Operation.LOW_LATENCY_DISPATCH: "low_latency_dispatch (receive)",
     Operation.LOW_LATENCY_COMBINE: "low_latency_combine (receive)",
+    Operation.LOW_LATENCY_CLEAN: "clean_low_latency_buffer (barrier)",
 }
+
+
+def operation_name(code: int) -> str:
+    """The name errors and warnings give operation ``code`` (an ``Operation``)."""
+    try:
+        return _OPERATION_NAMES[Operation(code)]
+    except ValueError:
+        return f"operation {code}"
 
 
 # ---- the buffer -------------------------------------------------------------------------------
@@ -325,8 +336,9 @@ class SymmetricBuffer:
         self.timeout_s = timeout_s
         self.epoch = 0
         # Host-mapped error word: kernels write it on a timed-out wait, the host reads it at any
-        # time without synchronizing the device.
-        self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=True)
+        # time without synchronizing the device. Words [0, 4): [flag, operation, peer, rank];
+        # word 4 + s: the operation whose shrink-mode wait masked rank s (0: none).
+        self.error_word = torch.zeros(4 + self.num_ranks, dtype=torch.int32, device="cpu", pin_memory=True)
         self.error_address = self.error_word.data_ptr()
         # Read through ctypes on every call: indexing the tensor costs a tensor op each time.
         self._error_flag = ctypes.c_int32.from_address(self.error_address)
@@ -434,12 +446,17 @@ class SymmetricBuffer:
         """Raise ``PeerTimeoutError`` if a kernel reported a timed-out wait (no device sync)."""
         if self._error_flag.value != 0:
             code, peer, rank = (int(v) for v in self.error_word[1:4])
-            try:
-                name = _OPERATION_NAMES[Operation(code)]
-            except ValueError:
-                name = f"operation {code}"
-            self.error_word.zero_()
-            raise PeerTimeoutError(name, rank, [peer], self.timeout_s)
+            self.error_word[:4].zero_()
+            raise PeerTimeoutError(operation_name(code), rank, [peer], self.timeout_s)
+
+    def masked_by_timeout(self) -> dict[int, int]:
+        """Shrink mode: ``{rank: operation code}`` for each rank a kernel's wait masked on its own
+        (read from the host-mapped error word without synchronizing the device)."""
+        return {rank: code for rank, code in enumerate(self.error_word[4:].tolist()) if code != 0}
+
+    def forget_masked(self, rank: int) -> None:
+        """Clear ``rank``'s shrink-mode entry (the rank was unmasked)."""
+        self.error_word[4 + rank] = 0
 
     def destroy(self) -> None:
         """Drop the buffer and its peer mappings."""
