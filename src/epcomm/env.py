@@ -8,6 +8,7 @@ the environment (tests do).
 |---|---|---|
 | ``EPCOMM_BACKEND`` | ``auto`` | ``auto``, ``reference``, ``nvlink`` or ``nvshmem``: which transport a new ``Buffer`` uses |
 | ``EPCOMM_TIMEOUT_S`` | ``30`` | seconds any wait for a peer may last before it fails with an error naming the peer |
+| ``EPCOMM_SHRINK_TIMEOUT_S`` | ``3`` | ``Buffer(..., enable_shrink=True)``: seconds a low-latency wait (dispatch, combine, ``clean_low_latency_buffer``) gives a peer before masking it |
 | ``EPCOMM_CHECK_VALUES`` | ``auto`` | ``1``: check tensor *values* (expert ids in range) even where that costs a device-to-host read; ``0``: never; ``auto``: only on CPU tensors (on GPUs the read would stall the host) |
 | ``EPCOMM_LOG_LEVEL`` | ``WARNING`` | level of the ``epcomm`` logger |
 | ``LOCAL_WORLD_SIZE`` | unset | ranks per node (set by torchrun); unset: counted from host names |
@@ -68,6 +69,7 @@ class Settings:
     Attributes:
         backend: ``EPCOMM_BACKEND``.
         timeout_s: ``EPCOMM_TIMEOUT_S``, > 0.
+        shrink_timeout_s: ``EPCOMM_SHRINK_TIMEOUT_S``, > 0.
         check_values: ``EPCOMM_CHECK_VALUES``.
         log_level: ``EPCOMM_LOG_LEVEL``, a ``logging`` level name.
         local_world_size: ``LOCAL_WORLD_SIZE``, or ``None``.
@@ -80,6 +82,7 @@ class Settings:
 
     backend: BackendChoice = BackendChoice.AUTO
     timeout_s: float = 30.0
+    shrink_timeout_s: float = 3.0
     check_values: ValueCheck = ValueCheck.AUTO
     log_level: str = "WARNING"
     local_world_size: int | None = None
@@ -92,6 +95,8 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.timeout_s > 0:
             raise ValueError(f"EPCOMM_TIMEOUT_S must be > 0; got {self.timeout_s}")
+        if not self.shrink_timeout_s > 0:
+            raise ValueError(f"EPCOMM_SHRINK_TIMEOUT_S must be > 0; got {self.shrink_timeout_s}")
         if self.local_world_size is not None and self.local_world_size <= 0:
             raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {self.local_world_size}")
         for name, value in (
@@ -141,6 +146,7 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         backend=BackendChoice(_enum(environ, "EPCOMM_BACKEND", "auto", BackendChoice)),
         timeout_s=float(_number(environ, "EPCOMM_TIMEOUT_S", "30", float)),
+        shrink_timeout_s=float(_number(environ, "EPCOMM_SHRINK_TIMEOUT_S", "3", float)),
         check_values=ValueCheck(_enum(environ, "EPCOMM_CHECK_VALUES", "auto", ValueCheck)),
         log_level=environ.get("EPCOMM_LOG_LEVEL", "WARNING").strip().upper(),
         local_world_size=local_world_size,

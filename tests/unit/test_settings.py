@@ -15,6 +15,7 @@ def test_defaults_without_variables() -> None:
     settings = Settings()
     assert settings.backend is BackendChoice.AUTO
     assert settings.timeout_s == 30.0
+    assert settings.shrink_timeout_s == 3.0
     assert settings.check_values is ValueCheck.AUTO
     assert settings.local_world_size is None
     assert (settings.push_rows, settings.push_warps, settings.reduce_tokens, settings.reduce_warps) == (
@@ -30,6 +31,7 @@ def test_every_variable_is_read() -> None:
     environ = {
         "EPCOMM_BACKEND": " Reference ",
         "EPCOMM_TIMEOUT_S": "2.5",
+        "EPCOMM_SHRINK_TIMEOUT_S": "0.5",
         "EPCOMM_CHECK_VALUES": "1",
         "EPCOMM_LOG_LEVEL": "debug",
         "LOCAL_WORLD_SIZE": "4",
@@ -42,6 +44,7 @@ def test_every_variable_is_read() -> None:
     assert read_settings(environ) == Settings(
         backend=BackendChoice.REFERENCE,
         timeout_s=2.5,
+        shrink_timeout_s=0.5,
         check_values=ValueCheck.ALWAYS,
         log_level="DEBUG",
         local_world_size=4,
@@ -59,6 +62,9 @@ def test_every_variable_is_read() -> None:
         ("EPCOMM_BACKEND", "infiniband"),
         ("EPCOMM_TIMEOUT_S", "soon"),
         ("EPCOMM_TIMEOUT_S", "0"),
+        ("EPCOMM_SHRINK_TIMEOUT_S", "0"),
+        ("EPCOMM_SHRINK_TIMEOUT_S", "-1"),
+        ("EPCOMM_SHRINK_TIMEOUT_S", "later"),
         ("EPCOMM_CHECK_VALUES", "always"),
         ("LOCAL_WORLD_SIZE", "two"),
         ("LOCAL_WORLD_SIZE", "0"),
