@@ -1,10 +1,11 @@
-"""Exceptions epcomm raises beyond ``ValueError``/``TypeError`` for bad arguments."""
+"""Exceptions epcomm raises beyond ``ValueError``/``TypeError`` for bad arguments, and the warning
+of shrink mode."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["PeerLostError", "PeerTimeoutError"]
+__all__ = ["PeerLostError", "PeerMaskedWarning", "PeerTimeoutError"]
 
 
 class PeerTimeoutError(TimeoutError):
@@ -42,3 +43,35 @@ class PeerLostError(ConnectionError):
             f"{operation}: rank {rank} lost rank(s) {self.lost_peers}: the connection failed "
             f"({first_line[:200]}). Did that rank die?"
         )
+
+
+class PeerMaskedWarning(RuntimeWarning):
+    """Shrink mode (``Buffer(..., enable_shrink=True)``): a low-latency wait gave up on a peer and
+    masked it; the call went on without it.
+
+    One line naming the operation, this rank and the peer, e.g.
+    ``"epcomm: low_latency_dispatch on rank 0: peer 1 did not arrive within 3.0 s; masked (shrink mode)"``,
+    or, when the peer's connection failed, ``"... peer 1 lost its connection (...); masked (shrink mode)"``.
+
+    Attributes:
+        operation: ``low_latency_dispatch``, ``low_latency_combine`` or ``clean_low_latency_buffer``.
+        rank: this rank.
+        peer: the masked rank.
+        waited_s: how long the wait gave the peer.
+        cause: the transport's error when the connection failed, else ``None``.
+    """
+
+    def __init__(
+        self, operation: str, rank: int, peer: int, waited_s: float, cause: str | None = None
+    ) -> None:
+        self.operation = operation
+        self.rank = rank
+        self.peer = peer
+        self.waited_s = waited_s
+        self.cause = cause
+        if cause is None:
+            what = f"did not arrive within {waited_s:.1f} s"
+        else:
+            first_line = cause.strip().splitlines()[0] if cause.strip() else "no detail"
+            what = f"lost its connection ({first_line[:200]})"
+        super().__init__(f"epcomm: {operation} on rank {rank}: peer {peer} {what}; masked (shrink mode)")

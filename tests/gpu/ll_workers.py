@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import warnings
 from typing import Any
 
 import torch
@@ -293,4 +294,89 @@ def two_outstanding(pgi: ProcessGroupInfo) -> list[str]:
         failures.append(f"rank {pgi.rank}: dispatch_wait_recv_cost_stats not filled: {waited.tolist()}")
     nvlink.destroy()
     reference.destroy()
+    return failures
+
+
+def shrink_drops(
+    pgi: ProcessGroupInfo, drops: dict[int, str], rounds: int, shrink_timeout_s: float
+) -> list[str]:
+    """Shrink mode masking dead ranks by itself: rank ``r`` stops at its first ``drops[r]``
+    (``"dispatch"``, ``"combine"`` or ``"clean"``: it calls nothing more, then waits at the final
+    group barrier). Every other rank runs ``rounds`` x (dispatch, combine, clean) and after each
+    call checks that the mask holds exactly the ranks dropped so far, that a ``PeerMaskedWarning``
+    named the op, this rank and each newly dropped peer, and that its combined output is the
+    weighted sum over the experts of the ranks not masked."""
+    capacity, hidden, num_topk = 32, 512, 4
+    num_experts = 4 * pgi.world_size
+    num_local = num_experts // pgi.world_size
+    size = epcomm.Buffer.get_low_latency_rdma_size_hint(capacity, hidden, pgi.world_size, num_experts)
+    buffer = epcomm.Buffer(
+        pgi.group,
+        num_rdma_bytes=size,
+        low_latency_mode=True,
+        backend="nvlink",
+        enable_shrink=True,
+        settings=Settings(timeout_s=60.0, shrink_timeout_s=shrink_timeout_s),
+    )
+    order = ("dispatch", "combine", "clean")
+    failures: list[str] = []
+    dropped: set[int] = set()
+    status = torch.zeros(pgi.world_size, dtype=torch.int32, device=pgi.device)
+
+    warned: set[int] = set()
+
+    def check(op: str, round_index: int, caught: list[warnings.WarningMessage]) -> None:
+        if round_index == 0:
+            dropped.update(rank for rank, at in drops.items() if order.index(at) <= order.index(op))
+        torch.cuda.synchronize()
+        buffer.low_latency_query_mask_buffer(status)
+        masked = set(status.nonzero().view(-1).tolist())
+        if masked != dropped:
+            failures.append(
+                f"rank {pgi.rank} round {round_index} {op}: mask {sorted(masked)} != {sorted(dropped)}"
+            )
+        for warning in caught:
+            if isinstance(warning.message, epcomm.errors.PeerMaskedWarning):
+                peer, message = warning.message.peer, str(warning.message)
+                warned.add(peer)
+                if peer not in drops or f"rank {pgi.rank}" not in message or drops[peer] not in message:
+                    failures.append(f"rank {pgi.rank}: unexpected warning: {message}")
+
+    stopped = False
+    for round_index in range(rounds):
+        x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 20 + round_index)
+        for op in order:
+            if round_index == 0 and drops.get(pgi.rank) == op:
+                stopped = True
+                break
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if op == "dispatch":
+                    recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+                        x, topk_idx, capacity, num_experts, use_fp8=False
+                    )
+                elif op == "combine":
+                    scale = (1 + torch.arange(num_local, device=pgi.device) / 8).view(-1, 1, 1)
+                    expert_out = (recv_x.float() * scale).bfloat16()
+                    out, _, _ = buffer.low_latency_combine(expert_out, topk_idx, weights, handle)
+                else:
+                    buffer.clean_low_latency_buffer(capacity, hidden, num_experts)
+                check(op, round_index, caught)
+            if op == "combine":
+                masked = torch.tensor(sorted(dropped), dtype=torch.int64, device=pgi.device)
+                use = (topk_idx >= 0) & ~torch.isin(topk_idx.clamp(min=0) // num_local, masked)
+                factor = 1 + (topk_idx.clamp(min=0) % num_local) / 8
+                rows = (x.float().unsqueeze(1) * factor.unsqueeze(-1)).bfloat16().float()
+                want = (rows * torch.where(use, weights, 0.0).unsqueeze(-1)).sum(1)
+                error = (out.float() - want).abs().max().item()
+                bound = 1e-2 * max(want.abs().max().item(), 1e-6)
+                if error > bound:
+                    failures.append(
+                        f"rank {pgi.rank} round {round_index}: combine off by {error} (bound {bound})"
+                    )
+        if stopped:
+            break
+    if not stopped and warned != set(drops):
+        failures.append(f"rank {pgi.rank}: warned for {sorted(warned)}, dropped {sorted(drops)}")
+    torch.distributed.barrier(group=pgi.group)
     return failures

@@ -6,6 +6,7 @@ import pytest
 from ll_workers import (
     compare_low_latency,
     graph_replay,
+    shrink_drops,
     shrink_masked_rank,
     skip_low_latency,
     two_outstanding,
@@ -92,5 +93,19 @@ def test_two_outstanding_dispatches_and_wait_stats(placement: str) -> None:
     world_size = min(NUM_GPUS, 4) if placement == "nccl" else 4
     backend = backend_or_skip(max(world_size, 2), placement)
     results = parallel_launch(world_size, two_outstanding, backend=backend, timeout_s=300)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize(
+    ("world_size", "drops"),
+    [(2, {1: "dispatch"}), (4, {1: "dispatch"}), (8, {1: "dispatch", 3: "combine", 5: "clean"})],
+)
+def test_shrink_mode_masks_dead_ranks_by_itself(
+    world_size: int, drops: dict[int, str], placement: str
+) -> None:
+    backend = backend_or_skip(world_size, placement)
+    results = parallel_launch(world_size, shrink_drops, drops, 2, 2.0, backend=backend, timeout_s=300)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures)

@@ -234,7 +234,10 @@ class ResultBuffers:
 class LowLatencyEngine(Protocol):
     """What a backend's low-latency implementation offers (see ``LowLatencyDelegation``)."""
 
-    mask: torch.Tensor
+    @property
+    def mask(self) -> torch.Tensor:
+        """Shrink mode: ``[num_ranks]`` int32, 1 where a rank is masked (CPU or the device)."""
+        ...
 
     def dispatch(self, request: LowLatencyDispatchRequest) -> LowLatencyDispatchResult:
         """Low-latency dispatch."""

@@ -103,7 +103,7 @@ class NvlinkBackend(LowLatencyDelegation):
                 count_table=False,
                 shared_device=shared_device,
             )
-            self.low_latency = NvlinkLowLatency(low_latency_buffer)
+            self.low_latency = NvlinkLowLatency(low_latency_buffer, enable_shrink, settings.shrink_timeout_s)
 
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
         """See ``Buffer.get_dispatch_layout`` (``NvlinkNormal.get_dispatch_layout``)."""

@@ -9,6 +9,7 @@ live in device memory on both sides, so replays of a captured graph stay in step
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -23,8 +24,15 @@ from epcomm.backends.base import (
     LowLatencyDispatchResult,
     ResultBuffers,
 )
-from epcomm.backends.nvlink.symmetric_buffer import LowLatencyLayout, Operation, SymmetricBuffer
+from epcomm.backends.nvlink.symmetric_buffer import (
+    LowLatencyLayout,
+    Operation,
+    SymmetricBuffer,
+    operation_name,
+)
+from epcomm.errors import PeerMaskedWarning
 from epcomm.handles import LowLatencyHandle
+from epcomm.kernels.barrier import launch_masked_barrier
 from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
     DispatchOutputs,
@@ -33,6 +41,7 @@ from epcomm.kernels.low_latency_dispatch import (
     SignalState,
     launch_ll_dispatch,
 )
+from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["NvlinkLowLatency"]
 
@@ -44,17 +53,27 @@ _DISPATCH, _COMBINE = 0, 1
 class NvlinkLowLatency:
     """Low-latency dispatch/combine over NVLink with two alternating result buffers.
 
+    Shrink mode: the rank mask lives on the device. A wait that gives up on a peer (after
+    ``shrink_timeout_s``) masks it there and logs it in the host-mapped error word; the host warns
+    (``PeerMaskedWarning``) when it next looks: at the next call, ``clean``, or a query of the mask.
+
     Arguments:
         buffer: the symmetric buffer (``num_rdma_bytes`` of payload, validated against the size hint).
+        enable_shrink: a peer that misses a wait is masked instead of failing the call.
+        shrink_timeout_s: the wait's bound in shrink mode (``EPCOMM_SHRINK_TIMEOUT_S``).
     """
 
-    def __init__(self, buffer: SymmetricBuffer) -> None:
+    def __init__(
+        self, buffer: SymmetricBuffer, enable_shrink: bool = False, shrink_timeout_s: float = 3.0
+    ) -> None:
         self.buffer = buffer
         self.device = device = buffer.device
         self.rank = buffer.rank
         self.num_ranks = buffer.num_ranks
-        self.mask = torch.zeros(self.num_ranks, dtype=torch.int32, device="cpu")
+        self.enable_shrink = enable_shrink
+        self.shrink_timeout_s = shrink_timeout_s
         self._mask_device = torch.zeros(self.num_ranks, dtype=torch.int32, device=device)
+        self._warned: set[int] = set()
         # Per (phase, parity): sequence numbers per peer, and the send phases' arrival counter (0
         # between calls). Rows padded to a multiple of 4 words keep every row 16-byte aligned, so
         # both parities share one kernel specialization.
@@ -68,20 +87,62 @@ class NvlinkLowLatency:
         self._generation = buffer.generation
 
     # ---- state --------------------------------------------------------------------------------
+    @property
+    def mask(self) -> torch.Tensor:
+        """``[num_ranks]`` int32 on the device, 1 where a rank is masked (stream-ordered: a copy of
+        it on the current stream sees every earlier call's masking)."""
+        self._warn_masked()
+        return self._mask_device
+
     def set_mask(self, rank: int, masked: bool) -> None:
         """Shrink mode: skip ``rank`` (no send, no wait) while masked."""
-        self.mask[rank] = int(masked)
+        self._warn_masked()
         self._mask_device[rank] = int(masked)
+        if not masked:
+            self.buffer.forget_masked(rank)
+            self._warned.discard(rank)
 
     def clean(self) -> None:
-        """Forget the result buffers."""
+        """Forget the result buffers, then a barrier over the unmasked ranks (bounded; in shrink
+        mode a rank that misses it is masked). Synchronizes the stream, so a timeout raises (or
+        warns, in shrink mode) here."""
         self._buffers.clear()
+        launch_masked_barrier(
+            peers=self._wait_peers(),
+            rank_mask=self._mask_device,
+            epoch=self.buffer.next_epoch(),
+            operation_code=int(Operation.LOW_LATENCY_CLEAN),
+            shrink=self.enable_shrink,
+        )
+        torch.cuda.current_stream(self.device).synchronize()
+        self.buffer.check_error()
+        self._warn_masked()
+
+    def _wait_peers(self) -> SymmetricPeers:
+        """The peer record the kernels get: in shrink mode, waits bounded by the shrink timeout."""
+        peers = self.buffer.peers
+        if self.enable_shrink:
+            return peers._replace(timeout_ns=int(self.shrink_timeout_s * 1e9))
+        return peers
+
+    def _warn_masked(self) -> None:
+        """Warn once for each peer a kernel masked on its own (read without synchronizing)."""
+        if not self.enable_shrink:
+            return
+        for peer, code in self.buffer.masked_by_timeout().items():
+            if peer not in self._warned:
+                self._warned.add(peer)
+                warnings.warn(
+                    PeerMaskedWarning(operation_name(code), self.rank, peer, self.shrink_timeout_s),
+                    stacklevel=4,
+                )
 
     def _buffer(self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._buffers.get(parity, name, shape, dtype, self.device)
 
     def _prepare(self, layout: LowLatencyLayout) -> None:
         self.buffer.check_error()
+        self._warn_masked()
         self.buffer.ensure_payload(layout.total_words)
         if self.buffer.generation != self._generation:  # reallocated: flags start over
             self._generation = self.buffer.generation
@@ -176,11 +237,12 @@ class NvlinkLowLatency:
         )
         signals = self._signals(_DISPATCH, parity)
         words = self._words(layout, _DISPATCH, parity)
+        peers = self._wait_peers()
 
         def run(phase: Phase) -> None:
             launch_ll_dispatch(
                 phase=phase,
-                peers=self.buffer.peers,
+                peers=peers,
                 local=self.buffer.local,
                 x=x,
                 topk_idx=topk_idx,
@@ -196,6 +258,7 @@ class NvlinkLowLatency:
                 round_scale=request.round_scale,
                 use_ue8m0=request.use_ue8m0,
                 num_sms=self.num_sms,
+                shrink=self.enable_shrink,
             )
 
         return self._run(
@@ -220,11 +283,12 @@ class NvlinkLowLatency:
         topk_idx, topk_weights = request.topk_idx.contiguous(), request.topk_weights.contiguous()
         signals = self._signals(_COMBINE, parity)
         words = self._words(layout, _COMBINE, parity)
+        peers = self._wait_peers()
 
         def run(phase: Phase) -> None:
             launch_ll_combine(
                 phase=phase,
-                peers=self.buffer.peers,
+                peers=peers,
                 local=self.buffer.local,
                 x_words=x.view(torch.int32),
                 combine_gather_idx=handle.combine_gather_idx,
@@ -238,6 +302,7 @@ class NvlinkLowLatency:
                 wait_stats=request.combine_wait_recv_cost_stats,
                 num_local_experts=handle.num_experts // self.num_ranks,
                 num_sms=self.num_sms,
+                shrink=self.enable_shrink,
             )
 
         return self._run(LowLatencyCombineResult(out, None), run, request.return_recv_hook)
