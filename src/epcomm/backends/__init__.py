@@ -29,7 +29,8 @@ def create_backend(
     Arguments:
         choice: the requested transport.
         group: the process group.
-        settings: the ``Buffer``'s options (timeout of every wait for a peer, kernel knobs).
+        settings: the ``Buffer``'s options (timeout of every wait for a peer, shrink-mode timeout,
+            kernel knobs).
         num_ranks_per_node: ranks per node.
         enable_shrink: keep a rank mask (shrink mode).
         num_nvl_bytes: initial size of the NVLink symmetric buffer.
@@ -47,7 +48,13 @@ def create_backend(
             "use 'nvlink' within a node or 'reference'"
         )
     if choice is BackendChoice.REFERENCE:
-        return ReferenceBackend(group, settings.timeout_s, num_ranks_per_node, enable_shrink)
+        return ReferenceBackend(
+            group,
+            settings.timeout_s,
+            num_ranks_per_node,
+            enable_shrink,
+            shrink_timeout_s=settings.shrink_timeout_s,
+        )
     if torch.cuda.is_available():
         from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
 
@@ -93,4 +100,10 @@ def create_backend(
             )
     elif choice is BackendChoice.NVLINK:
         raise ValueError("backend 'nvlink' needs CUDA devices; none is available")
-    return ReferenceBackend(group, settings.timeout_s, num_ranks_per_node, enable_shrink)
+    return ReferenceBackend(
+        group,
+        settings.timeout_s,
+        num_ranks_per_node,
+        enable_shrink,
+        shrink_timeout_s=settings.shrink_timeout_s,
+    )

@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol, TypeVar
 import torch
 
 from epcomm.config import Config
+from epcomm.errors import PeerMaskedWarning
 from epcomm.handles import DispatchHandle, LowLatencyHandle
 from epcomm.layout import DispatchLayout
 
@@ -181,7 +182,14 @@ class Backend(Protocol):
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Reset low-latency state after normal-mode use of the same memory."""
+        """Reset low-latency state after normal-mode use of the same memory, then a barrier among
+        the unmasked ranks bounded like every wait (DeepEP's clean ends in one).
+
+        A peer missing at the barrier raises ``PeerTimeoutError`` naming
+        ``clean_low_latency_buffer`` and the peer; in shrink mode it is masked instead, after the
+        shrink timeout (``Settings.shrink_timeout_s``), and reported (``take_masked_peers``, or a
+        ``PeerMaskedWarning`` emitted when the wait expires by a backend that waits on the host).
+        """
         ...
 
     def set_rank_mask(self, rank: int, masked: bool) -> None:
@@ -189,7 +197,20 @@ class Backend(Protocol):
         ...
 
     def rank_mask(self) -> torch.Tensor:
-        """Shrink mode: ``[num_ranks]`` int32, 1 where a rank is masked."""
+        """Shrink mode: ``[num_ranks]`` int32, 1 where a rank is masked: by ``set_rank_mask`` or by
+        the backend itself when a wait for the rank timed out."""
+        ...
+
+    def take_masked_peers(self) -> list[PeerMaskedWarning]:
+        """Shrink mode: the peers this backend masked by itself (a wait for them timed out) that
+        it has not reported yet, one warning each, each returned once.
+
+        ``Buffer`` calls it after every low-latency call (after the receive hook when there is
+        one), after ``clean_low_latency_buffer`` and in ``low_latency_query_mask_buffer``, and
+        emits each warning (``warnings.warn``). A backend whose waits run on the device (masks set
+        by a kernel) reports them here; one that waits on the host warns when the wait expires and
+        returns ``[]``.
+        """
         ...
 
     def destroy(self) -> None:
@@ -288,7 +309,11 @@ class LowLatencyDelegation:
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Drop the low-latency result buffers (flags need no cleaning: they carry sequence numbers)."""
+        """Drop the low-latency result buffers (flags need no cleaning: they carry sequence numbers).
+
+        ``Backend.clean_low_latency_buffer`` also asks for a barrier among the unmasked ranks; a
+        backend adds it by overriding this method (the reference backend does).
+        """
         engine = self._low_latency_engine()
         if engine is not None:
             engine.clean()
@@ -300,3 +325,7 @@ class LowLatencyDelegation:
     def rank_mask(self) -> torch.Tensor:
         """``[num_ranks]`` int32, 1 where a rank is masked."""
         return self._engine().mask
+
+    def take_masked_peers(self) -> list[PeerMaskedWarning]:
+        """See ``Backend.take_masked_peers``: none here (a backend that masks on the device overrides it)."""
+        return []

@@ -49,17 +49,27 @@ class ReferenceBackend(LowLatencyDelegation):
         group: the process group (gloo or NCCL).
         timeout_s: bound of every wait for a peer.
         num_ranks_per_node: ranks per node, for the per-node layout counts.
-        enable_shrink: keep a rank mask for shrink mode.
+        enable_shrink: shrink mode: a low-latency wait masks a peer that does not arrive within
+            ``shrink_timeout_s`` instead of raising (on gloo groups; see ``ReferenceLowLatency``).
+        shrink_timeout_s: that bound, in seconds.
     """
 
     name = "reference"
 
-    def __init__(self, group: Any, timeout_s: float, num_ranks_per_node: int, enable_shrink: bool) -> None:
+    def __init__(
+        self,
+        group: Any,
+        timeout_s: float,
+        num_ranks_per_node: int,
+        enable_shrink: bool,
+        *,
+        shrink_timeout_s: float,
+    ) -> None:
         self.peers = PeerGroup(group, timeout_s)
         self.rank = self.peers.rank
         self.num_ranks = self.peers.num_ranks
         self.num_ranks_per_node = num_ranks_per_node
-        self.low_latency = ReferenceLowLatency(self.peers)
+        self.low_latency = ReferenceLowLatency(self.peers, shrink_timeout_s if enable_shrink else None)
         self.enable_shrink = enable_shrink
 
     # ---- layout -------------------------------------------------------------------------------
@@ -218,6 +228,14 @@ class ReferenceBackend(LowLatencyDelegation):
     # ---- low-latency mode: LowLatencyDelegation forwards to ReferenceLowLatency -----------------
     def _low_latency_engine(self) -> ReferenceLowLatency:
         return self.low_latency
+
+    def clean_low_latency_buffer(
+        self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
+    ) -> None:
+        """Drop the low-latency result buffers, then a bounded barrier among the unmasked ranks
+        (in shrink mode a peer missing there is masked; otherwise ``PeerTimeoutError``)."""
+        self.low_latency.clean()
+        self.low_latency.barrier()
 
     def destroy(self) -> None:
         """Release the result buffers."""

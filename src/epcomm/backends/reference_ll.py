@@ -5,9 +5,18 @@ peer; each receiver packs the tokens of its local experts into the expert-major 
 shape-static tensor ops (so the path never reads a count on the host). Combine sends, for each
 (token, top-k slot) of a source rank, the expert output that lives here (zeros elsewhere); the
 token's rank applies the weights in top-k order in float32.
+
+Shrink mode (on gloo groups): every wait gives each peer ``shrink_timeout_s`` to arrive; a peer
+that does not (or whose connection fails) is masked at that moment with a ``PeerMaskedWarning``,
+and the call finishes without it: a dispatch treats it as a source that sent nothing, a combine
+treats the top-k slots whose expert lives on it as ``-1``. ``epcomm.backends.p2p`` explains how a
+wait on gloo can give up on a peer and what that leaves behind.
 """
 
 from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
 
 import torch
 
@@ -20,19 +29,28 @@ from epcomm.backends.base import (
     ResultBuffers,
     finish_receive,
 )
-from epcomm.backends.p2p import PeerGroup
+from epcomm.backends.p2p import PeerGroup, PendingExchange, TolerantExchange
 from epcomm.backends.rows import RowLayout
+from epcomm.errors import PeerMaskedWarning
 from epcomm.handles import LowLatencyHandle
 
 __all__ = ["ReferenceLowLatency"]
 
 
 class ReferenceLowLatency:
-    """Low-latency dispatch/combine for ``ReferenceBackend``, with two alternating result buffers."""
+    """Low-latency dispatch/combine for ``ReferenceBackend``, with two alternating result buffers.
 
-    def __init__(self, peers: PeerGroup) -> None:
+    Arguments:
+        peers: the group.
+        shrink_timeout_s: shrink mode's bound on each peer's arrival, after which the peer is
+            masked; ``None`` (shrink mode off) or an NCCL group: a missing peer raises
+            ``PeerTimeoutError`` after ``peers.timeout_s``.
+    """
+
+    def __init__(self, peers: PeerGroup, shrink_timeout_s: float | None = None) -> None:
         self.peers = peers
         self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32, device="cpu")
+        self.shrink_timeout_s = shrink_timeout_s if peers.supports_tolerant_waits else None
         self._parity = 0
         self._buffers = ResultBuffers()
 
@@ -46,6 +64,45 @@ class ReferenceLowLatency:
 
     def _active_peers(self) -> list[int]:
         return [r for r in range(self.peers.num_ranks) if r != self.peers.rank and int(self.mask[r]) == 0]
+
+    def _post(
+        self, operation: str, sends: Mapping[int, torch.Tensor], recvs: Mapping[int, torch.Tensor]
+    ) -> PendingExchange | TolerantExchange:
+        if self.shrink_timeout_s is None:
+            return self.peers.post(operation, sends, recvs)
+        return self.peers.post_tolerant(operation, sends, recvs)
+
+    def _finish(self, operation: str, pending: PendingExchange | TolerantExchange) -> set[int]:
+        """Complete ``pending``. In shrink mode, mask each peer the wait gave up on (warning once
+        per newly masked peer, now) and return them: their receives were not filled."""
+        if isinstance(pending, PendingExchange):
+            pending.wait()
+            return set()
+        assert self.shrink_timeout_s is not None
+        masked = [r for r in range(self.peers.num_ranks) if int(self.mask[r]) != 0]
+        dropped = pending.wait(self.shrink_timeout_s, give_up=masked)
+        for peer, waited_s, cause in dropped:
+            if int(self.mask[peer]) == 0:
+                self.mask[peer] = 1
+                waited_s = self.shrink_timeout_s if cause is None else waited_s
+                warnings.warn(
+                    PeerMaskedWarning(operation, self.peers.rank, peer, waited_s, cause), stacklevel=2
+                )
+        return {d.peer for d in dropped}
+
+    def barrier(self) -> None:
+        """``clean_low_latency_buffer``'s barrier: a 1-byte message to and from every unmasked peer.
+
+        Raises:
+            PeerTimeoutError: without shrink mode, naming the peers that did not arrive.
+        """
+        active = self._active_peers()
+        token = torch.ones(1, dtype=torch.uint8)
+        recvs = {peer: torch.zeros(1, dtype=torch.uint8) for peer in active}
+        self._finish(
+            "clean_low_latency_buffer",
+            self._post("clean_low_latency_buffer", dict.fromkeys(active, token), recvs),
+        )
 
     def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The zero-copy combine buffer of ``handle``'s parity, ``[L, R * M, hidden]`` bf16."""
@@ -79,7 +136,7 @@ class ReferenceLowLatency:
         packed = layout.pack([padded_x, padded_topk])
         active = self._active_peers()
         recvs = {src: torch.empty_like(packed) for src in active}
-        pending = self.peers.post("low_latency_dispatch", dict.fromkeys(active, packed), recvs)
+        pending = self._post("low_latency_dispatch", dict.fromkeys(active, packed), recvs)
 
         shape = (num_local_experts, num_rows, hidden)
         if request.use_fp8:
@@ -112,14 +169,14 @@ class ReferenceLowLatency:
         )
 
         def complete() -> None:
-            pending.wait()
+            dropped = self._finish("low_latency_dispatch", pending)
             blocks = []
             for src in range(num_ranks):
                 if src == rank:
                     blocks.append(packed)
-                elif src in recvs:
+                elif src in recvs and src not in dropped:
                     blocks.append(recvs[src])
-                else:  # masked source: nothing arrives from it
+                else:  # masked source (before or during this call): nothing arrives from it
                     blocks.append(layout.pack([torch.zeros_like(padded_x), torch.full_like(padded_topk, -1)]))
             all_x, all_topk = layout.unpack(torch.cat(blocks))
             all_topk = all_topk.view(num_ranks, capacity, num_topk)
@@ -183,21 +240,26 @@ class ReferenceLowLatency:
         byte_rows = expert_rows.view(torch.uint8).view(num_ranks, capacity, -1)
         active = self._active_peers()
         recvs = {src: torch.empty_like(byte_rows[rank]) for src in active}
-        pending = self.peers.post("low_latency_combine", {dst: byte_rows[dst] for dst in active}, recvs)
+        pending = self._post("low_latency_combine", {dst: byte_rows[dst] for dst in active}, recvs)
         out = request.out
         if out is None:
             out = torch.empty(num_tokens, hidden, dtype=torch.bfloat16, device=x.device)
-        weights = torch.where(
-            request.topk_idx >= 0, request.topk_weights, torch.zeros_like(request.topk_weights)
-        )
 
         def complete() -> None:
-            pending.wait()
+            dropped = self._finish("low_latency_combine", pending)
+            arrived = [src for src in active if src not in dropped]
             # Exactly one rank sends a non-zero row for each (token, slot); adding the zeros of the
             # others is exact, so the sum below equals that row.
             values = expert_rows[rank].clone()
-            for src in active:
+            for src in arrived:
                 values += recvs[src].view(torch.bfloat16).view(capacity, num_topk, hidden)
+            # A slot whose expert lives on a rank that sent nothing (masked) counts as -1.
+            is_slot = request.topk_idx >= 0
+            silent = [r for r in range(num_ranks) if r != rank and r not in arrived]
+            if silent:
+                expert_rank = request.topk_idx.div(handle.num_experts // num_ranks, rounding_mode="floor")
+                is_slot &= ~torch.isin(expert_rank, torch.tensor(silent, dtype=torch.int64, device=x.device))
+            weights = torch.where(is_slot, request.topk_weights, torch.zeros_like(request.topk_weights))
             accumulator = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=x.device)
             for slot in range(num_topk):
                 accumulator += weights[:, slot : slot + 1] * values[:num_tokens, slot].float()
