@@ -7,6 +7,7 @@ and delegate to the backend, launching no kernel themselves.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,12 @@ import torch
 
 from epcomm import validation
 from epcomm._logging import log_once
-from epcomm.backends.base import Backend, LowLatencyCombineRequest, LowLatencyDispatchRequest
+from epcomm.backends.base import (
+    Backend,
+    LowLatencyCombineRequest,
+    LowLatencyDispatchRequest,
+    RecvHook,
+)
 from epcomm.backends.nvlink.symmetric_buffer import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
 from epcomm.env import Settings
 from epcomm.event import EventOverlap, comm_stream_scope
@@ -162,7 +168,7 @@ class LowLatencyMethods:
         with comm_stream_scope(stream, None, [data, idx]) as scope:
             result = backend.low_latency_dispatch(request)
             event = scope.finish((result.recv_x, result.recv_count), async_finish, False)
-        return result.recv_x, result.recv_count, result.handle, event, result.hook or _noop_hook
+        return result.recv_x, result.recv_count, result.handle, event, self._reported(result.hook)
 
     def _check_wait_stats(self, name: str, stats: torch.Tensor | None) -> None:
         if stats is None:
@@ -244,7 +250,7 @@ class LowLatencyMethods:
         with comm_stream_scope(stream, None, [data, idx, weights]) as scope:
             result = backend.low_latency_combine(request)
             event = scope.finish((result.combined_x,), async_finish, False)
-        return result.combined_x, event, result.hook or _noop_hook
+        return result.combined_x, event, self._reported(result.hook)
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle | tuple[Any, ...]) -> torch.Tensor:
         """The buffer zero-copy combine reads: ``[num_local_experts, num_ranks * M, hidden]`` bf16."""
@@ -254,11 +260,23 @@ class LowLatencyMethods:
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Reset the low-latency state; required between normal-mode and low-latency use."""
+        """Reset the low-latency state; required between normal-mode and low-latency use.
+
+        Collective: it ends in a barrier among the unmasked ranks, bounded like every wait. A peer
+        missing there raises ``PeerTimeoutError`` naming ``clean_low_latency_buffer`` and the peer;
+        with ``enable_shrink=True`` the peer is masked instead after ``EPCOMM_SHRINK_TIMEOUT_S``
+        (with a ``PeerMaskedWarning``) and the call returns.
+
+        Arguments:
+            num_max_dispatch_tokens_per_rank: the low-latency capacity per rank (>= 1).
+            hidden: the hidden size (>= 1).
+            num_experts: total experts, a multiple of the group size.
+        """
         check_int("num_max_dispatch_tokens_per_rank", num_max_dispatch_tokens_per_rank, 1)
         check_int("hidden", hidden, 1)
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
+        self._report_masked_peers()
 
     # ---- shrink mode --------------------------------------------------------------------------
     def _check_shrink(self) -> None:
@@ -267,8 +285,39 @@ class LowLatencyMethods:
                 "shrink-mode calls need Buffer(..., enable_shrink=True); got enable_shrink=False"
             )
 
+    def _report_masked_peers(self) -> None:
+        """Warn (``PeerMaskedWarning``) for each peer the backend masked by itself and has not
+        reported yet (backends that wait on the host warn when the wait expires instead)."""
+        if self.enable_shrink:
+            for warning in self.backend.take_masked_peers():
+                warnings.warn(warning, stacklevel=3)
+
+    def _reported(self, hook: RecvHook | None) -> Callable[[], None]:
+        """The hook handed to the caller: ``hook`` (or a no-op), then, in shrink mode, the report."""
+        if not self.enable_shrink:
+            return hook or _noop_hook
+        if hook is None:
+            self._report_masked_peers()
+            return _noop_hook
+
+        def receive_then_report() -> None:
+            hook()
+            self._report_masked_peers()
+
+        return receive_then_report
+
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
-        """Mask (``mask=True``) or unmask ``rank_to_mask``: masked ranks are neither sent to nor waited for."""
+        """Mask (``mask=True``) or unmask ``rank_to_mask`` on this rank: masked ranks are neither
+        sent to nor waited for by this rank's later low-latency calls (dispatch, combine, clean).
+
+        Every rank that goes on should mask the same ranks. Unmasking a rank masked after a
+        timeout only helps if that rank is back in step; on the reference backend a rank masked
+        after a timeout cannot be reached again over the same group (README, shrink mode).
+
+        Arguments:
+            rank_to_mask: a rank of the group, ``0 <= rank_to_mask < num_ranks``.
+            mask: ``True`` to mask, ``False`` to unmask.
+        """
         self._check_shrink()
         check_int("rank_to_mask", rank_to_mask, 0)
         if rank_to_mask >= self.group_size:
@@ -276,15 +325,22 @@ class LowLatencyMethods:
         self.backend.set_rank_mask(rank_to_mask, bool(mask))
 
     def low_latency_query_mask_buffer(self, mask_status: torch.Tensor) -> None:
-        """Copy the mask (``[num_ranks]``, 1 = masked) into ``mask_status`` (int32)."""
+        """Copy this rank's mask into ``mask_status``: 1 for every rank masked by
+        ``low_latency_update_mask_buffer`` or automatically (a wait for it timed out in shrink
+        mode), 0 for the others.
+
+        Arguments:
+            mask_status: ``[num_ranks]`` int32, overwritten.
+        """
         self._check_shrink()
         check_tensor("mask_status", mask_status)
         check_dtype("mask_status", mask_status, torch.int32)
         check_shape("mask_status", mask_status, [self.group_size])
+        self._report_masked_peers()
         mask_status.copy_(self.backend.rank_mask())
 
     def low_latency_clean_mask_buffer(self) -> None:
-        """Unmask every rank."""
+        """Unmask every rank on this rank (the masks made by hand and those made after timeouts)."""
         self._check_shrink()
         for rank in range(self.group_size):
             self.backend.set_rank_mask(rank, False)
