@@ -19,11 +19,13 @@ Shrink mode needs a wait that can give up on a peer and leave the group usable; 
   interpreter shuts down (the peer exits at about the same time) the process aborts.
 * A lost connection (the peer's process died) fails only that peer's messages; the others go on.
 
-So ``PeerGroup.post_tolerant`` never waits on a message it is not sure of: each message carries a
-trailing arrival byte, gloo's TCP transport writes a message into the receive tensor as it comes
-in (before anyone waits; the shrink tests of tests/dist_cpu fail if it stops doing so), and only a receive whose arrival byte is set is waited on. A peer whose
-byte is not set by the deadline is dropped: its posted messages and their buffers are kept for the
-life of the process (``_ABANDONED``), and this rank moves to a new tag for that peer on that group
+So ``PeerGroup.post_tolerant`` never waits on a message it is not sure of: each message starts
+with an arrival byte, gloo's TCP transport writes a message into the receive tensor as it comes
+in, first byte first, before anyone waits (the shrink tests of tests/dist_cpu fail if it stops
+doing so), and only a receive whose arrival byte is set is waited on (bounded by ``timeout_s``:
+the peer is there, the rest of its message is on the way). A peer whose byte is not set by the
+deadline is dropped: its posted messages and their buffers are kept for the life of the process
+(``_ABANDONED``), and this rank moves to a new tag for that peer on that group
 (``_CHANNEL_TAGS``), so that no later message from it can be matched to an abandoned receive or
 deliver an abandoned send. NCCL transfers cannot be abandoned at all (a receive that never
 completes blocks the stream), so ``supports_tolerant_waits`` is false there.
@@ -118,9 +120,9 @@ class DroppedPeer(NamedTuple):
 
 
 def _with_arrival_byte(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``'s bytes on the host, then one byte ``1``: uint8 ``[nbytes + 1]``."""
+    """One byte ``1``, then ``tensor``'s bytes, on the host: uint8 ``[1 + nbytes]``."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-    return torch.cat([data, torch.ones(1, dtype=torch.uint8)])
+    return torch.cat([torch.ones(1, dtype=torch.uint8), data])
 
 
 @dataclass
@@ -132,7 +134,7 @@ class TolerantExchange:
         group: the peers.
         operation: name used in errors and warnings.
         peer_works: peer -> its posted send and receive.
-        recvs: peer -> (the caller's tensor, the uint8 ``[nbytes + 1]`` host tensor gloo fills).
+        recvs: peer -> (the caller's tensor, the uint8 ``[1 + nbytes]`` host tensor gloo fills).
         lost: peer -> the transport's error, for the peers whose messages could not be posted.
         keep_alive: the sent host tensors.
     """
@@ -147,7 +149,7 @@ class TolerantExchange:
     dropped: list[DroppedPeer] | None = None
 
     def _arrived(self, peer: int) -> bool:
-        return int(self.recvs[peer][1][-1]) != 0
+        return int(self.recvs[peer][1][0]) != 0
 
     def _complete(self, peer: int) -> str | None:
         """Wait for ``peer``'s send and receive (its message is in); its connection's error, if any.
@@ -209,7 +211,7 @@ class TolerantExchange:
             self.group.abandon(self, gone)
         for peer, (target, incoming) in self.recvs.items():
             if peer not in gone:
-                target.view(-1).view(torch.uint8).copy_(incoming[:-1])
+                target.view(-1).view(torch.uint8).copy_(incoming[1:])
         self.dropped = sorted(dropped)
         return self.dropped
 
@@ -332,7 +334,7 @@ class PeerGroup:
                 raise ValueError(f"{operation}: the receive tensor of peer {peer} must be contiguous")
             if id(sends[peer]) not in outgoing:
                 outgoing[id(sends[peer])] = _with_arrival_byte(sends[peer])
-            host = torch.zeros(target.numel() * target.element_size() + 1, dtype=torch.uint8)
+            host = torch.zeros(1 + target.numel() * target.element_size(), dtype=torch.uint8)
             incoming[peer] = (target, host)
             works: list[Any] = []
             try:
