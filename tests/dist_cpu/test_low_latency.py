@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
+
+from epcomm.testing import parallel_launch
 
 from .cases import SCENARIOS, WORLD_SIZES, RunOnRanks, make_case
 from .workers_low_latency import (
@@ -11,6 +16,15 @@ from .workers_low_latency import (
     dispatch_combine_worker,
     shrink_worker,
     two_outstanding_worker,
+)
+from .workers_shrink import (
+    NO_SHRINK_TIMEOUT_S,
+    OPERATIONS,
+    SHRINK_TIMEOUT_S,
+    killed_peer_worker,
+    no_shrink_timeout_worker,
+    shrink_drop_worker,
+    unmask_after_timeout_worker,
 )
 
 # Capacity above the token count: num_tokens < num_max_dispatch_tokens_per_rank.
@@ -62,3 +76,78 @@ def test_two_outstanding_dispatches(run_on_ranks: RunOnRanks, world_size: int) -
 def test_shrink_masked_rank(run_on_ranks: RunOnRanks, world_size: int, masked_rank: int) -> None:
     case = make_case("ll_shrink", world_size, "balanced", drop_prob=0.1)
     run_on_ranks(world_size, shrink_worker, case, case.num_tokens + SPARE_CAPACITY, masked_rank)
+
+
+# (world size, rank -> the call at which it stops): 8 ranks lose one rank at each call of the first
+# round; 2 and 4 ranks lose rank 1 at its first dispatch.
+SHRINK_DROPS = [
+    (8, {1: "low_latency_dispatch", 3: "low_latency_combine", 5: "clean_low_latency_buffer"}),
+    (2, {1: "low_latency_dispatch"}),
+    (4, {1: "low_latency_dispatch"}),
+]
+
+
+@pytest.mark.parametrize(("world_size", "stops"), SHRINK_DROPS, ids=["8_ranks", "2_ranks", "4_ranks"])
+def test_shrink_masks_a_rank_that_stops(
+    run_on_ranks: RunOnRanks, tmp_path: Path, world_size: int, stops: dict[int, str]
+) -> None:
+    """Shrink mode: ranks stop calling (alive) at a dispatch, a combine or a clean; every other
+    rank finishes each call, masks them (query and warning) and gets the naive results with
+    their experts masked, over two rounds (the worker checks; see ``shrink_drop_worker``)."""
+    case = make_case("ll_shrink_drop", world_size, "masked_slots")
+    records = run_on_ranks(
+        world_size, shrink_drop_worker, case, case.num_tokens + SPARE_CAPACITY, stops, 2, str(tmp_path)
+    )
+    for rank, rank_records in enumerate(records):
+        calls = 0 if rank in stops else 2 * len(OPERATIONS)
+        assert len(rank_records) == calls, f"rank {rank} recorded {len(rank_records)} calls, expected {calls}"
+
+
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_no_shrink_timeout_names_operation_and_peer(
+    run_on_ranks: RunOnRanks, tmp_path: Path, operation: str
+) -> None:
+    """Without shrink mode the same stop is a ``PeerTimeoutError`` naming the call, rank 0 and
+    peer 1, after ``EPCOMM_TIMEOUT_S``."""
+    case = make_case("ll_no_shrink_timeout", 2, "balanced")
+    outcome = run_on_ranks(2, no_shrink_timeout_worker, case, case.num_tokens, operation, str(tmp_path))[0]
+    assert outcome["operation"] == operation, outcome
+    assert outcome["rank"] == 0, outcome
+    assert outcome["missing_peers"] == [1], outcome
+    message = outcome["message"]
+    for part in (operation, "rank 0", "[1]"):
+        assert part in message, message
+    assert NO_SHRINK_TIMEOUT_S - 0.2 <= outcome["elapsed_s"] <= NO_SHRINK_TIMEOUT_S + 5.0, outcome
+
+
+def test_shrink_masks_a_killed_rank(tmp_path: Path) -> None:
+    """Shrink mode with a peer whose process died (connection reset, not a silent peer): the
+    survivor masks it with a warning instead of raising ``PeerLostError``, and its results are
+    the naive ones with that rank masked, in this call and the next."""
+    case = make_case("ll_shrink_killed", 2, "masked_slots")
+    result_file = tmp_path / "rank0.json"
+    with pytest.raises(RuntimeError, match="rank 1"):  # the launch reports the killed rank
+        parallel_launch(
+            2, killed_peer_worker, case, case.num_tokens, str(result_file), backend="gloo", timeout_s=120
+        )
+    outcome = json.loads(result_file.read_text())
+    assert outcome["error"] is None, outcome["error"]
+    first, *later = outcome["records"]
+    assert first["mask"] == [0, 1], first
+    assert [w[:3] for w in first["warnings"]] == [["low_latency_dispatch", 0, 1]], first["warnings"]
+    message = first["warnings"][0][3]
+    assert message.startswith("epcomm: low_latency_dispatch on rank 0: peer 1 "), message
+    assert first["elapsed_s"] <= SHRINK_TIMEOUT_S + 5.0, first
+    for record in later:
+        assert record["mask"] == [0, 1], record
+        assert record["warnings"] == [], record
+        assert record["elapsed_s"] < SHRINK_TIMEOUT_S, record
+
+
+def test_shrink_unmasked_late_rank_gets_no_stale_message(run_on_ranks: RunOnRanks, tmp_path: Path) -> None:
+    """A rank masked after a timeout and unmasked by hand while it is still one call behind: its
+    late message (meant for the earlier call) must not be taken for the next one; it is masked
+    again and the results are those without it (the worker checks)."""
+    case = make_case("ll_shrink_unmask", 2, "masked_slots")
+    records = run_on_ranks(2, unmask_after_timeout_worker, case, case.num_tokens, str(tmp_path))
+    assert len(records[0]) == 2, records[0]
