@@ -7,7 +7,6 @@ and delegate to the backend, launching no kernel themselves.
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -15,12 +14,7 @@ import torch
 
 from epcomm import validation
 from epcomm._logging import log_once
-from epcomm.backends.base import (
-    Backend,
-    LowLatencyCombineRequest,
-    LowLatencyDispatchRequest,
-    RecvHook,
-)
+from epcomm.backends.base import Backend, LowLatencyCombineRequest, LowLatencyDispatchRequest
 from epcomm.backends.nvlink.symmetric_buffer import MAX_LOW_LATENCY_TOPK, low_latency_rdma_size_hint
 from epcomm.env import Settings
 from epcomm.event import EventOverlap, comm_stream_scope
@@ -168,7 +162,7 @@ class LowLatencyMethods:
         with comm_stream_scope(stream, None, [data, idx]) as scope:
             result = backend.low_latency_dispatch(request)
             event = scope.finish((result.recv_x, result.recv_count), async_finish, False)
-        return result.recv_x, result.recv_count, result.handle, event, self._reported(result.hook)
+        return result.recv_x, result.recv_count, result.handle, event, result.hook or _noop_hook
 
     def _check_wait_stats(self, name: str, stats: torch.Tensor | None) -> None:
         if stats is None:
@@ -250,7 +244,7 @@ class LowLatencyMethods:
         with comm_stream_scope(stream, None, [data, idx, weights]) as scope:
             result = backend.low_latency_combine(request)
             event = scope.finish((result.combined_x,), async_finish, False)
-        return result.combined_x, event, self._reported(result.hook)
+        return result.combined_x, event, result.hook or _noop_hook
 
     def get_next_low_latency_combine_buffer(self, handle: LowLatencyHandle | tuple[Any, ...]) -> torch.Tensor:
         """The buffer zero-copy combine reads: ``[num_local_experts, num_ranks * M, hidden]`` bf16."""
@@ -276,7 +270,6 @@ class LowLatencyMethods:
         check_int("hidden", hidden, 1)
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         self.backend.clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
-        self._report_masked_peers()
 
     # ---- shrink mode --------------------------------------------------------------------------
     def _check_shrink(self) -> None:
@@ -284,27 +277,6 @@ class LowLatencyMethods:
             raise ValueError(
                 "shrink-mode calls need Buffer(..., enable_shrink=True); got enable_shrink=False"
             )
-
-    def _report_masked_peers(self) -> None:
-        """Warn (``PeerMaskedWarning``) for each peer the backend masked by itself and has not
-        reported yet (backends that wait on the host warn when the wait expires instead)."""
-        if self.enable_shrink:
-            for warning in self.backend.take_masked_peers():
-                warnings.warn(warning, stacklevel=3)
-
-    def _reported(self, hook: RecvHook | None) -> Callable[[], None]:
-        """The hook handed to the caller: ``hook`` (or a no-op), then, in shrink mode, the report."""
-        if not self.enable_shrink:
-            return hook or _noop_hook
-        if hook is None:
-            self._report_masked_peers()
-            return _noop_hook
-
-        def receive_then_report() -> None:
-            hook()
-            self._report_masked_peers()
-
-        return receive_then_report
 
     def low_latency_update_mask_buffer(self, rank_to_mask: int, mask: bool = False) -> None:
         """Mask (``mask=True``) or unmask ``rank_to_mask`` on this rank: masked ranks are neither
@@ -336,7 +308,6 @@ class LowLatencyMethods:
         check_tensor("mask_status", mask_status)
         check_dtype("mask_status", mask_status, torch.int32)
         check_shape("mask_status", mask_status, [self.group_size])
-        self._report_masked_peers()
         mask_status.copy_(self.backend.rank_mask())
 
     def low_latency_clean_mask_buffer(self) -> None:

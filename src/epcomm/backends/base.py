@@ -13,7 +13,6 @@ from typing import NamedTuple, Protocol, TypeVar
 import torch
 
 from epcomm.config import Config
-from epcomm.errors import PeerMaskedWarning
 from epcomm.handles import DispatchHandle, LowLatencyHandle
 from epcomm.layout import DispatchLayout
 
@@ -187,8 +186,9 @@ class Backend(Protocol):
 
         A peer missing at the barrier raises ``PeerTimeoutError`` naming
         ``clean_low_latency_buffer`` and the peer; in shrink mode it is masked instead, after the
-        shrink timeout (``Settings.shrink_timeout_s``), and reported (``take_masked_peers``, or a
-        ``PeerMaskedWarning`` emitted when the wait expires by a backend that waits on the host).
+        shrink timeout (``Settings.shrink_timeout_s``), with a ``PeerMaskedWarning`` (as for every
+        mask a backend makes by itself: the backend warns, once per masking, when the wait expires
+        or, if it waits on the device, when the host next looks).
         """
         ...
 
@@ -199,18 +199,6 @@ class Backend(Protocol):
     def rank_mask(self) -> torch.Tensor:
         """Shrink mode: ``[num_ranks]`` int32, 1 where a rank is masked: by ``set_rank_mask`` or by
         the backend itself when a wait for the rank timed out."""
-        ...
-
-    def take_masked_peers(self) -> list[PeerMaskedWarning]:
-        """Shrink mode: the peers this backend masked by itself (a wait for them timed out) that
-        it has not reported yet, one warning each, each returned once.
-
-        ``Buffer`` calls it after every low-latency call (after the receive hook when there is
-        one), after ``clean_low_latency_buffer`` and in ``low_latency_query_mask_buffer``, and
-        emits each warning (``warnings.warn``). A backend whose waits run on the device (masks set
-        by a kernel) reports them here; one that waits on the host warns when the wait expires and
-        returns ``[]``.
-        """
         ...
 
     def destroy(self) -> None:
@@ -311,8 +299,9 @@ class LowLatencyDelegation:
     ) -> None:
         """Drop the low-latency result buffers (flags need no cleaning: they carry sequence numbers).
 
-        ``Backend.clean_low_latency_buffer`` also asks for a barrier among the unmasked ranks; a
-        backend adds it by overriding this method (the reference backend does).
+        ``Backend.clean_low_latency_buffer`` also asks for a barrier among the unmasked ranks: the
+        engine's ``clean`` runs it (NVLink), or the backend overrides this method (reference, whose
+        ``destroy`` also calls ``clean``).
         """
         engine = self._low_latency_engine()
         if engine is not None:
@@ -325,7 +314,3 @@ class LowLatencyDelegation:
     def rank_mask(self) -> torch.Tensor:
         """``[num_ranks]`` int32, 1 where a rank is masked."""
         return self._engine().mask
-
-    def take_masked_peers(self) -> list[PeerMaskedWarning]:
-        """See ``Backend.take_masked_peers``: none here (a backend that masks on the device overrides it)."""
-        return []
