@@ -52,9 +52,9 @@ _PROBE_TIMEOUT_S = 0.05
 # A tolerant wait looks at the arrival bytes this often.
 _POLL_INTERVAL_S = 0.0002
 
-# Exchanges with a dropped peer, kept (posted messages, their works and buffers) until the process
-# ends: gloo may still write a late message into a receive buffer, or read an unsent one.
-_ABANDONED: list[TolerantExchange] = []
+# What was posted to and from dropped peers (works, receive and send buffers), kept until the
+# process ends: gloo may still write a late message into the receive buffer, or read the unsent one.
+_ABANDONED: list[tuple[list[Any], torch.Tensor, torch.Tensor]] = []
 # (group name, peer's group rank) -> tag of the messages to and from that peer on that group;
 # raised each time an exchange with the peer is abandoned.
 _CHANNEL_TAGS: dict[tuple[str, int], int] = {}
@@ -135,16 +135,17 @@ class TolerantExchange:
         operation: name used in errors and warnings.
         peer_works: peer -> its posted send and receive.
         recvs: peer -> (the caller's tensor, the uint8 ``[1 + nbytes]`` host tensor gloo fills).
+        sent: peer -> the uint8 ``[1 + nbytes]`` host tensor sent to it (shared between peers
+            that get the same tensor).
         lost: peer -> the transport's error, for the peers whose messages could not be posted.
-        keep_alive: the sent host tensors.
     """
 
     group: PeerGroup
     operation: str
     peer_works: dict[int, list[Any]]
     recvs: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    sent: dict[int, torch.Tensor]
     lost: dict[int, str]
-    keep_alive: list[torch.Tensor]
     wait_ns: dict[int, int] = field(default_factory=dict)
     dropped: list[DroppedPeer] | None = None
 
@@ -325,6 +326,7 @@ class PeerGroup:
         outgoing: dict[int, torch.Tensor] = {}
         peer_works: dict[int, list[Any]] = {}
         incoming: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        sent: dict[int, torch.Tensor] = {}
         lost: dict[int, str] = {}
         for peer in sorted(sends):
             if peer == self.rank:
@@ -334,22 +336,23 @@ class PeerGroup:
                 raise ValueError(f"{operation}: the receive tensor of peer {peer} must be contiguous")
             if id(sends[peer]) not in outgoing:
                 outgoing[id(sends[peer])] = _with_arrival_byte(sends[peer])
+            sent[peer] = outgoing[id(sends[peer])]
             host = torch.zeros(1 + target.numel() * target.element_size(), dtype=torch.uint8)
             incoming[peer] = (target, host)
             works: list[Any] = []
             try:
                 global_rank, tag = self._global_ranks[peer], self.tag(peer)
-                works.append(dist.isend(outgoing[id(sends[peer])], global_rank, self.group, tag))
+                works.append(dist.isend(sent[peer], global_rank, self.group, tag))
                 works.append(dist.irecv(host, global_rank, self.group, tag))
             except RuntimeError as error:
                 lost[peer] = str(error)
             peer_works[peer] = works
-        return TolerantExchange(self, operation, peer_works, incoming, lost, list(outgoing.values()))
+        return TolerantExchange(self, operation, peer_works, incoming, sent, lost)
 
     def abandon(self, exchange: TolerantExchange, peers: Collection[int]) -> None:
-        """Keep ``exchange`` (its posted messages and buffers) for the life of the process and move
-        this rank's messages with ``peers`` to a new tag on this group."""
-        _ABANDONED.append(exchange)
+        """Keep what ``exchange`` posted to and from ``peers`` (works and buffers) for the life of
+        the process and move this rank's messages with them to a new tag on this group."""
         for peer in peers:
+            _ABANDONED.append((exchange.peer_works[peer], exchange.recvs[peer][1], exchange.sent[peer]))
             key = (self._name, peer)
             _CHANNEL_TAGS[key] = _CHANNEL_TAGS.get(key, 0) + 1
