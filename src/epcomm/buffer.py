@@ -80,7 +80,12 @@ class Buffer(LowLatencyMethods):
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, comm:
             DeepEP's RDMA options; accepted for compatibility.
         explicitly_destroy: resources are released only by ``destroy()``.
-        enable_shrink: enable the rank mask of shrink mode.
+        enable_shrink: shrink mode (elastic serving): the rank mask (``low_latency_update_mask_buffer``,
+            ``low_latency_query_mask_buffer``, ``low_latency_clean_mask_buffer``), and low-latency
+            waits (dispatch, combine, the barrier of ``clean_low_latency_buffer``) that give a peer
+            ``EPCOMM_SHRINK_TIMEOUT_S``, then mask it with an ``epcomm.errors.PeerMaskedWarning``
+            and finish the call without it instead of raising ``PeerTimeoutError`` (README,
+            "Shrink mode").
         backend: ``"auto"`` (default: ``settings.backend``, else picked from the devices),
             ``"reference"``, ``"nvlink"`` or ``"nvshmem"`` (extra keyword, not in DeepEP).
         settings: every ``EPCOMM_*`` option (extra keyword, not in DeepEP); default: read from the

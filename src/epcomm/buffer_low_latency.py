@@ -108,6 +108,14 @@ class LowLatencyMethods:
             last two dims. Only the first ``recv_count[e]`` rows of expert ``e`` are valid, ordered
             by source rank then source token. ``recv_count [num_local_experts]`` int32, the
             handle, the event and the hook (a no-op without ``return_recv_hook``).
+
+        Masked ranks (shrink mode) are neither sent to nor waited for and count as sources that
+        sent nothing. With ``enable_shrink=True``, a peer that does not arrive within
+        ``EPCOMM_SHRINK_TIMEOUT_S`` is masked (``PeerMaskedWarning``) and counts the same way.
+
+        Raises:
+            PeerTimeoutError: without shrink mode, a peer did not arrive within ``EPCOMM_TIMEOUT_S``
+                (in ``hook()`` with ``return_recv_hook``).
         """
         data = check_tensor("x", x)
         check_dtype("x", data, torch.bfloat16)
@@ -203,6 +211,14 @@ class LowLatencyMethods:
 
         Returns:
             ``combined_x [num_tokens, hidden]`` bf16, the event and the hook.
+
+        Top-k slots whose expert lives on a masked rank (shrink mode) count as ``-1``. With
+        ``enable_shrink=True``, a rank whose expert outputs do not arrive within
+        ``EPCOMM_SHRINK_TIMEOUT_S`` is masked (``PeerMaskedWarning``) and its slots count as ``-1``.
+
+        Raises:
+            PeerTimeoutError: without shrink mode, a peer did not arrive within ``EPCOMM_TIMEOUT_S``
+                (in ``hook()`` with ``return_recv_hook``).
         """
         handle = as_handle(handle, LowLatencyHandle, "low_latency_dispatch")
         num_local_experts = handle.num_experts // self.group_size
@@ -284,7 +300,7 @@ class LowLatencyMethods:
 
         Every rank that goes on should mask the same ranks. Unmasking a rank masked after a
         timeout only helps if that rank is back in step; on the reference backend a rank masked
-        after a timeout cannot be reached again over the same group (README, shrink mode).
+        after a timeout cannot be reached again over the same group (README, "Shrink mode").
 
         Arguments:
             rank_to_mask: a rank of the group, ``0 <= rank_to_mask < num_ranks``.
