@@ -52,12 +52,14 @@ _PROBE_TIMEOUT_S = 0.05
 # A tolerant wait looks at the arrival bytes this often.
 _POLL_INTERVAL_S = 0.0002
 
-# What was posted to and from dropped peers (works, receive and send buffers), kept until the
-# process ends: gloo may still write a late message into the receive buffer, or read the unsent one.
-_ABANDONED: list[tuple[list[Any], torch.Tensor, torch.Tensor]] = []
-# (group name, peer's group rank) -> tag of the messages to and from that peer on that group;
-# raised each time an exchange with the peer is abandoned.
-_CHANNEL_TAGS: dict[tuple[str, int], int] = {}
+# What was posted to and from dropped peers (group, works, receive and send buffers), kept until
+# the process ends: gloo may still write a late message into the receive buffer, or read the
+# unsent one. Holding the group also keeps its id(), the key below, from being reused.
+_ABANDONED: list[tuple[Any, list[Any], torch.Tensor, torch.Tensor]] = []
+# (id of the group, peer's group rank) -> tag of the messages to and from that peer on that group;
+# raised each time an exchange with the peer is abandoned. (Group names are reused when the
+# default group is destroyed and made again; the object is not.)
+_CHANNEL_TAGS: dict[tuple[int, int], int] = {}
 
 
 @dataclass
@@ -233,7 +235,6 @@ class PeerGroup:
         backend = str(dist.get_backend(group)).lower()
         self.supports_cuda = "nccl" in backend
         self._global_ranks = [dist.get_global_rank(group, r) for r in range(self.num_ranks)]
-        self._name = str(getattr(group, "group_name", id(group)))
 
     @property
     def supports_tolerant_waits(self) -> bool:
@@ -242,7 +243,7 @@ class PeerGroup:
 
     def tag(self, peer: int) -> int:
         """The tag of this rank's messages to and from ``peer`` (raised when an exchange is abandoned)."""
-        return _CHANNEL_TAGS.get((self._name, peer), 0)
+        return _CHANNEL_TAGS.get((id(self.group), peer), 0)
 
     def _staged(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.is_cuda and not self.supports_cuda:
@@ -353,6 +354,8 @@ class PeerGroup:
         """Keep what ``exchange`` posted to and from ``peers`` (works and buffers) for the life of
         the process and move this rank's messages with them to a new tag on this group."""
         for peer in peers:
-            _ABANDONED.append((exchange.peer_works[peer], exchange.recvs[peer][1], exchange.sent[peer]))
-            key = (self._name, peer)
+            _ABANDONED.append(
+                (self.group, exchange.peer_works[peer], exchange.recvs[peer][1], exchange.sent[peer])
+            )
+            key = (id(self.group), peer)
             _CHANNEL_TAGS[key] = _CHANNEL_TAGS.get(key, 0) + 1
