@@ -124,7 +124,7 @@ class DroppedPeer(NamedTuple):
 def _with_arrival_byte(tensor: torch.Tensor) -> torch.Tensor:
     """One byte ``1``, then ``tensor``'s bytes, on the host: uint8 ``[1 + nbytes]``."""
     data = tensor.detach().contiguous().reshape(-1).view(torch.uint8).cpu()
-    return torch.cat([torch.ones(1, dtype=torch.uint8), data])
+    return torch.cat([torch.ones(1, dtype=torch.uint8, device="cpu"), data])
 
 
 @dataclass
@@ -338,7 +338,7 @@ class PeerGroup:
             if id(sends[peer]) not in outgoing:
                 outgoing[id(sends[peer])] = _with_arrival_byte(sends[peer])
             sent[peer] = outgoing[id(sends[peer])]
-            host = torch.zeros(1 + target.numel() * target.element_size(), dtype=torch.uint8)
+            host = torch.zeros(1 + target.numel() * target.element_size(), dtype=torch.uint8, device="cpu")
             incoming[peer] = (target, host)
             works: list[Any] = []
             try:

@@ -97,8 +97,11 @@ class ReferenceLowLatency:
             PeerTimeoutError: without shrink mode, naming the peers that did not arrive.
         """
         active = self._active_peers()
-        token = torch.ones(1, dtype=torch.uint8)
-        recvs = {peer: torch.zeros(1, dtype=torch.uint8) for peer in active}
+        # NCCL moves CUDA tensors only; gloo moves CPU tensors.
+        cuda = self.peers.supports_cuda
+        device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+        token = torch.ones(1, dtype=torch.uint8, device=device)
+        recvs = {peer: torch.zeros(1, dtype=torch.uint8, device=device) for peer in active}
         self._finish(
             "clean_low_latency_buffer",
             self._post("clean_low_latency_buffer", dict.fromkeys(active, token), recvs),
