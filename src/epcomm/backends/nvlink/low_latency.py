@@ -126,14 +126,15 @@ class NvlinkLowLatency:
         return peers
 
     def _warn_masked(self) -> None:
-        """Warn once for each peer a kernel masked on its own (read without synchronizing)."""
+        """Warn once for each peer a kernel masked on its own (read without synchronizing), naming
+        the operation by its method (the first word of its error name)."""
         if not self.enable_shrink:
             return
         for peer, code in self.buffer.masked_by_timeout().items():
             if peer not in self._warned:
                 self._warned.add(peer)
                 warnings.warn(
-                    PeerMaskedWarning(operation_name(code), self.rank, peer, self.shrink_timeout_s),
+                    PeerMaskedWarning(operation_name(code).split(" ")[0], self.rank, peer, self.shrink_timeout_s),
                     stacklevel=4,
                 )
 
