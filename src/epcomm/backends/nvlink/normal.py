@@ -29,6 +29,7 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     row_capacity,
 )
 from epcomm.env import LayoutKernel, Settings
+from epcomm.fingerprint import CallNumbers
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
@@ -138,6 +139,7 @@ class NvlinkNormal:
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
         self._worst_check: tuple[int, int] | None = None
+        self.calls = CallNumbers()
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -263,6 +265,7 @@ class NvlinkNormal:
         # exchange's, then the push's exit barrier's).
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        fingerprint = self.calls.stamp(request.fingerprint)
         counts_epoch = self.buffer.next_epoch()
         recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_counts(
             peers=self.buffer.peers,
@@ -358,6 +361,7 @@ class NvlinkNormal:
             num_recv_tokens=num_recv_tokens,
             num_recv_rows=num_rows,
             num_max_rows=num_max_rows,
+            sequence=fingerprint.sequence,
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
