@@ -25,6 +25,7 @@ from epcomm.backends.p2p import PeerGroup
 from epcomm.buffer_low_latency import LowLatencyMethods
 from epcomm.config import Config, combine_config_preset, dispatch_config_preset
 from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
+from epcomm.fingerprint import CallFingerprint
 from epcomm.handles import DispatchHandle, as_handle
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
@@ -304,6 +305,9 @@ class Buffer(LowLatencyMethods):
             ``num_tokens_per_rank [num_ranks]`` int32, ``num_tokens_per_rdma_rank [num_nodes]``
             int32 (``None`` within one node), ``num_tokens_per_expert [num_experts]`` int32,
             ``is_token_in_rank [num_tokens, num_ranks]`` bool, and the event.
+
+        It computes on this rank alone (no message), so it carries no call fingerprint and takes no
+        call number (see ``dispatch``).
         """
         validation.check_num_experts("num_experts", num_experts, self.group_size)
         idx, _ = validation.check_topk(topk_idx, None, None, None)
@@ -362,6 +366,14 @@ class Buffer(LowLatencyMethods):
             ``num_recv_tokens_per_expert_list`` (``list[int]`` of ``num_local_experts``, empty with
             ``num_worst_tokens``), ``handle`` and the event. Cached mode returns
             ``(recv_x, None, None, None, None, event)``.
+
+        Raises:
+            epcomm.InconsistentCallError: (a ``ValueError``) another rank made a different call:
+                another operation (e.g. combine, or cached dispatch against a fresh one), another
+                call number, another ``hidden``, FP8 against BF16 or another scale format, another
+                ``num_experts`` or ``num_topk``, or (cached) another dispatch's handle. Every normal-mode
+                call sends a fingerprint of these (``epcomm.fingerprint``) in its first message and
+                compares the peers' before any payload moves.
         """
         data, scales = validation.split_x(x)
         num_tokens, device = data.size(0), data.device
@@ -377,7 +389,17 @@ class Buffer(LowLatencyMethods):
                 raise ValueError("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
             check_shape("x (cached dispatch)", data, [cached.is_token_in_rank.size(0), None])
             request = DispatchRequest(
-                data, scales, None, None, cached.is_token_in_rank, None, cached, 1, 0, config
+                data,
+                scales,
+                None,
+                None,
+                cached.is_token_in_rank,
+                None,
+                cached,
+                1,
+                0,
+                config,
+                CallFingerprint.for_cached_dispatch(data, scales, cached.sequence),
             )
         else:
             for name, value in (
@@ -425,6 +447,7 @@ class Buffer(LowLatencyMethods):
                 expert_alignment,
                 num_worst_tokens,
                 config,
+                CallFingerprint.for_dispatch(data, scales, num_experts, idx, weights),
             )
         backend = self.backend
         inputs = [data, scales, request.topk_idx, request.topk_weights, request.is_token_in_rank]
@@ -469,6 +492,11 @@ class Buffer(LowLatencyMethods):
         Returns:
             ``combined_x [num_tokens, hidden]`` bf16, ``combined_topk_weights [num_tokens,
             num_topk]`` float32 or ``None``, and the event.
+
+        Raises:
+            epcomm.InconsistentCallError: (a ``ValueError``) another rank made a different call
+                (another operation, call number, ``hidden`` or ``topk_weights`` width) or combines
+                the rows of another dispatch (the handle's dispatch number differs).
         """
         cached = as_handle(handle, DispatchHandle, "a dispatch")
         data = check_tensor("x", x)
@@ -497,7 +525,12 @@ class Buffer(LowLatencyMethods):
             raise TypeError(f"config must be an epcomm.Config or None; got {type(config).__name__}")
         self._check_events(previous_event, async_finish, allocate_on_comm_stream)
         request = CombineRequest(
-            data, cached, weights, biases, config or self.get_combine_config(self.group_size)
+            data,
+            cached,
+            weights,
+            biases,
+            config or self.get_combine_config(self.group_size),
+            CallFingerprint.for_combine(data, weights, cached.sequence),
         )
         backend = self.backend
         with comm_stream_scope(self._stream_for(data), previous_event, [data, weights, *biases]) as scope:

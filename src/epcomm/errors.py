@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["PeerLostError", "PeerMaskedWarning", "PeerTimeoutError"]
+__all__ = ["InconsistentCallError", "PeerLostError", "PeerMaskedWarning", "PeerTimeoutError"]
 
 
 class PeerTimeoutError(TimeoutError):
@@ -75,3 +75,41 @@ class PeerMaskedWarning(RuntimeWarning):
             first_line = cause.strip().splitlines()[0] if cause.strip() else "no detail"
             what = f"lost its connection ({first_line[:200]})"
         super().__init__(f"epcomm: {operation} on rank {rank}: peer {peer} {what}; masked (shrink mode)")
+
+
+class InconsistentCallError(ValueError):
+    """Ranks made different collective calls: another operation, another call number, or other
+    sizes (``hidden``, FP8 or BF16 and the scale format, ``num_experts``, ``num_topk``, another
+    dispatch's handle, a handle whose rows the peer does not send).
+
+    Raised before any payload moves, on every rank that sees the difference; the message names this
+    rank, the peer and both calls in one line, e.g. ``"dispatch: rank 0 and rank 1 made different
+    calls (hidden differs): rank 0: dispatch #3 hidden=7168 bf16 experts=256 topk=8+weights;
+    rank 1: dispatch #3 hidden=4096 bf16 experts=256 topk=8+weights"``.
+
+    Attributes:
+        operation: the operation this rank called.
+        rank: this rank.
+        peer: the (first) peer whose call differs.
+        mine: this rank's call, readable.
+        theirs: the peer's call, readable.
+    """
+
+    MAX_MESSAGE_CHARS = 300
+
+    def __init__(self, operation: str, rank: int, peer: int, mine: str, theirs: str, reason: str) -> None:
+        self.operation = operation
+        self.rank = rank
+        self.peer = peer
+        self.mine = mine
+        self.theirs = theirs
+        head = f"{operation}: rank {rank} and rank {peer} made different calls ({_clip(reason, 100)}): "
+        labels = f"rank {rank}: ; rank {peer}: "
+        # Both calls share what is left of the line (they only come near it with huge numbers).
+        room = max(20, (self.MAX_MESSAGE_CHARS - len(head) - len(labels)) // 2)
+        super().__init__(f"{head}rank {rank}: {_clip(mine, room)}; rank {peer}: {_clip(theirs, room)}")
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text``, cut to ``limit`` characters (ending in ``...``) when longer."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

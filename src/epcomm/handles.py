@@ -32,6 +32,9 @@ class DispatchHandle(NamedTuple):
         num_max_rows: the largest number of rows any rank receives in this dispatch or sends in
             it (so receives back in combine); ``num_worst_tokens`` in that mode. Host value, the
             same on every rank: it sizes the NVLink buffers.
+        sequence: this dispatch's normal-mode call number on its ``Buffer`` (word 1 of its
+            fingerprint, ``epcomm.fingerprint``), the same on every rank. Cached dispatch and
+            combine send it, so ranks passing handles of different dispatches are told so.
     """
 
     rank_prefix_matrix: torch.Tensor
@@ -41,6 +44,7 @@ class DispatchHandle(NamedTuple):
     num_recv_tokens: torch.Tensor
     num_recv_rows: int
     num_max_rows: int
+    sequence: int
 
 
 class LowLatencyHandle(NamedTuple):

@@ -173,3 +173,76 @@ def skip_one_combine(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     except epcomm.errors.PeerTimeoutError as error:
         return f"raised; the combine ended after {ended:.1f}s: {error}"
     return "no error"
+
+
+def _nvlink_dispatch(
+    buffer: epcomm.Buffer, x: Any, topk_idx: torch.Tensor, num_experts: int, num_worst_tokens: int = 0
+) -> tuple[Any, ...]:
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return buffer.dispatch(
+        x,
+        num_tokens_per_rank=layout[0],
+        is_token_in_rank=layout[3],
+        num_tokens_per_expert=layout[2],
+        topk_idx=topk_idx,
+        topk_weights=torch.rand(topk_idx.shape, device=topk_idx.device),
+        num_worst_tokens=num_worst_tokens,
+    )
+
+
+def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
+    """Rank 1 dispatches differently (``row``: ``hidden``, ``num_topk``, ``fp8_vs_bf16``,
+    ``num_experts``, ``worst_hidden``: another hidden with ``num_worst_tokens``, or ``call_order``:
+    rank 1 combines while rank 0 dispatches). Returns what the differing call raised (``message``),
+    the first receive rows' top-k ids in ``num_worst_tokens`` mode (``worst_idx_max``), what the next
+    call raised (``next_message``), and whether a matching dispatch and combine afterwards summed
+    every token once per destination rank (``recovered``)."""
+    num_tokens, hidden, num_topk = 64, 512, 4
+    num_experts = 8 * pgi.world_size
+    buffer = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=5.0)
+    )
+    torch.manual_seed(pgi.rank)
+    x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
+    topk_idx = _routing(num_tokens, num_experts, num_topk, pgi.rank, pgi.device)
+    odd = pgi.rank == 1
+    outcome: dict[str, Any] = {"message": None, "next_message": None}
+    sent: Any = x
+    try:
+        if row == "call_order":
+            recv_x, _, recv_w, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+            if odd:
+                buffer.combine(recv_x, handle, topk_weights=recv_w)
+            else:
+                _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+        elif row == "worst_hidden":
+            if odd:
+                sent = torch.cat([x, x], dim=1)
+            result = _nvlink_dispatch(buffer, sent, topk_idx, num_experts, num_tokens * pgi.world_size)
+            outcome["worst_idx_max"] = int(result[1].max())
+        else:
+            idx, experts = topk_idx, num_experts
+            if odd and row == "hidden":
+                sent = torch.cat([x, x], dim=1)
+            if odd and row == "num_topk":
+                idx = topk_idx[:, :2]
+            if odd and row == "fp8_vs_bf16":
+                sent = quant.per_token_cast_to_fp8(x)
+            if odd and row == "num_experts":
+                experts = 2 * num_experts
+            _nvlink_dispatch(buffer, sent, idx, experts)
+    except epcomm.InconsistentCallError as error:
+        outcome["message"] = str(error)
+    torch.cuda.synchronize()
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    try:
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    except epcomm.InconsistentCallError as error:  # num_worst_tokens mode: the next call reports it
+        outcome["next_message"] = str(error)
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    hits = layout[3].sum(dim=1, dtype=torch.float32)
+    outcome["recovered"] = bool(torch.equal(combined.float(), x.float() * hits[:, None]))
+    buffer.destroy()
+    torch.cuda.synchronize()
+    return outcome

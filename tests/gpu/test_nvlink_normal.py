@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nvlink_workers import compare_normal_mode, skip_one_combine, skip_one_dispatch
+from nvlink_workers import compare_normal_mode, inconsistent_dispatch, skip_one_combine, skip_one_dispatch
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import parallel_launch
@@ -96,3 +96,46 @@ def test_layout_kernel(
         want = compute_dispatch_layout(idx, num_experts, num_ranks, per_node)
         for got_part, want_part in zip(got, want):
             assert (got_part is None and want_part is None) or torch.equal(got_part, want_part)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize("row", ["hidden", "num_topk", "fp8_vs_bf16", "num_experts"])
+def test_inconsistent_dispatch_raises_on_both_ranks(placement: str, row: str) -> None:
+    """Rank 1 dispatches with another ``row``: the count kernel sees the fingerprints differ and
+    numbers no row (nothing is pushed); both ranks raise ``InconsistentCallError`` naming both, and a
+    matching dispatch and combine afterwards are right."""
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, inconsistent_dispatch, row, backend=backend, timeout_s=300)
+    for rank, result in enumerate(results):
+        message = result["message"]
+        assert message is not None, f"rank {rank}: no InconsistentCallError"
+        assert f"rank {rank}:" in message, message
+        assert f"rank {1 - rank}:" in message, message
+        assert result["recovered"], f"rank {rank}: the calls after the error were wrong"
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_inconsistent_worst_tokens_dispatch_raises_at_the_next_call(placement: str) -> None:
+    """``num_worst_tokens`` (no CPU synchronization): the differing dispatch delivers no row (every
+    ``recv_topk_idx`` is -1) and the next call raises on both ranks."""
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, inconsistent_dispatch, "worst_hidden", backend=backend, timeout_s=300)
+    for rank, result in enumerate(results):
+        assert result["message"] is None, result["message"]
+        assert result["worst_idx_max"] == -1, f"rank {rank}: rows delivered despite the difference"
+        assert result["next_message"] is not None, f"rank {rank}: the next call raised nothing"
+        assert "hidden differs" in result["next_message"], result["next_message"]
+        assert result["recovered"], f"rank {rank}: the calls after the error were wrong"
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+def test_dispatch_against_combine(placement: str) -> None:
+    """Rank 0 dispatches while rank 1 combines. On this transport only dispatch exchanges
+    fingerprints: rank 0 sees rank 1's last dispatch (an older call number) and raises; rank 1's
+    combine cannot see rank 0's call and returns (its result is not checked)."""
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, inconsistent_dispatch, "call_order", backend=backend, timeout_s=300)
+    assert results[0]["message"] is not None, "rank 0: no InconsistentCallError"
+    assert "call number differs" in results[0]["message"], results[0]["message"]
+    assert results[1]["message"] is None, results[1]["message"]
+    assert all(result["recovered"] for result in results), results

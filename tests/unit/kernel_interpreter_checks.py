@@ -22,6 +22,7 @@ from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
 from epcomm.kernels.normal_rows import (
+    HOST_MISMATCH_WORD,
     HOST_TABLE_WORD,
     counts_row_words,
     launch_combine_rows,
@@ -198,63 +199,100 @@ def check_barrier() -> None:
 
 
 def check_rows() -> None:
-    """``dispatch_counts_kernel`` (count exchange, rows, host copy) and ``combine_rows_kernel``
-    against the torch definitions, for 4 ranks (every rank) and 12 ranks (three of them). The other
-    ranks' counts rows and flags are written into the simulated buffers beforehand, as if they had
-    published already; the kernel publishes this rank's own row (into every buffer) and must wait
-    for, then read, all of them. With one peer's flag missing, the error word names it."""
+    """``dispatch_counts_kernel`` (fingerprint and count exchange, rows, host copy) and
+    ``combine_rows_kernel`` against the torch definitions, for 4 ranks (every rank) and 12 ranks
+    (three of them). The other ranks' fingerprints, counts rows and flags are written into the
+    simulated buffers beforehand, as if they had published already; the kernel publishes this
+    rank's own (into every buffer) and must wait for, then read, all of them. With one peer's
+    fingerprint different, no row is numbered, nothing is received and the host copy holds the
+    fingerprints (with ``write_host``: the table; without: the fingerprints and the mismatch
+    epoch). With one peer's flag missing, the error word names it."""
     torch.manual_seed(1)
     table_offset, epoch = 64, 7
+    fingerprint = [1, 5, 0, 7168, 0, 256, 8, 1]
+    fp_words = len(fingerprint)
     for num_ranks, num_tokens, experts, ranks in ((4, 1300, 16, range(4)), (12, 600, 24, (0, 7, 11))):
         num_counts = counts_row_words(num_ranks, experts)
+        counts_offset = table_offset + num_ranks * fp_words
+        host_counts = HOST_TABLE_WORD + num_ranks * fp_words
         for rank in ranks:
             in_rank = torch.rand(num_tokens, num_ranks) < 0.5
             counts = torch.randint(0, 2000, (num_ranks, num_ranks), dtype=torch.int32)
             counts[rank] = in_rank.sum(0).to(torch.int32)
             per_expert = torch.randint(0, 9, (num_ranks, experts), dtype=torch.int32)
             table = torch.cat([counts, per_expert], 1)
-            buffers = [
-                torch.zeros(table_offset + num_ranks * num_counts, dtype=torch.int32)
-                for _ in range(num_ranks)
-            ]
-            local = buffers[rank]
-            for s in range(num_ranks):
-                if s != rank:
-                    local[table_offset + s * num_counts : table_offset + (s + 1) * num_counts] = table[s]
-                    local[FLAG_OFFSET + s] = epoch
-            error = torch.zeros(4, dtype=torch.int32)
-            peers = symmetric_peers(buffers, rank, error, 10**12, FLAG_OFFSET, COUNTER_OFFSET)
-            for write_host in (True, False):
-                host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
-                recv_row, prefix, num_recv = launch_dispatch_counts(
-                    peers=peers,
-                    num_tokens_per_expert=per_expert[rank].clone(),
-                    is_token_in_rank=in_rank,
-                    epoch=epoch,
-                    operation_code=2,
-                    table_offset=table_offset,
-                    host_address=host.data_ptr(),
-                    write_host=write_host,
-                )
-                assert int(error[0]) == 0, "the wait timed out"
-                for j in range(num_ranks):  # this rank's row and flag reached every buffer
-                    got = buffers[j][
-                        table_offset + rank * num_counts : table_offset + (rank + 1) * num_counts
-                    ]
-                    assert torch.equal(got, table[rank])
-                    assert int(buffers[j][FLAG_OFFSET + rank]) == epoch
-                if write_host:
-                    assert int(host[0]) == epoch
-                    assert torch.equal(host[HOST_TABLE_WORD:].view(num_ranks, num_counts), table)
-                else:
-                    assert int(host[0]) == 0, "no table copy without write_host"
-                    assert int(host[1]) == int(counts[:, rank].sum())
-                    assert int(host[2]) == epoch
-                want_prefix = counts.cumsum(0, dtype=torch.int32)
-                previous = want_prefix[rank - 1] if rank > 0 else torch.zeros(num_ranks, dtype=torch.int32)
-                assert torch.equal(prefix, want_prefix)
-                assert torch.equal(recv_row, rows_in_order(in_rank, previous))
-                assert int(num_recv) == int(counts[:, rank].sum())
+            for odd_peer in ((rank + 1) % num_ranks, None):  # the combine rows below use the last
+                fingerprints = torch.tensor([fingerprint] * num_ranks, dtype=torch.int32)
+                if odd_peer is not None:
+                    fingerprints[odd_peer, 3] = 4096  # another hidden
+                buffers = [
+                    torch.zeros(counts_offset + num_ranks * num_counts, dtype=torch.int32)
+                    for _ in range(num_ranks)
+                ]
+                local = buffers[rank]
+                for s in range(num_ranks):
+                    if s != rank:
+                        local[table_offset + s * fp_words : table_offset + (s + 1) * fp_words] = fingerprints[
+                            s
+                        ]
+                        local[counts_offset + s * num_counts : counts_offset + (s + 1) * num_counts] = table[
+                            s
+                        ]
+                        local[FLAG_OFFSET + s] = epoch
+                error = torch.zeros(4, dtype=torch.int32)
+                peers = symmetric_peers(buffers, rank, error, 10**12, FLAG_OFFSET, COUNTER_OFFSET)
+                for write_host in (True, False):
+                    host = torch.zeros(host_counts + num_ranks * num_counts, dtype=torch.int32)
+                    recv_row, prefix, num_recv = launch_dispatch_counts(
+                        peers=peers,
+                        num_tokens_per_expert=per_expert[rank].clone(),
+                        is_token_in_rank=in_rank,
+                        epoch=epoch,
+                        operation_code=2,
+                        table_offset=table_offset,
+                        host_address=host.data_ptr(),
+                        write_host=write_host,
+                        fingerprint=fingerprint,
+                    )
+                    assert int(error[0]) == 0, "the wait timed out"
+                    for j in range(num_ranks):  # this rank's fingerprint, row and flag reached every buffer
+                        got_fp = buffers[j][
+                            table_offset + rank * fp_words : table_offset + (rank + 1) * fp_words
+                        ]
+                        assert got_fp.tolist() == fingerprint
+                        got = buffers[j][
+                            counts_offset + rank * num_counts : counts_offset + (rank + 1) * num_counts
+                        ]
+                        assert torch.equal(got, table[rank])
+                        assert int(buffers[j][FLAG_OFFSET + rank]) == epoch
+                    host_fingerprints = host[HOST_TABLE_WORD:host_counts].view(num_ranks, fp_words)
+                    if write_host:
+                        assert int(host[0]) == epoch
+                        assert torch.equal(host_fingerprints, fingerprints)
+                        assert torch.equal(host[host_counts:].view(num_ranks, num_counts), table)
+                    else:
+                        assert int(host[0]) == 0, "no table copy without write_host"
+                        want_recv = 0 if odd_peer is not None else int(counts[:, rank].sum())
+                        assert int(host[1]) == want_recv
+                        assert int(host[2]) == epoch
+                        if odd_peer is None:
+                            assert int(host[HOST_MISMATCH_WORD]) == 0
+                            assert not host_fingerprints.any(), "fingerprints copied without a difference"
+                        else:
+                            assert int(host[HOST_MISMATCH_WORD]) == epoch
+                            assert torch.equal(host_fingerprints, fingerprints)
+                    if odd_peer is not None:  # nothing is sent, nothing received
+                        assert bool((recv_row == -1).all()), "rows numbered despite a fingerprint difference"
+                        assert not prefix.any()
+                        assert int(num_recv) == 0
+                        continue
+                    want_prefix = counts.cumsum(0, dtype=torch.int32)
+                    previous = (
+                        want_prefix[rank - 1] if rank > 0 else torch.zeros(num_ranks, dtype=torch.int32)
+                    )
+                    assert torch.equal(prefix, want_prefix)
+                    assert torch.equal(recv_row, rows_in_order(in_rank, previous))
+                    assert int(num_recv) == int(counts[:, rank].sum())
             matrix = torch.diff(prefix, dim=0, prepend=torch.zeros_like(prefix[:1]))
             send_offset = matrix.cumsum(dim=1, dtype=torch.int32) - matrix
             real = int(prefix[-1, rank])
@@ -281,13 +319,12 @@ def check_rows() -> None:
     # A peer that never published (its flag one epoch behind): the bounded wait names it (past lane 8).
     num_ranks, rank, missing = 12, 3, 10
     num_counts = counts_row_words(num_ranks, 24)
-    buffers = [
-        torch.zeros(table_offset + num_ranks * num_counts, dtype=torch.int32) for _ in range(num_ranks)
-    ]
+    size = table_offset + num_ranks * (fp_words + num_counts)
+    buffers = [torch.zeros(size, dtype=torch.int32) for _ in range(num_ranks)]
     buffers[rank][FLAG_OFFSET : FLAG_OFFSET + num_ranks] = epoch
     buffers[rank][FLAG_OFFSET + missing] = epoch - 1
     error = torch.zeros(4, dtype=torch.int32)
-    host = torch.zeros(HOST_TABLE_WORD + num_ranks * num_counts, dtype=torch.int32)
+    host = torch.zeros(HOST_TABLE_WORD + num_ranks * (fp_words + num_counts), dtype=torch.int32)
     launch_dispatch_counts(
         peers=symmetric_peers(buffers, rank, error, 2_000_000, FLAG_OFFSET, COUNTER_OFFSET),
         num_tokens_per_expert=torch.zeros(24, dtype=torch.int32),
@@ -297,6 +334,7 @@ def check_rows() -> None:
         table_offset=table_offset,
         host_address=host.data_ptr(),
         write_host=True,
+        fingerprint=fingerprint,
     )
     _assert_error(error, missing, rank, code=2)
 

@@ -429,6 +429,7 @@ def test_normal_rows_kernels_compile(
         table_offset=64,
         host_address=1 << 41,
         write_host=True,
+        fingerprint=[1, 7, 0, 7168, 0, num_experts, 8, 1],
     )
     _assert_system_scope_ordering(_compile(counts).asm["ptx"])
     (rows,) = _launches(

@@ -15,6 +15,7 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     LowLatencyLayout,
     low_latency_rdma_size_hint,
 )
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.symmetric_peers import flag_block
 
 
@@ -36,7 +37,7 @@ def test_header_areas_are_disjoint_and_aligned(num_ranks: int) -> None:
         [
             range(header.flags, header.flags + block),  # a wait reads `block` lanes
             range(header.counter, header.counter + 1),
-            range(header.table, header.table + num_ranks * (num_ranks + MAX_EXPERTS)),
+            range(header.table, header.table + num_ranks * (FINGERPRINT_WORDS + num_ranks + MAX_EXPERTS)),
         ],
         header.payload,
     )

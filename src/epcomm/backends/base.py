@@ -13,6 +13,7 @@ from typing import NamedTuple, Protocol, TypeVar
 import torch
 
 from epcomm.config import Config
+from epcomm.fingerprint import CallFingerprint
 from epcomm.handles import DispatchHandle, LowLatencyHandle
 from epcomm.layout import DispatchLayout
 
@@ -52,6 +53,8 @@ class DispatchRequest:
         expert_alignment: per-expert counts are rounded up to this.
         num_worst_tokens: ``> 0``: receive exactly this many rows, no CPU synchronization.
         config: performance knobs.
+        fingerprint: what every rank must agree on (sequence 0: the backend numbers the call
+            with its ``CallNumbers`` when it starts communicating).
     """
 
     x: torch.Tensor
@@ -64,6 +67,7 @@ class DispatchRequest:
     expert_alignment: int
     num_worst_tokens: int
     config: Config
+    fingerprint: CallFingerprint
 
 
 class DispatchResult(NamedTuple):
@@ -87,6 +91,7 @@ class CombineRequest:
         topk_weights: ``[num_recv_rows, num_topk]`` float32 or ``None``.
         bias: 0, 1 or 2 tensors ``[num_tokens, hidden]`` bf16 added to the result.
         config: performance knobs.
+        fingerprint: what every rank must agree on (numbered by the backend, as in dispatch).
     """
 
     x: torch.Tensor
@@ -94,6 +99,7 @@ class CombineRequest:
     topk_weights: torch.Tensor | None
     bias: tuple[torch.Tensor, ...]
     config: Config
+    fingerprint: CallFingerprint
 
 
 class CombineResult(NamedTuple):

@@ -21,25 +21,38 @@ from epcomm.backends.base import (
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_ll import ReferenceLowLatency
 from epcomm.backends.rows import RowLayout
+from epcomm.fingerprint import (
+    FINGERPRINT_WORDS,
+    CallFingerprint,
+    CallNumbers,
+    check_fingerprints,
+    check_row_counts,
+)
 from epcomm.handles import DispatchHandle
 from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
 
 __all__ = ["ReferenceBackend"]
 
 
-def _exchange_rows(
-    peers: PeerGroup, operation: str, send_rows: list[torch.Tensor], recv_counts: list[int], row_bytes: int
+def _exchange(
+    peers: PeerGroup, operation: str, sends: list[torch.Tensor], recv_sizes: list[int]
 ) -> list[torch.Tensor]:
-    """Send ``send_rows[j]`` (uint8 ``[n_j, row_bytes]``) to each rank ``j``; return what each sent."""
-    device = send_rows[peers.rank].device
+    """Send the 1-D ``sends[j]`` to each rank ``j``; return what each rank ``s`` sent here (1-D,
+    ``recv_sizes[s]`` elements of the same dtype; this rank's own ``sends[rank]``)."""
+    mine = sends[peers.rank]
     recvs = {
-        src: torch.empty(recv_counts[src], row_bytes, dtype=torch.uint8, device=device)
+        src: torch.empty(recv_sizes[src], dtype=mine.dtype, device=mine.device)
         for src in range(peers.num_ranks)
         if src != peers.rank
     }
-    sends = {dst: send_rows[dst] for dst in range(peers.num_ranks) if dst != peers.rank}
-    peers.post(operation, sends, recvs).wait()
-    return [send_rows[src] if src == peers.rank else recvs[src] for src in range(peers.num_ranks)]
+    others = {dst: sends[dst] for dst in range(peers.num_ranks) if dst != peers.rank}
+    peers.post(operation, others, recvs).wait()
+    return [mine if src == peers.rank else recvs[src] for src in range(peers.num_ranks)]
+
+
+def _as_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The bytes of a contiguous tensor, 1-D uint8."""
+    return tensor.contiguous().view(torch.uint8).reshape(-1)
 
 
 class ReferenceBackend(LowLatencyDelegation):
@@ -71,6 +84,7 @@ class ReferenceBackend(LowLatencyDelegation):
         self.num_ranks_per_node = num_ranks_per_node
         self.low_latency = ReferenceLowLatency(self.peers, shrink_timeout_s if enable_shrink else None)
         self.enable_shrink = enable_shrink
+        self.calls = CallNumbers()
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -78,17 +92,37 @@ class ReferenceBackend(LowLatencyDelegation):
         return compute_dispatch_layout(topk_idx, num_experts, self.num_ranks, self.num_ranks_per_node)
 
     # ---- normal mode --------------------------------------------------------------------------
-    def _exchange_counts(
-        self, send_counts: torch.Tensor, num_tokens_per_expert: torch.Tensor
-    ) -> torch.Tensor:
-        """All ranks' ``[num_ranks + num_experts]`` count vectors, ``[num_ranks, num_ranks + num_experts]``."""
-        mine = torch.cat([send_counts.long(), num_tokens_per_expert.long().to(send_counts.device)])
-        row_bytes = mine.numel() * 8
-        rows = [mine.view(torch.uint8).view(1, row_bytes)] * self.num_ranks
-        received = _exchange_rows(
-            self.peers, "dispatch (count exchange)", rows, [1] * self.num_ranks, row_bytes
+    def _exchange_header(
+        self, operation: str, fingerprint: CallFingerprint, send_counts: list[int], device: torch.device
+    ) -> list[list[int]]:
+        """The first message of every normal-mode call, and the check of its fingerprint.
+
+        Every rank sends every peer ``[fingerprint (FINGERPRINT_WORDS) | rows it sends to each rank
+        (num_ranks)]`` int64: the same size in every call and every operation, so it always arrives
+        whole whatever the peer called, and the peers' fingerprints are compared before anything
+        else of the call is posted. On a difference every rank that sees it raises (each rank
+        hears from every peer, so every rank does) and no message of the call is left pending.
+
+        Returns:
+            ``counts[s][j]``: rows rank ``s`` sends to rank ``j`` in this call.
+
+        Raises:
+            InconsistentCallError: a peer's fingerprint differs from this rank's.
+        """
+        header = torch.tensor(fingerprint.words() + send_counts, dtype=torch.int64, device=device)
+        size = header.numel()
+        received = _exchange(self.peers, operation, [header] * self.num_ranks, [size] * self.num_ranks)
+        rows = torch.stack(received).cpu().tolist()
+        check_fingerprints(
+            self.rank,
+            fingerprint,
+            {
+                src: CallFingerprint.from_words(row[:FINGERPRINT_WORDS])
+                for src, row in enumerate(rows)
+                if src != self.rank
+            },
         )
-        return torch.stack([r.reshape(-1).view(torch.int64) for r in received]).cpu()
+        return [row[FINGERPRINT_WORDS:] for row in rows]
 
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         """Normal-mode dispatch; see ``Buffer.dispatch``."""
@@ -99,21 +133,14 @@ class ReferenceBackend(LowLatencyDelegation):
         device, num_tokens, rank = x.device, x.size(0), self.rank
         num_experts = request.num_tokens_per_expert.numel()
         num_local_experts = num_experts // self.num_ranks
-        send_counts = is_token_in_rank.sum(dim=0)
-        all_counts = self._exchange_counts(send_counts, request.num_tokens_per_expert)
-        matrix = all_counts[:, : self.num_ranks]
+        fingerprint = self.calls.stamp(request.fingerprint)
+        counts = self._exchange_header(
+            "dispatch (count exchange)", fingerprint, is_token_in_rank.sum(dim=0).tolist(), device
+        )
+        matrix = torch.tensor(counts, dtype=torch.int64)
         rank_prefix_matrix = matrix.cumsum(dim=0).to(torch.int32)
         recv_counts = matrix[:, rank].tolist()
         num_recv = int(sum(recv_counts))
-        per_expert = all_counts[:, self.num_ranks + rank * num_local_experts :][:, :num_local_experts].sum(
-            dim=0
-        )
-        alignment = request.expert_alignment
-        per_expert_list = (
-            []
-            if request.num_worst_tokens > 0
-            else [(int(c) + alignment - 1) // alignment * alignment for c in per_expert.tolist()]
-        )
 
         token_idx = torch.arange(num_tokens, dtype=torch.int32, device=device).view(-1, 1)
         fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype), (1, torch.int32)]
@@ -124,9 +151,35 @@ class ReferenceBackend(LowLatencyDelegation):
                 tensors.append(extra)
         layout = RowLayout(fields)
         packed = layout.pack(tensors)
-        send_rows = [packed[is_token_in_rank[:, dst]] for dst in range(self.num_ranks)]
-        received = _exchange_rows(self.peers, "dispatch", send_rows, recv_counts, layout.row_bytes)
-        unpacked = layout.unpack(torch.cat(received))
+        # Each message to rank j: the counts of j's local experts (num_local_experts int64), then the
+        # rows. Their size depends on num_experts, which the header could not carry without growing
+        # with it: here it is fixed by the fingerprints the header compared.
+        per_expert_bytes = _as_bytes(request.num_tokens_per_expert.to(torch.int64))
+        expert_bytes = num_local_experts * 8
+        sends = [
+            torch.cat(
+                [
+                    per_expert_bytes[dst * expert_bytes : (dst + 1) * expert_bytes],
+                    packed[is_token_in_rank[:, dst]].reshape(-1),
+                ]
+            )
+            for dst in range(self.num_ranks)
+        ]
+        received = _exchange(
+            self.peers, "dispatch", sends, [expert_bytes + n * layout.row_bytes for n in recv_counts]
+        )
+        per_expert = sum(
+            (message[:expert_bytes].cpu().clone().view(torch.int64) for message in received),
+            torch.zeros(num_local_experts, dtype=torch.int64),
+        )
+        alignment = request.expert_alignment
+        per_expert_list = (
+            []
+            if request.num_worst_tokens > 0
+            else [(int(c) + alignment - 1) // alignment * alignment for c in per_expert.tolist()]
+        )
+        rows = torch.cat([message[expert_bytes:] for message in received]).view(-1, layout.row_bytes)
+        unpacked = layout.unpack(rows)
         recv_x, recv_src_idx = unpacked[0], unpacked[1].view(-1)
         rest = iter(unpacked[2:])
         recv_scales = next(rest) if request.x_scales is not None else None
@@ -168,6 +221,7 @@ class ReferenceBackend(LowLatencyDelegation):
             num_recv_rows=num_rows,
             num_max_rows=request.num_worst_tokens
             or int(max(int(matrix.sum(dim=0).max()), int(matrix.sum(dim=1).max()))),
+            sequence=fingerprint.sequence,
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
@@ -176,6 +230,26 @@ class ReferenceBackend(LowLatencyDelegation):
         starts = [0, *column[:-1]]
         return list(zip(starts, column))
 
+    def _handle_header(
+        self,
+        operation: str,
+        fingerprint: CallFingerprint,
+        send_counts: list[int],
+        expected: list[int],
+        device: torch.device,
+    ) -> None:
+        """The header of a call on a dispatch's handle (cached dispatch, combine): the call has no
+        exchange of a size known in advance (its rows follow from the handle), so this one small
+        message is added as its first; besides the fingerprints, it checks that every peer sends
+        the rows this rank's handle expects from it, so the payload sizes cannot disagree either."""
+        counts = self._exchange_header(operation, fingerprint, send_counts, device)
+        check_row_counts(
+            self.rank,
+            fingerprint,
+            expected,
+            {src: row[self.rank] for src, row in enumerate(counts) if src != self.rank},
+        )
+
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
         fields: list[tuple[int, torch.dtype]] = [(request.x.size(1), request.x.dtype)]
         tensors = [request.x]
@@ -183,11 +257,19 @@ class ReferenceBackend(LowLatencyDelegation):
             fields.append((request.x_scales.size(1), request.x_scales.dtype))
             tensors.append(request.x_scales)
         layout = RowLayout(fields)
-        packed = layout.pack(tensors)
-        send_rows = [packed[handle.is_token_in_rank[:, dst]] for dst in range(self.num_ranks)]
         recv_counts = [end - start for start, end in self._source_ranges(handle)]
-        received = _exchange_rows(self.peers, "cached dispatch", send_rows, recv_counts, layout.row_bytes)
-        unpacked = [_pad_rows(t, handle.num_recv_rows, 0) for t in layout.unpack(torch.cat(received))]
+        send_counts = handle.is_token_in_rank.sum(dim=0).tolist()
+        fingerprint = self.calls.stamp(request.fingerprint)
+        self._handle_header(
+            "cached dispatch (header exchange)", fingerprint, send_counts, recv_counts, request.x.device
+        )
+        packed = layout.pack(tensors)
+        sends = [packed[handle.is_token_in_rank[:, dst]].reshape(-1) for dst in range(self.num_ranks)]
+        received = _exchange(
+            self.peers, "cached dispatch", sends, [n * layout.row_bytes for n in recv_counts]
+        )
+        rows = torch.cat(received).view(-1, layout.row_bytes)
+        unpacked = [_pad_rows(t, handle.num_recv_rows, 0) for t in layout.unpack(rows)]
         recv_scales = unpacked[1] if request.x_scales is not None else None
         return DispatchResult(unpacked[0], recv_scales, None, None, [], handle)
 
@@ -202,10 +284,18 @@ class ReferenceBackend(LowLatencyDelegation):
             tensors.append(request.topk_weights)
         layout = RowLayout(fields)
         ranges = self._source_ranges(handle)
-        packed = layout.pack(tensors)
-        send_rows = [packed[start:end] for start, end in ranges]
         recv_counts = handle.is_token_in_rank.sum(dim=0).tolist()
-        received = _exchange_rows(self.peers, "combine", send_rows, recv_counts, layout.row_bytes)
+        fingerprint = self.calls.stamp(request.fingerprint)
+        self._handle_header(
+            "combine (header exchange)",
+            fingerprint,
+            [end - start for start, end in ranges],
+            recv_counts,
+            x.device,
+        )
+        packed = layout.pack(tensors)
+        sends = [packed[start:end].reshape(-1) for start, end in ranges]
+        received = _exchange(self.peers, "combine", sends, [n * layout.row_bytes for n in recv_counts])
         num_tokens = handle.is_token_in_rank.size(0)
         combined = torch.zeros(num_tokens, x.size(1), dtype=torch.float32, device=x.device)
         combined_weights = None
@@ -217,7 +307,7 @@ class ReferenceBackend(LowLatencyDelegation):
         # deterministic, and the order the GPU kernels follow.
         for dst in range(self.num_ranks):
             token_idx = handle.is_token_in_rank[:, dst].nonzero().view(-1)
-            parts = layout.unpack(received[dst].to(x.device))
+            parts = layout.unpack(received[dst].view(-1, layout.row_bytes).to(x.device))
             combined.index_add_(0, token_idx, parts[0].float())
             if combined_weights is not None:
                 combined_weights.index_add_(0, token_idx, parts[1])

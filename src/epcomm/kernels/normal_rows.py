@@ -1,10 +1,12 @@
 """Normal mode: where every row goes, computed on the device in one launch per operation.
 
-``dispatch_counts_kernel`` exchanges the counts between ranks (through the symmetric buffer) and
-turns the count table into the rank prefix matrix, the receive count and, for each (token,
-destination rank), the row it lands in at that rank (source ranks in order, then tokens in order:
-DeepEP's receive order); it also copies the table to host-mapped memory, so the host reads the
-counts without a device-to-host copy or an event. ``combine_rows_kernel`` derives from a
+``dispatch_counts_kernel`` exchanges the call fingerprints and the counts between ranks (through
+the symmetric buffer) and turns the count table into the rank prefix matrix, the receive count and,
+for each (token, destination rank), the row it lands in at that rank (source ranks in order, then
+tokens in order: DeepEP's receive order); it also copies the table to host-mapped memory, so the
+host reads the fingerprints and counts without a device-to-host copy or an event. When a peer's
+fingerprint differs from this rank's, every row number is ``-1`` (the push that follows writes
+nothing) and the receive count and prefix matrix are 0, so no payload moves before the host raises. ``combine_rows_kernel`` derives from a
 dispatch handle where each received row goes back (expert side) and where each token finds the
 rows sent back to it (token side). Both replace a dozen small torch ops on the host's critical
 path; ``epcomm.layout.rows_in_order`` is the definition they are tested against.
@@ -12,23 +14,40 @@ path; ``epcomm.layout.rows_in_order`` is the definition they are tested against.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 
 from epcomm._math import cdiv, next_pow2
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_all_epoch
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
-__all__ = ["HOST_TABLE_WORD", "counts_row_words", "launch_combine_rows", "launch_dispatch_counts"]
+__all__ = [
+    "HOST_MISMATCH_WORD",
+    "HOST_TABLE_WORD",
+    "counts_row_words",
+    "launch_combine_rows",
+    "launch_dispatch_counts",
+]
 
 _T_BLOCK = 512
 
 
 # The host-mapped count words: word 0 the epoch of the table copy (written after it), words 1-2 the
-# receive count and its epoch (num_worst_tokens mode), the table from word HOST_TABLE_WORD on.
+# receive count and its epoch (num_worst_tokens mode), word 3 the epoch of a call whose fingerprints
+# differed (num_worst_tokens mode: written before word 2), the table from word HOST_TABLE_WORD on:
+# ``num_ranks`` fingerprints of FINGERPRINT_WORDS words, then ``num_ranks`` count rows.
+HOST_MISMATCH_WORD = 3
 HOST_TABLE_WORD = 4
+# The kernel takes the fingerprint as eight scalar arguments (no tensor to copy to the device).
+if FINGERPRINT_WORDS != 8:
+    raise ImportError(
+        f"dispatch_counts_kernel takes 8 fingerprint words; FINGERPRINT_WORDS is {FINGERPRINT_WORDS}"
+    )
 
 
 def counts_row_words(num_ranks: int, num_experts: int) -> int:
@@ -50,6 +69,33 @@ def _store_counts_row(
         tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
 
 
+@triton.jit
+def _fingerprint_vector(w0, w1, w2, w3, w4, w5, w6, w7):
+    """The eight fingerprint words as one ``[8]`` int32 vector."""
+    cols = tl.arange(0, 8)
+    words = tl.zeros([8], dtype=tl.int32)
+    words = tl.where(cols == 0, w0, words)
+    words = tl.where(cols == 1, w1, words)
+    words = tl.where(cols == 2, w2, words)
+    words = tl.where(cols == 3, w3, words)
+    words = tl.where(cols == 4, w4, words)
+    words = tl.where(cols == 5, w5, words)
+    words = tl.where(cols == 6, w6, words)
+    return tl.where(cols == 7, w7, words)
+
+
+@triton.jit
+def _store_fingerprints(
+    dst, theirs, fingerprint, rank, NUM_RANKS: tl.constexpr, R_BLOCK: tl.constexpr, FP_WORDS: tl.constexpr
+):  # fmt: skip
+    """Write every rank's fingerprint row at ``dst`` (``[NUM_RANKS, FP_WORDS]``): the peers' from
+    ``theirs`` (``[R_BLOCK, FP_WORDS]``), this rank's from ``fingerprint``."""
+    sources = tl.arange(0, R_BLOCK)[:, None]
+    cols = tl.arange(0, FP_WORDS)[None, :]
+    rows = tl.where(sources == rank, fingerprint[None, :], theirs)
+    tl.store(dst + sources * FP_WORDS + cols, rows, mask=sources < NUM_RANKS)
+
+
 @triton.jit(
     do_not_specialize=[
         "num_tokens",
@@ -62,6 +108,14 @@ def _store_counts_row(
         "write_host",
         "flag_offset",
         "table_offset",
+        "fp0",
+        "fp1",
+        "fp2",
+        "fp3",
+        "fp4",
+        "fp5",
+        "fp6",
+        "fp7",
     ]
 )
 def dispatch_counts_kernel(
@@ -81,20 +135,36 @@ def dispatch_counts_kernel(
     write_host,
     flag_offset,
     table_offset,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
     NUM_RANKS: tl.constexpr,
     NUM_EXPERTS: tl.constexpr,
     E_BLOCK: tl.constexpr,
     R_BLOCK: tl.constexpr,
     T_BLOCK: tl.constexpr,
     HOST_TABLE: tl.constexpr,
+    HOST_MISMATCH: tl.constexpr,
+    FP_WORDS: tl.constexpr,
 ):
-    # Program j publishes this rank's counts row to rank j, waits for every peer's row, then
-    # computes where this rank's tokens land at rank j.
+    # Program j publishes this rank's fingerprint and counts row to rank j, waits for every peer's,
+    # then computes where this rank's tokens land at rank j. The table at table_offset: NUM_RANKS
+    # fingerprints of FP_WORDS words (a fixed place, whatever num_experts a peer passed), then
+    # NUM_RANKS count rows.
     j = tl.program_id(0)
     num_counts = NUM_RANKS + NUM_EXPERTS
     remote = peer_pointer(peer_table, j)
     local = peer_pointer(peer_table, rank)
-    row = remote + table_offset + rank * num_counts
+    fp_cols = tl.arange(0, FP_WORDS)
+    fingerprint = _fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
+    tl.store(remote + table_offset + rank * FP_WORDS + fp_cols, fingerprint)
+    counts_offset = table_offset + NUM_RANKS * FP_WORDS
+    row = remote + counts_offset + rank * num_counts
     # Tokens per destination rank, from is_token_in_rank [num_tokens, NUM_RANKS] (int8 view).
     r_cols = tl.arange(0, R_BLOCK)
     r_mask = r_cols < NUM_RANKS
@@ -117,44 +187,64 @@ def dispatch_counts_kernel(
         local + flag_offset, epoch, timeout_ns, error_pointer, operation_code, rank, NUM_RANKS, R_BLOCK
     )
 
-    # Column j of the table: rows each source rank sends to j (volatile: never a stale cached line
-    # of an earlier call's table). This rank's own row comes from registers: no program waits for
-    # another program of this grid.
-    table = local + table_offset
+    # The peers' fingerprints (volatile: never a stale cached line of an earlier call's table);
+    # every program compares them with this rank's, so all agree on `agree`.
     sources = tl.arange(0, R_BLOCK)
-    own = tl.sum(tl.where(r_cols == j, per_rank, 0), 0)
     peers = (sources < NUM_RANKS) & (sources != rank)
+    theirs = tl.load(
+        local + table_offset + sources[:, None] * FP_WORDS + fp_cols[None, :],
+        mask=peers[:, None],
+        other=0,
+        volatile=True,
+    )
+    differing = ((theirs != fingerprint[None, :]) & peers[:, None]).to(tl.int32)
+    agree = tl.sum(tl.sum(differing, axis=1), axis=0) == 0
+    # Column j of the table: rows each source rank sends to j. This rank's own row comes from
+    # registers: no program waits for another program of this grid. A peer whose fingerprint
+    # differs may have written its counts row elsewhere (another num_experts): with `agree` false
+    # nothing below uses them (no row is sent, nothing is received).
+    table = local + counts_offset
+    own = tl.sum(tl.where(r_cols == j, per_rank, 0), 0)
     sent = tl.load(table + sources * num_counts + j, mask=peers, other=0, volatile=True)
     sent = tl.where(sources == rank, own, sent)
+    sent = tl.where(agree, sent, 0)
     prefix = tl.cumsum(sent, 0)
     tl.store(rank_prefix_ptr + sources * NUM_RANKS + j, prefix, mask=sources < NUM_RANKS)
     host = host_address.to(tl.pointer_type(tl.int32))
     if j == rank:
         tl.store(num_recv_ptr, tl.sum(sent, 0))
         if write_host == 0:
-            # num_worst_tokens mode (no host read now): the count for a later check, then its epoch.
+            # num_worst_tokens mode (no host read now): on a difference the fingerprints and their
+            # epoch first, then the count for a later check and its epoch.
+            if not agree:
+                _store_fingerprints(
+                    host + HOST_TABLE, theirs, fingerprint, rank, NUM_RANKS, R_BLOCK, FP_WORDS
+                )
+                signal_release_sys(host + HOST_MISMATCH, epoch)
             tl.store(host + 1, tl.sum(sent, 0))
             signal_release_sys(host + 2, epoch)
     carry = tl.sum(tl.where(sources < rank, sent, 0), 0)
     for start in range(0, num_tokens, T_BLOCK):
         tokens = tl.arange(0, T_BLOCK) + start
         inside = tokens < num_tokens
-        hit = (tl.load(in_rank_ptr + tokens * NUM_RANKS + j, mask=inside, other=0) != 0).to(tl.int32)
-        position = tl.cumsum(hit, 0) + carry - 1
-        tl.store(recv_row_ptr + tokens * NUM_RANKS + j, tl.where(hit != 0, position, -1), mask=inside)
-        carry += tl.sum(hit, 0)
-    # The whole table to the host-mapped copy (this rank's row from registers and counts_ptr),
-    # then its epoch (the host polls the epoch).
+        hit = (tl.load(in_rank_ptr + tokens * NUM_RANKS + j, mask=inside, other=0) != 0) & agree
+        position = tl.cumsum(hit.to(tl.int32), 0) + carry - 1
+        tl.store(recv_row_ptr + tokens * NUM_RANKS + j, tl.where(hit, position, -1), mask=inside)
+        carry += tl.sum(hit.to(tl.int32), 0)
+    # The whole table to the host-mapped copy (this rank's fingerprint and counts row from
+    # registers and counts_ptr), then its epoch (the host polls the epoch).
     if (j == 0) & (write_host != 0):
+        _store_fingerprints(host + HOST_TABLE, theirs, fingerprint, rank, NUM_RANKS, R_BLOCK, FP_WORDS)
+        host_counts = host + HOST_TABLE + NUM_RANKS * FP_WORDS
         total = NUM_RANKS * num_counts
         own_first = rank * num_counts
         for start in range(0, total, E_BLOCK):
             words = tl.arange(0, E_BLOCK) + start
             inside = (words < total) & ((words < own_first) | (words >= own_first + num_counts))
             values = tl.load(table + words, mask=inside, other=0, volatile=True)
-            tl.store(host + HOST_TABLE + words, values, mask=inside)
+            tl.store(host_counts + words, values, mask=inside)
         _store_counts_row(
-            host + HOST_TABLE + own_first, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK
+            host_counts + own_first, per_rank, counts_ptr, NUM_RANKS, NUM_EXPERTS, E_BLOCK, R_BLOCK
         )
         signal_release_sys(host, epoch)
 
@@ -169,13 +259,19 @@ def launch_dispatch_counts(
     table_offset: int,
     host_address: int,
     write_host: bool,
+    fingerprint: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Exchange the dispatch counts and compute every row number, in one launch on the current stream.
+    """Exchange the call fingerprints and the dispatch counts and compute every row number, in one
+    launch on the current stream.
 
-    Each rank publishes ``[tokens per rank (from is_token_in_rank), num_tokens_per_expert]``
-    (``counts_row_words`` words) into row ``rank`` of every peer's count table, releases flag
-    ``rank`` there at ``epoch``, waits (bounded) for every peer's flag, then derives the rows from
-    the table.
+    Each rank publishes its ``fingerprint`` into fingerprint row ``rank`` and ``[tokens per rank
+    (from is_token_in_rank), num_tokens_per_expert]`` (``counts_row_words`` words) into count row
+    ``rank`` of every peer's table, releases flag ``rank`` there at ``epoch``, waits (bounded) for
+    every peer's flag, then derives the rows from the table. If any peer's fingerprint differs from
+    ``fingerprint``, no token is sent anywhere (every row number ``-1``), nothing is received (the
+    receive count and the prefix matrix are 0) and the host raises when it reads the table (with
+    ``write_host``) or, without, finds the fingerprints and the call's epoch at word
+    ``HOST_MISMATCH_WORD``.
 
     Arguments:
         peers: the peer table, rank, timeout, error word and flag offset.
@@ -183,12 +279,16 @@ def launch_dispatch_counts(
         is_token_in_rank: ``[num_tokens, num_ranks]`` bool, contiguous.
         epoch: a value larger than any earlier epoch of this buffer.
         operation_code: written into the error word on timeout, names the operation.
-        table_offset: int32-word offset of the ``[num_ranks, counts_row_words]`` count table.
+        table_offset: int32-word offset of the table: ``[num_ranks, FINGERPRINT_WORDS]``
+            fingerprints, then the ``[num_ranks, counts_row_words]`` count rows.
         host_address: address of a host-mapped int32 buffer of ``HOST_TABLE_WORD + num_ranks *
-            counts_row_words(...)`` words. With ``write_host`` the table goes to word
-            ``HOST_TABLE_WORD`` on, then ``epoch`` to word 0; without, this rank's receive count
-            goes to word 1, then ``epoch`` to word 2.
+            (FINGERPRINT_WORDS + counts_row_words(...))`` words. With ``write_host`` the table
+            goes to word ``HOST_TABLE_WORD`` on, then ``epoch`` to word 0; without, on a
+            fingerprint difference the fingerprints go to word ``HOST_TABLE_WORD`` on and
+            ``epoch`` to word ``HOST_MISMATCH_WORD``, then (always) this rank's receive count goes
+            to word 1 and ``epoch`` to word 2.
         write_host: copy the table to the host buffer (the host waits for it).
+        fingerprint: this call's ``FINGERPRINT_WORDS`` words, each in ``[0, 2**31)``.
 
     Returns:
         ``recv_row_of_token [num_tokens, num_ranks]`` int32 (row at each destination, ``-1`` = not
@@ -198,6 +298,9 @@ def launch_dispatch_counts(
     num_tokens, num_ranks = is_token_in_rank.shape
     if peers.num_ranks != num_ranks:
         raise ValueError(f"{peers.num_ranks} peers for is_token_in_rank of {num_ranks} ranks")
+    words = [int(word) for word in fingerprint]
+    if len(words) != FINGERPRINT_WORDS or not all(0 <= word < 2**31 for word in words):
+        raise ValueError(f"fingerprint must be {FINGERPRINT_WORDS} words in [0, 2**31); got {words}")
     device = is_token_in_rank.device
     recv_row = torch.empty(num_tokens, num_ranks, dtype=torch.int32, device=device)
     rank_prefix = torch.empty(num_ranks, num_ranks, dtype=torch.int32, device=device)
@@ -223,6 +326,7 @@ def launch_dispatch_counts(
             int(write_host),
             peers.flag_offset,
             table_offset,
+            *words,
         ),
         {
             "NUM_RANKS": num_ranks,
@@ -231,6 +335,8 @@ def launch_dispatch_counts(
             "R_BLOCK": peers.flag_block,
             "T_BLOCK": _T_BLOCK,
             "HOST_TABLE": HOST_TABLE_WORD,
+            "HOST_MISMATCH": HOST_MISMATCH_WORD,
+            "FP_WORDS": FINGERPRINT_WORDS,
         },
         4,
     )

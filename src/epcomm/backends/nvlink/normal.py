@@ -1,13 +1,19 @@
 """Normal mode on the NVLink symmetric buffer: which kernel runs when (write-once push).
 
-Dispatch: one kernel publishes the counts to every peer, waits for theirs and computes every row
-number (it copies the count table to host-mapped memory, which the host reads while the push runs;
-``num_worst_tokens`` skips the read); the push kernel writes each token row straight into its final
-row of every destination's receive area and ends with the exit barrier; a copy engine then copies
-the rows out and one kernel the per-row metadata. Cached dispatch: the push alone, with an entry
-barrier. Combine: one kernel derives the row maps from the handle, the push kernel (entry barrier,
-push, exit barrier) writes each received row back into the token rank's area in (rank, token)
-order, then a reduce kernel sums in float32 in rank order.
+Dispatch: one kernel publishes the call's fingerprint and the counts to every peer, waits for theirs
+and computes every row number (it copies the table to host-mapped memory, which the host reads while
+the push runs; ``num_worst_tokens`` skips the read); the push kernel writes each token row straight
+into its final row of every destination's receive area and ends with the exit barrier; a copy engine
+then copies the rows out and one kernel the per-row metadata. When a peer's fingerprint differs the
+count kernel numbers no row, so the push writes nothing, and the host raises
+``InconsistentCallError`` when it reads the table (``num_worst_tokens``: the dispatch delivers no row,
+every ``recv_topk_idx`` is -1, and the next call on the buffer raises).
+
+Cached dispatch: the push alone, with an entry barrier. Combine: one kernel derives the row maps
+from the handle, the push kernel (entry barrier, push, exit barrier) writes each received row back
+into the token rank's area in (rank, token) order, then a reduce kernel sums in float32 in rank
+order. Neither exchanges a fingerprint yet (they take a call number, so a dispatch against one of
+them still sees a peer's older call number and raises, on the dispatching rank only).
 """
 
 from __future__ import annotations
@@ -29,12 +35,14 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     row_capacity,
 )
 from epcomm.env import LayoutKernel, Settings
+from epcomm.fingerprint import FINGERPRINT_WORDS, CallFingerprint, CallNumbers, check_fingerprints
 from epcomm.handles import DispatchHandle
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
 from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
 from epcomm.kernels.normal_rows import (
+    HOST_MISMATCH_WORD,
     HOST_TABLE_WORD,
     counts_row_words,
     launch_combine_rows,
@@ -67,22 +75,37 @@ def _push_regions(regions: DispatchRegions | CombineRegions) -> PushRegions:
     return PushRegions(x=regions.x, topk_weights=regions.topk_weights)
 
 
+def _device_words(fingerprint: CallFingerprint) -> list[int]:
+    """The fingerprint's words as the count kernel carries them: int32, non-negative (the call
+    number wraps at 2**31; equal calls still give equal words)."""
+    return [word & 0x7FFFFFFF for word in fingerprint.words()]
+
+
 class _HostCounts:
-    """Host-mapped words the dispatch count kernel writes (``launch_dispatch_counts``): the count
-    table with its epoch, and the receive count with its epoch (``num_worst_tokens`` mode)."""
+    """Host-mapped words the dispatch count kernel writes (``launch_dispatch_counts``): the table
+    (every rank's fingerprint, then the count rows) with its epoch, the receive count with its epoch
+    and the epoch of a fingerprint difference (``num_worst_tokens`` mode)."""
 
     def __init__(self, num_ranks: int) -> None:
         self.num_ranks = num_ranks
-        self.num_words = HOST_TABLE_WORD + num_ranks * counts_row_words(num_ranks, MAX_EXPERTS)
+        fingerprint_words = num_ranks * FINGERPRINT_WORDS
+        self.num_words = (
+            HOST_TABLE_WORD + fingerprint_words + num_ranks * counts_row_words(num_ranks, MAX_EXPERTS)
+        )
         self.words = torch.zeros(self.num_words, dtype=torch.int32, device="cpu", pin_memory=True)
         self.address = self.words.data_ptr()
         # Read through ctypes (sliced into Python lists at C speed, no tensor op per call).
-        self._table = (ctypes.c_int32 * (self.num_words - HOST_TABLE_WORD)).from_address(
+        self._fingerprints = (ctypes.c_int32 * fingerprint_words).from_address(
             self.address + 4 * HOST_TABLE_WORD
+        )
+        counts_word = HOST_TABLE_WORD + fingerprint_words
+        self._table = (ctypes.c_int32 * (self.num_words - counts_word)).from_address(
+            self.address + 4 * counts_word
         )
         self._table_epoch = ctypes.c_int32.from_address(self.address)
         self._recv_count = ctypes.c_int32.from_address(self.address + 4)
         self._recv_epoch = ctypes.c_int32.from_address(self.address + 8)
+        self._mismatch_epoch = ctypes.c_int32.from_address(self.address + 4 * HOST_MISMATCH_WORD)
 
     def read_table(self, buffer: SymmetricBuffer, epoch: int, num_counts: int) -> list[list[int]]:
         """Wait (host spin, bounded) for the table of the count exchange at ``epoch`` and return
@@ -104,6 +127,23 @@ class _HostCounts:
         buffer.check_error()
         table = self._table
         return [table[r * num_counts : (r + 1) * num_counts] for r in range(self.num_ranks)]
+
+    def check_fingerprints(self, rank: int, mine: list[int]) -> None:
+        """Raise ``InconsistentCallError`` if a peer's fingerprint in the host copy differs from
+        ``mine`` (the words this rank gave the count kernel). Valid once ``read_table`` returned,
+        or once ``mismatch_seen`` is true."""
+        words = self._fingerprints[:]
+        theirs = {
+            peer: CallFingerprint.from_words(words[peer * FINGERPRINT_WORDS : (peer + 1) * FINGERPRINT_WORDS])
+            for peer in range(self.num_ranks)
+            if peer != rank
+        }
+        check_fingerprints(rank, CallFingerprint.from_words(mine), theirs)
+
+    def mismatch_seen(self, epoch: int) -> bool:
+        """Whether the count exchange at ``epoch`` (``num_worst_tokens`` mode) saw a peer's
+        fingerprint differ; final once ``received_count(epoch)`` is not ``None`` (written before it)."""
+        return self._mismatch_epoch.value == epoch
 
     def received_count(self, epoch: int) -> int | None:
         """The receive count of the count exchange at ``epoch`` without a host read, or ``None``
@@ -136,8 +176,10 @@ class NvlinkNormal:
         self._dispatch_views: dict[DispatchRegions, _DispatchAreas] = {}
         self._combine_views: dict[CombineRegions, tuple[torch.Tensor, torch.Tensor]] = {}
         # num_worst_tokens mode cannot read the receive count without a sync: the count kernel
-        # writes it to host-mapped memory and a later call checks it (epoch, allowed rows).
-        self._worst_check: tuple[int, int] | None = None
+        # writes it to host-mapped memory and a later call checks it (epoch, allowed rows, the
+        # fingerprint words of that call).
+        self._worst_check: tuple[int, int, list[int]] | None = None
+        self.calls = CallNumbers()
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -149,13 +191,17 @@ class NvlinkNormal:
 
     # ---- helpers ------------------------------------------------------------------------------
     def check_worst(self) -> None:
-        """Raise if an earlier ``num_worst_tokens`` dispatch received more rows than it allowed
-        (checked once its count has reached the host; a later such dispatch replaces the check)."""
+        """Raise if an earlier ``num_worst_tokens`` dispatch saw a peer make a different call
+        (``InconsistentCallError``; that dispatch delivered no row) or received more rows than it
+        allowed (checked once its count has reached the host; a later such dispatch replaces the
+        check)."""
         if self._worst_check is not None:
-            epoch, allowed = self._worst_check
+            epoch, allowed, fingerprint = self._worst_check
             received = self.host_counts.received_count(epoch)
             if received is not None:
                 self._worst_check = None
+                if self.host_counts.mismatch_seen(epoch):
+                    self.host_counts.check_fingerprints(self.rank, fingerprint)
                 if received > allowed:
                     raise ValueError(
                         f"dispatch: num_worst_tokens={allowed} but rank {self.rank} received {received} "
@@ -263,6 +309,8 @@ class NvlinkNormal:
         # exchange's, then the push's exit barrier's).
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        stamped = self.calls.stamp(request.fingerprint)
+        fingerprint = _device_words(stamped)
         counts_epoch = self.buffer.next_epoch()
         recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_counts(
             peers=self.buffer.peers,
@@ -273,6 +321,7 @@ class NvlinkNormal:
             table_offset=self.buffer.header.table,
             host_address=self.host_counts.address,
             write_host=worst == 0,
+            fingerprint=fingerprint,
         )
         num_topk = max(
             1,
@@ -321,10 +370,13 @@ class NvlinkNormal:
         per_expert_list: list[int] = []
         if worst > 0:
             num_rows = num_max_rows = worst
-            self._worst_check = (counts_epoch, worst)
+            self._worst_check = (counts_epoch, worst, fingerprint)
         else:
             # Plain Python on lists: a dozen small CPU tensor ops cost ~200 us here.
             host = self.host_counts.read_table(self.buffer, counts_epoch, num_counts)
+            # Before the counts are trusted (a peer's may follow another num_experts): on a
+            # difference the kernel numbered no row, so the push wrote nothing.
+            self.host_counts.check_fingerprints(rank, fingerprint)
             sent = [row[:num_ranks] for row in host]
             num_rows = sum(row[rank] for row in sent)
             num_max_rows = max(max(map(sum, sent)), max(map(sum, zip(*sent))))
@@ -358,12 +410,16 @@ class NvlinkNormal:
             num_recv_tokens=num_recv_tokens,
             num_recv_rows=num_rows,
             num_max_rows=num_max_rows,
+            sequence=stamped.sequence,
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
         x_words = self._words(request.x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
+        # Numbered like every normal-mode call; its fingerprint is not exchanged on this transport
+        # yet (a dispatch compares the peers' last dispatch fingerprints, whose numbers then differ).
+        self.calls.stamp(request.fingerprint)
         num_scale_words = scale_words.size(1) if scale_words is not None else 0
         row_words = DispatchRegions.row_words(x_words.size(1), num_scale_words, 1)
         self._ensure_rows(handle.num_max_rows, row_words)
@@ -392,6 +448,8 @@ class NvlinkNormal:
         """Normal-mode combine; see ``Buffer.combine``: the push writes each row back into its token
         rank's combine area, then the reduce sums them."""
         handle, x = request.handle, request.x
+        x_words = self._words(x, "x")
+        self.calls.stamp(request.fingerprint)  # numbered, not exchanged (as in cached dispatch)
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
         row_words = CombineRegions.row_words(x.size(1) // 2, num_topk)
         self._ensure_rows(handle.num_max_rows, row_words)
@@ -414,7 +472,7 @@ class NvlinkNormal:
         combined = torch.empty(num_tokens, x.size(1), dtype=torch.bfloat16, device=self.device)
         launch_push_rows(
             peers=self.buffer.peers,
-            x_words=self._words(x, "x"),
+            x_words=x_words,
             dst_row=dst_row,
             regions=_push_regions(regions),
             capacity=regions.capacity,

@@ -14,7 +14,8 @@ lanes of one wait over every rank's flag, so ``B`` words of every flag array mus
     header (HeaderLayout)
       [flags,   flags + align32(B))        barrier flags: word s = the last epoch rank s released here
       [counter, counter + 32)              word 0: done counter of this rank's push kernel
-      [table,   table + R * (R + 4096))    count table (normal mode only): row s = rank s's
+      [table,   table + R * (8 + R + 4096)) count table (normal mode only): R call fingerprints
+                                           of 8 words (row s = rank s's), then R count rows of
                                            [tokens per rank (R), tokens per expert (<= 4096)]
       [payload, end)                       payload, 4 KB aligned, grown on demand
     normal-mode payload (reused by every call; an entry barrier guards each reuse)
@@ -45,6 +46,7 @@ from epcomm._collectives import all_gather_bytes
 from epcomm._logging import get_logger
 from epcomm._math import align_up
 from epcomm.errors import PeerTimeoutError
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.symmetric_peers import SymmetricPeers, flag_block
 
 __all__ = [
@@ -105,13 +107,16 @@ class HeaderLayout:
 
     @property
     def table(self) -> int:
-        """The count table: ``num_ranks`` rows of ``num_ranks + MAX_EXPERTS`` words."""
+        """The count table: ``num_ranks`` fingerprints of ``FINGERPRINT_WORDS`` words, then
+        ``num_ranks`` count rows of up to ``num_ranks + MAX_EXPERTS`` words."""
         return self.counter + ALIGN_WORDS
 
     @property
     def table_words(self) -> int:
         """Words of the count table (0 without one)."""
-        return self.num_ranks * (self.num_ranks + MAX_EXPERTS) if self.count_table else 0
+        if not self.count_table:
+            return 0
+        return self.num_ranks * (FINGERPRINT_WORDS + self.num_ranks + MAX_EXPERTS)
 
     @property
     def payload(self) -> int:

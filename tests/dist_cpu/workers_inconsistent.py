@@ -1,0 +1,137 @@
+"""Workers of the inconsistent-call test: one rank calls normal mode differently from the others.
+
+Every rank records what its differing call raised, then all ranks make one matching dispatch and
+combine (checked against the naive oracle) to show the failed call left no message pending.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from epcomm import Buffer, InconsistentCallError
+from epcomm.env import Settings
+from epcomm.handles import DispatchHandle
+from epcomm.quant import per_token_cast_to_fp8
+from epcomm.testing import ProcessGroupInfo
+
+from .naive import (
+    Case,
+    RankInputs,
+    assert_rows_equal,
+    make_all_inputs,
+    naive_combine,
+    naive_dispatch,
+    power_of_two_scale,
+)
+from .workers_normal import BACKEND, assert_combined_close
+
+# A call that waited for its peer instead of raising at once would take this long (and fail the
+# test's bound on the error's delay).
+TIMEOUT_S = 10.0
+
+# Row -> (what the odd rank does differently, the field the error must name).
+ROWS: dict[str, str] = {
+    "hidden": "hidden differs",
+    "num_topk": "num_topk differs",
+    "fp8_vs_bf16": "x format differs",
+    "num_experts": "num_experts differs",
+    "call_order": "operation differs",  # others: dispatch, dispatch; odd rank: dispatch, combine
+    "cached_vs_fresh": "operation differs",  # others: fresh dispatch; odd rank: cached dispatch
+    "other_handle": "handle differs",  # combine with the handle of another dispatch
+}
+
+
+def _dispatch(
+    buffer: Buffer,
+    x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+    inputs: RankInputs,
+    num_experts: int,
+    num_topk: int | None = None,
+) -> tuple[Any, ...]:
+    topk_idx = inputs.topk_idx[:, :num_topk]
+    topk_weights = inputs.topk_weights[:, :num_topk]
+    num_tokens_per_rank, _, num_tokens_per_expert, is_token_in_rank, _ = buffer.get_dispatch_layout(
+        topk_idx, num_experts
+    )
+    return buffer.dispatch(
+        x,
+        num_tokens_per_rank=num_tokens_per_rank,
+        is_token_in_rank=is_token_in_rank,
+        num_tokens_per_expert=num_tokens_per_expert,
+        topk_idx=topk_idx,
+        topk_weights=topk_weights,
+    )
+
+
+def _differing_call(buffer: Buffer, row: str, is_odd: bool, mine: RankInputs, case: Case) -> None:
+    """The call of ``row`` (after the matching calls it needs first): the odd rank's differs."""
+    x, num_experts = mine.x, case.num_experts
+    if row in ("call_order", "cached_vs_fresh", "other_handle"):
+        recv_x, _, recv_topk_weights, _, handle, _ = _dispatch(buffer, x, mine, num_experts)
+        assert isinstance(handle, DispatchHandle)
+        if row == "call_order":
+            if is_odd:
+                buffer.combine(recv_x, handle, topk_weights=recv_topk_weights)
+            else:
+                _dispatch(buffer, x, mine, num_experts)
+        elif row == "cached_vs_fresh":
+            if is_odd:
+                buffer.dispatch(x, handle=handle)
+            else:
+                _dispatch(buffer, x, mine, num_experts)
+        else:
+            second_x, _, second_weights, _, second_handle, _ = _dispatch(buffer, x, mine, num_experts)
+            if is_odd:
+                buffer.combine(recv_x, handle, topk_weights=recv_topk_weights)
+            else:
+                buffer.combine(second_x, second_handle, topk_weights=second_weights)
+        return
+    if is_odd and row == "hidden":
+        x = torch.cat([x, x], dim=1)
+    if is_odd and row == "num_experts":
+        num_experts *= 2
+    num_topk = case.num_topk // 2 if is_odd and row == "num_topk" else None
+    sent: torch.Tensor | tuple[torch.Tensor, torch.Tensor] = x
+    if is_odd and row == "fp8_vs_bf16":
+        sent = per_token_cast_to_fp8(x)
+    _dispatch(buffer, sent, mine, num_experts, num_topk)
+
+
+def inconsistent_call_worker(pgi: ProcessGroupInfo, case: Case, row: str, odd_rank: int) -> dict[str, Any]:
+    """Rank ``odd_rank`` makes the differing call of ``row``; every rank returns what it raised
+    (``kind``, ``message``, ``peer``, ``elapsed_s``) and whether the matching dispatch and combine
+    that follow were right (``recovered``)."""
+    me, num_ranks = pgi.rank, pgi.world_size
+    all_inputs = make_all_inputs(case, num_ranks)
+    mine = all_inputs[me]
+    outcome: dict[str, Any] = {"kind": None, "message": None}
+    with Buffer(pgi.group, backend=BACKEND, settings=Settings(timeout_s=TIMEOUT_S)) as buffer:
+        start = time.monotonic()
+        try:
+            _differing_call(buffer, row, me == odd_rank, mine, case)
+        except InconsistentCallError as error:
+            outcome = {
+                "kind": type(error).__name__,
+                "message": str(error),
+                "rank": error.rank,
+                "peer": error.peer,
+                "mine": error.mine,
+                "theirs": error.theirs,
+                "is_value_error": isinstance(error, ValueError),
+            }
+        outcome["elapsed_s"] = time.monotonic() - start
+        recv_x, _, recv_topk_weights, _, handle, _ = _dispatch(buffer, mine.x, mine, case.num_experts)
+        assert isinstance(recv_x, torch.Tensor)
+        combined, _, _ = buffer.combine(
+            recv_x * power_of_two_scale(me), handle, topk_weights=recv_topk_weights
+        )
+    expected = naive_dispatch(all_inputs, me, case.num_experts)
+    assert_rows_equal(recv_x, expected.x, expected.keys, "recv_x of the dispatch after the error")
+    expected_combined, _ = naive_combine(mine, num_ranks, case.num_experts)
+    token_keys = [(me, token) for token in range(mine.x.size(0))]
+    assert_combined_close(combined, expected_combined, token_keys, "combined_x after the error")
+    outcome["recovered"] = True
+    return outcome
