@@ -134,7 +134,9 @@ class NvlinkLowLatency:
             if peer not in self._warned:
                 self._warned.add(peer)
                 warnings.warn(
-                    PeerMaskedWarning(operation_name(code).split(" ")[0], self.rank, peer, self.shrink_timeout_s),
+                    PeerMaskedWarning(
+                        operation_name(code).split(" ")[0], self.rank, peer, self.shrink_timeout_s
+                    ),
                     stacklevel=4,
                 )
 
