@@ -9,7 +9,8 @@ communicate and carries none.
 
 The words, in this order (``FINGERPRINT_WORDS``; int64 in the reference backend's messages)::
 
-    0 operation       NormalOperation: 1 dispatch, 2 cached dispatch, 3 combine
+    0 operation       NormalOperation: 1 dispatch, 2 cached dispatch, 3 combine,
+                      4 low_latency_dispatch, 5 low_latency_combine
     1 sequence        the Buffer's normal-mode call number (1, 2, ...), counted when a call starts
                       communicating (a call rejected for its arguments takes no number)
     2 handle          the sequence number of the dispatch whose handle the call uses (0: none)
@@ -17,7 +18,11 @@ The words, in this order (``FINGERPRINT_WORDS``; int64 in the reference backend'
     4 x format        XFormat: 0 bf16, 1 fp8 + float32 scales, 2 fp8 + packed UE8M0 int32 scales
     5 num_experts     0 where the call takes none (cached dispatch, combine)
     6 num_topk        columns of topk_idx (dispatch) or of topk_weights (combine); 0: none given
-    7 with weights    1 when dispatch is given topk_weights (combine: when num_topk > 0)
+    7 with weights    1 when dispatch is given topk_weights (combine: when num_topk > 0);
+                      the low-latency operations: num_max_dispatch_tokens_per_rank
+
+The low-latency operations (4, 5) use the same words: the reference backend's low-latency calls
+send them in a first message of their own (fixed size) and compare before the payload is posted.
 
 Together they fix the size of every message that follows (rows of ``hidden`` and ``x format``,
 top-k columns, per-expert counts), so ranks that agree on them cannot disagree on a message size.
@@ -47,11 +52,16 @@ FINGERPRINT_WORDS = 8
 
 
 class NormalOperation(enum.IntEnum):
-    """Word 0 of a fingerprint."""
+    """Word 0 of a fingerprint (the low-latency operations included)."""
 
     DISPATCH = 1
     CACHED_DISPATCH = 2
     COMBINE = 3
+    LOW_LATENCY_DISPATCH = 4
+    LOW_LATENCY_COMBINE = 5
+
+
+_LOW_LATENCY = (NormalOperation.LOW_LATENCY_DISPATCH, NormalOperation.LOW_LATENCY_COMBINE)
 
 
 class XFormat(enum.IntEnum):
@@ -73,6 +83,8 @@ _OPERATION_NAMES: dict[int, str] = {
     NormalOperation.DISPATCH: "dispatch",
     NormalOperation.CACHED_DISPATCH: "cached dispatch",
     NormalOperation.COMBINE: "combine",
+    NormalOperation.LOW_LATENCY_DISPATCH: "low_latency_dispatch",
+    NormalOperation.LOW_LATENCY_COMBINE: "low_latency_combine",
 }
 _FORMAT_NAMES: dict[int, str] = {
     XFormat.BF16: "bf16",
@@ -159,6 +171,32 @@ class CallFingerprint(NamedTuple):
             int(num_topk > 0),
         )
 
+    @staticmethod
+    def for_low_latency_dispatch(
+        hidden: int, x_format: XFormat, num_experts: int, num_topk: int, capacity: int
+    ) -> CallFingerprint:
+        """A low-latency dispatch (``x_format``: the cast it asks for); word 7 is the capacity
+        (``num_max_dispatch_tokens_per_rank``)."""
+        return CallFingerprint(
+            NormalOperation.LOW_LATENCY_DISPATCH, 0, 0, hidden, x_format, num_experts, num_topk, capacity
+        )
+
+    @staticmethod
+    def for_low_latency_combine(
+        hidden: int, num_experts: int, num_topk: int, capacity: int, handle_sequence: int
+    ) -> CallFingerprint:
+        """A low-latency combine with the handle of low-latency dispatch ``handle_sequence``."""
+        return CallFingerprint(
+            NormalOperation.LOW_LATENCY_COMBINE,
+            0,
+            handle_sequence,
+            hidden,
+            XFormat.BF16,
+            num_experts,
+            num_topk,
+            capacity,
+        )
+
     def words(self) -> list[int]:
         """The ``FINGERPRINT_WORDS`` words, in field order."""
         return [int(value) for value in self]
@@ -176,6 +214,15 @@ class CallFingerprint(NamedTuple):
     def describe(self) -> str:
         """One short line, e.g. ``"dispatch #3 hidden=7168 bf16 experts=256 topk=8+weights"``."""
         head = f"{self.operation_name} #{self.sequence}"
+        if self.operation in _LOW_LATENCY:
+            if self.operation == NormalOperation.LOW_LATENCY_COMBINE:
+                head += f" of #{self.handle_sequence}"
+            else:
+                head += f" {_name(_FORMAT_NAMES, self.x_format, 'format')}"
+            return (
+                f"{head} hidden={self.hidden} experts={self.num_experts} topk={self.num_topk} "
+                f"capacity={self.with_weights}"
+            )
         if self.operation != NormalOperation.DISPATCH:
             head += f" of #{self.handle_sequence}"
         head += f" hidden={self.hidden}"
@@ -191,7 +238,10 @@ class CallFingerprint(NamedTuple):
         """Names of the fields that differ from ``other`` (only ``operation`` when that differs)."""
         if self.operation != other.operation:
             return [_FIELD_NAMES["operation"]]
-        return [_FIELD_NAMES[field] for field, a, b in zip(self._fields, self, other) if a != b]
+        names = dict(_FIELD_NAMES)
+        if self.operation in _LOW_LATENCY:
+            names["with_weights"] = "capacity"
+        return [names[field] for field, a, b in zip(self._fields, self, other) if a != b]
 
 
 def check_fingerprints(rank: int, mine: CallFingerprint, theirs: Mapping[int, CallFingerprint]) -> None:

@@ -63,6 +63,8 @@ class LowLatencyHandle(NamedTuple):
             ``e * num_ranks * num_max_dispatch_tokens_per_rank + row`` of its expert output;
             ``-1`` otherwise.
         buffer_parity: which of the two alternating result buffers holds this call's data.
+        sequence: the low-latency call number of the dispatch that made it (its identity in a
+            combine's call fingerprint; 0 where the backend does not number calls).
     """
 
     recv_src_info: torch.Tensor
@@ -72,6 +74,7 @@ class LowLatencyHandle(NamedTuple):
     num_experts: int
     combine_gather_idx: torch.Tensor
     buffer_parity: int
+    sequence: int = 0
 
 
 HandleType = TypeVar("HandleType", DispatchHandle, LowLatencyHandle)

@@ -1,9 +1,9 @@
-"""Ranks that call normal mode differently raise ``InconsistentCallError`` at once, not a transport
+"""Ranks that call normal or low-latency mode differently raise ``InconsistentCallError`` at once, not a transport
 abort or a silent result, and the group still works afterwards.
 
-Every normal-mode call of the reference backend starts with a header exchanged between every pair
-of ranks (the call's fingerprint, then the rows it sends to each rank), so every rank sees every
-peer's call and raises: the test expects the error on every rank, naming both ranks.
+Every call of the reference backend starts with a header exchanged between every pair of ranks
+(the call's fingerprint; in normal mode then the rows it sends to each rank), so every rank sees
+every peer's call and raises: the test expects the error on every rank, naming both ranks.
 """
 
 from __future__ import annotations
@@ -11,20 +11,34 @@ from __future__ import annotations
 import pytest
 
 from .cases import RunOnRanks, make_case
-from .workers_inconsistent import ROWS, TIMEOUT_S, inconsistent_call_worker
+from .workers_inconsistent import (
+    LOW_LATENCY_ROWS,
+    ROWS,
+    TIMEOUT_S,
+    inconsistent_call_worker,
+    inconsistent_low_latency_worker,
+)
 
 MAX_MESSAGE_CHARS = 300
 
 
 @pytest.mark.parametrize(
     ("world_size", "row", "odd_rank"),
-    [*((2, row, 1) for row in ROWS), (4, "hidden", 3), (4, "call_order", 0)],
+    [
+        *((2, row, 1) for row in ROWS),
+        (4, "hidden", 3),
+        (4, "call_order", 0),
+        *((2, row, 1) for row in LOW_LATENCY_ROWS),
+        (4, "ll_capacity", 2),
+    ],
 )
 def test_inconsistent_call_raises_on_every_rank(
     run_on_ranks: RunOnRanks, world_size: int, row: str, odd_rank: int
 ) -> None:
     case = make_case("inconsistent_call", world_size)
-    outcomes = run_on_ranks(world_size, inconsistent_call_worker, case, row, odd_rank)
+    worker = inconsistent_low_latency_worker if row in LOW_LATENCY_ROWS else inconsistent_call_worker
+    outcomes = run_on_ranks(world_size, worker, case, row, odd_rank)
+    rows = {**ROWS, **LOW_LATENCY_ROWS}
     for rank, outcome in enumerate(outcomes):
         message = outcome["message"]
         assert outcome["kind"] == "InconsistentCallError", f"rank {rank}: {row}: raised nothing"
@@ -35,7 +49,7 @@ def test_inconsistent_call_raises_on_every_rank(
         assert f"rank {rank}: {outcome['mine']};" in message, message
         assert message.endswith(f"rank {peer}: {outcome['theirs']}"), message
         assert outcome["mine"] != outcome["theirs"], message
-        assert ROWS[row] in message, message
+        assert rows[row] in message, message
         assert "\n" not in message, message
         assert len(message) <= MAX_MESSAGE_CHARS, (len(message), message)
         assert outcome["elapsed_s"] < TIMEOUT_S / 2, f"rank {rank} waited {outcome['elapsed_s']:.1f} s"

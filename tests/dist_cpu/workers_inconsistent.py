@@ -24,6 +24,7 @@ from .naive import (
     make_all_inputs,
     naive_combine,
     naive_dispatch,
+    naive_low_latency_dispatch,
     power_of_two_scale,
 )
 from .workers_normal import BACKEND, assert_combined_close
@@ -133,5 +134,92 @@ def inconsistent_call_worker(pgi: ProcessGroupInfo, case: Case, row: str, odd_ra
     expected_combined, _ = naive_combine(mine, num_ranks, case.num_experts)
     token_keys = [(me, token) for token in range(mine.x.size(0))]
     assert_combined_close(combined, expected_combined, token_keys, "combined_x after the error")
+    outcome["recovered"] = True
+    return outcome
+
+
+# Low-latency rows -> the field the error must name.
+LOW_LATENCY_ROWS: dict[str, str] = {
+    "ll_capacity": "capacity differs",
+    "ll_hidden": "hidden differs",
+    "ll_num_experts": "num_experts differs",
+    "ll_fp8_vs_bf16": "x format differs",
+    "ll_call_order": "operation differs",  # others: dispatch, dispatch; odd rank: dispatch, combine
+    "ll_other_handle": "handle differs",  # combine with the handle of the earlier dispatch
+}
+LL_CAPACITY = 32
+
+
+def _differing_low_latency_call(buffer: Buffer, row: str, is_odd: bool, mine: RankInputs, case: Case) -> None:
+    x, topk_idx, num_experts, capacity = mine.x, mine.topk_idx, case.num_experts, LL_CAPACITY
+    if row in ("ll_call_order", "ll_other_handle"):
+        recv_x, _, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False
+        )
+        if row == "ll_call_order":
+            if is_odd:
+                buffer.low_latency_combine(recv_x, topk_idx, mine.topk_weights, handle)
+            else:
+                buffer.low_latency_dispatch(x, topk_idx, capacity, num_experts, use_fp8=False)
+            return
+        second_x, _, second_handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False
+        )
+        if is_odd:
+            buffer.low_latency_combine(recv_x, topk_idx, mine.topk_weights, handle)
+        else:
+            buffer.low_latency_combine(second_x, topk_idx, mine.topk_weights, second_handle)
+        return
+    use_fp8 = False
+    if is_odd and row == "ll_capacity":
+        capacity *= 2
+    if is_odd and row == "ll_hidden":
+        x = torch.cat([x, x], dim=1)
+    if is_odd and row == "ll_num_experts":
+        num_experts *= 2
+    if is_odd and row == "ll_fp8_vs_bf16":
+        use_fp8 = True
+    buffer.low_latency_dispatch(x, topk_idx, capacity, num_experts, use_fp8=use_fp8)
+
+
+def inconsistent_low_latency_worker(
+    pgi: ProcessGroupInfo, case: Case, row: str, odd_rank: int
+) -> dict[str, Any]:
+    """As ``inconsistent_call_worker`` for a low-latency call; then a matching low-latency dispatch
+    whose counts must be the naive oracle's (``recovered``)."""
+    me, num_ranks = pgi.rank, pgi.world_size
+    all_inputs = make_all_inputs(case, num_ranks)
+    mine = all_inputs[me]
+    outcome: dict[str, Any] = {"kind": None, "message": None}
+    # Room for the largest call of any row (twice the capacity, hidden and experts).
+    size = Buffer.get_low_latency_rdma_size_hint(
+        2 * LL_CAPACITY, 2 * case.hidden, num_ranks, 2 * case.num_experts
+    )
+    with Buffer(
+        pgi.group,
+        num_rdma_bytes=size,
+        low_latency_mode=True,
+        backend=BACKEND,
+        settings=Settings(timeout_s=TIMEOUT_S),
+    ) as buffer:
+        start = time.monotonic()
+        try:
+            _differing_low_latency_call(buffer, row, me == odd_rank, mine, case)
+        except InconsistentCallError as error:
+            outcome = {
+                "kind": type(error).__name__,
+                "message": str(error),
+                "rank": error.rank,
+                "peer": error.peer,
+                "mine": error.mine,
+                "theirs": error.theirs,
+                "is_value_error": isinstance(error, ValueError),
+            }
+        outcome["elapsed_s"] = time.monotonic() - start
+        _, recv_count, _, _, _ = buffer.low_latency_dispatch(
+            mine.x, mine.topk_idx, LL_CAPACITY, case.num_experts, use_fp8=False
+        )
+    expected = naive_low_latency_dispatch(all_inputs, me, case.num_experts)
+    assert recv_count.tolist() == [len(keys) for keys in expected.keys], "dispatch after the error"
     outcome["recovered"] = True
     return outcome

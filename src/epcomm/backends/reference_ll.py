@@ -11,6 +11,10 @@ that does not (or whose connection fails) is masked at that moment with a ``Peer
 and the call finishes without it: a dispatch treats it as a source that sent nothing, a combine
 treats the top-k slots whose expert lives on it as ``-1``. ``epcomm.backends.p2p`` explains how a
 wait on gloo can give up on a peer and what that leaves behind.
+
+Every call first exchanges its fingerprint (``epcomm.fingerprint``: operation, call number, sizes,
+the dispatch a combine undoes) and raises ``InconsistentCallError`` on every rank that sees a
+difference, before its payload is posted.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from epcomm.backends.base import (
 from epcomm.backends.p2p import PeerGroup, PendingExchange, TolerantExchange
 from epcomm.backends.rows import RowLayout
 from epcomm.errors import PeerMaskedWarning
+from epcomm.fingerprint import FINGERPRINT_WORDS, CallFingerprint, CallNumbers, XFormat, check_fingerprints
 from epcomm.handles import LowLatencyHandle
 
 __all__ = ["ReferenceLowLatency"]
@@ -49,6 +54,7 @@ class ReferenceLowLatency:
 
     def __init__(self, peers: PeerGroup, shrink_timeout_s: float | None = None) -> None:
         self.peers = peers
+        self.calls = CallNumbers()
         self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32, device="cpu")
         self.shrink_timeout_s = shrink_timeout_s if peers.supports_tolerant_waits else None
         self._parity = 0
@@ -90,6 +96,30 @@ class ReferenceLowLatency:
                 )
         return {d.peer for d in dropped}
 
+    def _agree(self, operation: str, fingerprint: CallFingerprint, device: torch.device) -> None:
+        """The call's first message: its fingerprint to and from every unmasked peer, compared
+        before the payload is posted (the payload's size follows from it, so ranks that disagree
+        never post messages of different sizes). The message has the size of a normal-mode call's
+        first message (``FINGERPRINT_WORDS + num_ranks`` int64, the counts zero), so a rank in a
+        normal-mode call and one in a low-latency call also meet on equal sizes and are told apart
+        by the operation word. The call waits here for its peers to enter the same call.
+
+        Raises:
+            InconsistentCallError: a peer's fingerprint differs from this rank's.
+            PeerTimeoutError: without shrink mode, a peer did not arrive.
+        """
+        words = fingerprint.words() + [0] * self.peers.num_ranks
+        header = torch.tensor(words, dtype=torch.int64, device=device)
+        active = self._active_peers()
+        recvs = {peer: torch.empty_like(header) for peer in active}
+        dropped = self._finish(operation, self._post(operation, dict.fromkeys(active, header), recvs))
+        theirs = {
+            peer: CallFingerprint.from_words(recvs[peer][:FINGERPRINT_WORDS].tolist())
+            for peer in active
+            if peer not in dropped
+        }
+        check_fingerprints(self.peers.rank, fingerprint, theirs)
+
     def barrier(self) -> None:
         """``clean_low_latency_buffer``'s barrier: a 1-byte message to and from every unmasked peer.
 
@@ -129,6 +159,17 @@ class ReferenceLowLatency:
         num_local_experts = request.num_experts // num_ranks
         num_rows = num_ranks * capacity
         device = x.device
+        x_format = (
+            (XFormat.FP8_UE8M0_SCALES if request.use_ue8m0 else XFormat.FP8_FLOAT_SCALES)
+            if request.use_fp8
+            else XFormat.BF16
+        )
+        fingerprint = self.calls.stamp(
+            CallFingerprint.for_low_latency_dispatch(
+                hidden, x_format, request.num_experts, num_topk, capacity
+            )
+        )
+        self._agree("low_latency_dispatch", fingerprint, device)
         parity, self._parity = self._parity, self._parity ^ 1
 
         padded_x = torch.zeros(capacity, hidden, dtype=torch.bfloat16, device=device)
@@ -169,6 +210,7 @@ class ReferenceLowLatency:
             request.num_experts,
             combine_gather_idx,
             parity,
+            fingerprint.sequence,
         )
 
         def complete() -> None:
@@ -235,6 +277,12 @@ class ReferenceLowLatency:
         rank, num_ranks = self.peers.rank, self.peers.num_ranks
         num_tokens, num_topk = request.topk_idx.shape
         capacity, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
+        fingerprint = self.calls.stamp(
+            CallFingerprint.for_low_latency_combine(
+                hidden, handle.num_experts, num_topk, capacity, handle.sequence
+            )
+        )
+        self._agree("low_latency_combine", fingerprint, request.topk_idx.device)
         x = self.combine_buffer(handle) if request.zero_copy else request.x
         flat_x = x.reshape(-1, hidden)
         gather_idx = handle.combine_gather_idx
