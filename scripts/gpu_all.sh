@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU test tier and the two benchmarks on a GPU machine, with logs and JSON rows under $OUT.
-# Usage, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all]   (default: all)
+# Usage, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all|soak]   (default: all)
+# soak: 10,000 random iterations of both modes against the reference at 2 and then 4 ranks sharing
+# GPU 0 (ITERATIONS=... to change the count), each under its own time limit.
 set -u
 what=${1:-all}
 case "$what" in
-  tests | bench | all) ;;
+  tests | bench | all | soak) ;;
   *)
-    echo "usage: bash scripts/gpu_all.sh [tests|bench|all]" >&2
+    echo "usage: bash scripts/gpu_all.sh [tests|bench|all|soak]" >&2
     exit 2
     ;;
 esac
@@ -30,4 +32,11 @@ if [ "$what" = bench ] || [ "$what" = all ]; then
     --ops layout --baselines reference --no-tqdm --out "$OUT/normal.jsonl" 2>&1 | tee -a "$OUT/bench_normal.log" | grep -E "^layout|layout:"
   # Where a cold call's host time goes (rank 0): launch vs device timeline, wrapped functions.
   timeout 180 python3 scripts/host_path.py --num-ranks "$n" 2>&1 | tee "$OUT/host_path.log" | grep -E "^== |call wall"
+fi
+if [ "$what" = soak ]; then
+  for ranks in 2 4; do
+    PYTHONPATH=src timeout "${SOAK_TIMEOUT_S:-560}" python3 -m epcomm soak --iterations "${ITERATIONS:-10000}" \
+      --num-processes "$ranks" --transport nvlink --dist-backend gloo-shared-gpu \
+      --timeout "${SOAK_TIMEOUT_S:-560}" 2>&1 | tee "$OUT/soak_${ranks}ranks_shared.log" | tail -8
+  done
 fi
