@@ -241,12 +241,13 @@ class NvlinkLowLatency:
         signals = self._signals(_DISPATCH, parity)
         words = self._words(layout, _DISPATCH, parity)
         peers = self._wait_peers()
+        local = self.buffer.local
 
         def run(phase: Phase) -> None:
             launch_ll_dispatch(
                 phase=phase,
                 peers=peers,
-                local=self.buffer.local,
+                local=local,
                 x=x,
                 topk_idx=topk_idx,
                 rank_mask=self._mask_device,
@@ -287,12 +288,13 @@ class NvlinkLowLatency:
         signals = self._signals(_COMBINE, parity)
         words = self._words(layout, _COMBINE, parity)
         peers = self._wait_peers()
+        local = self.buffer.local
 
         def run(phase: Phase) -> None:
             launch_ll_combine(
                 phase=phase,
                 peers=peers,
-                local=self.buffer.local,
+                local=local,
                 x_words=x.view(torch.int32),
                 combine_gather_idx=handle.combine_gather_idx,
                 rank_mask=self._mask_device,
