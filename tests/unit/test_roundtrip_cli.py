@@ -102,22 +102,6 @@ def test_old_backend_flag_is_a_deprecated_alias(capsys: pytest.CaptureFixture[st
     assert "--dist-backend" in capsys.readouterr().err
 
 
-@pytest.fixture
-def machine(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
-    """Pretend this machine has ``num_gpus`` GPUs (Triton installed or not) and these ``EPCOMM_*``
-    variables, and no others."""
-    for name in [name for name in os.environ if name.startswith("EPCOMM_")]:
-        monkeypatch.delenv(name)
-
-    def set_machine(num_gpus: int, triton: bool = True, **environ: str) -> None:
-        monkeypatch.setattr(_cli, "cuda_device_count", lambda: num_gpus)
-        monkeypatch.setattr(_cli, "has_triton", lambda: triton)
-        for name, value in environ.items():
-            monkeypatch.setenv(name, value)
-
-    return set_machine
-
-
 # (GPUs, environment, arguments, what the one error line says): every combination that cannot run.
 _REFUSED: list[tuple[int, dict[str, str], list[str], str]] = [
     (0, {}, ["--transport", "nvlink"], "--transport nvlink needs one CUDA GPU per process: 2 processes, 0 GPUs"),
