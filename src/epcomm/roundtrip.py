@@ -1,8 +1,8 @@
-"""``python -m epcomm`` / ``epcomm-roundtrip``: an end-to-end, self-checking MoE round trip.
+"""``python -m epcomm``: an end-to-end, self-checking MoE round trip.
 
 The job starts N local processes with ``epcomm.testing.parallel_launch`` (``--dist-backend``: NCCL on
 GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every rank (routing by
-``epcomm.testing.make_routing``) and sends it through both of the library's modes with one ``Buffer``
+``epcomm.testing.make_routing``) and sends it through the library's two modes (``--mode``: both by default) with one ``Buffer``
 (``--transport``: epcomm's reference or NVLink backend):
 
 * normal mode: ``get_dispatch_layout`` -> ``dispatch`` -> stand-in experts -> ``combine``;
@@ -12,8 +12,12 @@ The stand-in expert ``e`` multiplies its rows by ``1 + e / num_experts``, so the
 form every rank computes for its own tokens without communication: ``y[t] = sum_k w[t, k] * (1 +
 topk_idx[t, k] / num_experts) * x[t]`` over the entries with ``topk_idx != -1``. Every batch is a pure
 function of ``(seed, rank)``, so each rank also rebuilds its peers' batches and checks what it received
-row by row. Rank reports are gathered by the launching process, which prints one table (the slowest rank's
-time per phase) and exits with 0 only when every check passed on every rank.
+row by row. Rank 0 prints progress as it goes (start-up, the ``Buffer``, each mode, its checked first
+iteration, and any iteration ``--progress-interval`` seconds after the last line). Rank reports are
+gathered by the launching process, which prints one table (the slowest rank's time per phase) and exits
+with 0 only when every check passed on every rank. Before starting any process it refuses, in one
+``argparse`` error line (exit code 2), every combination this machine or the selected modes cannot run:
+the NVLink transport or NCCL without a GPU per process, a ``--hidden`` that a selected mode cannot move.
 """
 
 from __future__ import annotations
@@ -875,5 +879,5 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 
 def main() -> None:
-    """Console entry point (``epcomm-roundtrip``, ``python -m epcomm``): exits with ``run()``'s code."""
+    """``python -m epcomm``: exits with ``run()``'s code."""
     sys.exit(run())
