@@ -2,8 +2,8 @@
 
 The job starts N local processes with ``epcomm.testing.parallel_launch`` (``--dist-backend``: NCCL on
 GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every rank (routing by
-``epcomm.testing.make_routing``) and sends it through the library's two modes (``--mode``: both by default) with one ``Buffer``
-(``--transport``: epcomm's reference or NVLink backend):
+``epcomm.testing.make_routing``) and sends it through the library's two modes (``--mode``: both by
+default) with one ``Buffer`` (``--transport``: epcomm's reference or NVLink backend):
 
 * normal mode: ``get_dispatch_layout`` -> ``dispatch`` -> stand-in experts -> ``combine``;
 * low-latency mode: ``low_latency_dispatch`` -> stand-in experts -> ``low_latency_combine``.
@@ -663,8 +663,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=PROGRESS_INTERVAL_S,
         metavar="SECONDS",
-        help="rank 0 prints every stage as it starts and an iteration when SECONDS have passed since its "
-        f"last line, so short runs print only their stages (0: every iteration; default: {PROGRESS_INTERVAL_S:g})",
+        help="rank 0 prints every stage as it starts and an iteration when SECONDS have passed since "
+        "its last line, so short runs print only their stages (0: every iteration; default: "
+        f"{PROGRESS_INTERVAL_S:g})",
     )
     return parser
 

@@ -268,7 +268,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--transport",
         default="auto",
         choices=["auto", "reference", "nvlink"],
-        help="backend under test (nvlink: the ranks on GPUs, --dist-backend nccl or gloo-shared-gpu; default: auto)",
+        help=f"backend under test (nvlink: the ranks on GPUs, --dist-backend nccl or {SHARED_GPU}; "
+        "default: auto)",
     )
     parser.add_argument(
         "--dist-backend",
