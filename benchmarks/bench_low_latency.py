@@ -11,7 +11,10 @@ The barrier before each timed run is a host barrier (gloo) followed by a device 
 waiting for it, so every rank's GPU starts together and the ranks' skew in leaving the host
 barrier (up to ~100s of us) is not timed; the same for both backends (as ``bench_normal.py``).
 
-    python benchmarks/bench_low_latency.py --out results.jsonl
+    python benchmarks/bench_low_latency.py   # rows appended to results/bench_low_latency.jsonl
+
+Rows go to ``results/bench_low_latency.jsonl`` at the repository root (``$OUT/bench_low_latency.jsonl``
+when ``OUT`` is set; ``--out`` names another file).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import epcomm
 from epcomm import quant
 from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
-from report import append_jsonl, environment_info
+from report import append_jsonl, environment_info, results_path
 from timing import capture_graph
 
 
@@ -197,7 +200,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
     parser.add_argument("--tokens", default="1,128,256", help="tokens per rank, comma separated")
-    parser.add_argument("--out", default="bench_low_latency.jsonl")
+    parser.add_argument(
+        "--out",
+        default=results_path("bench_low_latency.jsonl"),
+        help="JSON-lines file the rows are appended to (default: bench_low_latency.jsonl in $OUT when "
+        "set, else in results/ at the repository root)",
+    )
     args = parser.parse_args(argv)
     if args.num_ranks < 2:
         print("needs 2 or more CUDA GPUs", file=sys.stderr)
@@ -255,6 +263,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 r for r in merged if r["setting"] == setting and r["op"] == op and r["backend"] == "reference"
             )
             print(f"speed-up {setting} {op}: {base['time_us'] / ours['time_us']:.1f}x vs reference over NCCL")
+    print(f"{len(merged)} rows appended to {args.out}")
     return 0
 
 

@@ -43,7 +43,10 @@ reference and user-path backends: a smoke test of the harness itself.
 
     python benchmarks/bench_normal.py --help
     python benchmarks/bench_normal.py --quick                     # seconds; works on CPU too
-    python benchmarks/bench_normal.py --out normal.jsonl --plot normal.png   # all GPUs
+    python benchmarks/bench_normal.py --plot results/normal.png   # all GPUs
+
+Rows are appended to ``results/bench_normal.jsonl`` (``$OUT/bench_normal.jsonl`` when ``OUT`` is set;
+``--out`` names another file).
 """
 
 # ruff: noqa: E402  (imports follow the sys.path set-up below, so a checkout runs without installing)
@@ -85,6 +88,7 @@ from report import (
     format_table,
     make_progress,
     plot_rows,
+    results_path,
 )
 from shapes import SETTINGS, Setting, payload_bytes
 from timing import maybe_nvtx, median, time_back_to_back, time_op
@@ -767,7 +771,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="num_nvl_bytes of the Buffers under test (0: enough for the largest setting, so it never grows)",
     )
     p.add_argument(
-        "--out", default="bench_normal.jsonl", help="JSON-lines file the rows are appended to ('' = none)"
+        "--out",
+        default=results_path("bench_normal.jsonl"),
+        help="JSON-lines file the rows are appended to ('' = none; default: bench_normal.jsonl in $OUT "
+        "when set, else in results/ at the repository root)",
     )
     p.add_argument("--overwrite", action="store_true", help="truncate --out first instead of appending")
     p.add_argument("--plot", default=None, help="PNG of logical GB/s vs SMs per op (needs matplotlib)")

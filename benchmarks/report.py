@@ -27,6 +27,7 @@ __all__ = [
     "format_table",
     "make_progress",
     "plot_rows",
+    "results_path",
 ]
 
 BASELINE_BACKENDS = ("reference", "user")
@@ -34,6 +35,14 @@ BASELINE_BACKENDS = ("reference", "user")
 
 
 # ---- results ---------------------------------------------------------------------------------------
+
+
+def results_path(name: str) -> str:
+    """Where a benchmark writes ``name`` unless told otherwise: the folder ``$OUT`` when it is set
+    (``scripts/gpu_all.sh`` collects a run's files there), else ``results/`` at the repository root
+    (git-ignored). The folder is created when the file is written."""
+    folder = os.environ.get("OUT") or Path(__file__).resolve().parent.parent / "results"
+    return str(Path(folder) / name)
 
 
 @dataclass

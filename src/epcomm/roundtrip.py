@@ -1,9 +1,9 @@
-"""``python -m epcomm`` / ``epcomm-roundtrip``: an end-to-end, self-checking MoE round trip.
+"""``python -m epcomm``: an end-to-end, self-checking MoE round trip.
 
 The job starts N local processes with ``epcomm.testing.parallel_launch`` (``--dist-backend``: NCCL on
 GPUs, gloo on CPU), builds a DeepSeek-V3-shaped batch on every rank (routing by
-``epcomm.testing.make_routing``) and sends it through both of the library's modes with one ``Buffer``
-(``--transport``: epcomm's reference or NVLink backend):
+``epcomm.testing.make_routing``) and sends it through the library's two modes (``--mode``: both by
+default) with one ``Buffer`` (``--transport``: epcomm's reference or NVLink backend):
 
 * normal mode: ``get_dispatch_layout`` -> ``dispatch`` -> stand-in experts -> ``combine``;
 * low-latency mode: ``low_latency_dispatch`` -> stand-in experts -> ``low_latency_combine``.
@@ -12,8 +12,12 @@ The stand-in expert ``e`` multiplies its rows by ``1 + e / num_experts``, so the
 form every rank computes for its own tokens without communication: ``y[t] = sum_k w[t, k] * (1 +
 topk_idx[t, k] / num_experts) * x[t]`` over the entries with ``topk_idx != -1``. Every batch is a pure
 function of ``(seed, rank)``, so each rank also rebuilds its peers' batches and checks what it received
-row by row. Rank reports are gathered by the launching process, which prints one table (the slowest rank's
-time per phase) and exits with 0 only when every check passed on every rank.
+row by row. Rank 0 prints progress as it goes (start-up, the ``Buffer``, each mode, its checked first
+iteration, and any iteration ``--progress-interval`` seconds after the last line). Rank reports are
+gathered by the launching process, which prints one table (the slowest rank's time per phase) and exits
+with 0 only when every check passed on every rank. Before starting any process it refuses, in one
+``argparse`` error line (exit code 2), every combination this machine or the selected modes cannot run:
+the NVLink transport or NCCL without a GPU per process, a ``--hidden`` that a selected mode cannot move.
 """
 
 from __future__ import annotations
@@ -31,7 +35,10 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from epcomm import _cli
+from epcomm._cli import PROGRESS_INTERVAL_S, Progress, format_seconds
 from epcomm._version import __version__
+from epcomm.backends.nvlink.symmetric_buffer import MAX_EXPERTS, MAX_LOW_LATENCY_TOPK
 from epcomm.buffer import Buffer
 from epcomm.handles import LowLatencyHandle
 from epcomm.quant import FP8_GROUP_SIZE, per_token_cast_back, per_token_cast_to_fp8
@@ -87,6 +94,8 @@ class RoundtripConfig:
     """``"normal"`` and/or ``"low-latency"``."""
     transport: str | None
     """epcomm's transport, ``Buffer(backend=...)`` (``--transport``); ``None``: ``EPCOMM_BACKEND``, else auto."""
+    progress_interval_s: float = PROGRESS_INTERVAL_S
+    """Least seconds between two of rank 0's per-iteration progress lines (0: every iteration)."""
 
 
 @dataclass(frozen=True)
@@ -234,8 +243,17 @@ class _Timer:
         return statistics.median(self.samples[phase])
 
 
+def _first_iteration_verdict(checks: dict[Phase, CheckResult]) -> str:
+    """What rank 0's progress line says about the checked first iteration."""
+    failed = [(phase, check) for phase, check in checks.items() if not check.passed]
+    if not failed:
+        return "ok, checked on rank 0"
+    phase, check = failed[0]
+    return f"FAIL on rank 0: {phase.value}: {check.detail}"
+
+
 def _normal_round_trip(
-    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer
+    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer, progress: Progress
 ) -> list[PhaseResult]:
     """Normal mode: layout -> dispatch -> stand-in experts -> combine, checked on the warm-up iteration."""
     rank, num_ranks, device = pgi.rank, pgi.world_size, pgi.device
@@ -248,7 +266,15 @@ def _normal_round_trip(
     checks: dict[Phase, CheckResult] = {}
     first_output: torch.Tensor | None = None
     recv_rows = 0
-    for i in range(cfg.warmup + cfg.iters):
+    num_iterations = cfg.warmup + cfg.iters
+    progress.stage(
+        "normal",
+        f"{cfg.warmup} warm-up + {cfg.iters} timed iteration(s) of get_dispatch_layout -> dispatch -> "
+        f"combine, {cfg.num_tokens} tokens/rank, {'FP8' if cfg.use_fp8 else 'BF16'}; the first is checked",
+    )
+    started = time.perf_counter()
+    for i in range(num_iterations):
+        begin = time.perf_counter()
         record = i >= cfg.warmup
         num_per_rank, _, num_per_expert, in_rank, _ = timer(
             Phase.LAYOUT, record, partial(buffer.get_dispatch_layout, mine.topk_idx, cfg.num_experts)
@@ -284,6 +310,11 @@ def _normal_round_trip(
             checks[Phase.COMBINE] = _relative_check(
                 combined, _expected_output(mine, cfg.num_experts), tolerance
             )
+        verdict = _first_iteration_verdict(checks) if i == 0 else "ok"
+        progress.iteration("normal", i + 1, num_iterations, time.perf_counter() - begin, verdict, i == 0)
+    progress.stage(
+        "normal", f"{num_iterations} iterations in {format_seconds(time.perf_counter() - started)}"
+    )
     assert first_output is not None
     checks[Phase.COMBINE] = _combine_checks(checks[Phase.COMBINE], _repeat_check(first_output, combined))
     row_bytes = cfg.hidden + cfg.hidden // FP8_GROUP_SIZE * 4 if cfg.use_fp8 else cfg.hidden * 2
@@ -364,7 +395,7 @@ def _check_normal(
 
 
 def _low_latency_round_trip(
-    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer
+    cfg: RoundtripConfig, pgi: ProcessGroupInfo, buffer: Buffer, timer: _Timer, progress: Progress
 ) -> list[PhaseResult]:
     """Low-latency mode: dispatch (FP8 by default) -> per-expert stand-in -> weighted combine."""
     rank, num_ranks, device = pgi.rank, pgi.world_size, pgi.device
@@ -378,7 +409,15 @@ def _low_latency_round_trip(
     checks: dict[Phase, CheckResult] = {}
     first_output: torch.Tensor | None = None
     num_received = 0
-    for i in range(cfg.warmup + cfg.iters):
+    num_iterations = cfg.warmup + cfg.iters
+    progress.stage(
+        "low-latency",
+        f"{cfg.warmup} warm-up + {cfg.iters} timed iteration(s) of low_latency_dispatch -> "
+        f"low_latency_combine, {capacity} tokens/rank, {'FP8' if cfg.use_fp8 else 'BF16'}; the first is checked",
+    )
+    started = time.perf_counter()
+    for i in range(num_iterations):
+        begin = time.perf_counter()
         record = i >= cfg.warmup
         recv_x, recv_count, handle, _, _ = timer(
             Phase.LL_DISPATCH,
@@ -408,6 +447,11 @@ def _low_latency_round_trip(
             tolerance = FP8_TOLERANCE if cfg.use_fp8 else BF16_TOLERANCE
             expected = _expected_output(mine, cfg.num_experts)
             checks[Phase.LL_COMBINE] = _relative_check(combined, expected, tolerance)
+        verdict = _first_iteration_verdict(checks) if i == 0 else "ok"
+        progress.iteration("low-latency", i + 1, num_iterations, time.perf_counter() - begin, verdict, i == 0)
+    progress.stage(
+        "low-latency", f"{num_iterations} iterations in {format_seconds(time.perf_counter() - started)}"
+    )
     assert first_output is not None
     checks[Phase.LL_COMBINE] = _combine_checks(
         checks[Phase.LL_COMBINE], _repeat_check(first_output, combined)
@@ -455,25 +499,46 @@ def _check_low_latency_dispatch(
     return _exact_check([("recv_x rows", rows[expert, slot], expected)])
 
 
-def _worker(pgi: ProcessGroupInfo, cfg: RoundtripConfig) -> RankReport:
-    """One rank's job: build the buffer, run the selected modes, return the per-phase results."""
+def _worker(pgi: ProcessGroupInfo, cfg: RoundtripConfig, launched_at: float) -> RankReport:
+    """One rank's job: build the buffer, run the selected modes, return the per-phase results.
+
+    ``launched_at`` is the launching process's ``time.time()`` when it started the ranks; rank 0
+    prints progress lines from there on (``Progress``).
+    """
+    progress = Progress(pgi.rank == 0, cfg.progress_interval_s)
+    dist.barrier(group=pgi.group)
+    progress.stage(
+        "setup",
+        f"{pgi.world_size} processes up in {format_seconds(time.time() - launched_at)} "
+        f"(torch.distributed {pgi.backend}, rank 0 on {pgi.device})",
+    )
     hidden_bytes = cfg.hidden * 2
     num_nvl_bytes = max(
         config.get_nvl_buffer_size_hint(hidden_bytes, pgi.world_size)
         for config in (Buffer.get_dispatch_config(pgi.world_size), Buffer.get_combine_config(pgi.world_size))
     )
-    num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
-        cfg.num_decode_tokens, cfg.hidden, pgi.world_size, cfg.num_experts
+    low_latency_mode = "low-latency" in cfg.modes
+    num_rdma_bytes = (
+        Buffer.get_low_latency_rdma_size_hint(
+            cfg.num_decode_tokens, cfg.hidden, pgi.world_size, cfg.num_experts
+        )
+        if low_latency_mode
+        else 0
     )
     timer = _Timer(pgi)
     phases: list[PhaseResult] = []
+    begin = time.perf_counter()
     with Buffer(
-        pgi.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=True, backend=cfg.transport
+        pgi.group, num_nvl_bytes, num_rdma_bytes, low_latency_mode=low_latency_mode, backend=cfg.transport
     ) as buffer:
+        progress.stage(
+            "setup",
+            f"Buffer ready in {format_seconds(time.perf_counter() - begin)}: transport {buffer.backend_name}",
+        )
         if "normal" in cfg.modes:
-            phases += _normal_round_trip(cfg, pgi, buffer, timer)
-        if "low-latency" in cfg.modes:
-            phases += _low_latency_round_trip(cfg, pgi, buffer, timer)
+            phases += _normal_round_trip(cfg, pgi, buffer, timer, progress)
+        if low_latency_mode:
+            phases += _low_latency_round_trip(cfg, pgi, buffer, timer, progress)
         transport = buffer.backend_name
         dist.barrier(group=pgi.group)
     name = torch.cuda.get_device_name(pgi.device) if pgi.device.type == "cuda" else "cpu"
@@ -519,7 +584,13 @@ class _DeprecatedDistBackend(argparse.Action):
 _FP8_HELP = "dispatch FP8 e4m3 with per-token x 128-channel scales in both modes, else bf16 (default: --fp8)"
 _INT_KNOBS: tuple[tuple[str, int | None, str], ...] = (
     ("--num-processes", None, "ranks to spawn (default: the CUDA device count if >= 2, else 2)"),
-    ("--hidden", None, "hidden size, a multiple of 128 (default: 7168 on GPU / 1024 on CPU)"),
+    (
+        "--hidden",
+        None,
+        "hidden size (default: 7168 on GPU / 1024 on CPU); low-latency mode and FP8 need a multiple of 128, "
+        "the nvlink transport's normal mode a multiple of 8 (BF16) or 512 (FP8); normal mode in BF16 on "
+        "the reference transport takes any size",
+    ),
     ("--num-experts", None, "total experts, a multiple of --num-processes (default: 256 GPU / 64 CPU)"),
     ("--num-topk", None, "experts per token (default: 8)"),
     ("--num-tokens", None, "normal-mode (prefill) tokens per rank (default: 4096 GPU / 256 CPU)"),
@@ -552,9 +623,11 @@ def build_parser() -> argparse.ArgumentParser:
             "experts -> low_latency_combine) on one Buffer. Stand-in expert e scales its rows by "
             "1 + e/num_experts, so each rank checks its MoE output against sum_k w[t,k] * (1 + "
             "topk_idx[t,k]/num_experts) * x[t], computed locally; layout and dispatch results are checked "
-            "exactly against batches rebuilt from the seed. Prints per phase the slowest rank's median time, "
-            "the bytes each rank receives and the check. Exit code 0: every check passed on every rank; "
-            "1: a check failed; 2: bad arguments; 3: a rank raised or timed out."
+            "exactly against batches rebuilt from the seed. Rank 0 prints progress as it goes (start-up, "
+            "Buffer, each mode and its checked first iteration); at the end a table gives per phase the "
+            "slowest rank's median time, the bytes each rank receives and the check. Exit code 0: every "
+            "check passed on every rank; 1: a check failed; 2: bad arguments, or a combination this machine "
+            "cannot run (refused before any process starts); 3: a rank raised or timed out."
         ),
         epilog=(
             "Defaults: on >= 2 CUDA GPUs, one NCCL process per GPU and DeepSeek-V3 shapes (hidden 7168, 256 "
@@ -579,29 +652,84 @@ def build_parser() -> argparse.ArgumentParser:
         "--mode",
         choices=["all", "normal", "low-latency"],
         default="all",
-        help="mode(s) to run (default: all)",
+        help="mode(s) to run: all (normal, then low-latency), normal or low-latency (default: all)",
     )
     for flag, default, text in _INT_KNOBS:
         add(flag, type=int, default=default, help=text)
     add("--fp8", action=argparse.BooleanOptionalAction, default=True, help=_FP8_HELP)
     add("--timeout", type=float, default=300.0, help="seconds the whole job may take (default: 300)")
+    add(
+        "--progress-interval",
+        type=float,
+        default=PROGRESS_INTERVAL_S,
+        metavar="SECONDS",
+        help="rank 0 prints every stage as it starts and an iteration when SECONDS have passed since "
+        "its last line, so short runs print only their stages (0: every iteration; default: "
+        f"{PROGRESS_INTERVAL_S:g})",
+    )
     return parser
 
 
-def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple[int, str, RoundtripConfig]:
-    """Fill the device-dependent defaults and validate; ``parser.error`` (exit 2) on bad arguments."""
-    num_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+def _hidden_error(hidden: int, modes: Sequence[str], use_fp8: bool, nvlink: str | None) -> str | None:
+    """Why the selected modes cannot run ``hidden`` channels, or ``None`` when they can.
+
+    Low-latency mode needs a multiple of 128 (BF16 or FP8); normal mode's FP8 dispatch too (one
+    scale per 128 channels); its BF16 dispatch takes any size on the reference transport. The NVLink
+    transport moves normal-mode rows as whole 16-byte words: BF16 a multiple of 8, FP8 of 512
+    (``hidden / 128`` float32 scales). ``nvlink``: how to name the NVLink transport when it runs.
+    """
+    if hidden <= 0:
+        return f"--hidden must be positive; got {hidden}"
+    needs: list[str] = []
+    if "low-latency" in modes and hidden % FP8_GROUP_SIZE:
+        needs.append(f"low-latency mode needs a multiple of {FP8_GROUP_SIZE}")
+    if "normal" in modes and use_fp8:
+        if hidden % FP8_GROUP_SIZE:
+            needs.append(
+                f"normal mode with FP8 (--fp8, the default) needs a multiple of {FP8_GROUP_SIZE}, one scale "
+                f"per {FP8_GROUP_SIZE} channels"
+            )
+        elif nvlink is not None and hidden % (4 * FP8_GROUP_SIZE):
+            needs.append(
+                f"normal mode with FP8 on {nvlink} needs a multiple of {4 * FP8_GROUP_SIZE}: it moves "
+                "rows of whole 16-byte words, scales too"
+            )
+    if "normal" in modes and not use_fp8 and nvlink is not None and hidden % 8:
+        needs.append(
+            f"normal mode with BF16 on {nvlink} needs a multiple of 8: it moves rows of whole 16-byte words"
+        )
+    if not needs:
+        return None
+    return (
+        f"--hidden {hidden}: "
+        + "; ".join(needs)
+        + " (--mode normal --no-fp8 takes any size on --transport reference)"
+    )
+
+
+def _resolve(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[int, _cli.Placement, RoundtripConfig]:
+    """Fill the device-dependent defaults and refuse every combination that cannot run, before any
+    process starts: ``parser.error`` (one line, exit code 2)."""
+    num_gpus = _cli.cuda_device_count()
     num_processes = (
         args.num_processes if args.num_processes is not None else (num_gpus if num_gpus >= 2 else 2)
     )
-    if num_processes < 1:
-        parser.error(f"--num-processes must be >= 1; got {num_processes}")
-    dist_backend = args.dist_backend
-    if dist_backend == "auto":
-        dist_backend = "nccl" if num_gpus >= num_processes else "gloo"
-    if dist_backend == "nccl" and num_gpus < num_processes:
-        parser.error(
-            f"--dist-backend nccl needs one CUDA GPU per process: {num_processes} processes, {num_gpus} GPUs"
+    placement = _cli.resolve_placement(
+        parser,
+        num_processes=num_processes,
+        dist_backend=args.dist_backend,
+        transport=args.transport,
+        num_gpus=num_gpus,
+    )
+    dist_backend = placement.dist_backend
+    nvlink: str | None = None
+    if placement.uses_nvlink:
+        nvlink = (
+            "the nvlink transport (--transport auto picks it with one GPU per process)"
+            if placement.transport == "auto"
+            else f"the nvlink transport ({placement.transport_source})"
         )
     defaults = _GPU_DEFAULTS if dist_backend == "nccl" else _CPU_DEFAULTS
     given = (
@@ -615,14 +743,23 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
     hidden, num_experts, num_topk, num_tokens, num_decode_tokens, iters = (
         d if v is None else v for v, d in zip(given, defaults)
     )
-    if hidden <= 0 or hidden % FP8_GROUP_SIZE != 0:
-        parser.error(f"--hidden must be a positive multiple of {FP8_GROUP_SIZE}; got {hidden}")
+    modes = ("normal", "low-latency") if args.mode == "all" else (args.mode,)
+    hidden_error = _hidden_error(hidden, modes, args.fp8, nvlink)
+    if hidden_error is not None:
+        parser.error(hidden_error)
     if num_experts <= 0 or num_experts % num_processes != 0:
         parser.error(
             f"--num-experts must be a positive multiple of --num-processes={num_processes}; got {num_experts}"
         )
+    if "normal" in modes and nvlink is not None and num_experts > MAX_EXPERTS:
+        parser.error(f"--num-experts {num_experts}: normal mode on {nvlink} takes at most {MAX_EXPERTS}")
     if not 1 <= num_topk <= num_experts:
         parser.error(f"--num-topk must be in [1, num_experts={num_experts}]; got {num_topk}")
+    if "low-latency" in modes and num_topk > MAX_LOW_LATENCY_TOPK:
+        parser.error(
+            f"--num-topk {num_topk}: low-latency mode takes at most {MAX_LOW_LATENCY_TOPK} (--mode normal "
+            "takes more)"
+        )
     for flag, value, minimum in (
         ("--num-tokens", num_tokens, 1),
         ("--num-decode-tokens", num_decode_tokens, 1),
@@ -631,7 +768,10 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
     ):
         if value < minimum:
             parser.error(f"{flag} must be >= {minimum}; got {value}")
-    modes = ("normal", "low-latency") if args.mode == "all" else (args.mode,)
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0; got {args.timeout}")
+    if not args.progress_interval >= 0:
+        parser.error(f"--progress-interval must be >= 0; got {args.progress_interval}")
     cfg = RoundtripConfig(
         hidden,
         num_experts,
@@ -644,8 +784,9 @@ def _resolve(args: argparse.Namespace, parser: argparse.ArgumentParser) -> tuple
         args.fp8,
         modes,
         args.transport,
+        args.progress_interval,
     )
-    return num_processes, dist_backend, cfg
+    return num_processes, placement, cfg
 
 
 def _format_bytes(num_bytes: int) -> str:
@@ -719,19 +860,25 @@ def run(argv: Sequence[str] | None = None) -> int:
     """
     parser = build_parser()
     args = parser.parse_args(argv)
-    num_processes, dist_backend, cfg = _resolve(args, parser)
+    num_processes, placement, cfg = _resolve(args, parser)
+    dist_backend = placement.dist_backend
+    print(
+        f"epcomm round trip: starting {num_processes} processes (torch.distributed {dist_backend}, "
+        f"{'one GPU each' if dist_backend == 'nccl' else 'CPU'}; transport {placement.transport})",
+        flush=True,
+    )
     try:
         reports: list[RankReport] = parallel_launch(
-            num_processes, _worker, cfg, backend=dist_backend, timeout_s=float(args.timeout)
+            num_processes, _worker, cfg, time.time(), backend=dist_backend, timeout_s=float(args.timeout)
         )
     except (RuntimeError, TimeoutError) as exc:
         print(f"epcomm round trip: FAIL: the job did not complete\n{exc}", file=sys.stderr)
         return 3
     text, passed = format_report(reports, dist_backend, cfg)
-    print(text, flush=True)
+    print(f"\n{text}", flush=True)
     return 0 if passed else 1
 
 
 def main() -> None:
-    """Console entry point (``epcomm-roundtrip``, ``python -m epcomm``): exits with ``run()``'s code."""
+    """``python -m epcomm``: exits with ``run()``'s code."""
     sys.exit(run())

@@ -9,7 +9,9 @@ bit for bit (rows, scales, top-k ids and weights, per-expert counts), normal-mod
 bit, low-latency combine within 1% of the largest value (the low-latency reduction order is the
 kernel's). It prints the mismatches (there must be none), iterations per second and the slowest
 iteration. On CPU the transport is the reference backend itself: the run then checks that random
-shapes never fail, not two implementations against each other.
+shapes never fail, not two implementations against each other. Combinations that cannot run on this
+machine (``--transport nvlink`` on CPU ranks, ``--dist-backend nccl`` without a GPU per process)
+are refused before any process starts.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from typing import Any, NamedTuple
 
 import torch
 
-from epcomm import quant
+from epcomm import _cli, quant
+from epcomm._cli import Progress, format_seconds
 from epcomm.buffer import Buffer
-from epcomm.testing import ProcessGroupInfo, make_routing, parallel_launch
+from epcomm.testing import SHARED_GPU, ProcessGroupInfo, make_routing, parallel_launch
 
 __all__ = ["SoakConfig", "SoakReport", "build_parser", "main", "run"]
 
@@ -38,6 +41,9 @@ _EXPERTS_PER_RANK = (1, 2, 4, 8)
 _MASKED_CHOICES = (0.0, 0.1, 0.5)
 # Mismatch lines kept per rank (the count is always complete).
 _KEPT_MISMATCHES = 20
+# Least seconds between two progress lines: a CPU soak runs ~50 iterations/s on 2 ranks, so a
+# 1000-iteration run prints one or two.
+_PROGRESS_INTERVAL_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -180,9 +186,16 @@ def _low_latency(
     return lines
 
 
-def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig) -> SoakReport:
-    """Run every scenario on this rank; return its mismatches and timing."""
+def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakReport:
+    """Run every scenario on this rank; return its mismatches and timing. Rank 0 prints progress
+    (``launched_at``: the launching process's ``time.time()`` when it started the ranks)."""
     num_ranks = pgi.world_size
+    progress = Progress(pgi.rank == 0, _PROGRESS_INTERVAL_S)
+    progress.stage(
+        "setup",
+        f"{num_ranks} processes up in {format_seconds(time.time() - launched_at)} "
+        f"(torch.distributed {pgi.backend}, rank 0 on {pgi.device})",
+    )
     ll_bytes = Buffer.get_low_latency_rdma_size_hint(
         max(1, cfg.max_tokens), max(_HIDDEN_CHOICES), num_ranks, num_ranks * max(_EXPERTS_PER_RANK)
     )
@@ -190,6 +203,10 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig) -> SoakReport:
         Buffer(pgi.group, num_nvl_bytes=1 << 22, num_rdma_bytes=ll_bytes, low_latency_mode=True, backend=name)
         for name in (cfg.transport, "reference")
     ]
+    progress.stage(
+        "soak",
+        f"{cfg.iterations} iterations: transport {buffers[0].backend_name} against the reference backend",
+    )
     mismatches: list[str] = []
     num_mismatches = 0
     slowest_s, slowest_iteration = 0.0, -1
@@ -229,6 +246,8 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig) -> SoakReport:
         elapsed = time.monotonic() - begin
         if elapsed > slowest_s:
             slowest_s, slowest_iteration = elapsed, iteration
+        verdict = f"{num_mismatches} mismatches so far on rank 0" if num_mismatches else "ok"
+        progress.iteration("soak", iteration + 1, cfg.iterations, elapsed, verdict)
     seconds = time.monotonic() - start
     for buffer in buffers:
         buffer.destroy()
@@ -246,13 +265,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-processes", type=int, default=2, help="ranks (default: 2)")
     parser.add_argument("--max-tokens", type=int, default=64, help="most tokens a rank sends (default: 64)")
     parser.add_argument(
-        "--transport", default="auto", choices=["auto", "reference", "nvlink"], help="backend under test"
+        "--transport",
+        default="auto",
+        choices=["auto", "reference", "nvlink"],
+        help=f"backend under test (nvlink: the ranks on GPUs, --dist-backend nccl or {SHARED_GPU}; "
+        "default: auto)",
     )
     parser.add_argument(
         "--dist-backend",
         default="auto",
-        choices=["auto", "gloo", "nccl", "gloo-shared-gpu"],
-        help="torch.distributed backend of the ranks (gloo-shared-gpu: every rank on GPU 0)",
+        choices=["auto", "gloo", "nccl", SHARED_GPU],
+        help="torch.distributed backend of the ranks: gloo on CPU, nccl with one GPU per rank, "
+        f"{SHARED_GPU} with every rank on GPU 0; auto: nccl with a GPU per rank, else gloo (default: auto)",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the whole soak may take")
@@ -266,14 +290,37 @@ def run(argv: Sequence[str] | None = None) -> int:
         argv: ``build_parser``'s arguments; ``None``: ``sys.argv[2:]``.
 
     Returns:
-        0: no mismatch on any rank; 1: mismatches; 3: a rank raised or timed out.
+        0: no mismatch on any rank; 1: mismatches; 3: a rank raised or timed out (bad arguments, and
+        combinations this machine cannot run, exit with 2 from ``argparse`` before any process starts).
     """
-    args = build_parser().parse_args(sys.argv[2:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(sys.argv[2:] if argv is None else argv)
+    placement = _cli.resolve_placement(
+        parser,
+        num_processes=args.num_processes,
+        dist_backend=args.dist_backend,
+        transport=args.transport,
+        num_gpus=_cli.cuda_device_count(),
+    )
+    for flag, value, minimum in (("--iterations", args.iterations, 1), ("--max-tokens", args.max_tokens, 0)):
+        if value < minimum:
+            parser.error(f"{flag} must be >= {minimum}; got {value}")
+    if not args.timeout > 0:
+        parser.error(f"--timeout must be > 0; got {args.timeout}")
     cfg = SoakConfig(args.iterations, args.max_tokens, args.transport, args.seed)
-    backend = None if args.dist_backend == "auto" else args.dist_backend
+    print(
+        f"epcomm soak: starting {args.num_processes} processes (torch.distributed {placement.dist_backend}; "
+        f"transport {args.transport})",
+        flush=True,
+    )
     try:
         reports: list[SoakReport] = parallel_launch(
-            args.num_processes, _worker, cfg, backend=backend, timeout_s=args.timeout
+            args.num_processes,
+            _worker,
+            cfg,
+            time.time(),
+            backend=placement.dist_backend,
+            timeout_s=args.timeout,
         )
     except (RuntimeError, TimeoutError) as error:
         print(f"epcomm soak: FAIL: the run did not complete\n{error}", file=sys.stderr)
