@@ -59,6 +59,7 @@ def test_internode_argument_errors(run_on_ranks: RunOnRanks) -> None:
             "missing",
             "shape",
             "num_sms",
+            "handle",
             "handle kind",
         ], errors
         text = "\n".join(errors)
@@ -68,4 +69,5 @@ def test_internode_argument_errors(run_on_ranks: RunOnRanks) -> None:
         assert "num_tokens_per_rdma_rank" in errors[2], errors[2]
         assert "[2]" in errors[2], errors[2]
         assert "config.num_sms differs" in text, text
-        assert "InternodeHandle" in errors[4], errors[4]
+        assert "handle differs" in errors[4], errors[4]
+        assert "InternodeHandle" in errors[5], errors[5]

@@ -273,7 +273,17 @@ def internode_errors_worker(pgi: ProcessGroupInfo, case: Case) -> list[str]:
             )
         except InconsistentCallError as error:
             errors.append(f"num_sms: {error}")
-        _, _, _, _, handle, _ = buffer.dispatch(mine.x, num_tokens_per_rdma_rank=per_node, **kwargs)
+        recv_x, _, _, _, handle, _ = buffer.dispatch(mine.x, num_tokens_per_rdma_rank=per_node, **kwargs)
+        _, _, _, _, later, _ = buffer.dispatch(mine.x, num_tokens_per_rdma_rank=per_node, **kwargs)
+        # The handles' call numbers ride with them (here through plain tuples): rank 0 combining
+        # the rows of the other dispatch is told so on every rank.
+        assert isinstance(handle, InternodeHandle)
+        assert isinstance(later, InternodeHandle)
+        assert later.sequence == handle.sequence + 1, (handle.sequence, later.sequence)
+        try:
+            buffer.combine(recv_x, tuple(handle if me == 0 else later))  # type: ignore[arg-type]
+        except InconsistentCallError as error:
+            errors.append(f"handle: {error}")
     with Buffer(pgi.group, backend=BACKEND, settings=Settings(ranks_per_node=2)) as flat:
         assert not flat.is_multi_node
         try:
