@@ -98,7 +98,8 @@ class InternodeHandle(NamedTuple):
         send_nvl_head: ``[num_rdma_recv_tokens, num_ranks_per_node]`` int32 (DeepEP: 8 columns, its
             node size), one row per token received over RDMA, ordered by source node, then token;
             ``[u][l]`` = the index of token ``u`` among the tokens of the same source rank and
-            channel that go to local rank ``l`` of ``my_node``, or ``-1``.
+            channel that go to local rank ``l`` of ``my_node``, or ``-1`` (left as is by combine,
+            as ``send_rdma_head``).
 
     The dispatch's call number (for the call fingerprints of cached dispatch and combine) is kept
     as an attribute of the ``recv_src_meta`` tensor, so a plain tuple of these ten tensors works
