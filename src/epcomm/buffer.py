@@ -4,7 +4,6 @@ the right stream and packs results into DeepEP's tuples. It launches no kernel i
 
 from __future__ import annotations
 
-import socket
 from types import TracebackType
 from typing import Any, ClassVar
 
@@ -12,7 +11,6 @@ import torch
 import torch.distributed as dist
 
 from epcomm import env, validation
-from epcomm._collectives import all_gather_ints, host_id
 from epcomm._logging import set_log_level
 from epcomm.backends import create_backend
 from epcomm.backends.base import (
@@ -26,7 +24,9 @@ from epcomm.buffer_low_latency import LowLatencyMethods
 from epcomm.config import Config, combine_config_preset, dispatch_config_preset
 from epcomm.event import EventHandle, EventOverlap, comm_stream_scope
 from epcomm.fingerprint import CallFingerprint
-from epcomm.handles import DispatchHandle, as_handle
+from epcomm.handles import DispatchHandle, InternodeHandle, NormalHandle, as_handle
+from epcomm.topology import detect_topology, is_multi_node
+from epcomm.traffic import CallBytes
 from epcomm.validation import check_dtype, check_int, check_same_device, check_shape, check_tensor
 
 __all__ = ["Buffer"]
@@ -36,20 +36,9 @@ DispatchOutput = tuple[
     torch.Tensor | None,
     torch.Tensor | None,
     list[int] | None,
-    DispatchHandle | None,
+    NormalHandle | None,
     EventOverlap,
 ]
-
-
-def _num_ranks_per_node(group: Any, local_world_size: int | None) -> int:
-    """Ranks per node: ``local_world_size`` (``LOCAL_WORLD_SIZE``) when it divides the group size,
-    else counted from the ranks' host names (a collective, so every rank must take the same branch:
-    launchers set the variable on all ranks or none)."""
-    num_ranks = dist.get_world_size(group)
-    if local_world_size is not None and num_ranks % local_world_size == 0:
-        return min(local_world_size, num_ranks)
-    hosts = [row[0] for row in all_gather_ints([host_id(socket.gethostname())], group)]
-    return hosts.count(hosts[dist.get_rank(group)])
 
 
 def _rendezvous(group: Any, timeout_s: float) -> None:
@@ -76,7 +65,10 @@ class Buffer(LowLatencyMethods):
             works too, as vLLM uses it).
         num_nvl_bytes: bytes for intranode normal-mode buffers (DeepEP's meaning).
         num_rdma_bytes: bytes for internode / low-latency buffers; in low-latency mode it must be
-            at least ``get_low_latency_rdma_size_hint(...)``.
+            at least ``get_low_latency_rdma_size_hint(...)``. ``> 0`` with a group of several
+            nodes selects multi-node mode (``epcomm.topology``): ``get_dispatch_layout`` counts
+            tokens per node, ``dispatch`` takes them and returns DeepEP's internode 10-tuple handle
+            (``epcomm.handles.InternodeHandle``), combine reduces per node as DeepEP does.
         low_latency_mode: enable the low-latency calls.
         num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, comm:
             DeepEP's RDMA options; accepted for compatibility.
@@ -94,7 +86,12 @@ class Buffer(LowLatencyMethods):
 
     Attributes:
         rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name,
-        settings.
+        settings; num_ranks_per_node, num_nodes (nodes are blocks of consecutive ranks,
+        ``epcomm.topology``) and is_multi_node.
+
+    Raises:
+        ValueError: ``EPCOMM_RANKS_PER_NODE`` does not divide the group size, or the ranks do not
+            agree on their nodes (see ``epcomm.topology.detect_topology``).
     """
 
     num_sms: ClassVar[int] = 20
@@ -135,7 +132,12 @@ class Buffer(LowLatencyMethods):
         set_log_level(self.settings.log_level)
         choice = self._check_backend(backend) if backend is not None else self.settings.backend
         _rendezvous(group, self.settings.timeout_s)
-        self.num_ranks_per_node = _num_ranks_per_node(group, self.settings.local_world_size)
+        topology = detect_topology(
+            group, self.settings.ranks_per_node, self.settings.local_world_size, num_rdma_bytes
+        )
+        self.num_ranks_per_node: int = topology.num_ranks_per_node
+        self.num_nodes: int = topology.num_nodes
+        self.is_multi_node: bool = is_multi_node(self.group_size, self.num_ranks_per_node, num_rdma_bytes)
         self._backend: Backend | None = create_backend(
             choice,
             group,
@@ -286,6 +288,46 @@ class Buffer(LowLatencyMethods):
                 f"previous_event={previous_event!r}, async_finish={async_finish}"
             )
 
+    def _normal_handle(self, handle: Any) -> NormalHandle:
+        """``handle`` as this buffer's kind of normal-mode handle (multi-node: ``InternodeHandle``)."""
+        if self.is_multi_node:
+            return as_handle(handle, InternodeHandle, "a multi-node dispatch")
+        return as_handle(handle, DispatchHandle, "a dispatch")
+
+    def _check_tokens_per_node(
+        self, num_tokens_per_rdma_rank: Any, device: torch.device
+    ) -> torch.Tensor | None:
+        """Multi-node mode: ``num_tokens_per_rdma_rank`` checked (required); else ignored."""
+        if not self.is_multi_node:
+            return None
+        if num_tokens_per_rdma_rank is None:
+            raise ValueError(
+                "dispatch: num_tokens_per_rdma_rank is required in multi-node mode (use get_dispatch_layout)"
+            )
+        per_node = check_tensor("num_tokens_per_rdma_rank", num_tokens_per_rdma_rank)
+        check_dtype("num_tokens_per_rdma_rank", per_node, torch.int32)
+        check_shape("num_tokens_per_rdma_rank", per_node, [self.num_nodes])
+        check_same_device("num_tokens_per_rdma_rank", per_node, device, "x")
+        return per_node
+
+    def last_call_bytes(self) -> CallBytes | None:
+        """Bytes this rank sent in the last normal-mode call, under DeepEP's hierarchical scheme
+        and under a flat all-to-all (``epcomm.traffic``; extra method, not in DeepEP).
+
+        Returns:
+            ``CallBytes`` (operation, row bytes, bytes across nodes and within the node under each
+            scheme), or ``None`` before the first normal-mode call and when the group spans nodes
+            outside multi-node mode.
+
+        Raises:
+            NotImplementedError: the backend does not count bytes (only the reference backend does).
+        """
+        counter = getattr(self.backend, "last_call_bytes", None)
+        if counter is None:
+            raise NotImplementedError(f"the {self.backend_name} backend does not count bytes")
+        result: CallBytes | None = counter()
+        return result
+
     def get_dispatch_layout(
         self,
         topk_idx: torch.Tensor,
@@ -325,7 +367,7 @@ class Buffer(LowLatencyMethods):
     def dispatch(
         self,
         x: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-        handle: DispatchHandle | tuple[Any, ...] | None = None,
+        handle: NormalHandle | tuple[Any, ...] | None = None,
         num_tokens_per_rank: torch.Tensor | None = None,
         num_tokens_per_rdma_rank: torch.Tensor | None = None,
         is_token_in_rank: torch.Tensor | None = None,
@@ -346,7 +388,8 @@ class Buffer(LowLatencyMethods):
                 x_scales [num_tokens, num_scales] float32 or int32 (packed UE8M0), any strides)``.
             handle: an earlier dispatch's handle: cached mode (no layout or top-k arguments).
             num_tokens_per_rank: ``[num_ranks]`` int32 from ``get_dispatch_layout``.
-            num_tokens_per_rdma_rank: ``[num_nodes]`` int32 or ``None`` (unused within a node).
+            num_tokens_per_rdma_rank: ``[num_nodes]`` int32 from ``get_dispatch_layout``: required
+                in multi-node mode, unused otherwise.
             is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
             num_tokens_per_expert: ``[num_experts]`` int32.
             topk_idx: ``[num_tokens, num_topk]`` int64 or ``None``.
@@ -365,7 +408,10 @@ class Buffer(LowLatencyMethods):
             elsewhere), ``recv_topk_weights`` float32 (``0.0`` where not local),
             ``num_recv_tokens_per_expert_list`` (``list[int]`` of ``num_local_experts``, empty with
             ``num_worst_tokens``), ``handle`` and the event. Cached mode returns
-            ``(recv_x, None, None, None, None, event)``.
+            ``(recv_x, None, None, None, None, event)``. The handle is a ``DispatchHandle``
+            (element 0 ``rank_prefix_matrix``), or in multi-node mode DeepEP's internode 10-tuple
+            (``InternodeHandle``; ``handle[-4]`` = ``recv_gbl_rank_prefix_sum [num_ranks]`` int32).
+            Multi-node mode also takes ``num_worst_tokens`` (DeepEP V1 does not).
 
         Raises:
             epcomm.InconsistentCallError: (a ``ValueError``) another rank made a different call:
@@ -384,7 +430,7 @@ class Buffer(LowLatencyMethods):
         self._check_events(previous_event, async_finish, allocate_on_comm_stream)
         config = config or self.get_dispatch_config(self.group_size)
         if handle is not None:
-            cached = as_handle(handle, DispatchHandle, "a dispatch")
+            cached = self._normal_handle(handle)
             if topk_idx is not None or topk_weights is not None:
                 raise ValueError("dispatch: cached mode (handle given) takes no topk_idx/topk_weights")
             check_shape("x (cached dispatch)", data, [cached.is_token_in_rank.size(0), None])
@@ -429,6 +475,7 @@ class Buffer(LowLatencyMethods):
                 ("num_tokens_per_expert", per_expert),
             ):
                 check_same_device(name, tensor, device, "x")
+            per_node = self._check_tokens_per_node(num_tokens_per_rdma_rank, device)
             idx = weights = None
             if topk_idx is not None:
                 idx, weights = validation.check_topk(topk_idx, topk_weights, num_tokens, device)
@@ -448,6 +495,7 @@ class Buffer(LowLatencyMethods):
                 num_worst_tokens,
                 config,
                 CallFingerprint.for_dispatch(data, scales, num_experts, idx, weights),
+                per_node,
             )
         backend = self.backend
         inputs = [data, scales, request.topk_idx, request.topk_weights, request.is_token_in_rank]
@@ -472,7 +520,7 @@ class Buffer(LowLatencyMethods):
     def combine(
         self,
         x: torch.Tensor,
-        handle: DispatchHandle | tuple[Any, ...],
+        handle: NormalHandle | tuple[Any, ...],
         topk_weights: torch.Tensor | None = None,
         bias: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         config: Config | None = None,
@@ -484,7 +532,7 @@ class Buffer(LowLatencyMethods):
 
         Arguments:
             x: ``[num_recv_tokens, hidden]`` bf16 (the rows of ``recv_x``, after the experts).
-            handle: the handle of the dispatch that delivered them.
+            handle: the handle of the dispatch that delivered them (or a plain tuple of it).
             topk_weights: ``[num_recv_tokens, num_topk]`` float32, summed the same way, or ``None``.
             bias: ``None``, one or two ``[num_tokens, hidden]`` bf16 tensors added to the result.
             config, previous_event, async_finish, allocate_on_comm_stream: as in ``dispatch``.
@@ -493,12 +541,16 @@ class Buffer(LowLatencyMethods):
             ``combined_x [num_tokens, hidden]`` bf16, ``combined_topk_weights [num_tokens,
             num_topk]`` float32 or ``None``, and the event.
 
+        In multi-node mode the sums are DeepEP's internode ones, bit for bit: one bf16 partial
+        per (token, node), then the partials (``reference_internode.combine_by_node`` states the
+        order).
+
         Raises:
             epcomm.InconsistentCallError: (a ``ValueError``) another rank made a different call
                 (another operation, call number, ``hidden`` or ``topk_weights`` width) or combines
                 the rows of another dispatch (the handle's dispatch number differs).
         """
-        cached = as_handle(handle, DispatchHandle, "a dispatch")
+        cached = self._normal_handle(handle)
         data = check_tensor("x", x)
         check_dtype("x", data, torch.bfloat16)
         check_shape("x", data, [cached.num_recv_rows, None])

@@ -43,11 +43,18 @@ class Config:
     """Performance knobs, positional order as DeepEP's ``Config``.
 
     Arguments:
-        num_sms: SMs the normal-mode kernels may use (even, as DeepEP requires).
-        num_max_nvl_chunked_send_tokens: DeepEP's NVLink send chunk (tokens).
-        num_max_nvl_chunked_recv_tokens: DeepEP's NVLink receive ring size (tokens).
-        num_max_rdma_chunked_send_tokens: DeepEP's RDMA send chunk (tokens).
-        num_max_rdma_chunked_recv_tokens: DeepEP's RDMA receive ring size (tokens).
+        num_sms: SMs the normal-mode kernels may use (even, as DeepEP requires). Multi-node mode
+            splits each rank's tokens into ``num_sms // 2`` channels (DeepEP's, one per pair of
+            SMs), which its handle's channel matrices count.
+        num_max_nvl_chunked_send_tokens: DeepEP's NVLink send chunk (tokens); ``nvl_chunk_size``.
+        num_max_nvl_chunked_recv_tokens: DeepEP's NVLink receive ring size (tokens);
+            ``nvl_buffer_size``.
+        num_max_rdma_chunked_send_tokens: DeepEP's RDMA send chunk (tokens), the internode
+            field ``rdma_chunk_size``.
+        num_max_rdma_chunked_recv_tokens: DeepEP's RDMA receive ring size (tokens), the internode
+            field ``rdma_buffer_size``.
+
+    The keyword names are DeepEP's (its ``Config`` binding); the short names are read-only aliases.
     """
 
     num_sms: int = 20
@@ -71,6 +78,31 @@ class Config:
                 raise ValueError(f"Config.{name} must be a positive int; got {value!r}")
         if self.num_sms % 2 != 0:
             raise ValueError(f"Config.num_sms must be even (as in DeepEP); got {self.num_sms}")
+
+    @property
+    def num_channels(self) -> int:
+        """DeepEP's channels: ``num_sms // 2``."""
+        return self.num_sms // 2
+
+    @property
+    def nvl_chunk_size(self) -> int:
+        """``num_max_nvl_chunked_send_tokens``."""
+        return self.num_max_nvl_chunked_send_tokens
+
+    @property
+    def nvl_buffer_size(self) -> int:
+        """``num_max_nvl_chunked_recv_tokens``."""
+        return self.num_max_nvl_chunked_recv_tokens
+
+    @property
+    def rdma_chunk_size(self) -> int:
+        """``num_max_rdma_chunked_send_tokens`` (internode)."""
+        return self.num_max_rdma_chunked_send_tokens
+
+    @property
+    def rdma_buffer_size(self) -> int:
+        """``num_max_rdma_chunked_recv_tokens`` (internode)."""
+        return self.num_max_rdma_chunked_recv_tokens
 
     def get_nvl_buffer_size_hint(self, hidden_bytes: int, num_ranks: int) -> int:
         """Bytes of NVLink buffer DeepEP would need for this config (same formula as DeepEP V1).
@@ -104,13 +136,20 @@ class Config:
             return 0
         num_rdma_ranks = num_ranks // NUM_MAX_NVL_PEERS
         num_channels = self.num_sms // 2
-        slots = num_channels * num_rdma_ranks * self.num_max_rdma_chunked_recv_tokens * 2
+        # DeepEP's Config rounds the RDMA ring up to whole send chunks before sizing it.
+        recv_tokens = align_up(self.num_max_rdma_chunked_recv_tokens, self.num_max_rdma_chunked_send_tokens)
+        slots = num_channels * num_rdma_ranks * recv_tokens * 2
         num_bytes = num_channels * num_rdma_ranks * (NUM_MAX_NVL_PEERS * 2 + 2) * 2 * 4
-        num_bytes += slots * (hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4)
+        # The last 16 bytes per slot: DeepEP's per-token int4 of RDMA bookkeeping.
+        num_bytes += slots * (
+            hidden_bytes + SOURCE_META_BYTES + NUM_MAX_TOPK * (8 + 4) + NUM_MAX_SCALES * 4 + 16
+        )
         return align_up(num_bytes, 128)
 
 
-# DeepEP V1's tuned chunk sizes per rank count: (nvl send, nvl recv, rdma send, rdma recv).
+# DeepEP V1's tuned chunk sizes per rank count, (nvl send, nvl recv, rdma send, rdma recv), copied
+# from DeepEP V1 (deep_ep's Buffer.get_dispatch_config / get_combine_config): 2-8 ranks are one
+# NVLink node, 16-160 are 2-20 nodes of 8 GPUs (the RDMA fields matter there).
 _DISPATCH_CHUNKS: dict[int, tuple[int, int, int, int]] = {
     2: (24, 256, 6, 128),
     4: (6, 256, 6, 128),

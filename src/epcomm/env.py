@@ -12,6 +12,7 @@ the environment (tests do).
 | ``EPCOMM_CHECK_VALUES`` | ``auto`` | ``1``: check tensor *values* (expert ids in range) even where that costs a device-to-host read; ``0``: never; ``auto``: only on CPU tensors (on GPUs the read would stall the host) |
 | ``EPCOMM_LOG_LEVEL`` | ``WARNING`` | level of the ``epcomm`` logger |
 | ``LOCAL_WORLD_SIZE`` | unset | ranks per node (set by torchrun); unset: counted from host names |
+| ``EPCOMM_RANKS_PER_NODE`` | unset | ranks per node, overriding the two above: simulates nodes of consecutive ranks on one host (multi-node semantics, ``epcomm.topology``); must divide the group size |
 | ``EPCOMM_PUSH_ROWS`` | ``0`` | NVLink push kernel: rows in flight per program step (``0``: the measured rule, ``kernels/normal_push.py``) |
 | ``EPCOMM_PUSH_WARPS`` | ``16`` | NVLink push kernel: warps per program |
 | ``EPCOMM_REDUCE_TOKENS`` | ``0`` | NVLink combine reduce: tokens per program step (``0``: the measured rule, ``kernels/normal_combine.py``) |
@@ -73,6 +74,7 @@ class Settings:
         check_values: ``EPCOMM_CHECK_VALUES``.
         log_level: ``EPCOMM_LOG_LEVEL``, a ``logging`` level name.
         local_world_size: ``LOCAL_WORLD_SIZE``, or ``None``.
+        ranks_per_node: ``EPCOMM_RANKS_PER_NODE``, or ``None``.
         push_rows: ``EPCOMM_PUSH_ROWS``, 0 or 1..64.
         push_warps: ``EPCOMM_PUSH_WARPS``, a power of two 1..32.
         reduce_tokens: ``EPCOMM_REDUCE_TOKENS``, 0 or 1..64.
@@ -86,6 +88,7 @@ class Settings:
     check_values: ValueCheck = ValueCheck.AUTO
     log_level: str = "WARNING"
     local_world_size: int | None = None
+    ranks_per_node: int | None = None
     push_rows: int = 0
     push_warps: int = 16
     reduce_tokens: int = 0
@@ -99,6 +102,8 @@ class Settings:
             raise ValueError(f"EPCOMM_SHRINK_TIMEOUT_S must be > 0; got {self.shrink_timeout_s}")
         if self.local_world_size is not None and self.local_world_size <= 0:
             raise ValueError(f"LOCAL_WORLD_SIZE must be a positive integer; got {self.local_world_size}")
+        if self.ranks_per_node is not None and self.ranks_per_node <= 0:
+            raise ValueError(f"EPCOMM_RANKS_PER_NODE must be a positive integer; got {self.ranks_per_node}")
         for name, value in (
             ("EPCOMM_PUSH_ROWS", self.push_rows),
             ("EPCOMM_REDUCE_TOKENS", self.reduce_tokens),
@@ -143,6 +148,8 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
     environ = os.environ if environ is None else environ
     local = environ.get("LOCAL_WORLD_SIZE", "").strip()
     local_world_size = int(_number(environ, "LOCAL_WORLD_SIZE", local, int)) if local else None
+    per_node = environ.get("EPCOMM_RANKS_PER_NODE", "").strip()
+    ranks_per_node = int(_number(environ, "EPCOMM_RANKS_PER_NODE", per_node, int)) if per_node else None
     return Settings(
         backend=BackendChoice(_enum(environ, "EPCOMM_BACKEND", "auto", BackendChoice)),
         timeout_s=float(_number(environ, "EPCOMM_TIMEOUT_S", "30", float)),
@@ -150,6 +157,7 @@ def read_settings(environ: Mapping[str, str] | None = None) -> Settings:
         check_values=ValueCheck(_enum(environ, "EPCOMM_CHECK_VALUES", "auto", ValueCheck)),
         log_level=environ.get("EPCOMM_LOG_LEVEL", "WARNING").strip().upper(),
         local_world_size=local_world_size,
+        ranks_per_node=ranks_per_node,
         push_rows=int(_number(environ, "EPCOMM_PUSH_ROWS", "0", int)),
         push_warps=int(_number(environ, "EPCOMM_PUSH_WARPS", "16", int)),
         reduce_tokens=int(_number(environ, "EPCOMM_REDUCE_TOKENS", "0", int)),

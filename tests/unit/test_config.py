@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import pytest
 
@@ -162,6 +163,43 @@ def test_nvl_hint_matches_deepep(num_ranks: int, hidden_bytes: int) -> None:
     assert config.get_nvl_buffer_size_hint(hidden_bytes, num_ranks) == _deepep_nvl_hint(
         config, hidden_bytes, num_ranks
     )
+
+
+def _deepep_rdma_hint(config: Config, hidden_bytes: int, num_ranks: int) -> int:
+    """DeepEP V1 ``Config::get_rdma_buffer_size_hint``, after its constructor rounds the RDMA receive
+    ring up to whole send chunks."""
+    num_max_nvl_peers, num_max_topk, num_max_scales, source_meta_bytes = 8, 128, 128, 8
+    send = config.num_max_rdma_chunked_send_tokens
+    recv = (config.num_max_rdma_chunked_recv_tokens + send - 1) // send * send
+    num_rdma_ranks = num_ranks // num_max_nvl_peers
+    num_channels = config.num_sms // 2
+    num_bytes = num_channels * num_rdma_ranks * (num_max_nvl_peers * 2 + 2) * 2 * 4
+    num_bytes += num_channels * num_rdma_ranks * recv * hidden_bytes * 2
+    num_bytes += num_channels * num_rdma_ranks * recv * source_meta_bytes * 2
+    num_bytes += num_channels * num_rdma_ranks * recv * num_max_topk * 8 * 2
+    num_bytes += num_channels * num_rdma_ranks * recv * num_max_topk * 4 * 2
+    num_bytes += num_channels * num_rdma_ranks * recv * num_max_scales * 4 * 2
+    num_bytes += num_channels * num_rdma_ranks * recv * 16 * 2
+    return (num_bytes + 127) // 128 * 128
+
+
+@pytest.mark.parametrize("num_ranks", [16, 24, 32, 64, 96, 128, 144, 160])
+@pytest.mark.parametrize("hidden_bytes", [7168 * 2, 7168 + 56 * 4])
+@pytest.mark.parametrize("preset", [dispatch_config_preset, combine_config_preset])
+def test_rdma_hint_matches_deepep(
+    preset: Callable[[int, int], Config], num_ranks: int, hidden_bytes: int
+) -> None:
+    config = preset(24, num_ranks)
+    assert config.get_rdma_buffer_size_hint(hidden_bytes, num_ranks) == _deepep_rdma_hint(
+        config, hidden_bytes, num_ranks
+    )
+
+
+def test_short_field_names_alias_deepeps() -> None:
+    config = Config(24, 6, 256, 12, 128)
+    assert (config.nvl_chunk_size, config.nvl_buffer_size) == (6, 256)
+    assert (config.rdma_chunk_size, config.rdma_buffer_size) == (12, 128)
+    assert config.num_channels == 12
 
 
 @pytest.mark.parametrize("num_ranks", [1, 2, 4, 8])

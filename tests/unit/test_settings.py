@@ -18,6 +18,7 @@ def test_defaults_without_variables() -> None:
     assert settings.shrink_timeout_s == 3.0
     assert settings.check_values is ValueCheck.AUTO
     assert settings.local_world_size is None
+    assert settings.ranks_per_node is None
     assert (settings.push_rows, settings.push_warps, settings.reduce_tokens, settings.reduce_warps) == (
         0,
         16,
@@ -35,6 +36,7 @@ def test_every_variable_is_read() -> None:
         "EPCOMM_CHECK_VALUES": "1",
         "EPCOMM_LOG_LEVEL": "debug",
         "LOCAL_WORLD_SIZE": "4",
+        "EPCOMM_RANKS_PER_NODE": "2",
         "EPCOMM_PUSH_ROWS": "4",
         "EPCOMM_PUSH_WARPS": "8",
         "EPCOMM_REDUCE_TOKENS": "2",
@@ -48,6 +50,7 @@ def test_every_variable_is_read() -> None:
         check_values=ValueCheck.ALWAYS,
         log_level="DEBUG",
         local_world_size=4,
+        ranks_per_node=2,
         push_rows=4,
         push_warps=8,
         reduce_tokens=2,
@@ -68,6 +71,9 @@ def test_every_variable_is_read() -> None:
         ("EPCOMM_CHECK_VALUES", "always"),
         ("LOCAL_WORLD_SIZE", "two"),
         ("LOCAL_WORLD_SIZE", "0"),
+        ("EPCOMM_RANKS_PER_NODE", "two"),
+        ("EPCOMM_RANKS_PER_NODE", "0"),
+        ("EPCOMM_RANKS_PER_NODE", "-4"),
         ("EPCOMM_PUSH_ROWS", "3"),
         ("EPCOMM_PUSH_WARPS", "0"),
         ("EPCOMM_REDUCE_TOKENS", "-2"),

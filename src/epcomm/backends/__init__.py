@@ -6,10 +6,12 @@ import logging
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from epcomm._logging import log_once
 from epcomm.backends.base import Backend
 from epcomm.env import BackendChoice, Settings
+from epcomm.topology import is_multi_node
 
 __all__ = ["Backend", "create_backend"]
 
@@ -35,18 +37,35 @@ def create_backend(
         enable_shrink: keep a rank mask (shrink mode).
         num_nvl_bytes: initial size of the NVLink symmetric buffer.
         low_latency_mode: whether the low-latency buffer is needed.
-        num_rdma_bytes: size of the low-latency buffer.
+        num_rdma_bytes: size of the low-latency (and internode) buffer; with a group of several
+            nodes, ``> 0`` selects multi-node mode (``epcomm.topology``).
 
     Returns:
         The backend.
+
+    Multi-node mode is served by the reference backend only for now (the NVSHMEM backend is not
+    built): ``AUTO`` picks it there (logged once), ``NVLINK`` raises.
     """
     from epcomm.backends.reference import ReferenceBackend
 
+    multi_node = is_multi_node(dist.get_world_size(group), num_ranks_per_node, num_rdma_bytes)
     if choice is BackendChoice.NVSHMEM:
         raise NotImplementedError(
             "backend 'nvshmem' (internode) is not available in this version of epcomm; "
             "use 'nvlink' within a node or 'reference'"
         )
+    if multi_node and choice is BackendChoice.NVLINK:
+        raise ValueError(
+            "backend 'nvlink' serves one node; this group spans several nodes and num_rdma_bytes > 0 "
+            "asks for multi-node mode (use backend='reference', or num_rdma_bytes=0)"
+        )
+    if multi_node and choice is BackendChoice.AUTO:
+        log_once(
+            "auto-reference-multi-node",
+            "epcomm: multi-node mode; using the reference backend (the NVSHMEM backend is not built yet)",
+            logging.WARNING,
+        )
+        choice = BackendChoice.REFERENCE
     if choice is BackendChoice.REFERENCE:
         return ReferenceBackend(
             group,
@@ -54,6 +73,7 @@ def create_backend(
             num_ranks_per_node,
             enable_shrink,
             shrink_timeout_s=settings.shrink_timeout_s,
+            multi_node=multi_node,
         )
     if torch.cuda.is_available():
         from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement

@@ -14,7 +14,7 @@ import torch
 
 from epcomm.config import Config
 from epcomm.fingerprint import CallFingerprint
-from epcomm.handles import DispatchHandle, LowLatencyHandle
+from epcomm.handles import LowLatencyHandle, NormalHandle
 from epcomm.layout import DispatchLayout
 
 __all__ = [
@@ -49,12 +49,15 @@ class DispatchRequest:
         topk_weights: ``[num_tokens, num_topk]`` float32 or ``None``.
         is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
         num_tokens_per_expert: ``[num_experts]`` int32 (``None`` in cached mode).
-        handle: the layout of an earlier dispatch (cached mode) or ``None``.
+        handle: the layout of an earlier dispatch (cached mode) or ``None``: a ``DispatchHandle``,
+            or in multi-node mode an ``InternodeHandle``.
         expert_alignment: per-expert counts are rounded up to this.
         num_worst_tokens: ``> 0``: receive exactly this many rows, no CPU synchronization.
         config: performance knobs.
         fingerprint: what every rank must agree on (sequence 0: the backend numbers the call
             with its ``CallNumbers`` when it starts communicating).
+        num_tokens_per_rdma_rank: ``[num_nodes]`` int32 in multi-node mode (fresh layout), else
+            ``None``.
     """
 
     x: torch.Tensor
@@ -63,11 +66,12 @@ class DispatchRequest:
     topk_weights: torch.Tensor | None
     is_token_in_rank: torch.Tensor
     num_tokens_per_expert: torch.Tensor | None
-    handle: DispatchHandle | None
+    handle: NormalHandle | None
     expert_alignment: int
     num_worst_tokens: int
     config: Config
     fingerprint: CallFingerprint
+    num_tokens_per_rdma_rank: torch.Tensor | None = None
 
 
 class DispatchResult(NamedTuple):
@@ -78,7 +82,7 @@ class DispatchResult(NamedTuple):
     recv_topk_idx: torch.Tensor | None
     recv_topk_weights: torch.Tensor | None
     num_recv_tokens_per_expert_list: list[int]
-    handle: DispatchHandle
+    handle: NormalHandle
 
 
 @dataclass(frozen=True)
@@ -87,7 +91,7 @@ class CombineRequest:
 
     Fields:
         x: ``[num_recv_rows, hidden]`` bf16, the rows dispatch delivered (after the experts).
-        handle: the dispatch's handle.
+        handle: the dispatch's handle (``InternodeHandle`` in multi-node mode).
         topk_weights: ``[num_recv_rows, num_topk]`` float32 or ``None``.
         bias: 0, 1 or 2 tensors ``[num_tokens, hidden]`` bf16 added to the result.
         config: performance knobs.
@@ -95,7 +99,7 @@ class CombineRequest:
     """
 
     x: torch.Tensor
-    handle: DispatchHandle
+    handle: NormalHandle
     topk_weights: torch.Tensor | None
     bias: tuple[torch.Tensor, ...]
     config: Config

@@ -3,6 +3,9 @@
 Runs wherever ``torch.distributed`` does (gloo on CPU, NCCL on GPUs) and is the oracle the GPU
 backends are tested against. It is written for clarity, not speed: it synchronizes with the host
 to size its normal-mode messages (the low-latency path does not: it sends fixed-capacity blocks).
+
+In multi-node mode (``epcomm.topology``) it returns DeepEP's internode handle and reduces combine
+by node as DeepEP does (``reference_internode``); its messages still go straight from rank to rank.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from epcomm.backends.base import (
     LowLatencyDelegation,
 )
 from epcomm.backends.p2p import PeerGroup
+from epcomm.backends.reference_internode import InternodeCall, combine_by_node, zero_header_words
 from epcomm.backends.reference_ll import ReferenceLowLatency
 from epcomm.backends.rows import RowLayout
 from epcomm.fingerprint import (
@@ -28,8 +32,10 @@ from epcomm.fingerprint import (
     check_fingerprints,
     check_row_counts,
 )
-from epcomm.handles import DispatchHandle
+from epcomm.handles import DispatchHandle, InternodeHandle, NormalHandle
 from epcomm.layout import DispatchLayout, compute_dispatch_layout, rows_in_order
+from epcomm.topology import NodeTopology
+from epcomm.traffic import CallBytes, count_call_bytes, row_bytes
 
 __all__ = ["ReferenceBackend"]
 
@@ -65,6 +71,11 @@ class ReferenceBackend(LowLatencyDelegation):
         enable_shrink: shrink mode: a low-latency wait masks a peer that does not arrive within
             ``shrink_timeout_s`` instead of raising (on gloo groups; see ``ReferenceLowLatency``).
         shrink_timeout_s: that bound, in seconds.
+        multi_node: multi-node mode (normal mode with DeepEP's internode semantics).
+
+    Raises:
+        ValueError: the ranks disagree on ``num_ranks_per_node`` or ``multi_node`` (checked with
+            one bounded message each way, in the constructor).
     """
 
     name = "reference"
@@ -77,14 +88,37 @@ class ReferenceBackend(LowLatencyDelegation):
         enable_shrink: bool,
         *,
         shrink_timeout_s: float,
+        multi_node: bool = False,
     ) -> None:
         self.peers = PeerGroup(group, timeout_s)
         self.rank = self.peers.rank
         self.num_ranks = self.peers.num_ranks
         self.num_ranks_per_node = num_ranks_per_node
+        self.topology = NodeTopology(self.num_ranks, num_ranks_per_node)
+        self.multi_node = multi_node
         self.low_latency = ReferenceLowLatency(self.peers, shrink_timeout_s if enable_shrink else None)
         self.enable_shrink = enable_shrink
         self.calls = CallNumbers()
+        self._last_call: tuple[str, int, NormalHandle] | None = None
+        self._check_same_topology()
+
+    def _check_same_topology(self) -> None:
+        """Every rank must see the same nodes and mode: the call headers' size depends on them."""
+        if self.num_ranks == 1:
+            return
+        mine = [self.num_ranks_per_node, int(self.multi_node)]
+        device = torch.device("cuda", torch.cuda.current_device()) if self.peers.supports_cuda else None
+        words = torch.tensor(mine, dtype=torch.int64, device=device)
+        received = _exchange(
+            self.peers, "Buffer() (topology check)", [words] * self.num_ranks, [2] * self.num_ranks
+        )
+        for peer, theirs in enumerate(received):
+            if theirs.tolist() != mine:
+                raise ValueError(
+                    f"Buffer(): rank {self.rank} has {mine[0]} ranks per node and multi-node mode "
+                    f"{bool(mine[1])}, rank {peer} has {theirs[0]} and {bool(theirs[1])}: set "
+                    "EPCOMM_RANKS_PER_NODE / LOCAL_WORLD_SIZE and num_rdma_bytes alike on every rank"
+                )
 
     # ---- layout -------------------------------------------------------------------------------
     def get_dispatch_layout(self, topk_idx: torch.Tensor, num_experts: int) -> DispatchLayout:
@@ -93,22 +127,32 @@ class ReferenceBackend(LowLatencyDelegation):
 
     # ---- normal mode --------------------------------------------------------------------------
     def _exchange_header(
-        self, operation: str, fingerprint: CallFingerprint, send_counts: list[int], device: torch.device
+        self,
+        operation: str,
+        fingerprint: CallFingerprint,
+        send_counts: list[int],
+        device: torch.device,
+        node_words: list[int] | None = None,
     ) -> list[list[int]]:
         """The first message of every normal-mode call, and the check of its fingerprint.
 
         Every rank sends every peer ``[fingerprint (FINGERPRINT_WORDS) | rows it sends to each rank
-        (num_ranks)]`` int64: the same size in every call and every operation, so it always arrives
-        whole whatever the peer called, and the peers' fingerprints are compared before anything
-        else of the call is posted. On a difference every rank that sees it raises (each rank
-        hears from every peer, so every rank does) and no message of the call is left pending.
+        (num_ranks)]`` int64, in multi-node mode followed by ``node_words`` (``num_nodes + 1``
+        words, ``InternodeCall.header_words``; zeros when not given): the same size in every
+        call and every operation, so it always arrives whole whatever the peer called, and the
+        peers' fingerprints are compared before anything else of the call is posted. On a
+        difference every rank that sees it raises (each rank hears from every peer, so every rank
+        does) and no message of the call is left pending.
 
         Returns:
-            ``counts[s][j]``: rows rank ``s`` sends to rank ``j`` in this call.
+            ``words[s]``: what rank ``s`` sent after its fingerprint; ``words[s][j]`` for
+            ``j < num_ranks`` = rows rank ``s`` sends to rank ``j`` in this call.
 
         Raises:
             InconsistentCallError: a peer's fingerprint differs from this rank's.
         """
+        if self.multi_node:
+            send_counts = send_counts + (node_words or zero_header_words(self.topology))
         header = torch.tensor(fingerprint.words() + send_counts, dtype=torch.int64, device=device)
         size = header.numel()
         received = _exchange(self.peers, operation, [header] * self.num_ranks, [size] * self.num_ranks)
@@ -134,9 +178,21 @@ class ReferenceBackend(LowLatencyDelegation):
         num_experts = request.num_tokens_per_expert.numel()
         num_local_experts = num_experts // self.num_ranks
         fingerprint = self.calls.stamp(request.fingerprint)
-        counts = self._exchange_header(
-            "dispatch (count exchange)", fingerprint, is_token_in_rank.sum(dim=0).tolist(), device
+        internode = (
+            InternodeCall(is_token_in_rank, self.topology, rank, request.config.num_channels)
+            if self.multi_node
+            else None
         )
+        words = self._exchange_header(
+            "dispatch (count exchange)",
+            fingerprint,
+            is_token_in_rank.sum(dim=0).tolist(),
+            device,
+            internode.header_words() if internode is not None else None,
+        )
+        counts = [row[: self.num_ranks] for row in words]
+        if internode is not None:
+            internode.accept_header(fingerprint, words)
         matrix = torch.tensor(counts, dtype=torch.int64)
         rank_prefix_matrix = matrix.cumsum(dim=0).to(torch.int32)
         recv_counts = matrix[:, rank].tolist()
@@ -154,6 +210,7 @@ class ReferenceBackend(LowLatencyDelegation):
         # Each message to rank j: the counts of j's local experts (num_local_experts int64), then the
         # rows. Their size depends on num_experts, which the header could not carry without growing
         # with it: here it is fixed by the fingerprints the header compared.
+        # In multi-node mode each message ends in its InternodeMessage (sizes from the header).
         per_expert_bytes = _as_bytes(request.num_tokens_per_expert.to(torch.int64))
         expert_bytes = num_local_experts * 8
         sends = [
@@ -162,12 +219,22 @@ class ReferenceBackend(LowLatencyDelegation):
                     per_expert_bytes[dst * expert_bytes : (dst + 1) * expert_bytes],
                     packed[is_token_in_rank[:, dst]].reshape(-1),
                 ]
+                + ([internode.message_to(dst)] if internode is not None else [])
             )
             for dst in range(self.num_ranks)
         ]
-        received = _exchange(
-            self.peers, "dispatch", sends, [expert_bytes + n * layout.row_bytes for n in recv_counts]
-        )
+        row_ends = [expert_bytes + n * layout.row_bytes for n in recv_counts]
+        sizes = [
+            end + (internode.message_bytes(src, n) if internode is not None else 0)
+            for src, (end, n) in enumerate(zip(row_ends, recv_counts))
+        ]
+        received = _exchange(self.peers, "dispatch", sends, sizes)
+        messages = [
+            internode.read(src, message[end:], n)
+            for src, (message, end, n) in enumerate(zip(received, row_ends, recv_counts))
+            if internode is not None
+        ]
+        received = [message[:end] for message, end in zip(received, row_ends)]
         per_expert = sum(
             (message[:expert_bytes].cpu().clone().view(torch.int64) for message in received),
             torch.zeros(num_local_experts, dtype=torch.int64),
@@ -210,6 +277,13 @@ class ReferenceBackend(LowLatencyDelegation):
                 None if recv_topk_weights is None else _pad_rows(recv_topk_weights, num_rows, 0)
             )
 
+        handle: NormalHandle
+        if internode is not None:
+            handle = internode.handle(recv_counts, messages, num_rows).with_sequence(fingerprint.sequence)
+            self._record("dispatch", handle, x, request.x_scales, request.topk_idx, request.topk_weights)
+            return DispatchResult(
+                recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle
+            )
         previous = rank_prefix_matrix[rank - 1] if rank > 0 else torch.zeros_like(rank_prefix_matrix[0])
         recv_row_of_token = rows_in_order(is_token_in_rank, previous.to(device))
         handle = DispatchHandle(
@@ -223,10 +297,28 @@ class ReferenceBackend(LowLatencyDelegation):
             or int(max(int(matrix.sum(dim=0).max()), int(matrix.sum(dim=1).max()))),
             sequence=fingerprint.sequence,
         )
+        self._record("dispatch", handle, x, request.x_scales, request.topk_idx, request.topk_weights)
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
-    def _source_ranges(self, handle: DispatchHandle) -> list[tuple[int, int]]:
-        column = handle.rank_prefix_matrix[:, self.rank].tolist()
+    def _record(self, operation: str, handle: NormalHandle, *tensors: torch.Tensor | None) -> None:
+        """Keep what ``last_call_bytes`` needs (counted only when asked)."""
+        self._last_call = (operation, row_bytes(*tensors), handle)
+
+    def last_call_bytes(self) -> CallBytes | None:
+        """Bytes this rank sent in the last normal-mode call under each scheme (``epcomm.traffic``);
+        ``None`` before the first call, and when the group spans nodes outside multi-node mode."""
+        if self._last_call is None:
+            return None
+        operation, num_row_bytes, handle = self._last_call
+        if isinstance(handle, DispatchHandle) and self.topology.num_nodes > 1:
+            return None
+        return count_call_bytes(operation, num_row_bytes, handle, self.topology, self.rank)
+
+    def _source_ranges(self, handle: NormalHandle) -> list[tuple[int, int]]:
+        if isinstance(handle, InternodeHandle):
+            column = handle.recv_gbl_rank_prefix_sum.tolist()
+        else:
+            column = handle.rank_prefix_matrix[:, self.rank].tolist()
         starts = [0, *column[:-1]]
         return list(zip(starts, column))
 
@@ -250,7 +342,7 @@ class ReferenceBackend(LowLatencyDelegation):
             {src: row[self.rank] for src, row in enumerate(counts) if src != self.rank},
         )
 
-    def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
+    def _cached_dispatch(self, request: DispatchRequest, handle: NormalHandle) -> DispatchResult:
         fields: list[tuple[int, torch.dtype]] = [(request.x.size(1), request.x.dtype)]
         tensors = [request.x]
         if request.x_scales is not None:
@@ -271,6 +363,7 @@ class ReferenceBackend(LowLatencyDelegation):
         rows = torch.cat(received).view(-1, layout.row_bytes)
         unpacked = [_pad_rows(t, handle.num_recv_rows, 0) for t in layout.unpack(rows)]
         recv_scales = unpacked[1] if request.x_scales is not None else None
+        self._record("cached dispatch", handle, request.x, request.x_scales)
         return DispatchResult(unpacked[0], recv_scales, None, None, [], handle)
 
     def combine(self, request: CombineRequest) -> CombineResult:
@@ -296,6 +389,12 @@ class ReferenceBackend(LowLatencyDelegation):
         packed = layout.pack(tensors)
         sends = [packed[start:end].reshape(-1) for start, end in ranges]
         received = _exchange(self.peers, "combine", sends, [n * layout.row_bytes for n in recv_counts])
+        self._record("combine", handle, x, request.topk_weights)
+        if isinstance(handle, InternodeHandle):
+            returned = [layout.unpack(message.view(-1, layout.row_bytes)) for message in received]
+            return CombineResult(
+                *combine_by_node(handle.is_token_in_rank, returned, self.topology, request.bias)
+            )
         num_tokens = handle.is_token_in_rank.size(0)
         combined = torch.zeros(num_tokens, x.size(1), dtype=torch.float32, device=x.device)
         combined_weights = None

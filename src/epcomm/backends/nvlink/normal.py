@@ -36,7 +36,7 @@ from epcomm.backends.nvlink.symmetric_buffer import (
 )
 from epcomm.env import LayoutKernel, Settings
 from epcomm.fingerprint import FINGERPRINT_WORDS, CallFingerprint, CallNumbers, check_fingerprints
-from epcomm.handles import DispatchHandle
+from epcomm.handles import DispatchHandle, intranode_handle
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
@@ -291,7 +291,7 @@ class NvlinkNormal:
         every rank sees it, grows the buffer and pushes again.
         """
         if request.handle is not None:
-            return self._cached_dispatch(request, request.handle)
+            return self._cached_dispatch(request, intranode_handle(request.handle))
         assert request.num_tokens_per_expert is not None
         x, is_token_in_rank = request.x, request.is_token_in_rank.contiguous()
         rank, num_ranks = self.rank, self.num_ranks
@@ -447,7 +447,7 @@ class NvlinkNormal:
     def combine(self, request: CombineRequest) -> CombineResult:
         """Normal-mode combine; see ``Buffer.combine``: the push writes each row back into its token
         rank's combine area, then the reduce sums them."""
-        handle, x = request.handle, request.x
+        handle, x = intranode_handle(request.handle), request.x
         x_words = self._words(x, "x")
         self.calls.stamp(request.fingerprint)  # numbered, not exchanged (as in cached dispatch)
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
