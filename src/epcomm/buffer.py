@@ -14,6 +14,7 @@ import torch.distributed as dist
 from epcomm import env, validation
 from epcomm._collectives import all_gather_ints, host_id
 from epcomm._logging import set_log_level
+from epcomm._registry import register_buffer
 from epcomm.backends import create_backend
 from epcomm.backends.base import (
     Backend,
@@ -94,7 +95,8 @@ class Buffer(LowLatencyMethods):
 
     Attributes:
         rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name,
-        settings.
+        settings; ``op_id``: this buffer's id in the ``torch.library`` custom ops
+        (``epcomm.autograd``, ``epcomm.ops``), unique in the process.
     """
 
     num_sms: ClassVar[int] = 20
@@ -149,6 +151,7 @@ class Buffer(LowLatencyMethods):
         self.backend_name: str = self._backend.name
         self._comm_stream: torch.cuda.Stream | None = None
         self._local_buffers: dict[bool, torch.Tensor] = {}
+        self.op_id: int = register_buffer(self)
 
     @staticmethod
     def _check_backend(backend: Any) -> env.BackendChoice:
