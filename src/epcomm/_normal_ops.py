@@ -161,7 +161,9 @@ def _dispatch_setup(ctx: Any, inputs: tuple[object, ...], output: _DispatchResul
     ctx.buffer_id = buffer_id
     ctx.config = config
     ctx.dtypes = (x.dtype, topk_weights.dtype)
-    ctx.save_for_backward(output[0], output[1], output[2], *output[4:])
+    ctx.hidden = x.size(1)
+    # recv_topk_idx (to mask the weights' gradient) and the handle; not the received rows.
+    ctx.save_for_backward(output[1], *output[4:])
 
 
 def _dispatch_backward(
@@ -171,14 +173,16 @@ def _dispatch_backward(
     grad_recv_w: Tensor | None,
     *rest: object,
 ) -> tuple[object, ...]:
-    recv_x, recv_idx, recv_w, *handle = ctx.saved_tensors
+    recv_idx, *handle = ctx.saved_tensors
     x_dtype, w_dtype = ctx.dtypes
-    grad_x = torch.zeros_like(recv_x) if grad_recv_x is None else grad_recv_x
-    grad_w = torch.zeros_like(recv_w) if grad_recv_w is None else grad_recv_w
+    num_rows, device = recv_idx.size(0), recv_idx.device
+    if grad_recv_x is None:
+        grad_recv_x = torch.zeros(num_rows, ctx.hidden, dtype=x_dtype, device=device)
+    grad_w = torch.zeros(recv_idx.shape, dtype=w_dtype, device=device) if grad_recv_w is None else grad_recv_w
     # recv_topk_weights is 0.0 (a constant) wherever the received top-k id is -1.
     grad_w = torch.where(recv_idx >= 0, grad_w, torch.zeros_like(grad_w))
     grads = combine_op(
-        [grad_x.to(x_dtype), grad_w.to(w_dtype)],
+        [grad_recv_x.to(x_dtype), grad_w.to(w_dtype)],
         *handle,
         ctx.buffer_id,
         ctx.config,

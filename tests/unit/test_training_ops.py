@@ -94,6 +94,26 @@ def test_outputs_and_gradients_one_rank(buffer: Buffer) -> None:
     assert torch.equal(w.grad[idx < 0], torch.zeros_like(w.grad[idx < 0]))
 
 
+def test_combine_takes_the_buffers_own_handle(buffer: Buffer) -> None:
+    """A ``DispatchHandle`` from ``Buffer.dispatch`` works too (converted to a ``TensorHandle``)."""
+    x, idx, _ = _inputs(torch.bfloat16)
+    per_rank, _, per_expert, in_rank, _ = buffer.get_dispatch_layout(idx, NUM_EXPERTS)
+    recv_x, _, _, _, handle, _ = buffer.dispatch(
+        x.detach(),
+        num_tokens_per_rank=per_rank,
+        is_token_in_rank=in_rank,
+        num_tokens_per_expert=per_expert,
+        topk_idx=idx,
+    )
+    assert isinstance(recv_x, torch.Tensor)
+    assert handle is not None
+    rows = recv_x.clone().requires_grad_()
+    combined = ep.combine(buffer, rows, handle).combined_x
+    assert torch.equal(combined, buffer.combine(recv_x, handle)[0])
+    combined.sum().backward()
+    assert rows.grad is not None
+
+
 def test_argument_errors(buffer: Buffer) -> None:
     x, idx, w = _inputs(torch.float32)
     with pytest.raises(TypeError, match="x must have dtype"):
