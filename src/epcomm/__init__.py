@@ -2,7 +2,12 @@
 
 ``from epcomm import Buffer, Config, EventOverlap`` replaces ``from deep_ep import ...``.
 ``InconsistentCallError`` (a ``ValueError``): ranks made different normal-mode calls.
+Training and ``torch.compile``: ``epcomm.autograd`` (differentiable dispatch / combine),
+``epcomm.moe`` (``MoELayer``), ``epcomm.ops`` (low-latency custom ops); imported on first use.
 """
+
+import importlib
+from types import ModuleType
 
 import torch
 
@@ -24,3 +29,13 @@ __all__ = [
     "__version__",
     "topk_idx_t",
 ]
+
+_SUBMODULES = ("autograd", "moe", "ops")
+
+
+def __getattr__(name: str) -> ModuleType:
+    """``epcomm.autograd``, ``epcomm.moe`` and ``epcomm.ops`` without importing them explicitly
+    (they register the ``torch.ops.epcomm`` custom ops when first imported)."""
+    if name in _SUBMODULES:
+        return importlib.import_module(f"epcomm.{name}")
+    raise AttributeError(f"module 'epcomm' has no attribute {name!r}")

@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from epcomm import env, validation
 from epcomm._logging import set_log_level
+from epcomm._registry import register_buffer
 from epcomm.backends import create_backend
 from epcomm.backends.base import (
     Backend,
@@ -87,7 +88,8 @@ class Buffer(LowLatencyMethods):
     Attributes:
         rank, group_size, group, num_nvl_bytes, num_rdma_bytes, low_latency_mode, backend_name,
         settings; num_ranks_per_node, num_nodes (nodes are blocks of consecutive ranks,
-        ``epcomm.topology``) and is_multi_node.
+        ``epcomm.topology``) and is_multi_node; ``op_id``: this buffer's id in the
+        ``torch.library`` custom ops (``epcomm.autograd``, ``epcomm.ops``), unique in the process.
 
     Raises:
         ValueError: ``EPCOMM_RANKS_PER_NODE`` does not divide the group size, or the ranks do not
@@ -151,6 +153,7 @@ class Buffer(LowLatencyMethods):
         self.backend_name: str = self._backend.name
         self._comm_stream: torch.cuda.Stream | None = None
         self._local_buffers: dict[bool, torch.Tensor] = {}
+        self.op_id: int = register_buffer(self)
 
     @staticmethod
     def _check_backend(backend: Any) -> env.BackendChoice:

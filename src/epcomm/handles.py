@@ -16,6 +16,7 @@ __all__ = [
     "InternodeHandle",
     "LowLatencyHandle",
     "NormalHandle",
+    "TensorHandle",
     "as_handle",
     "intranode_handle",
 ]
@@ -142,6 +143,56 @@ def intranode_handle(handle: NormalHandle) -> DispatchHandle:
     if not isinstance(handle, DispatchHandle):
         raise TypeError("this backend has no multi-node mode; got an InternodeHandle")
     return handle
+
+
+class TensorHandle(NamedTuple):
+    """A ``DispatchHandle`` made only of tensors: the handle ``epcomm.autograd.dispatch`` returns.
+
+    ``torch.library`` custom ops take and return tensors, so the handle travels through them (and
+    through ``torch.compile`` graphs and autograd's saved tensors) as these six tensors; the three
+    host integers of ``DispatchHandle`` are either a tensor size or held in ``meta``.
+
+    Fields:
+        rank_prefix_matrix: ``[num_ranks, num_ranks]`` int32 (element 0, as in DeepEP's handle).
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool.
+        recv_row_of_token: ``[num_tokens, num_ranks]`` int32.
+        recv_src_idx: ``[num_recv_rows]`` int32; its size is ``num_recv_rows``.
+        num_recv_tokens: ``[1]`` int32 on the data's device.
+        meta: ``[2]`` int64 on the CPU: ``(num_max_rows, sequence)``.
+    """
+
+    rank_prefix_matrix: torch.Tensor
+    is_token_in_rank: torch.Tensor
+    recv_row_of_token: torch.Tensor
+    recv_src_idx: torch.Tensor
+    num_recv_tokens: torch.Tensor
+    meta: torch.Tensor
+
+    @staticmethod
+    def of(handle: DispatchHandle) -> TensorHandle:
+        """The tensors of ``handle`` (fresh tensors where a field is a host integer or another dtype)."""
+        return TensorHandle(
+            handle.rank_prefix_matrix.to(torch.int32),
+            handle.is_token_in_rank,
+            handle.recv_row_of_token.to(torch.int32),
+            handle.recv_src_idx.to(torch.int32),
+            handle.num_recv_tokens.to(torch.int32),
+            torch.tensor([handle.num_max_rows, handle.sequence], dtype=torch.int64, device="cpu"),
+        )
+
+    def dispatch_handle(self) -> DispatchHandle:
+        """The ``DispatchHandle`` these tensors hold (reads ``meta``, a CPU tensor: no device sync)."""
+        num_max_rows, sequence = (int(v) for v in self.meta.tolist())
+        return DispatchHandle(
+            self.rank_prefix_matrix,
+            self.is_token_in_rank,
+            self.recv_row_of_token,
+            self.recv_src_idx,
+            self.num_recv_tokens,
+            self.recv_src_idx.size(0),
+            num_max_rows,
+            sequence,
+        )
 
 
 class LowLatencyHandle(NamedTuple):
