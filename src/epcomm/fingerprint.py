@@ -1,4 +1,4 @@
-"""What every rank must agree on in one normal-mode call, as a few integer words.
+"""What every rank must agree on in one call (both modes), as a few integer words.
 
 Each normal-mode call (dispatch, cached dispatch, combine) sends its fingerprint to every peer in
 its first message and compares what the peers sent with its own before any payload moves. A peer
