@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 1, reason="needs a 
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_caller_default_device_and_dtype(world_size: int, placement: str) -> None:
     backend = backend_or_skip(world_size, placement)
     results = parallel_launch(world_size, under_caller_defaults, backend=backend, timeout_s=600)
@@ -22,7 +22,7 @@ def test_caller_default_device_and_dtype(world_size: int, placement: str) -> Non
 
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
-@pytest.mark.parametrize("world_size", [1, 2])
+@pytest.mark.parametrize("world_size", [1, 2, 4, 8])
 def test_profiler_shows_one_kernel_per_low_latency_op(world_size: int, placement: str) -> None:
     backend = backend_or_skip(world_size, placement)
     results = parallel_launch(world_size, profiled_kernel_names, 5, backend=backend, timeout_s=600)
