@@ -15,7 +15,6 @@ docstrings give other values (``SIGNAL_SET = 0`` hangs a wait loop).
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from triton.language import core
@@ -41,21 +40,20 @@ CMP_EQ = 0  # nvshmem_cmp_type: EQ, NE, GT, LE, LT, GE
 CMP_GE = 5
 
 
-def device_library() -> str:
-    """Path of ``libnvshmem_device.bc``: ``$NVSHMEM_LIB_DIR`` if set, else the ``nvidia-nvshmem``
-    wheel's.
+def device_library(directory: str | None = None) -> str:
+    """Path of ``libnvshmem_device.bc`` in ``directory``, by default the ``nvidia-nvshmem`` wheel's
+    ``lib`` folder.
 
     Raises:
         RuntimeError: no device library found (install ``nvidia-nvshmem-cu13``).
     """
-    directory = os.environ.get("NVSHMEM_LIB_DIR")
     if directory is None:
         try:
             import nvidia.nvshmem as wheel
         except ImportError:
             raise RuntimeError(
                 "the NVSHMEM device library is not installed: pip install nvidia-nvshmem-cu13 "
-                "(or set NVSHMEM_LIB_DIR to the folder of libnvshmem_device.bc)"
+                "(or pass the folder of libnvshmem_device.bc)"
             ) from None
         directory = str(Path(next(iter(wheel.__path__))) / "lib")
     path = Path(directory) / "libnvshmem_device.bc"
