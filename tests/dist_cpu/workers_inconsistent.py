@@ -101,6 +101,19 @@ def _differing_call(buffer: Buffer, row: str, is_odd: bool, mine: RankInputs, ca
     _dispatch(buffer, sent, mine, num_experts, num_topk)
 
 
+def _raised(error: InconsistentCallError) -> dict[str, Any]:
+    """What the test checks of the error a rank raised."""
+    return {
+        "kind": type(error).__name__,
+        "message": str(error),
+        "rank": error.rank,
+        "peer": error.peer,
+        "mine": error.mine,
+        "theirs": error.theirs,
+        "is_value_error": isinstance(error, ValueError),
+    }
+
+
 def inconsistent_call_worker(pgi: ProcessGroupInfo, case: Case, row: str, odd_rank: int) -> dict[str, Any]:
     """Rank ``odd_rank`` makes the differing call of ``row``; every rank returns what it raised
     (``kind``, ``message``, ``peer``, ``elapsed_s``) and whether the matching dispatch and combine
@@ -114,15 +127,7 @@ def inconsistent_call_worker(pgi: ProcessGroupInfo, case: Case, row: str, odd_ra
         try:
             _differing_call(buffer, row, me == odd_rank, mine, case)
         except InconsistentCallError as error:
-            outcome = {
-                "kind": type(error).__name__,
-                "message": str(error),
-                "rank": error.rank,
-                "peer": error.peer,
-                "mine": error.mine,
-                "theirs": error.theirs,
-                "is_value_error": isinstance(error, ValueError),
-            }
+            outcome = _raised(error)
         outcome["elapsed_s"] = time.monotonic() - start
         recv_x, _, recv_topk_weights, _, handle, _ = _dispatch(buffer, mine.x, mine, case.num_experts)
         assert isinstance(recv_x, torch.Tensor)
@@ -206,15 +211,7 @@ def inconsistent_low_latency_worker(
         try:
             _differing_low_latency_call(buffer, row, me == odd_rank, mine, case)
         except InconsistentCallError as error:
-            outcome = {
-                "kind": type(error).__name__,
-                "message": str(error),
-                "rank": error.rank,
-                "peer": error.peer,
-                "mine": error.mine,
-                "theirs": error.theirs,
-                "is_value_error": isinstance(error, ValueError),
-            }
+            outcome = _raised(error)
         outcome["elapsed_s"] = time.monotonic() - start
         _, recv_count, _, _, _ = buffer.low_latency_dispatch(
             mine.x, mine.topk_idx, LL_CAPACITY, case.num_experts, use_fp8=False

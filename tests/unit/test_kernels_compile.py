@@ -243,6 +243,25 @@ def _signals(num_ranks: int) -> SignalState:
 _WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
 
 
+def _compile_phase(call: Any, phase: Phase) -> Any:
+    """Compile a recorded low-latency launch of ``phase`` and check what every such launch holds: a
+    send phase signals by itself, a receive phase spins lightly, neither does the other's part,
+    and a ``BOTH`` launch has at most one program per SM (all resident while they wait)."""
+    if phase == Phase.BOTH:
+        assert call[1][0] <= 132, call[1]
+    compiled = _compile(call)
+    ptx = compiled.asm["ptx"]
+    if phase & Phase.SEND:
+        _assert_fused_signal(ptx)
+    else:
+        assert "atom" not in ptx.split("ld.relaxed.sys")[0], "a receive launch must not signal"
+    if phase & Phase.RECEIVE:
+        _assert_light_wait(ptx)
+    else:
+        assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
+    return compiled
+
+
 def _dispatch_launch(
     phase: Phase,
     use_fp8: bool,
@@ -316,24 +335,14 @@ def test_low_latency_dispatch_kernel_compiles(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     call = _dispatch_launch(phase, use_fp8, round_scale, use_ue8m0, hidden, num_ranks, monkeypatch)
-    if phase == Phase.BOTH:
-        assert call[1][0] <= 132, call[1]  # at most one program per SM: all resident while waiting
-    compiled = _compile(call)
-    ptx = compiled.asm["ptx"]
+    compiled = _compile_phase(call, phase)
     if phase & Phase.SEND:
         # The staging offset is specialized by Triton (a multiple of 16): the message stores stay
         # 16-byte wide (for small rows 256 threads hold one word each: nothing to vectorize).
         if hidden >= 4096:
             assert "st.global.v4.b32" in _accesses(compiled)
         if use_fp8:
-            assert "cvt.rn.satfinite.e4m3x2.f32" in ptx
-        _assert_fused_signal(ptx)
-    else:
-        assert "atom" not in ptx.split("ld.relaxed.sys")[0], "a receive launch must not signal"
-    if phase & Phase.RECEIVE:
-        _assert_light_wait(ptx)
-    else:
-        assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
+            assert "cvt.rn.satfinite.e4m3x2.f32" in compiled.asm["ptx"]
 
 
 def _combine_launch(
@@ -372,18 +381,9 @@ def _combine_launch(
 def test_low_latency_combine_kernel_compiles(
     phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    call = _combine_launch(phase, num_ranks, monkeypatch)
-    if phase == Phase.BOTH:
-        assert call[1][0] <= 132, call[1]
-    compiled = _compile(call)
-    ptx = compiled.asm["ptx"]
+    compiled = _compile_phase(_combine_launch(phase, num_ranks, monkeypatch), phase)
     if phase & Phase.SEND:
         assert "st.global.v4.b32" in _accesses(compiled)
-        _assert_fused_signal(ptx)
-    if phase & Phase.RECEIVE:
-        _assert_light_wait(ptx)
-    else:
-        assert "ld.relaxed.sys" not in ptx, "a send launch must not wait"
 
 
 @pytest.mark.parametrize("phase", [Phase.RECEIVE, Phase.BOTH])

@@ -66,7 +66,8 @@ def create_backend(
             logging.WARNING,
         )
         choice = BackendChoice.REFERENCE
-    if choice is BackendChoice.REFERENCE:
+
+    def reference() -> Backend:
         return ReferenceBackend(
             group,
             settings.timeout_s,
@@ -75,6 +76,9 @@ def create_backend(
             shrink_timeout_s=settings.shrink_timeout_s,
             multi_node=multi_node,
         )
+
+    if choice is BackendChoice.REFERENCE:
+        return reference()
     if torch.cuda.is_available():
         from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
 
@@ -120,10 +124,4 @@ def create_backend(
             )
     elif choice is BackendChoice.NVLINK:
         raise ValueError("backend 'nvlink' needs CUDA devices; none is available")
-    return ReferenceBackend(
-        group,
-        settings.timeout_s,
-        num_ranks_per_node,
-        enable_shrink,
-        shrink_timeout_s=settings.shrink_timeout_s,
-    )
+    return reference()

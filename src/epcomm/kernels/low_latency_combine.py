@@ -25,6 +25,7 @@ from epcomm.kernels.low_latency_dispatch import (
     LowLatencyWords,
     Phase,
     SignalState,
+    expected_sequences,
     ll_arrive_and_signal,
     wait_sources,
 )
@@ -73,9 +74,7 @@ def ll_combine_kernel(
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    # As in ll_dispatch_kernel: with BOTH, read the expected sequence numbers before arriving.
-    sources = tl.arange(0, R_BLOCK)
-    expected = tl.load(recv_expected_ptr + sources, mask=sources < NUM_RANKS, other=0) + PHASE // 3
+    expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
     if PHASE & 1:
         _send_rows(
             peer_table,

@@ -44,6 +44,7 @@ __all__ = [
     "Phase",
     "SignalState",
     "dispatch_grid",
+    "expected_sequences",
     "launch_ll_dispatch",
     "ll_arrive_and_signal",
     "wait_sources",
@@ -130,11 +131,7 @@ def ll_dispatch_kernel(
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
-    # The sequence number expected from each source. A receive-only launch runs after its send
-    # launch advanced it; with BOTH, read here, before this program arrives (the last program
-    # advances it after every arrival), and add the one this call's send releases.
-    sources = tl.arange(0, R_BLOCK)
-    expected = tl.load(recv_expected_ptr + sources, mask=sources < NUM_RANKS, other=0) + PHASE // 3
+    expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
     if PHASE & 1:
         _send_tokens(
             peer_table,
@@ -432,6 +429,18 @@ def _expand_received(
                     scales,
                     mask=valid[:, None] & group_mask[None, :],
                 )
+
+
+@triton.jit
+def expected_sequences(
+    recv_expected_ptr, PHASE: tl.constexpr, NUM_RANKS: tl.constexpr, R_BLOCK: tl.constexpr
+):
+    """``[R_BLOCK]`` int32: the sequence number a receive phase waits for from each source. A
+    receive-only launch runs after its send launch advanced ``recv_expected``; a ``BOTH`` launch
+    calls this first, before its program arrives (the last program advances it after every
+    arrival), and adds the one this call's send releases."""
+    sources = tl.arange(0, R_BLOCK)
+    return tl.load(recv_expected_ptr + sources, mask=sources < NUM_RANKS, other=0) + PHASE // 3
 
 
 @triton.jit
