@@ -97,15 +97,15 @@ def _forwarded_rows(
     if isinstance(handle, InternodeHandle):
         needs = (handle.send_nvl_head >= 0).cpu()
         counts = torch.diff(
-            handle.recv_rdma_rank_prefix_sum.to("cpu", torch.int64), prepend=torch.zeros(1, dtype=torch.int64)
+            handle.recv_rdma_rank_prefix_sum.to("cpu", torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu")
         )
-        return needs, torch.repeat_interleave(torch.arange(topology.num_nodes), counts)
+        return needs, torch.repeat_interleave(torch.arange(topology.num_nodes, device="cpu"), counts)
     # One node: this rank forwards its own tokens.
     in_rank = handle.is_token_in_rank.cpu()
     node = topology.node_of(rank)
     block = in_rank[:, node * per_node : (node + 1) * per_node]
     needs = block[block.any(dim=1)]
-    return needs, torch.full((needs.size(0),), node, dtype=torch.int64)
+    return needs, torch.full((needs.size(0),), node, dtype=torch.int64, device="cpu")
 
 
 def count_call_bytes(
@@ -119,7 +119,7 @@ def count_call_bytes(
     if isinstance(handle, DispatchHandle) and topology.num_nodes > 1:
         raise ValueError("hierarchical byte counts need the multi-node handle (num_rdma_bytes > 0)")
     node, local = topology.node_of(rank), topology.local_rank_of(rank)
-    ranks = torch.arange(topology.num_ranks)
+    ranks = torch.arange(topology.num_ranks, device="cpu")
     same_node = (ranks // topology.num_ranks_per_node) == node
     needs, source_node = _forwarded_rows(handle, topology, rank)
     others_needing = needs.sum(dim=1) - needs[:, local].to(torch.int64)

@@ -56,15 +56,20 @@ def normal_mode_scenarios() -> list[Any]:
 
 
 @contextlib.contextmanager
-def caller_default_dtype(dtype_name: str) -> Iterator[None]:
-    """Run the block under ``torch.set_default_dtype`` of ``dtype_name`` (``""``: unchanged), as
-    scripts written for DeepEP do before they create a ``Buffer``; the default is restored after."""
-    if not dtype_name:
-        yield
-        return
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(getattr(torch, dtype_name))
+def caller_defaults(dtype_name: str, device_name: str = "") -> Iterator[None]:
+    """Run the block under ``torch.set_default_dtype`` of ``dtype_name`` and ``torch.set_default_device``
+    of ``device_name`` (``""``: unchanged), as scripts written for DeepEP do before they create a
+    ``Buffer``; both are restored after. ``"meta"`` as the device makes every allocation that does
+    not name its device a meta tensor, which fails the first time it meets real data: on a CPU
+    machine it finds what ``set_default_device("cuda")`` would move off the host."""
+    previous_dtype = torch.get_default_dtype()
+    if dtype_name:
+        torch.set_default_dtype(getattr(torch, dtype_name))
+    if device_name:
+        torch.set_default_device(device_name)
     try:
         yield
     finally:
-        torch.set_default_dtype(previous)
+        if device_name:
+            torch.set_default_device(None)
+        torch.set_default_dtype(previous_dtype)

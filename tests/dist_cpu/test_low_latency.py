@@ -58,11 +58,19 @@ def test_combine_variants(run_on_ranks: RunOnRanks, variant: str, world_size: in
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
 @pytest.mark.parametrize("mode", ["bf16", "fp8"])
-def test_caller_default_dtype_bf16(run_on_ranks: RunOnRanks, mode: str, world_size: int) -> None:
-    """Low-latency dispatch (and combine) built and called under ``torch.set_default_dtype(bfloat16)``."""
+@pytest.mark.parametrize("default_device", ["", "meta"])
+def test_caller_defaults(run_on_ranks: RunOnRanks, default_device: str, mode: str, world_size: int) -> None:
+    """Low-latency dispatch (and combine) built and called under ``torch.set_default_dtype(bfloat16)``
+    and a default device (``meta``: an internal allocation that names no device fails)."""
     case = make_case("ll_dispatch_combine", world_size, "masked_slots")
     run_on_ranks(
-        world_size, dispatch_combine_worker, case, case.num_tokens + SPARE_CAPACITY, mode, "bfloat16"
+        world_size,
+        dispatch_combine_worker,
+        case,
+        case.num_tokens + SPARE_CAPACITY,
+        mode,
+        "bfloat16",
+        default_device,
     )
 
 

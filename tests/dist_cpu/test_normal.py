@@ -31,11 +31,13 @@ def test_layout_dispatch_combine(run_on_ranks: RunOnRanks, scenario: str, world_
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)
-def test_caller_default_dtype_bf16(run_on_ranks: RunOnRanks, world_size: int) -> None:
-    """DeepEP scripts call ``torch.set_default_dtype(torch.bfloat16)`` before building the
-    ``Buffer``: every internal allocation names its dtype, so results are unchanged."""
+@pytest.mark.parametrize("default_device", ["", "meta"])
+def test_caller_defaults(run_on_ranks: RunOnRanks, default_device: str, world_size: int) -> None:
+    """DeepEP scripts call ``torch.set_default_dtype(torch.bfloat16)`` (and set the default device)
+    before building the ``Buffer``: every internal allocation names its dtype and device, so results
+    are unchanged (``meta``: an allocation that names no device fails)."""
     case = make_case("layout_dispatch_combine", world_size, "masked_slots")
-    run_on_ranks(world_size, layout_dispatch_combine_worker, case, "bfloat16")
+    run_on_ranks(world_size, layout_dispatch_combine_worker, case, "bfloat16", default_device)
 
 
 @pytest.mark.parametrize("world_size", WORLD_SIZES)

@@ -15,7 +15,7 @@ from epcomm import Buffer
 from epcomm.quant import per_token_cast_back
 from epcomm.testing import ProcessGroupInfo
 
-from .cases import caller_default_dtype
+from .cases import caller_defaults
 from .naive import (
     Case,
     ExpectedLowLatency,
@@ -59,7 +59,7 @@ def _low_latency_buffer(
 
 def _garbage(case: Case, rank: int, shape: Sequence[int], salt: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(case.seed * 37 + rank * 7 + salt)
-    return (torch.randn(*shape, generator=generator) * 100).bfloat16()
+    return (torch.randn(*shape, generator=generator, dtype=torch.float32, device="cpu") * 100).bfloat16()
 
 
 def _expert_outputs(case: Case, me: int, recv_x: torch.Tensor, recv_count: torch.Tensor) -> torch.Tensor:
@@ -172,10 +172,16 @@ def _check_combined(
 
 
 def dispatch_combine_worker(
-    pgi: ProcessGroupInfo, case: Case, capacity: int, mode: str, default_dtype: str = ""
+    pgi: ProcessGroupInfo,
+    case: Case,
+    capacity: int,
+    mode: str,
+    default_dtype: str = "",
+    default_device: str = "",
 ) -> None:
     """One dispatch (bf16 or FP8) with receive stats; for bf16 also the weighted combine; the
-    buffer is made and called under the caller's ``default_dtype`` (``""``: torch's)."""
+    buffer is made and called under the caller's ``default_dtype`` and ``default_device`` (``""``:
+    torch's)."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
@@ -185,7 +191,7 @@ def dispatch_combine_worker(
     wait_stats = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
     use_fp8, round_scale, use_ue8m0 = DISPATCH_MODES[mode]
     combined = None
-    with caller_default_dtype(default_dtype), _low_latency_buffer(pgi, case, capacity) as buffer:
+    with caller_defaults(default_dtype, default_device), _low_latency_buffer(pgi, case, capacity) as buffer:
         result = buffer.low_latency_dispatch(
             mine.x,
             mine.topk_idx,

@@ -12,7 +12,7 @@ from epcomm import Buffer
 from epcomm.quant import per_token_cast_back, per_token_cast_to_fp8
 from epcomm.testing import ProcessGroupInfo
 
-from .cases import caller_default_dtype
+from .cases import caller_defaults
 from .naive import (
     Case,
     ExpectedDispatch,
@@ -121,14 +121,17 @@ def layout_worker(pgi: ProcessGroupInfo, case: Case) -> None:
     _check_layout(layout, mine, case, pgi.world_size)
 
 
-def layout_dispatch_combine_worker(pgi: ProcessGroupInfo, case: Case, default_dtype: str = "") -> None:
+def layout_dispatch_combine_worker(
+    pgi: ProcessGroupInfo, case: Case, default_dtype: str = "", default_device: str = ""
+) -> None:
     """Layout, dispatch (with top-k), combine (with weights, twice), cached dispatch (same and new x);
-    the buffer is made and called under the caller's ``default_dtype`` (``""``: torch's)."""
+    the buffer is made and called under the caller's ``default_dtype`` and ``default_device``
+    (``""``: torch's)."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
     second_xs = [make_x(case, rank, salt=1) for rank in range(num_ranks)]
-    with caller_default_dtype(default_dtype), Buffer(pgi.group, backend=BACKEND) as buffer:
+    with caller_defaults(default_dtype, default_device), Buffer(pgi.group, backend=BACKEND) as buffer:
         layout = buffer.get_dispatch_layout(mine.topk_idx, case.num_experts)
         num_tokens_per_rank, num_tokens_per_rdma_rank, num_tokens_per_expert, is_token_in_rank, _ = layout
         recv_x, recv_topk_idx, recv_topk_weights, per_expert_list, handle, event = buffer.dispatch(

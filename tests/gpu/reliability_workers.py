@@ -63,7 +63,7 @@ def dead_peer(pgi: ProcessGroupInfo, operation: str, timeout_s: float, result_fi
     outcome["elapsed_s"] = time.monotonic() - begin
     try:
         buffer.destroy()
-        alone = dist.new_group([0], backend="gloo")
+        alone = dist.new_group([0], backend="gloo", use_local_synchronization=True)
         with epcomm.Buffer(alone, num_nvl_bytes=1 << 20, backend="nvlink", settings=settings) as fresh:
             outcome["fresh_buffer_ranks"] = fresh.group_size
     except Exception as error:

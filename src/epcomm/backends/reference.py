@@ -107,7 +107,7 @@ class ReferenceBackend(LowLatencyDelegation):
         if self.num_ranks == 1:
             return
         mine = [self.num_ranks_per_node, int(self.multi_node)]
-        device = torch.device("cuda", torch.cuda.current_device()) if self.peers.supports_cuda else None
+        device = torch.device("cuda", torch.cuda.current_device()) if self.peers.supports_cuda else torch.device("cpu")
         words = torch.tensor(mine, dtype=torch.int64, device=device)
         received = _exchange(
             self.peers, "Buffer() (topology check)", [words] * self.num_ranks, [2] * self.num_ranks
@@ -193,7 +193,7 @@ class ReferenceBackend(LowLatencyDelegation):
         counts = [row[: self.num_ranks] for row in words]
         if internode is not None:
             internode.accept_header(fingerprint, words)
-        matrix = torch.tensor(counts, dtype=torch.int64)
+        matrix = torch.tensor(counts, dtype=torch.int64, device="cpu")
         rank_prefix_matrix = matrix.cumsum(dim=0).to(torch.int32)
         recv_counts = matrix[:, rank].tolist()
         num_recv = int(sum(recv_counts))
@@ -237,7 +237,7 @@ class ReferenceBackend(LowLatencyDelegation):
         received = [message[:end] for message, end in zip(received, row_ends)]
         per_expert = sum(
             (message[:expert_bytes].cpu().clone().view(torch.int64) for message in received),
-            torch.zeros(num_local_experts, dtype=torch.int64),
+            torch.zeros(num_local_experts, dtype=torch.int64, device="cpu"),
         )
         alignment = request.expert_alignment
         per_expert_list = (
