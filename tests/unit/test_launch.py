@@ -14,6 +14,7 @@ from epcomm.testing._selftest_workers import (
     allreduce_worker,
     info_worker,
     raise_on_rank_worker,
+    raise_then_finish_worker,
     sleep_worker,
 )
 
@@ -67,6 +68,16 @@ def test_exception_in_one_rank_surfaces_traceback() -> None:
     assert "ValueError: boom-from-rank-one" in message
     assert "_fail_deliberately" in message  # the child's traceback, not just the message
     assert "rank 0 --" not in message
+    _assert_no_live_children()
+
+
+def test_failure_grace_lets_the_survivors_finish(tmp_path: Path) -> None:
+    # Rank 1 fails at once; rank 0 works 6 s more, past the default 5 s grace, within 60 s.
+    with pytest.raises(RuntimeError, match="1 of 2 ranks failed"):
+        parallel_launch(
+            2, raise_then_finish_worker, 1, 6.0, str(tmp_path), backend="gloo", timeout_s=120, failure_grace_s=60
+        )
+    assert (tmp_path / "rank0.done").exists()
     _assert_no_live_children()
 
 

@@ -53,6 +53,26 @@ def raise_on_rank_worker(pgi: ProcessGroupInfo, bad_rank: int, message: str) -> 
     return pgi.rank
 
 
+def raise_then_finish_worker(pgi: ProcessGroupInfo, bad_rank: int, seconds: float, done_dir: str) -> int:
+    """Raise on ``bad_rank`` at once; elsewhere sleep ``seconds``, then write ``rank<r>.done`` in
+    ``done_dir`` (the survivor of a failed rank that still has work to finish).
+
+    Arguments:
+        pgi: This rank's process group info.
+        bad_rank: The rank that raises.
+        seconds: How long the other ranks work before they finish.
+        done_dir: Directory in which ``rank<r>.done`` is written.
+
+    Returns:
+        The rank (on the ranks that do not raise).
+    """
+    if pgi.rank == bad_rank:
+        _fail_deliberately("failed first")
+    time.sleep(seconds)
+    Path(done_dir, f"rank{pgi.rank}.done").write_text("done")
+    return pgi.rank
+
+
 def _fail_deliberately(message: str) -> None:
     raise ValueError(message)
 

@@ -21,7 +21,8 @@ Failure semantics (shared by both entry points):
 
 * If any rank raises, a :class:`RuntimeError` is raised in the parent whose message contains the formatted
   traceback of every failing rank (and the exit code of ranks that died without reporting).
-* After the first failure the remaining ranks get a short grace period (``_FAILURE_GRACE_S``) to report
+* After the first failure the remaining ranks get a short grace period (``failure_grace_s`` of
+  :func:`parallel_launch`, 5 s by default) to report
   too; ranks still running after that (typically blocked in a collective that the failed rank never
   joined) are killed and listed in the message.
 * If not every rank reported within ``timeout_s``, all children are killed and a :class:`TimeoutError`
@@ -298,11 +299,12 @@ def _collect(
     procs: Sequence[multiprocessing.process.BaseProcess],
     run_id: int,
     deadline: float,
+    failure_grace_s: float = _FAILURE_GRACE_S,
 ) -> _Outcome:
     """Read one message per rank from ``result_q`` (ignoring stale runs) until done, failed or timed out.
 
     Children that exit without reporting are detected (after draining what they may have sent) and recorded
-    as errors. After the first error the others get ``_FAILURE_GRACE_S`` seconds to report.
+    as errors. After the first error the others get ``failure_grace_s`` seconds to report.
     """
     results: dict[int, Any] = {}
     errors: dict[int, str] = {}
@@ -320,7 +322,7 @@ def _collect(
             results[rank] = payload
             return
         errors[rank] = payload
-        give_up_at = min(give_up_at, time.monotonic() + _FAILURE_GRACE_S)
+        give_up_at = min(give_up_at, time.monotonic() + failure_grace_s)
         if kind == _INIT_ERROR and _is_port_conflict(payload):
             port_conflict = True
 
@@ -376,7 +378,9 @@ def _close_queue(q: _Queue) -> None:
     q.close()
 
 
-def _outcome_to_results(outcome: _Outcome, what: str, world_size: int, timeout_s: float) -> list[Any]:
+def _outcome_to_results(
+    outcome: _Outcome, what: str, world_size: int, timeout_s: float, failure_grace_s: float = _FAILURE_GRACE_S
+) -> list[Any]:
     """Turn a finished :class:`_Outcome` into the per-rank return values, or raise."""
     if outcome.errors:
         lines = [f"{what}: {len(outcome.errors)} of {world_size} ranks failed."]
@@ -385,7 +389,7 @@ def _outcome_to_results(outcome: _Outcome, what: str, world_size: int, timeout_s
             lines.append(outcome.errors[rank].rstrip())
         if outcome.missing:
             lines.append(
-                f"ranks {outcome.missing} did not report (they get {_FAILURE_GRACE_S} s after the first "
+                f"ranks {outcome.missing} did not report (they get {failure_grace_s} s after the first "
                 "failure, within the overall timeout) and were killed."
             )
         raise RuntimeError("\n".join(lines))
@@ -408,6 +412,7 @@ def parallel_launch(
     *args: Any,
     backend: str | None = None,
     timeout_s: float = 300.0,
+    failure_grace_s: float = _FAILURE_GRACE_S,
 ) -> list[Any]:
     """Run ``worker(pgi, *args)`` on ``world_size`` fresh local processes with an initialized process group.
 
@@ -426,6 +431,8 @@ def parallel_launch(
             :data:`SHARED_GPU` puts every rank on ``cuda:0`` with a gloo group (multi-rank GPU tests
             on one GPU).
         timeout_s: Limit for the whole launch (start-up included), also used as the process group timeout.
+        failure_grace_s: Seconds the other ranks may still run after the first rank failed or died
+            (a test that kills a rank on purpose gives the survivors time to finish).
 
     Returns:
         The workers' return values, in rank order.
@@ -465,7 +472,7 @@ def parallel_launch(
                 )
                 p.start()
                 procs.append(p)
-            outcome = _collect(result_q, procs, run_id=0, deadline=deadline)
+            outcome = _collect(result_q, procs, run_id=0, deadline=deadline, failure_grace_s=failure_grace_s)
             clean = not outcome.errors and not outcome.missing
         finally:
             # Results are drained (by _collect) before joining: a child cannot exit before its message left
@@ -474,7 +481,7 @@ def parallel_launch(
             _close_queue(result_q)
         if outcome.port_conflict and attempt + 1 < _PORT_ATTEMPTS and time.monotonic() < deadline:
             continue
-        return _outcome_to_results(outcome, what, world_size, timeout_s)
+        return _outcome_to_results(outcome, what, world_size, timeout_s, failure_grace_s)
     raise AssertionError("unreachable")
 
 
