@@ -8,7 +8,9 @@ test and on the reference backend in the same processes and compares: dispatch a
 bit for bit (rows, scales, top-k ids and weights, per-expert counts), normal-mode combine bit for
 bit, low-latency combine within 1% of the largest value (the low-latency reduction order is the
 kernel's). It prints the mismatches (there must be none), iterations per second and the slowest
-iteration. On CPU the transport is the reference backend itself: the run then checks that random
+iteration. ``--max-seconds`` ends a long run cleanly when its time is up (every rank stops after the
+same iteration) and ``--first-iteration`` continues a sequence where an earlier run stopped, so a
+run longer than one sitting can be split without repeating or skipping a scenario. On CPU the transport is the reference backend itself: the run then checks that random
 shapes never fail, not two implementations against each other. Combinations that cannot run on this
 machine (``--transport nvlink`` on CPU ranks, ``--dist-backend nccl`` without a GPU per process)
 are refused before any process starts.
@@ -25,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
+import torch.distributed as dist
 
 from epcomm import _cli, quant
 from epcomm._cli import Progress, format_seconds
@@ -55,16 +58,21 @@ class SoakConfig:
         max_tokens: most tokens a rank sends in one call.
         transport: epcomm backend under test (``Buffer(backend=...)``).
         seed: seed of the scenarios.
+        first_iteration: number of the first scenario (scenario ``i`` depends on ``seed`` and ``i`` only).
+        max_seconds: stop after the iteration during which this many seconds have passed (``None``: run all).
     """
 
     iterations: int
     max_tokens: int
     transport: str
     seed: int
+    first_iteration: int = 0
+    max_seconds: float | None = None
 
 
 class SoakReport(NamedTuple):
-    """One rank's result: mismatch count and lines (the first ``_KEPT_MISMATCHES``), timing."""
+    """One rank's result: iterations run, mismatch count and lines (the first ``_KEPT_MISMATCHES``),
+    timing."""
 
     iterations: int
     num_mismatches: int
@@ -211,7 +219,10 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
     num_mismatches = 0
     slowest_s, slowest_iteration = 0.0, -1
     start = time.monotonic()
-    for iteration in range(cfg.iterations):
+    done = 0
+    for iteration in range(cfg.first_iteration, cfg.first_iteration + cfg.iterations):
+        if cfg.max_seconds is not None and _time_is_up(pgi, time.monotonic() - start > cfg.max_seconds):
+            break
         begin = time.monotonic()
         s = _scenario(cfg, iteration, num_ranks)
         num_tokens = s["tokens"][pgi.rank]
@@ -246,12 +257,20 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
         elapsed = time.monotonic() - begin
         if elapsed > slowest_s:
             slowest_s, slowest_iteration = elapsed, iteration
+        done += 1
         verdict = f"{num_mismatches} mismatches so far on rank 0" if num_mismatches else "ok"
-        progress.iteration("soak", iteration + 1, cfg.iterations, elapsed, verdict)
+        progress.iteration("soak", done, cfg.iterations, elapsed, verdict)
     seconds = time.monotonic() - start
     for buffer in buffers:
         buffer.destroy()
-    return SoakReport(cfg.iterations, num_mismatches, mismatches, seconds, slowest_s, slowest_iteration)
+    return SoakReport(done, num_mismatches, mismatches, seconds, slowest_s, slowest_iteration)
+
+
+def _time_is_up(pgi: ProcessGroupInfo, mine: bool) -> bool:
+    """Whether any rank's time is up (every rank gets the same answer, so all stop together)."""
+    flag = torch.tensor([int(mine)], dtype=torch.int32, device=pgi.device if pgi.backend == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pgi.group)
+    return bool(flag.item())
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -279,6 +298,18 @@ def build_parser() -> argparse.ArgumentParser:
         f"{SHARED_GPU} with every rank on GPU 0; auto: nccl with a GPU per rank, else gloo (default: auto)",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--first-iteration",
+        type=int,
+        default=0,
+        help="number of the first scenario: continues an earlier run's sequence (default: 0)",
+    )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="stop cleanly, and report, after the iteration during which this many seconds passed",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds the whole soak may take")
     return parser
 
@@ -307,7 +338,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             parser.error(f"{flag} must be >= {minimum}; got {value}")
     if not args.timeout > 0:
         parser.error(f"--timeout must be > 0; got {args.timeout}")
-    cfg = SoakConfig(args.iterations, args.max_tokens, args.transport, args.seed)
+    if args.first_iteration < 0:
+        parser.error(f"--first-iteration must be >= 0; got {args.first_iteration}")
+    if args.max_seconds is not None and not args.max_seconds > 0:
+        parser.error(f"--max-seconds must be > 0; got {args.max_seconds}")
+    cfg = SoakConfig(
+        args.iterations, args.max_tokens, args.transport, args.seed, args.first_iteration, args.max_seconds
+    )
     print(
         f"epcomm soak: starting {args.num_processes} processes (torch.distributed {placement.dist_backend}; "
         f"transport {args.transport})",
@@ -331,9 +368,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     for rank, report in enumerate(reports):
         for line in report.mismatches:
             print(f"rank {rank}: {line}")
+    done = reports[0].iterations
+    cut = f" (stopped at --max-seconds {cfg.max_seconds:g})" if done < cfg.iterations else ""
+    first, last = cfg.first_iteration, cfg.first_iteration + done - 1
     print(
-        f"epcomm soak: {cfg.iterations} iterations on {args.num_processes} ranks, transport "
-        f"{cfg.transport}: {total} mismatches, {cfg.iterations / seconds:.1f} iterations/s, slowest "
+        f"epcomm soak: {done} iterations ({first}-{last}){cut} on {args.num_processes} ranks, transport "
+        f"{cfg.transport}: {total} mismatches, {done / max(seconds, 1e-9):.1f} iterations/s, slowest "
         f"iteration {slowest.slowest_iteration} ({slowest.slowest_s * 1e3:.1f} ms)"
     )
     return 0 if total == 0 else 1
