@@ -97,7 +97,8 @@ def _forwarded_rows(
     if isinstance(handle, InternodeHandle):
         needs = (handle.send_nvl_head >= 0).cpu()
         counts = torch.diff(
-            handle.recv_rdma_rank_prefix_sum.to("cpu", torch.int64), prepend=torch.zeros(1, dtype=torch.int64, device="cpu")
+            handle.recv_rdma_rank_prefix_sum.to("cpu", torch.int64),
+            prepend=torch.zeros(1, dtype=torch.int64, device="cpu"),
         )
         return needs, torch.repeat_interleave(torch.arange(topology.num_nodes, device="cpu"), counts)
     # One node: this rank forwards its own tokens.

@@ -75,7 +75,14 @@ def test_failure_grace_lets_the_survivors_finish(tmp_path: Path) -> None:
     # Rank 1 fails at once; rank 0 works 6 s more, past the default 5 s grace, within 60 s.
     with pytest.raises(RuntimeError, match="1 of 2 ranks failed"):
         parallel_launch(
-            2, raise_then_finish_worker, 1, 6.0, str(tmp_path), backend="gloo", timeout_s=120, failure_grace_s=60
+            2,
+            raise_then_finish_worker,
+            1,
+            6.0,
+            str(tmp_path),
+            backend="gloo",
+            timeout_s=120,
+            failure_grace_s=60,
         )
     assert (tmp_path / "rank0.done").exists()
     _assert_no_live_children()

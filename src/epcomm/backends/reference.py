@@ -107,7 +107,11 @@ class ReferenceBackend(LowLatencyDelegation):
         if self.num_ranks == 1:
             return
         mine = [self.num_ranks_per_node, int(self.multi_node)]
-        device = torch.device("cuda", torch.cuda.current_device()) if self.peers.supports_cuda else torch.device("cpu")
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if self.peers.supports_cuda
+            else torch.device("cpu")
+        )
         words = torch.tensor(mine, dtype=torch.int64, device=device)
         received = _exchange(
             self.peers, "Buffer() (topology check)", [words] * self.num_ranks, [2] * self.num_ranks

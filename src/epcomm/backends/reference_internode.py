@@ -295,7 +295,9 @@ def assemble_handle(
     ]
     recv_rdma_channel_prefix_matrix = torch.stack([messages[peer].rdma_row.to(device) for peer in peers])
     send_nvl_head = torch.cat([messages[peer].nvl_head.to(device) for peer in peers])
-    node_counts = torch.tensor([messages[peer].nvl_head.size(0) for peer in peers], dtype=torch.int64, device="cpu")
+    node_counts = torch.tensor(
+        [messages[peer].nvl_head.size(0) for peer in peers], dtype=torch.int64, device="cpu"
+    )
     recv_rdma_rank_prefix_sum = node_counts.cumsum(dim=0).to(torch.int32).to(device)
     num_recv = int(counts.sum())
     meta = torch.cat([message.src_meta.to(device) for message in messages]).view(num_recv, 2)
