@@ -106,7 +106,9 @@ def resolve_placement(
     else:
         source = f"--transport {transport}"
     if transport == BackendChoice.NVSHMEM.value:
-        refuse(f"{source}: the nvshmem transport is not built yet; use reference or nvlink")
+        refuse(
+            f"{source}: the main job runs the reference or nvlink transport (nvshmem: Buffer(backend='nvshmem'))"
+        )
     asked_backend = dist_backend
     if dist_backend == "auto":
         dist_backend = "nccl" if num_gpus >= num_processes else "gloo"

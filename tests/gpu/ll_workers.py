@@ -28,10 +28,15 @@ def _inputs(
 
 
 def _buffers(
-    pgi: ProcessGroupInfo, capacity: int, hidden: int, num_experts: int, **kwargs: Any
+    pgi: ProcessGroupInfo,
+    capacity: int,
+    hidden: int,
+    num_experts: int,
+    transport: str = "nvlink",
+    **kwargs: Any,
 ) -> tuple[Any, Any]:
     size = epcomm.Buffer.get_low_latency_rdma_size_hint(capacity, hidden, pgi.world_size, num_experts)
-    nvlink = epcomm.Buffer(pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="nvlink", **kwargs)
+    nvlink = epcomm.Buffer(pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend=transport, **kwargs)
     reference = epcomm.Buffer(
         pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="reference", **kwargs
     )
@@ -64,8 +69,11 @@ def _dispatch_both(
     return results
 
 
-def compare_low_latency(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -> list[str]:
-    """Dispatch/combine on both backends for each setting; return the failed checks."""
+def compare_low_latency(
+    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], transport: str = "nvlink"
+) -> list[str]:
+    """Dispatch/combine on both backends (``transport``: ``nvlink`` or ``nvshmem`` under test) for
+    each setting; return the failed checks."""
     failures: list[str] = []
     for setting in settings:
         capacity, hidden, num_experts, num_topk = (
@@ -80,7 +88,7 @@ def compare_low_latency(pgi: ProcessGroupInfo, settings: list[dict[str, Any]]) -
             setting.get("round", False),
             setting.get("ue8m0", False),
         )
-        buffers = _buffers(pgi, capacity, hidden, num_experts)
+        buffers = _buffers(pgi, capacity, hidden, num_experts, transport)
         x, topk_idx, weights = _inputs(pgi, num_tokens, hidden, num_experts, num_topk, setting["seed"])
         if setting.get("duplicate"):
             # Every 7th token lists its first expert twice: both slots must count (reference semantics).

@@ -31,16 +31,20 @@ def _first_mismatch(got: torch.Tensor, want: torch.Tensor) -> str:
 
 
 def compare_normal_mode(
-    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], options: dict[str, Any] | None = None
+    pgi: ProcessGroupInfo,
+    settings: list[dict[str, Any]],
+    options: dict[str, Any] | None = None,
+    transport: str = "nvlink",
 ) -> list[str]:
     """Run every setting on both backends; return one line per failed check (empty = all passed).
-    ``options``: fields of ``epcomm.env.Settings`` for the NVLink buffer (kernel knobs)."""
+    ``options``: fields of ``epcomm.env.Settings`` for the buffer under test (kernel knobs);
+    ``transport``: its backend (``nvlink`` or ``nvshmem``)."""
     failures: list[str] = []
     nvlink = epcomm.Buffer(
-        pgi.group, num_nvl_bytes=1 << 24, backend="nvlink", settings=Settings(**(options or {}))
+        pgi.group, num_nvl_bytes=1 << 24, backend=transport, settings=Settings(**(options or {}))
     )
     reference = epcomm.Buffer(pgi.group, backend="reference")
-    assert nvlink.backend_name == "nvlink"
+    assert nvlink.backend_name == transport
     for setting in settings:
         num_tokens, hidden, num_experts, num_topk = (
             setting["num_tokens"],

@@ -82,3 +82,20 @@ def test_primitives_compile_for_sm90_with_the_device_library() -> None:
     assert "nvshmemi_transfer_put_signal" in ptx  # the block put-with-signal, from the device library
     assert "nvshmemi_transfer_quiet" in ptx
     assert compiled.asm.get("cubin"), "ptxas produced no cubin"
+
+
+def test_peer_table_kernel_compiles_for_sm90() -> None:
+    from epcomm.kernels.nvshmem_peers import peer_table_kernel
+
+    source = ASTSource(
+        peer_table_kernel,
+        {"base": "i64", "pes": "*i32", "table": "*i64", "num_ranks": "i32", "BLOCK": "constexpr"},
+        constexprs={"BLOCK": 16},
+    )
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", 90, 32),
+        options={"num_warps": 1, "extern_libs": (("libnvshmem_device", nv.device_library()),)},
+    )
+    assert "nvshmem_ptr" in compiled.asm["ptx"]
+    assert compiled.asm.get("cubin"), "ptxas produced no cubin"

@@ -108,7 +108,7 @@ _REFUSED: list[tuple[int, dict[str, str], list[str], str]] = [
     (2, {}, ["--transport", "nvlink", "--num-processes", "4"], "4 processes, 2 GPUs"),
     (4, {}, ["--transport", "nvlink", "--dist-backend", "gloo"], "--dist-backend gloo runs them on CPU"),
     (0, {"EPCOMM_BACKEND": "nvlink"}, [], "EPCOMM_BACKEND=nvlink needs one CUDA GPU per process"),
-    (0, {"EPCOMM_BACKEND": "nvshmem"}, [], "EPCOMM_BACKEND=nvshmem: the nvshmem transport is not built yet"),
+    (0, {"EPCOMM_BACKEND": "nvshmem"}, [], "EPCOMM_BACKEND=nvshmem: the main job runs the reference or nvlink transport"),
     (0, {"EPCOMM_TIMEOUT_S": "soon"}, [], "EPCOMM_TIMEOUT_S must be a number"),
     (0, {}, ["--dist-backend", "nccl"], "--dist-backend nccl needs one CUDA GPU per process"),
     (1, {}, ["--dist-backend", "nccl"], "2 processes, 1 GPUs"),

@@ -43,16 +43,49 @@ def create_backend(
     Returns:
         The backend.
 
-    Multi-node mode is served by the reference backend only for now (the NVSHMEM backend is not
-    built): ``AUTO`` picks it there (logged once), ``NVLINK`` raises.
+    ``NVSHMEM`` within one node runs the NVLink-mode kernels over NVSHMEM symmetric memory (ranks
+    sharing a GPU included). Multi-node mode is served by the reference backend only for now (the
+    hierarchical NVSHMEM kernels are not built): ``AUTO`` picks it there (logged once), ``NVLINK``
+    and ``NVSHMEM`` raise.
     """
+    from epcomm.backends.nvlink.symmetric_buffer import Allocator
     from epcomm.backends.reference import ReferenceBackend
 
     multi_node = is_multi_node(dist.get_world_size(group), num_ranks_per_node, num_rdma_bytes)
     if choice is BackendChoice.NVSHMEM:
-        raise NotImplementedError(
-            "backend 'nvshmem' (internode) is not available in this version of epcomm; "
-            "use 'nvlink' within a node or 'reference'"
+        if multi_node:
+            raise NotImplementedError(
+                "backend 'nvshmem' serves one node in this version (its multi-node kernels are not "
+                "built yet); this group spans several nodes and num_rdma_bytes > 0 asks for multi-node "
+                "mode: use backend='reference', or num_rdma_bytes=0"
+            )
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nvshmem' needs CUDA devices; none is available")
+        from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
+
+        placement = nvlink_placement(group)
+        if placement is None:
+            raise ValueError("backend 'nvshmem' within one node needs every rank on a GPU of this host")
+        if placement == "shared":
+            log_once(
+                "nvshmem-shared",
+                "epcomm: NVSHMEM backend with ranks sharing a GPU: NVSHMEM's multi-process-per-GPU mode, "
+                "the processes' kernels time-slice (for testing only: not NVLink speed)",
+                logging.WARNING,
+            )
+        else:
+            log_once(
+                "nvshmem", "epcomm: using the NVSHMEM backend (NVSHMEM symmetric memory, NVLink-mode kernels)"
+            )
+        return NvlinkBackend(
+            group,
+            settings,
+            num_ranks_per_node,
+            enable_shrink,
+            num_nvl_bytes,
+            low_latency_mode,
+            num_rdma_bytes,
+            allocator=Allocator.NVSHMEM,
         )
     if multi_node and choice is BackendChoice.NVLINK:
         raise ValueError(
@@ -101,7 +134,7 @@ def create_backend(
                 num_nvl_bytes,
                 low_latency_mode,
                 num_rdma_bytes,
-                shared_device=placement == "shared",
+                allocator=Allocator.CUDA_IPC if placement == "shared" else Allocator.SYMMETRIC_MEMORY,
             )
         if choice is BackendChoice.NVLINK:
             raise ValueError(

@@ -21,7 +21,7 @@ from epcomm.backends.base import (
 )
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.normal import NvlinkNormal
-from epcomm.backends.nvlink.symmetric_buffer import SymmetricBuffer
+from epcomm.backends.nvlink.symmetric_buffer import Allocator, SymmetricBuffer
 from epcomm.env import Settings
 from epcomm.layout import DispatchLayout
 
@@ -62,8 +62,8 @@ class NvlinkBackend(LowLatencyDelegation):
         num_nvl_bytes: initial size of the normal-mode symmetric buffer (grown when a call needs more).
         low_latency_mode: allocate the low-latency buffer (``num_rdma_bytes`` bytes).
         num_rdma_bytes: size of the low-latency symmetric buffer.
-        shared_device: ranks share a GPU (``nvlink_placement`` said ``"shared"``): buffers are
-            mapped through CUDA IPC instead of symmetric memory.
+        allocator: how the symmetric buffers are allocated and mapped: symmetric memory (one GPU per
+            rank), CUDA IPC (``nvlink_placement`` said ``"shared"``) or NVSHMEM (backend ``nvshmem``).
     """
 
     name = "nvlink"
@@ -77,8 +77,9 @@ class NvlinkBackend(LowLatencyDelegation):
         num_nvl_bytes: int,
         low_latency_mode: bool = False,
         num_rdma_bytes: int = 0,
-        shared_device: bool = False,
+        allocator: Allocator = Allocator.SYMMETRIC_MEMORY,
     ) -> None:
+        self.name = "nvshmem" if allocator is Allocator.NVSHMEM else "nvlink"
         self.device = torch.device("cuda", torch.cuda.current_device())
         buffer = SymmetricBuffer(
             group,
@@ -86,7 +87,7 @@ class NvlinkBackend(LowLatencyDelegation):
             settings.timeout_s,
             num_nvl_bytes,
             count_table=True,
-            shared_device=shared_device,
+            allocator=allocator,
         )
         self.normal = NvlinkNormal(buffer, settings, num_ranks_per_node)
         self.rank = buffer.rank
@@ -101,7 +102,7 @@ class NvlinkBackend(LowLatencyDelegation):
                 settings.timeout_s,
                 num_rdma_bytes,
                 count_table=False,
-                shared_device=shared_device,
+                allocator=allocator,
             )
             self.low_latency = NvlinkLowLatency(low_latency_buffer, enable_shrink, settings.shrink_timeout_s)
 

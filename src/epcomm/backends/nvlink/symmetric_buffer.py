@@ -1,10 +1,13 @@
 """The symmetric buffer of one group: its whole map, allocation and rendezvous, epochs, error word.
 
 One ``SymmetricBuffer`` per mode of a ``Buffer`` (normal mode: ``num_nvl_bytes``; low-latency
-mode: ``num_rdma_bytes``), allocated with ``torch.distributed._symmetric_memory`` and mapped on
-every rank. Ranks that share one GPU (a test set-up: several processes on a single device, which
-symmetric memory refuses) map each other's buffers through CUDA IPC instead; the kernels are the
-same, the processes' kernels then take turns on the device, so only correctness carries over.
+mode: ``num_rdma_bytes``), mapped on every rank by one of three ``Allocator``s: PyTorch's symmetric
+memory (CUDA backend, peers from its rendezvous); CUDA IPC, for ranks that share one GPU (a test
+set-up: several processes on a single device, which symmetric memory refuses; the processes'
+kernels then take turns on the device, so only correctness carries over); or NVSHMEM (PyTorch's
+symmetric memory with the NVSHMEM backend, peers' addresses from ``nvshmem_ptr`` on the device,
+``backends.nvshmem.runtime``), which also serves ranks sharing a GPU. The kernels are the same for
+all three: they reach peers through the peer table.
 This module launches no mode kernel (only the barrier that brackets an allocation); the modes
 (``normal.py``, ``low_latency.py``) sequence their kernels over it.
 
@@ -52,6 +55,7 @@ from epcomm.kernels.symmetric_peers import SymmetricPeers, flag_block
 __all__ = [
     "MAX_EXPERTS",
     "MAX_LOW_LATENCY_TOPK",
+    "Allocator",
     "CombineRegions",
     "DispatchRegions",
     "HeaderLayout",
@@ -80,6 +84,17 @@ GROWTH_FACTOR = 1.25
 def align(words: int) -> int:
     """``words`` rounded up to a multiple of ``ALIGN_WORDS``."""
     return align_up(words, ALIGN_WORDS)
+
+
+class Allocator(enum.Enum):
+    """How a ``SymmetricBuffer`` is allocated and its peers mapped."""
+
+    SYMMETRIC_MEMORY = "symmetric memory"
+    """``symm_mem.empty`` (CUDA backend) and ``symm_mem.rendezvous``: one GPU per rank."""
+    CUDA_IPC = "CUDA IPC"
+    """The caching allocator, peers opened through CUDA IPC handles: ranks sharing a GPU."""
+    NVSHMEM = "NVSHMEM"
+    """``symm_mem.empty`` under the NVSHMEM backend, peers from ``nvshmem_ptr`` (no rendezvous)."""
 
 
 # ---- the map ----------------------------------------------------------------------------------
@@ -317,8 +332,7 @@ class SymmetricBuffer:
         timeout_s: bound of every wait.
         initial_payload_bytes: payload bytes to allocate now (grown later when needed).
         count_table: reserve the normal-mode count table in the header.
-        shared_device: ranks share a GPU: map peer buffers through CUDA IPC, since symmetric
-            memory refuses overlapping devices.
+        allocator: how the buffer is allocated and the peers mapped (``Allocator``).
     """
 
     def __init__(
@@ -328,7 +342,7 @@ class SymmetricBuffer:
         timeout_s: float,
         initial_payload_bytes: int,
         count_table: bool,
-        shared_device: bool = False,
+        allocator: Allocator = Allocator.SYMMETRIC_MEMORY,
     ) -> None:
         import torch.distributed as dist
 
@@ -350,9 +364,11 @@ class SymmetricBuffer:
         self.payload_words = 0
         # Bumped at every allocation: views cached by the modes are valid for one generation.
         self.generation = 0
-        self.shared_device = shared_device
+        self.allocator = allocator
         self._handle: Any = None
         self._local: torch.Tensor | None = None
+        # Peers' tensors where the allocator gives them (symmetric memory, CUDA IPC), kept alive
+        # with the buffer; NVSHMEM gives addresses only.
         self.peer_buffers: list[torch.Tensor] = []
         self._peers: SymmetricPeers | None = None
         self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
@@ -362,23 +378,27 @@ class SymmetricBuffer:
 
     def _allocate(self, payload_words: int) -> None:
         total_words = self.header.payload + payload_words
-        if self.shared_device:
-            buffer, handle, self.peer_buffers = self._allocate_ipc(total_words)
+        if self.allocator is Allocator.NVSHMEM:
+            buffer, addresses, table = self._allocate_nvshmem(total_words)
+            handle = None
         else:
-            import torch.distributed._symmetric_memory as symm_mem
+            if self.allocator is Allocator.CUDA_IPC:
+                buffer, handle, self.peer_buffers = self._allocate_ipc(total_words)
+            else:
+                import torch.distributed._symmetric_memory as symm_mem
 
-            buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
-            buffer.zero_()
-            torch.cuda.current_stream(self.device).synchronize()
-            handle = symm_mem.rendezvous(buffer, self.group)
-            self.peer_buffers = [
-                handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)
-            ]
-        addresses = [peer.data_ptr() for peer in self.peer_buffers]
+                buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
+                buffer.zero_()
+                torch.cuda.current_stream(self.device).synchronize()
+                handle = symm_mem.rendezvous(buffer, self.group)
+                self.peer_buffers = [
+                    handle.get_buffer(r, (total_words,), torch.int32) for r in range(self.num_ranks)
+                ]
+            addresses = [peer.data_ptr() for peer in self.peer_buffers]
+            table = torch.tensor(addresses, dtype=torch.int64, device="cpu").to(self.device)
         misaligned = [r for r, address in enumerate(addresses) if address % 16 != 0]
         if misaligned:
             raise RuntimeError(f"symmetric buffers of ranks {misaligned} are not 16-byte aligned")
-        table = torch.tensor(addresses, dtype=torch.int64, device="cpu").to(self.device)
         self._peers = SymmetricPeers(
             peer_table=table,
             rank=self.rank,
@@ -394,6 +414,28 @@ class SymmetricBuffer:
         # A fresh buffer starts with zero flags everywhere, below every epoch. Epochs are not reset
         # (every rank grows at the same call, so they stay equal): host-mapped words the modes
         # match against epochs must never see a stale word equal to a new epoch.
+
+    def _allocate_nvshmem(self, total_words: int) -> tuple[torch.Tensor, list[int], torch.Tensor]:
+        """Allocate under the NVSHMEM backend (a collective of the whole job) and build the peer
+        table on the device with ``nvshmem_ptr`` (no rendezvous: see ``backends.nvshmem.runtime``).
+        Returns the buffer, the peers' addresses and the table."""
+        from epcomm.backends.nvshmem.runtime import group_pes, nvshmem_symmetric_memory, retain
+        from epcomm.kernels.nvshmem_peers import build_peer_table
+
+        pes = group_pes(self.group)
+        symm_mem = nvshmem_symmetric_memory(self.device)
+        buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
+        retain(buffer)
+        buffer.zero_()
+        table = build_peer_table(buffer, pes)
+        addresses = table.tolist()  # synchronizes the stream: the zeroed buffer and the table
+        unreachable = [rank for rank, address in enumerate(addresses) if address == 0]
+        if unreachable:
+            raise RuntimeError(
+                f"backend 'nvshmem': rank {self.rank} cannot reach the buffers of ranks {unreachable} by "
+                "loads and stores (nvshmem_ptr gave 0): they are not on this node"
+            )
+        return buffer, addresses, table
 
     def _allocate_ipc(self, total_words: int) -> tuple[torch.Tensor, Any, list[torch.Tensor]]:
         """Allocate with the caching allocator and map every peer's buffer through CUDA IPC (the

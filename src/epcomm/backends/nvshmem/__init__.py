@@ -1,0 +1,1 @@
+"""The NVSHMEM transport: NVSHMEM symmetric memory under the NVLink-mode kernels (``runtime``)."""

@@ -1,0 +1,45 @@
+"""Workers for the NVSHMEM tier: the backend under test is ``nvshmem`` (NVSHMEM symmetric memory,
+peers from ``nvshmem_ptr``, the NVLink-mode kernels), checked against the reference backend."""
+
+from __future__ import annotations
+
+import torch
+from ll_workers import compare_low_latency
+from nvlink_workers import compare_normal_mode
+
+import epcomm
+from epcomm.testing import ProcessGroupInfo, make_routing
+
+# Small shapes: NVSHMEM allocations are never freed in the multi-process-per-GPU mode (a free is a
+# collective barrier there), so every Buffer of a test stays in each PE's symmetric heap.
+NORMAL_SETTINGS = [
+    {"seed": 1, "num_tokens": 256, "hidden": 2048, "num_experts": 32, "num_topk": 4},
+    {"seed": 2, "num_tokens": 128, "hidden": 1024, "num_experts": 16, "num_topk": 4, "fp8": True},
+    {"seed": 3, "num_tokens": 96, "hidden": 1024, "num_experts": 16, "num_topk": 6, "num_worst_tokens": 512},
+]
+LOW_LATENCY_SETTINGS = [
+    {"seed": 5, "capacity": 64, "hidden": 1024, "num_experts": 16, "num_topk": 4},
+    {"seed": 6, "capacity": 64, "hidden": 1024, "num_experts": 16, "num_topk": 4, "fp8": True},
+    {"seed": 7, "capacity": 32, "hidden": 512, "num_experts": 16, "num_topk": 4, "hook": True},
+]
+
+
+def nvshmem_against_reference(pgi: ProcessGroupInfo) -> list[str]:
+    """Both modes on the ``nvshmem`` backend against the reference; the failed checks."""
+    failures = compare_normal_mode(pgi, NORMAL_SETTINGS, transport="nvshmem")
+    failures += compare_low_latency(pgi, LOW_LATENCY_SETTINGS, transport="nvshmem")
+    return failures
+
+
+def nvshmem_then_nvlink(pgi: ProcessGroupInfo) -> str:
+    """An NVLink ``Buffer`` in a process that already allocates through NVSHMEM: the message of the
+    error (PyTorch fixes one symmetric-memory backend per process)."""
+    routing = make_routing(8, 4 * pgi.world_size, 2, seed=1, rank=pgi.rank, device=pgi.device)
+    with epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 20, backend="nvshmem") as buffer:
+        buffer.get_dispatch_layout(routing.topk_idx, 4 * pgi.world_size)
+        torch.cuda.synchronize()
+    try:
+        epcomm.Buffer(pgi.group, num_nvl_bytes=1 << 20, backend="nvlink")
+    except Exception as error:  # the message is the result
+        return f"{type(error).__name__}: {error}"
+    return "no error"
