@@ -24,7 +24,7 @@ from epcomm.backends.base import (
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_internode import InternodeCall, combine_by_node, zero_header_words
 from epcomm.backends.reference_ll import ReferenceLowLatency
-from epcomm.backends.rows import RowLayout
+from epcomm.backends.rows import RowLayout, pad_rows
 from epcomm.fingerprint import (
     FINGERPRINT_WORDS,
     CallFingerprint,
@@ -273,12 +273,12 @@ class ReferenceBackend(LowLatencyDelegation):
                     f"(at most num_tokens * num_ranks)"
                 )
             num_rows = request.num_worst_tokens
-            recv_x = _pad_rows(recv_x, num_rows, 0)
-            recv_src_idx = _pad_rows(recv_src_idx, num_rows, -1)
-            recv_scales = None if recv_scales is None else _pad_rows(recv_scales, num_rows, 0)
-            recv_topk_idx = None if recv_topk_idx is None else _pad_rows(recv_topk_idx, num_rows, -1)
+            recv_x = pad_rows(recv_x, num_rows, 0)
+            recv_src_idx = pad_rows(recv_src_idx, num_rows, -1)
+            recv_scales = None if recv_scales is None else pad_rows(recv_scales, num_rows, 0)
+            recv_topk_idx = None if recv_topk_idx is None else pad_rows(recv_topk_idx, num_rows, -1)
             recv_topk_weights = (
-                None if recv_topk_weights is None else _pad_rows(recv_topk_weights, num_rows, 0)
+                None if recv_topk_weights is None else pad_rows(recv_topk_weights, num_rows, 0)
             )
 
         handle: NormalHandle
@@ -365,7 +365,7 @@ class ReferenceBackend(LowLatencyDelegation):
             self.peers, "cached dispatch", sends, [n * layout.row_bytes for n in recv_counts]
         )
         rows = torch.cat(received).view(-1, layout.row_bytes)
-        unpacked = [_pad_rows(t, handle.num_recv_rows, 0) for t in layout.unpack(rows)]
+        unpacked = [pad_rows(t, handle.num_recv_rows, 0) for t in layout.unpack(rows)]
         recv_scales = unpacked[1] if request.x_scales is not None else None
         self._record("cached dispatch", handle, request.x, request.x_scales)
         return DispatchResult(unpacked[0], recv_scales, None, None, [], handle)
@@ -433,15 +433,3 @@ class ReferenceBackend(LowLatencyDelegation):
     def destroy(self) -> None:
         """Release the result buffers."""
         self.low_latency.clean()
-
-
-def _pad_rows(tensor: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
-    if tensor.size(0) == num_rows:
-        return tensor
-    padded = torch.empty((num_rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
-    if value == 0:
-        padded.view(torch.uint8).zero_()  # also for float8, which has no fill kernel
-    else:
-        padded.fill_(value)
-    padded[: tensor.size(0)] = tensor
-    return padded

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["RowLayout"]
+__all__ = ["RowLayout", "pad_rows"]
 
 
 class RowLayout:
@@ -58,3 +58,17 @@ def _dense(tensor: torch.Tensor) -> torch.Tensor:
     if dense.dim() and dense.stride(-1) != 1:
         dense = tensor.clone(memory_format=torch.contiguous_format)
     return dense
+
+
+def pad_rows(tensor: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
+    """``tensor [n, ...]`` followed by ``num_rows - n`` rows of ``value`` (``num_worst_tokens``
+    results); ``tensor`` itself when ``n == num_rows``. Zero padding is bytes of zeros (float8 too)."""
+    if tensor.size(0) == num_rows:
+        return tensor
+    padded = torch.empty((num_rows, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    if value == 0:
+        padded.view(torch.uint8).zero_()  # also for float8, which has no fill kernel
+    else:
+        padded.fill_(value)
+    padded[: tensor.size(0)] = tensor
+    return padded

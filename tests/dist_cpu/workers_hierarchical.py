@@ -1,0 +1,144 @@
+"""Workers of the hierarchical multi-node algorithm (``epcomm.backends.hierarchical``) over
+``torch.distributed`` legs, against the reference backend's multi-node mode in the same processes.
+
+Both buffers get the same inputs; every result must be equal bit for bit (rows, scales, top-k ids
+and weights, per-expert counts, all ten handle entries, combined rows and weights), and the bytes
+the legs sent must be the hierarchical scheme's (``epcomm.traffic``): each token crosses to each
+node it needs once.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from epcomm import Buffer, quant
+from epcomm.backends.hierarchical import TorchHierarchicalBackend
+from epcomm.env import Settings
+from epcomm.handles import InternodeHandle
+from epcomm.testing import ProcessGroupInfo, make_routing
+
+RDMA_BYTES = 1 << 20
+
+
+def _same(name: str, got: Any, want: Any) -> list[str]:
+    if isinstance(want, torch.Tensor):
+        if not isinstance(got, torch.Tensor) or got.shape != want.shape or got.dtype != want.dtype:
+            return [
+                f"{name}: {getattr(got, 'shape', got)} {getattr(got, 'dtype', '')} != {list(want.shape)} {want.dtype}"
+            ]
+        if got.numel() and not torch.equal(
+            got.contiguous().view(torch.uint8), want.contiguous().view(torch.uint8)
+        ):
+            return [f"{name}: values differ"]
+        return []
+    return [] if got == want else [f"{name}: {got} != {want}"]
+
+
+def _same_handle(name: str, got: Any, want: Any) -> list[str]:
+    assert isinstance(got, InternodeHandle)
+    assert isinstance(want, InternodeHandle)
+    lines = []
+    for field in InternodeHandle._fields:
+        g, w = getattr(got, field), getattr(want, field)
+        if isinstance(w, torch.Tensor):
+            lines += _same(f"{name}.{field}", g, w)
+    return lines
+
+
+def hierarchical_against_reference(
+    pgi: ProcessGroupInfo, ranks_per_node: int, setting: dict[str, Any]
+) -> list[str]:
+    """Dispatch, cached dispatch (same and new ``x``) and combine (with weights and biases) on both;
+    return one line per difference (empty: all equal)."""
+    settings = Settings(ranks_per_node=ranks_per_node)
+    reference = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
+    hierarchical = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
+    hierarchical._backend = TorchHierarchicalBackend(pgi.group, settings.timeout_s, ranks_per_node)
+    assert reference.is_multi_node
+    num_tokens = 0 if setting.get("empty_rank") == pgi.rank else setting["num_tokens"]
+    hidden, num_experts, num_topk = setting["hidden"], setting["num_experts"], setting["num_topk"]
+    allowed = range(setting["allowed"]) if "allowed" in setting else None
+    routing = make_routing(
+        num_tokens,
+        num_experts,
+        num_topk,
+        seed=setting["seed"],
+        rank=pgi.rank,
+        masked_prob=0.1,
+        allowed_experts=allowed,
+    )
+    generator = torch.Generator().manual_seed(setting["seed"] * 100 + pgi.rank)
+    x = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32) * 3).to(torch.bfloat16)
+    x_new = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32)).to(torch.bfloat16)
+    payload: Any = quant.per_token_cast_to_fp8(x) if setting.get("fp8") else x
+    worst = setting.get("num_worst_tokens", 0)
+    failures: list[str] = []
+    results = []
+    for buffer in (hierarchical, reference):
+        layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
+        out = buffer.dispatch(
+            payload,
+            num_tokens_per_rank=layout[0],
+            num_tokens_per_rdma_rank=layout[1],
+            num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3],
+            topk_idx=routing.topk_idx,
+            topk_weights=routing.topk_weights,
+            expert_alignment=setting.get("alignment", 1),
+            num_worst_tokens=worst,
+        )
+        recv_x, recv_idx, recv_weights, per_expert, handle, _ = out
+        dispatch_bytes = buffer.last_call_bytes()
+        recv_bf16 = recv_x[0].float() if isinstance(recv_x, tuple) else recv_x.float()
+        expert_out = (recv_bf16 * 0.5 + pgi.rank).to(torch.bfloat16)
+        bias = [
+            (
+                torch.randn(
+                    num_tokens, hidden, generator=torch.Generator().manual_seed(b), dtype=torch.float32
+                )
+            ).to(torch.bfloat16)
+            for b in range(setting.get("biases", 0))
+        ]
+        combined, combined_weights, _ = buffer.combine(
+            expert_out,
+            handle,
+            topk_weights=recv_weights,
+            bias=tuple(bias) if len(bias) > 1 else (bias[0] if bias else None),
+        )
+        combine_bytes = buffer.last_call_bytes()
+        cached_same = buffer.dispatch(payload, handle=handle)[0]
+        cached_bytes = buffer.last_call_bytes()
+        cached_new = buffer.dispatch(x_new, handle=handle)[0]
+        results.append(
+            (
+                recv_x,
+                recv_idx,
+                recv_weights,
+                per_expert,
+                handle,
+                combined,
+                combined_weights,
+                cached_same,
+                cached_new,
+            )
+            + (dispatch_bytes, combine_bytes, cached_bytes)
+        )
+    got, want = results
+    names = ("recv_x", "recv_topk_idx", "recv_topk_weights", "per_expert", "handle", "combined_x",
+             "combined_topk_weights", "cached_same", "cached_new")  # fmt: skip
+    for name, g, w in zip(names, got[:9], want[:9]):
+        if name == "handle":
+            failures += _same_handle(name, g, w)
+        elif isinstance(w, tuple):
+            failures += [
+                line for i, (gi, wi) in enumerate(zip(g, w)) for line in _same(f"{name}[{i}]", gi, wi)
+            ]
+        else:
+            failures += _same(name, g, w)
+    for name, g, w in zip(("dispatch", "combine", "cached dispatch"), got[9:], want[9:]):
+        # The legs' bytes (got) must be the scheme's (want: counted from the handle).
+        if g is None or w is None or (g.inter_node, g.intra_node) != (w.inter_node, w.intra_node):
+            failures.append(f"{name} bytes: legs sent {g}, the scheme needs {w}")
+    return [f"rank {pgi.rank} {setting}: {line}" for line in failures]
