@@ -33,7 +33,17 @@ import torch
 from epcomm.handles import DispatchHandle, InternodeHandle, NormalHandle
 from epcomm.topology import NodeTopology
 
-__all__ = ["CallBytes", "count_call_bytes", "row_bytes"]
+__all__ = [
+    "CallBytes",
+    "RankRoutes",
+    "RowCounts",
+    "count_call_bytes",
+    "count_rows",
+    "routes_from_handle",
+    "routes_from_matrices",
+    "row_bytes",
+    "token_counts",
+]
 
 
 @dataclass(frozen=True)
@@ -79,34 +89,140 @@ def _row_numel(tensor: torch.Tensor) -> int:
     return numel
 
 
-def _recv_counts(handle: NormalHandle, rank: int) -> torch.Tensor:
-    """``[num_ranks]`` int64: rows this rank received from each rank in the handle's dispatch."""
-    if isinstance(handle, InternodeHandle):
-        prefix = handle.recv_gbl_rank_prefix_sum.to("cpu", torch.int64)
-    else:
-        prefix = handle.rank_prefix_matrix[:, rank].to("cpu", torch.int64)
-    return torch.diff(prefix, prepend=prefix.new_zeros(1))
+@dataclass(frozen=True)
+class RankRoutes:
+    """The token counts one rank's byte counts depend on (rank ``me`` on node ``m``, local rank ``l``).
+
+    All ``int64`` CPU tensors. Built from a call's handle (``routes_from_handle``, what
+    ``Buffer.last_call_bytes()`` counts from) or from every rank's routing (``routes_from_matrices``,
+    what a model without processes counts from); ``count_rows`` turns either into rows.
+
+    Attributes:
+        to_rank: ``[num_ranks]``: tokens of ``me`` that need each rank.
+        to_node: ``[num_nodes]``: tokens of ``me`` that need each node (each token once per node).
+        from_rank: ``[num_ranks]``: rows ``me`` receives from each rank in the dispatch.
+        peer_to_local: ``[num_nodes, num_ranks_per_node]``: for each node ``n``, tokens of the rank
+            ``(n, l)`` (``me``'s RDMA peer there; ``me`` itself on ``m``) that need each rank of node
+            ``m``.
+        peer_to_node: ``[num_nodes]``: for each node ``n``, tokens of the rank ``(n, l)`` that need
+            node ``m`` (the tokens ``me`` receives over RDMA from node ``n`` and forwards).
+    """
+
+    to_rank: torch.Tensor
+    to_node: torch.Tensor
+    from_rank: torch.Tensor
+    peer_to_local: torch.Tensor
+    peer_to_node: torch.Tensor
 
 
-def _forwarded_rows(
-    handle: NormalHandle, topology: NodeTopology, rank: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The tokens this rank receives over RDMA in the hierarchical scheme: ``[num, num_ranks_per_node]``
-    bool, which local ranks of its node need each, and ``[num]`` int64, each token's source node."""
+@dataclass(frozen=True)
+class RowCounts:
+    """Rows one rank sends in one call under each scheme (bytes = rows x ``row_bytes``).
+
+    Attributes:
+        inter_node: hierarchical scheme, to other nodes.
+        intra_node: hierarchical scheme, to other ranks of this node.
+        flat_inter_node: flat all-to-all, to other nodes.
+        flat_intra_node: flat all-to-all, to other ranks of this node.
+    """
+
+    inter_node: int
+    intra_node: int
+    flat_inter_node: int
+    flat_intra_node: int
+
+
+def token_counts(is_token_in_rank: torch.Tensor, topology: NodeTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """One source rank's tokens per destination rank and per destination node.
+
+    Arguments:
+        is_token_in_rank: ``[num_tokens, num_ranks]`` bool: which ranks need each token of the source.
+        topology: the group's nodes.
+
+    Returns:
+        ``[num_ranks]`` and ``[num_nodes]`` int64 CPU tensors (a token counts once per node).
+    """
+    in_rank = is_token_in_rank.to("cpu", torch.bool)
+    num_tokens = in_rank.size(0)
+    in_node = in_rank.view(num_tokens, topology.num_nodes, topology.num_ranks_per_node).any(dim=2)
+    return in_rank.sum(dim=0, dtype=torch.int64), in_node.sum(dim=0, dtype=torch.int64)
+
+
+def routes_from_matrices(
+    tokens_to_rank: torch.Tensor, tokens_to_node: torch.Tensor, topology: NodeTopology, rank: int
+) -> RankRoutes:
+    """``rank``'s ``RankRoutes`` from every rank's routing.
+
+    Arguments:
+        tokens_to_rank: ``[num_ranks, num_ranks]`` int64: entry ``[s, d]`` = tokens of rank ``s``
+            that need rank ``d`` (row ``s`` is ``token_counts(...)[0]`` of rank ``s``).
+        tokens_to_node: ``[num_ranks, num_nodes]`` int64: entry ``[s, n]`` = tokens of rank ``s``
+            that need node ``n``.
+        topology: the group's nodes.
+        rank: the rank counted.
+    """
+    per_node = topology.num_ranks_per_node
+    node, local = topology.node_of(rank), topology.local_rank_of(rank)
+    peers = torch.arange(topology.num_nodes, device="cpu") * per_node + local
+    return RankRoutes(
+        to_rank=tokens_to_rank[rank].to(torch.int64),
+        to_node=tokens_to_node[rank].to(torch.int64),
+        from_rank=tokens_to_rank[:, rank].to(torch.int64),
+        peer_to_local=tokens_to_rank[peers, node * per_node : (node + 1) * per_node].to(torch.int64),
+        peer_to_node=tokens_to_node[peers, node].to(torch.int64),
+    )
+
+
+def routes_from_handle(handle: NormalHandle, topology: NodeTopology, rank: int) -> RankRoutes:
+    """``rank``'s ``RankRoutes`` from its own dispatch handle (no other rank's routing needed).
+
+    ``handle`` is an ``InternodeHandle`` (its ``send_nvl_head`` and ``recv_rdma_rank_prefix_sum``
+    describe the tokens received over RDMA), or a ``DispatchHandle`` of a group of one node.
+    """
+    to_rank, to_node = token_counts(handle.is_token_in_rank, topology)
     per_node = topology.num_ranks_per_node
     if isinstance(handle, InternodeHandle):
-        needs = (handle.send_nvl_head >= 0).cpu()
-        counts = torch.diff(
+        prefix = handle.recv_gbl_rank_prefix_sum.to("cpu", torch.int64)
+        needs = (handle.send_nvl_head >= 0).to("cpu", torch.int64)
+        peer_to_node = torch.diff(
             handle.recv_rdma_rank_prefix_sum.to("cpu", torch.int64),
             prepend=torch.zeros(1, dtype=torch.int64, device="cpu"),
         )
-        return needs, torch.repeat_interleave(torch.arange(topology.num_nodes, device="cpu"), counts)
-    # One node: this rank forwards its own tokens.
-    in_rank = handle.is_token_in_rank.cpu()
-    node = topology.node_of(rank)
-    block = in_rank[:, node * per_node : (node + 1) * per_node]
-    needs = block[block.any(dim=1)]
-    return needs, torch.full((needs.size(0),), node, dtype=torch.int64, device="cpu")
+        source_node = torch.repeat_interleave(torch.arange(topology.num_nodes, device="cpu"), peer_to_node)
+        peer_to_local = torch.zeros(topology.num_nodes, per_node, dtype=torch.int64, device="cpu")
+        peer_to_local.index_add_(0, source_node, needs)
+    else:
+        # One node: this rank is its own (only) peer.
+        prefix = handle.rank_prefix_matrix[:, rank].to("cpu", torch.int64)
+        peer_to_local = to_rank.view(topology.num_nodes, per_node)[[topology.node_of(rank)]].clone()
+        peer_to_node = to_node.clone()
+    from_rank = torch.diff(prefix, prepend=prefix.new_zeros(1))
+    return RankRoutes(to_rank, to_node, from_rank, peer_to_local, peer_to_node)
+
+
+def count_rows(operation: str, routes: RankRoutes, topology: NodeTopology, rank: int) -> RowCounts:
+    """Rows ``rank`` sends in a dispatch (``"dispatch"`` or ``"cached dispatch"``) or a
+    ``"combine"`` under each scheme (the module docstring); the one formula behind
+    ``count_call_bytes`` and any model.
+    """
+    node, local, per_node = topology.node_of(rank), topology.local_rank_of(rank), topology.num_ranks_per_node
+    ranks = torch.arange(topology.num_ranks, device="cpu")
+    same_node = (ranks // per_node) == node
+    if operation == "combine":
+        recv = routes.from_rank
+        return RowCounts(
+            inter_node=int(routes.peer_to_node.sum()) - int(routes.peer_to_node[node]),
+            intra_node=int(recv[(ranks % per_node) != local].sum()),
+            flat_inter_node=int(recv[~same_node].sum()),
+            flat_intra_node=int(recv[same_node].sum()) - int(recv[rank]),
+        )
+    sent = routes.to_rank
+    return RowCounts(
+        inter_node=int(routes.to_node.sum()) - int(routes.to_node[node]),
+        intra_node=int(routes.peer_to_local.sum()) - int(routes.peer_to_local[:, local].sum()),
+        flat_inter_node=int(sent[~same_node].sum()),
+        flat_intra_node=int(sent[same_node].sum()) - int(sent[rank]),
+    )
 
 
 def count_call_bytes(
@@ -119,30 +235,12 @@ def count_call_bytes(
     """
     if isinstance(handle, DispatchHandle) and topology.num_nodes > 1:
         raise ValueError("hierarchical byte counts need the multi-node handle (num_rdma_bytes > 0)")
-    node, local = topology.node_of(rank), topology.local_rank_of(rank)
-    ranks = torch.arange(topology.num_ranks, device="cpu")
-    same_node = (ranks // topology.num_ranks_per_node) == node
-    needs, source_node = _forwarded_rows(handle, topology, rank)
-    others_needing = needs.sum(dim=1) - needs[:, local].to(torch.int64)
-    if operation == "combine":
-        recv = _recv_counts(handle, rank)
-        flat_inter = int(recv[~same_node].sum())
-        flat_intra = int(recv[same_node].sum()) - int(recv[rank])
-        intra = int(recv[(ranks % topology.num_ranks_per_node) != local].sum())
-        inter = int((source_node != node).sum())
-    else:
-        in_rank = handle.is_token_in_rank.cpu()
-        num_tokens = in_rank.size(0)
-        in_node = in_rank.view(num_tokens, topology.num_nodes, topology.num_ranks_per_node).any(dim=2)
-        flat_inter = int(in_rank[:, ~same_node].sum())
-        flat_intra = int(in_rank[:, same_node].sum()) - int(in_rank[:, rank].sum())
-        inter = int(in_node.sum()) - int(in_node[:, node].sum())
-        intra = int(others_needing.sum())
+    rows = count_rows(operation, routes_from_handle(handle, topology, rank), topology, rank)
     return CallBytes(
         operation,
         row_bytes,
-        inter * row_bytes,
-        intra * row_bytes,
-        flat_inter * row_bytes,
-        flat_intra * row_bytes,
+        rows.inter_node * row_bytes,
+        rows.intra_node * row_bytes,
+        rows.flat_inter_node * row_bytes,
+        rows.flat_intra_node * row_bytes,
     )

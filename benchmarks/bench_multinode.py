@@ -1,0 +1,400 @@
+"""Multi-node normal mode benchmark: dispatch (FP8 or BF16) and combine (BF16) with node semantics,
+timed, with the bytes each rank sends across nodes checked against the minimum.
+
+One process per rank (``epcomm.testing.parallel_launch``): gloo on CPU, where nodes are simulated
+with ``Settings(ranks_per_node=...)`` (``EPCOMM_RANKS_PER_NODE``) on the reference backend, or NCCL
+with one GPU per rank. Every rank builds ``Buffer(group, num_rdma_bytes=..., backend=--backend)``
+(multi-node mode), routes its tokens DeepSeek-V3 style (``model_multinode.group_limited_routing``:
+experts grouped per node, each token limited to ``--max-nodes`` nodes, then top-k), and per layout
+(``--layouts NODESxRANKS,...``):
+
+* times ``dispatch`` (layout precomputed; ``topk_idx`` and ``topk_weights`` sent along) and
+  ``combine`` of the dispatched rows on its handle: ``--warmup`` untimed calls, then ``--iters``
+  timed ones after a host barrier each (``timing.time_op``: wall clock on CPU, CUDA events on
+  GPUs); the median per rank;
+* reads ``Buffer.last_call_bytes()`` after each (``epcomm.traffic``): bytes to other nodes and to
+  the ranks of its node under the hierarchical scheme, and under a flat all-to-all;
+* computes the minimum across nodes from every rank's ``topk_idx`` (all-gathered), independently of
+  ``epcomm.traffic``: dispatch, one row per (own token, other node it needs); combine, one partial
+  per token of the ranks with its local index on other nodes that needs its node.
+
+**Dedup check**: a rank whose bytes across nodes exceed the minimum (a token crossing to a node
+twice) is ``FAIL`` and the exit status is 1. A backend without counters (``last_call_bytes()`` is
+``None``) is reported ``n/a``.
+
+    python benchmarks/bench_multinode.py                        # 2 nodes x 2 ranks, CPU, seconds
+    python benchmarks/bench_multinode.py --layouts 2x2,2x4,4x2
+    python benchmarks/bench_multinode.py --tokens 4096 --hidden 7168 --experts 256   # DeepSeek-V3
+
+Rows are appended to ``results/bench_multinode.jsonl`` (``$OUT/bench_multinode.jsonl`` when ``OUT``
+is set; ``--out`` names another file, ``--out ''`` none).
+"""
+
+# ruff: noqa: E402  (imports follow the sys.path set-up below, so a checkout runs without installing)
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_HERE = Path(__file__).resolve().parent
+if str(_HERE) not in sys.path:  # the helper modules next to this file (also for the spawned ranks)
+    sys.path.insert(0, str(_HERE))
+try:
+    import epcomm  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(_HERE.parent / "src"))
+
+import torch
+import torch.distributed as dist
+
+from epcomm import Buffer
+from epcomm.env import Settings
+from epcomm.quant import per_token_cast_to_fp8
+from epcomm.testing import ProcessGroupInfo, parallel_launch
+from epcomm.topology import NodeTopology
+from epcomm.traffic import CallBytes
+from model_multinode import group_limited_routing, minimum_inter_node_rows
+from report import append_jsonl, environment_info, results_path
+from timing import median, time_op
+
+OPS = ("dispatch", "combine")
+
+
+@dataclass(frozen=True)
+class BenchSpec:
+    """Everything a rank needs (the same on every rank).
+
+    Attributes:
+        backend: ``Buffer`` backend name.
+        num_nodes, ranks_per_node: the layout (nodes of consecutive ranks).
+        num_tokens, hidden, num_experts, num_topk: tokens per rank, hidden size, experts in total,
+            experts per token.
+        max_nodes: node groups per token (group limit).
+        fp8: FP8 dispatch (``per_token_cast_to_fp8``), else BF16.
+        warmup, iters: untimed and timed calls per op.
+        seed: routing seed.
+        num_rdma_bytes: the ``Buffer``'s RDMA bytes (``> 0``: multi-node mode).
+    """
+
+    backend: str
+    num_nodes: int
+    ranks_per_node: int
+    num_tokens: int
+    hidden: int
+    num_experts: int
+    num_topk: int
+    max_nodes: int
+    fp8: bool
+    warmup: int
+    iters: int
+    seed: int
+    num_rdma_bytes: int
+
+    @property
+    def world_size(self) -> int:
+        """Ranks of the group."""
+        return self.num_nodes * self.ranks_per_node
+
+
+@dataclass(frozen=True)
+class RankResult:
+    """What one rank measured: per op, median time (us), ``last_call_bytes()`` and the minimum
+    bytes across nodes."""
+
+    rank: int
+    time_us: dict[str, float]
+    calls: dict[str, CallBytes | None]
+    minimum: dict[str, int]
+
+
+def _combine_minimum_rows(all_topk: Sequence[torch.Tensor], spec: BenchSpec, rank: int) -> int:
+    """Partials ``rank`` must send across nodes: tokens of the ranks with its local index on other
+    nodes that need its node (each such token's rows of the node reduce to one partial)."""
+    topology = NodeTopology(spec.world_size, spec.ranks_per_node)
+    node, local = topology.node_of(rank), topology.local_rank_of(rank)
+    experts_per_node = spec.num_experts // spec.num_nodes
+    total = 0
+    for source_node in range(spec.num_nodes):
+        if source_node == node:
+            continue
+        topk = all_topk[source_node * spec.ranks_per_node + local]
+        total += int(((topk >= 0) & (topk // experts_per_node == node)).any(dim=1).sum())
+    return total
+
+
+def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
+    """One rank: route, dispatch and combine ``--iters`` times each, read the counters."""
+    me, device = pgi.rank, pgi.device
+    topology = NodeTopology(spec.world_size, spec.ranks_per_node)
+    topk_idx = group_limited_routing(
+        spec.num_tokens,
+        spec.num_experts,
+        spec.num_topk,
+        spec.num_nodes,
+        spec.max_nodes,
+        seed=spec.seed,
+        rank=me,
+    )
+    gathered = [torch.empty_like(topk_idx, device=device) for _ in range(spec.world_size)]
+    dist.all_gather(gathered, topk_idx.to(device), group=pgi.group)
+    all_topk = [t.cpu() for t in gathered]
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + me)
+    x_bf16 = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
+    x: Any = per_token_cast_to_fp8(x_bf16) if spec.fp8 else x_bf16
+    topk_idx = topk_idx.to(device)
+    topk_weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
+    cuda = device.type == "cuda"
+    one = torch.ones(1, dtype=torch.int32, device=device)
+
+    def barrier() -> None:
+        dist.barrier(group=pgi.group)
+
+    def device_barrier() -> None:
+        dist.all_reduce(one, group=pgi.group)
+
+    settings = Settings(ranks_per_node=spec.ranks_per_node)
+    with Buffer(
+        pgi.group, num_rdma_bytes=spec.num_rdma_bytes, backend=spec.backend, settings=settings
+    ) as buffer:
+        per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, spec.num_experts)
+        state: dict[str, Any] = {}
+
+        def dispatch(_: int) -> None:
+            state["out"] = buffer.dispatch(
+                x,
+                num_tokens_per_rank=per_rank,
+                num_tokens_per_rdma_rank=per_node,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=topk_idx,
+                topk_weights=topk_weights,
+            )
+
+        times = {
+            "dispatch": median(
+                time_op(
+                    dispatch,
+                    num_slots=1,
+                    warmup=spec.warmup,
+                    iters=spec.iters,
+                    barrier=barrier,
+                    cuda=cuda,
+                    device_barrier=device_barrier,
+                )
+            )
+        }
+        calls: dict[str, CallBytes | None] = {"dispatch": buffer.last_call_bytes()}
+        recv_x, _, _, _, handle, _ = state["out"]
+        rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
+        y = torch.randn(rows.size(0), spec.hidden, generator=generator).to(torch.bfloat16).to(device)
+
+        def combine(_: int) -> None:
+            buffer.combine(y, handle)
+
+        times["combine"] = median(
+            time_op(
+                combine,
+                num_slots=1,
+                warmup=spec.warmup,
+                iters=spec.iters,
+                barrier=barrier,
+                cuda=cuda,
+                device_barrier=device_barrier,
+            )
+        )
+        calls["combine"] = buffer.last_call_bytes()
+    minimum = {
+        "dispatch": minimum_inter_node_rows(all_topk[me], spec.num_experts, topology, me),
+        "combine": _combine_minimum_rows(all_topk, spec, me),
+    }
+    return RankResult(me, times, calls, minimum)
+
+
+def _check(call: CallBytes | None, minimum_bytes: int) -> str:
+    if call is None:
+        return "n/a"
+    return "PASS" if call.inter_node <= minimum_bytes else "FAIL"
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 1e6:.3f}"
+
+
+def summarize(spec: BenchSpec, results: Sequence[RankResult]) -> tuple[str, list[dict[str, Any]]]:
+    """The table (one line per rank and op, then one per op over ranks) and the JSON rows (one per
+    op; per-rank lists in ``*_ranks``)."""
+    header = [
+        "rank",
+        "node",
+        "op",
+        "us",
+        "inter MB",
+        "min MB",
+        "flat inter MB",
+        "intra MB",
+        "flat intra MB",
+        "dedup",
+    ]
+    lines: list[list[str]] = []
+    records: list[dict[str, Any]] = []
+    for op in OPS:
+        checks = []
+        for result in results:
+            call = result.calls[op]
+            row = call.row_bytes if call is not None else None
+            minimum = result.minimum[op] * row if row is not None else None
+            check = _check(call, minimum or 0)
+            checks.append(check)
+            lines.append(
+                [
+                    str(result.rank),
+                    str(result.rank // spec.ranks_per_node),
+                    op,
+                    f"{result.time_us[op]:.0f}",
+                    _mb(call.inter_node if call else None),
+                    _mb(minimum),
+                    _mb(call.flat_inter_node if call else None),
+                    _mb(call.intra_node if call else None),
+                    _mb(call.flat_intra_node if call else None),
+                    check,
+                ]
+            )
+        times = [r.time_us[op] for r in results]
+        calls = [r.calls[op] for r in results]
+        overall = "FAIL" if "FAIL" in checks else ("n/a" if "n/a" in checks else "PASS")
+        inter = [c.inter_node if c else None for c in calls]
+        lines.append(
+            [
+                "all",
+                "-",
+                op,
+                f"{max(times):.0f}",
+                _mb(sum(v or 0 for v in inter) / len(inter) if None not in inter else None),
+                "",
+                "",
+                "",
+                "",
+                overall,
+            ]
+        )
+        records.append(
+            {
+                "layout": f"{spec.num_nodes}x{spec.ranks_per_node}",
+                "backend": spec.backend,
+                "op": op,
+                "dispatch_dtype": "fp8" if spec.fp8 else "bf16",
+                "shape": {
+                    "tokens": spec.num_tokens,
+                    "hidden": spec.hidden,
+                    "experts": spec.num_experts,
+                    "topk": spec.num_topk,
+                    "max_nodes": spec.max_nodes,
+                },
+                "time_us": max(times),
+                "time_us_median": median(times),
+                "time_us_ranks": times,
+                "row_bytes": calls[0].row_bytes if calls[0] else None,
+                "inter_node_bytes_ranks": inter,
+                "min_inter_node_bytes_ranks": [
+                    r.minimum[op] * c.row_bytes if c else None for r, c in zip(results, calls, strict=True)
+                ],
+                "flat_inter_node_bytes_ranks": [c.flat_inter_node if c else None for c in calls],
+                "intra_node_bytes_ranks": [c.intra_node if c else None for c in calls],
+                "flat_intra_node_bytes_ranks": [c.flat_intra_node if c else None for c in calls],
+                "dedup_check": overall,
+                "iters": spec.iters,
+                "warmup": spec.warmup,
+            }
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    text = [
+        " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    text += [" | ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(text), records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line; exit status 1 when a dedup check fails or a run raised."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--backend", default="reference", help="Buffer backend (default %(default)s)")
+    parser.add_argument("--layouts", default="2x2", help="NODESxRANKS_PER_NODE,... (default %(default)s)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per rank (DeepSeek-V3: 4096)")
+    parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 128 (7168)")
+    parser.add_argument("--experts", type=int, default=256)
+    parser.add_argument("--topk", type=int, default=8)
+    parser.add_argument("--max-nodes", type=int, default=4, help="node groups per token (group limit)")
+    parser.add_argument("--dtype", choices=("fp8", "bf16"), default="fp8", help="dispatch rows")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rdma-bytes", type=int, default=1 << 30, help="num_rdma_bytes of the Buffers")
+    parser.add_argument("--cpu", action="store_true", help="gloo on CPU even with GPUs")
+    parser.add_argument("--timeout", type=float, default=600.0, help="limit per layout (s)")
+    parser.add_argument("--out", default=None, help="JSON lines file ('' writes none)")
+    args = parser.parse_args(argv)
+
+    status = 0
+    out = results_path("bench_multinode.jsonl") if args.out is None else args.out
+    for layout in args.layouts.split(","):
+        num_nodes, ranks_per_node = (int(v) for v in layout.lower().split("x"))
+        spec = BenchSpec(
+            args.backend,
+            num_nodes,
+            ranks_per_node,
+            args.tokens,
+            args.hidden,
+            args.experts,
+            args.topk,
+            args.max_nodes,
+            args.dtype == "fp8",
+            args.warmup,
+            args.iters,
+            args.seed,
+            args.rdma_bytes,
+        )
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        on_gpu = not args.cpu and gpus >= spec.world_size
+        print(
+            f"\n== {layout}: {spec.world_size} ranks ({'nccl' if on_gpu else 'gloo, CPU'}), backend {spec.backend}, "
+            f"{spec.num_tokens} tokens/rank, hidden {spec.hidden}, top-{spec.num_topk} of {spec.num_experts} "
+            f"experts, <= {spec.max_nodes} nodes/token, {args.dtype} dispatch, bf16 combine; "
+            f"median of {spec.iters} (after {spec.warmup})",
+            flush=True,
+        )
+        try:
+            results = parallel_launch(
+                spec.world_size,
+                bench_worker,
+                spec,
+                backend=None if on_gpu else "gloo",
+                timeout_s=args.timeout,
+            )
+        except (RuntimeError, TimeoutError) as error:
+            print(f"FAILED: {error}", flush=True)
+            status = 1
+            continue
+        table, records = summarize(spec, results)
+        print(
+            "MB = 1e6 bytes sent by the rank (Buffer.last_call_bytes()); min = the minimum across nodes; "
+            "us = median per rank (all: max over ranks)"
+        )
+        print(table, flush=True)
+        if any(r["dedup_check"] == "FAIL" for r in records):
+            print("FAIL: bytes across nodes exceed the minimum (a token crossed to a node more than once)")
+            status = 1
+        if out:
+            env = environment_info(spec.world_size, "cuda" if on_gpu else "cpu")
+            append_jsonl(out, [{**env, **record} for record in records])
+    if out:
+        print(f"\nrows appended to {out}")
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
