@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 
 from epcomm import Buffer
+from epcomm.backends.hierarchical import hierarchical_buffer
 from epcomm.env import Settings
 from epcomm.quant import per_token_cast_to_fp8
 from epcomm.testing import ProcessGroupInfo, parallel_launch
@@ -157,9 +158,11 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
         dist.all_reduce(one, group=pgi.group)
 
     settings = Settings(ranks_per_node=spec.ranks_per_node)
-    with Buffer(
-        pgi.group, num_rdma_bytes=spec.num_rdma_bytes, backend=spec.backend, settings=settings
-    ) as buffer:
+    if spec.backend == "hierarchical":
+        made = hierarchical_buffer(pgi.group, spec.num_rdma_bytes, settings)
+    else:
+        made = Buffer(pgi.group, num_rdma_bytes=spec.num_rdma_bytes, backend=spec.backend, settings=settings)
+    with made as buffer:
         per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(topk_idx, spec.num_experts)
         state: dict[str, Any] = {}
 
@@ -322,7 +325,12 @@ def summarize(spec: BenchSpec, results: Sequence[RankResult]) -> tuple[str, list
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exit status 1 when a dedup check fails or a run raised."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--backend", default="reference", help="Buffer backend (default %(default)s)")
+    parser.add_argument(
+        "--backend",
+        default="reference",
+        help="Buffer backend, or hierarchical: the hierarchical algorithm over torch.distributed, whose "
+        "counters are the bytes it sent (default %(default)s)",
+    )
     parser.add_argument("--layouts", default="2x2", help="NODESxRANKS_PER_NODE,... (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank (DeepSeek-V3: 4096)")
     parser.add_argument("--hidden", type=int, default=1024, help="hidden size, a multiple of 128 (7168)")

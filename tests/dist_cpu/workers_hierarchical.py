@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from epcomm import Buffer, quant
-from epcomm.backends.hierarchical import TorchHierarchicalBackend
+from epcomm.backends.hierarchical import hierarchical_buffer
 from epcomm.env import Settings
 from epcomm.handles import InternodeHandle
 from epcomm.testing import ProcessGroupInfo, make_routing
@@ -54,8 +54,8 @@ def hierarchical_against_reference(
     return one line per difference (empty: all equal)."""
     settings = Settings(ranks_per_node=ranks_per_node)
     reference = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
-    hierarchical = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
-    hierarchical._backend = TorchHierarchicalBackend(pgi.group, settings.timeout_s, ranks_per_node)
+    hierarchical = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
+    assert hierarchical.backend_name == "hierarchical"
     assert reference.is_multi_node
     num_tokens = 0 if setting.get("empty_rank") == pgi.rank else setting["num_tokens"]
     hidden, num_experts, num_topk = setting["hidden"], setting["num_experts"], setting["num_topk"]

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 
@@ -50,6 +50,7 @@ from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference import ReferenceBackend
 from epcomm.backends.reference_internode import InternodeMessage, SenderLayout, assemble_handle
 from epcomm.backends.rows import RowLayout, pad_rows
+from epcomm.env import Settings
 from epcomm.errors import InconsistentCallError
 from epcomm.fingerprint import (
     FINGERPRINT_WORDS,
@@ -62,7 +63,17 @@ from epcomm.handles import InternodeHandle
 from epcomm.topology import NodeTopology
 from epcomm.traffic import CallBytes, count_call_bytes, row_bytes
 
-__all__ = ["HierarchicalNormal", "LegBytes", "Legs", "TorchHierarchicalBackend", "TorchLegs"]
+if TYPE_CHECKING:
+    from epcomm.buffer import Buffer
+
+__all__ = [
+    "HierarchicalNormal",
+    "LegBytes",
+    "Legs",
+    "TorchHierarchicalBackend",
+    "TorchLegs",
+    "hierarchical_buffer",
+]
 
 
 class Legs(Protocol):
@@ -641,3 +652,29 @@ class TorchHierarchicalBackend(ReferenceBackend):
     def last_call_bytes(self) -> CallBytes | None:
         """See ``HierarchicalNormal.last_call_bytes``: the bytes the legs sent."""
         return self.hierarchical.last_call_bytes()
+
+
+def hierarchical_buffer(group: Any, num_rdma_bytes: int, settings: Settings) -> Buffer:
+    """A multi-node ``Buffer`` whose normal mode runs ``HierarchicalNormal`` over ``TorchLegs``
+    (``TorchHierarchicalBackend``; ``backend_name`` ``"hierarchical"``): the algorithm on CPU
+    processes, for its tests and ``benchmarks/bench_multinode.py --backend hierarchical``.
+
+    Arguments:
+        group: the process group (every rank calls this, as ``Buffer()``).
+        num_rdma_bytes: ``> 0`` (multi-node mode).
+        settings: the options; ``ranks_per_node`` sets the simulated nodes.
+
+    Raises:
+        ValueError: the group does not span several nodes with ``num_rdma_bytes > 0``.
+    """
+    from epcomm.buffer import Buffer
+
+    buffer = Buffer(group, num_rdma_bytes=num_rdma_bytes, backend="reference", settings=settings)
+    if not buffer.is_multi_node:
+        buffer.destroy()
+        raise ValueError("hierarchical_buffer: the group must span several nodes, with num_rdma_bytes > 0")
+    buffer._backend = TorchHierarchicalBackend(
+        group, settings.timeout_s, buffer.num_ranks_per_node, shrink_timeout_s=settings.shrink_timeout_s
+    )
+    buffer.backend_name = TorchHierarchicalBackend.name
+    return buffer
