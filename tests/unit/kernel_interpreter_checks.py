@@ -12,9 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import triton
+import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 from triton_interpreter import symmetric_peers
 
+import epcomm.kernels.leg_exchange as leg_module
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
 from epcomm.kernels.barrier import launch_barrier
 from epcomm.kernels.layout import launch_dispatch_layout
@@ -428,7 +431,77 @@ def check_layout() -> None:
             assert torch.equal(got.num_tokens_per_rdma_rank, want.num_tokens_per_rdma_rank)
 
 
+@triton.jit
+def _cpu_put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
+    # NVSHMEM's put-with-signal on simulated ranks: the data through the peer's address, then
+    # the signal's low word (the epochs' half of the uint64).
+    num_words = num_bytes // 4
+    for start in range(0, num_words, 256):
+        offsets = start + tl.arange(0, 256)
+        mask = offsets < num_words
+        tl.store(remote + dst_word + offsets, tl.load(src + offsets, mask=mask), mask=mask)
+    tl.store(remote + signal_word, value.to(tl.int32))
+
+
+def check_leg_exchange() -> None:
+    """One leg exchange of the multi-node scheme, both paths (NVLink stores; NVSHMEM put-with-signal,
+    here a CPU stand-in): rank 2 of 5 exchanges with ranks 0 and 4 (a leg of 3 peers); each block
+    lands whole in its peer's receive slot for rank 2 and nothing past it, each peer's flag for
+    rank 2 gets the epoch; a peer whose flag never comes is named in the error word."""
+    leg_module.put_block = _cpu_put_block
+    torch.manual_seed(3)
+    num_ranks, rank, legs = 5, 2, [0, 2, 4]
+    me_index, slot_words, flag_word, staging_word, recv_word, epoch = 1, 64, 0, 32, 32 + 3 * 64, 9
+    total = recv_word + 3 * slot_words
+    for kernel in (leg_module.leg_store_kernel, leg_module.leg_put_kernel):
+        for late in (None, 2):
+            buffers = [torch.zeros(total, dtype=torch.int32) for _ in range(num_ranks)]
+            error = torch.zeros(4, dtype=torch.int32)
+            peers = symmetric_peers(buffers, rank, error)
+            sizes = [64, 0, 176]  # bytes to each peer of the leg (none to itself)
+            for i, size in enumerate(sizes):
+                start = staging_word + i * slot_words
+                buffers[rank][start : start + size // 4] = torch.randint(
+                    -1000, 1000, (size // 4,), dtype=torch.int32
+                )
+            for i in (0, 2):
+                if i != late:
+                    buffers[rank][flag_word + 2 * i] = epoch  # the peer's block has come
+            leg_module.launch_leg_exchange(
+                peer_table=peers.peer_table,
+                leg_ranks=torch.tensor(legs, dtype=torch.int32),
+                leg_pes=torch.tensor(legs, dtype=torch.int32),
+                send_bytes=torch.tensor(sizes, dtype=torch.int64),
+                rank=rank,
+                me_index=me_index,
+                epoch=epoch,
+                timeout_ns=10**12 if late is None else 5 * 10**6,
+                error_address=error.data_ptr(),
+                operation_code=7,
+                flag_word=flag_word,
+                staging_word=staging_word,
+                recv_word=recv_word,
+                slot_words=slot_words,
+                kernel=kernel,
+            )
+            for i in (0, 2):
+                peer, words = legs[i], sizes[i] // 4
+                slot = buffers[peer][
+                    recv_word + me_index * slot_words : recv_word + (me_index + 1) * slot_words
+                ]
+                sent = buffers[rank][staging_word + i * slot_words : staging_word + i * slot_words + words]
+                assert torch.equal(slot[:words], sent), (kernel, i)
+                assert not slot[words:].any(), (kernel, i, "wrote past the block")
+                flag = buffers[peer][flag_word + 2 * me_index : flag_word + 2 * me_index + 2].tolist()
+                assert flag == [epoch, 0], (kernel, i, flag)
+            assert not buffers[1].any(), "a rank outside the leg was written"
+            assert not buffers[3].any(), "a rank outside the leg was written"
+            expected_error = [0, 0, 0, 0] if late is None else [1, 7, legs[late], rank]
+            assert error.tolist() == expected_error, (kernel, late, error.tolist())
+
+
 CHECKS: dict[str, Callable[[], None]] = {
+    "leg_exchange": check_leg_exchange,
     "layout": check_layout,
     "push": check_push,
     "push_barriers": check_push_barriers,

@@ -16,6 +16,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 import epcomm.kernels.barrier as barrier_module  # noqa: E402
 import epcomm.kernels.layout as layout_module  # noqa: E402
+import epcomm.kernels.leg_exchange as leg_module  # noqa: E402
 import epcomm.kernels.low_latency_combine as ll_combine_module  # noqa: E402
 import epcomm.kernels.low_latency_dispatch as ll_dispatch_module  # noqa: E402
 import epcomm.kernels.normal_combine as combine_module  # noqa: E402
@@ -47,7 +48,7 @@ def _launches(module: Any, launcher: Any, monkeypatch: pytest.MonkeyPatch, **kwa
     return calls
 
 
-def _compile(call: Any) -> Any:
+def _compile(call: Any, extern_libs: tuple[tuple[str, str], ...] = ()) -> Any:
     """Compile a recorded ``launch(kernel, grid, args, constexprs, num_warps)`` for sm_90 as Triton's
     JIT would: tensors are 16-byte-aligned pointers, specialized integers that are multiples of 16
     get the divisibility hint, specialized integers equal to 1 become constants."""
@@ -73,7 +74,10 @@ def _compile(call: Any) -> Any:
     for name in constexprs:
         signature[name] = "constexpr"
     source = ASTSource(kernel, signature, constexprs=values, attrs=attrs)
-    return triton.compile(source, target=SM90, options={"num_warps": num_warps})
+    options: dict[str, Any] = {"num_warps": num_warps}
+    if extern_libs:
+        options["extern_libs"] = extern_libs
+    return triton.compile(source, target=SM90, options=options)
 
 
 def _accesses(compiled: Any) -> set[str]:
@@ -473,3 +477,46 @@ def test_dispatch_layout_compiles_with_atomics(
     (call,) = calls
     ptx = _compile(call).asm["ptx"]
     assert "atom.global" in ptx or "red.global" in ptx
+
+
+def _leg_launch(kernel: Any, num_peers: int, monkeypatch: pytest.MonkeyPatch) -> Any:
+    (call,) = _launches(
+        leg_module,
+        leg_module.launch_leg_exchange,
+        monkeypatch,
+        peer_table=torch.zeros(8, dtype=torch.int64),
+        leg_ranks=torch.zeros(num_peers, dtype=torch.int32),
+        leg_pes=torch.zeros(num_peers, dtype=torch.int32),
+        send_bytes=torch.zeros(num_peers, dtype=torch.int64),
+        rank=1,
+        me_index=1,
+        epoch=7,
+        timeout_ns=30 * 10**9,
+        error_address=1 << 40,
+        operation_code=1,
+        flag_word=64,
+        staging_word=4096,
+        recv_word=1 << 20,
+        slot_words=1 << 16,
+        kernel=kernel,
+    )
+    return call
+
+
+@pytest.mark.parametrize("num_peers", [2, 8])
+def test_leg_store_kernel_compiles_with_system_scope_ordering(
+    num_peers: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled = _compile(_leg_launch(leg_module.leg_store_kernel, num_peers, monkeypatch))
+    _assert_system_scope_ordering(compiled.asm["ptx"])
+    assert "nvshmem" not in compiled.asm["ptx"]
+
+
+def test_leg_put_kernel_compiles_with_the_nvshmem_device_library(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel (nvidia-nvshmem-cu13) is not installed")
+    from epcomm.kernels.nvshmem_primitives import device_library
+
+    call = _leg_launch(leg_module.leg_put_kernel, 4, monkeypatch)
+    ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
+    assert "nvshmemi_transfer_put_signal" in ptx
+    assert "ld.acquire.sys" in ptx  # the bounded wait on the signal

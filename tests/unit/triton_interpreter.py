@@ -73,6 +73,7 @@ KERNEL_MODULES = (
     "epcomm.kernels.normal_rows",
     "epcomm.kernels.low_latency_dispatch",
     "epcomm.kernels.low_latency_combine",
+    "epcomm.kernels.leg_exchange",
 )
 
 
