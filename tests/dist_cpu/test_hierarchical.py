@@ -4,35 +4,10 @@ backend's multi-node mode: equal bit for bit, and the legs send exactly the sche
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from .cases import RunOnRanks
-from .workers_hierarchical import hierarchical_against_reference
-
-SETTINGS: list[dict[str, Any]] = [
-    {"seed": 1, "num_tokens": 40, "hidden": 64, "num_experts": 16, "num_topk": 4, "biases": 1},
-    {"seed": 2, "num_tokens": 24, "hidden": 256, "num_experts": 8, "num_topk": 3, "fp8": True, "biases": 2},
-    {"seed": 3, "num_tokens": 17, "hidden": 32, "num_experts": 16, "num_topk": 6, "num_worst_tokens": 136},
-    {
-        "seed": 4,
-        "num_tokens": 30,
-        "hidden": 48,
-        "num_experts": 8,
-        "num_topk": 2,
-        "alignment": 4,
-        "empty_rank": 1,
-    },
-    {
-        "seed": 5,
-        "num_tokens": 20,
-        "hidden": 32,
-        "num_experts": 16,
-        "num_topk": 4,
-        "allowed": 2,
-    },  # all to rank 0
-]
+from .workers_hierarchical import SETTINGS, hierarchical_against_reference
 
 
 @pytest.mark.parametrize(("world_size", "ranks_per_node"), [(4, 2), (4, 1), (8, 4), (8, 2)])

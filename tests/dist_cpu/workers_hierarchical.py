@@ -21,6 +21,30 @@ from epcomm.testing import ProcessGroupInfo, make_routing
 
 RDMA_BYTES = 1 << 20
 
+# The settings of the check (the CPU tier and the GPU tier run them all).
+SETTINGS: list[dict[str, Any]] = [
+    {"seed": 1, "num_tokens": 40, "hidden": 64, "num_experts": 16, "num_topk": 4, "biases": 1},
+    {"seed": 2, "num_tokens": 24, "hidden": 256, "num_experts": 8, "num_topk": 3, "fp8": True, "biases": 2},
+    {"seed": 3, "num_tokens": 17, "hidden": 32, "num_experts": 16, "num_topk": 6, "num_worst_tokens": 136},
+    {
+        "seed": 4,
+        "num_tokens": 30,
+        "hidden": 48,
+        "num_experts": 8,
+        "num_topk": 2,
+        "alignment": 4,
+        "empty_rank": 1,
+    },
+    {
+        "seed": 5,
+        "num_tokens": 20,
+        "hidden": 32,
+        "num_experts": 16,
+        "num_topk": 4,
+        "allowed": 2,
+    },  # all to rank 0
+]
+
 
 def _same(name: str, got: Any, want: Any) -> list[str]:
     if isinstance(want, torch.Tensor):
@@ -48,14 +72,18 @@ def _same_handle(name: str, got: Any, want: Any) -> list[str]:
 
 
 def hierarchical_against_reference(
-    pgi: ProcessGroupInfo, ranks_per_node: int, setting: dict[str, Any]
+    pgi: ProcessGroupInfo, ranks_per_node: int, setting: dict[str, Any], transport: str = "hierarchical"
 ) -> list[str]:
     """Dispatch, cached dispatch (same and new ``x``) and combine (with weights and biases) on both;
-    return one line per difference (empty: all equal)."""
+    return one line per difference (empty: all equal). ``transport``: ``hierarchical`` (the
+    algorithm over torch.distributed) or ``nvshmem`` (over NVSHMEM, on GPUs)."""
     settings = Settings(ranks_per_node=ranks_per_node)
     reference = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
-    hierarchical = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
-    assert hierarchical.backend_name == "hierarchical"
+    if transport == "hierarchical":
+        hierarchical = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
+    else:
+        hierarchical = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend=transport, settings=settings)
+    assert hierarchical.backend_name == transport
     assert reference.is_multi_node
     num_tokens = 0 if setting.get("empty_rank") == pgi.rank else setting["num_tokens"]
     hidden, num_experts, num_topk = setting["hidden"], setting["num_experts"], setting["num_topk"]
@@ -70,8 +98,12 @@ def hierarchical_against_reference(
         allowed_experts=allowed,
     )
     generator = torch.Generator().manual_seed(setting["seed"] * 100 + pgi.rank)
-    x = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32) * 3).to(torch.bfloat16)
-    x_new = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32)).to(torch.bfloat16)
+    x = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32) * 3).to(
+        pgi.device, torch.bfloat16
+    )
+    x_new = torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32).to(
+        pgi.device, torch.bfloat16
+    )
     payload: Any = quant.per_token_cast_to_fp8(x) if setting.get("fp8") else x
     worst = setting.get("num_worst_tokens", 0)
     failures: list[str] = []

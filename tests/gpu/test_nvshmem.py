@@ -1,14 +1,23 @@
-"""The ``nvshmem`` backend within one node: NVSHMEM symmetric memory (peers' addresses from
-``nvshmem_ptr`` on the device, no rendezvous) under the NVLink-mode kernels, against the reference
-backend. Several processes on one GPU run in NVSHMEM's multi-process-per-GPU mode: correctness only."""
+"""The ``nvshmem`` backend against the reference backend. Within one node: NVSHMEM symmetric memory
+(peers' addresses from ``nvshmem_ptr`` on the device, no rendezvous) under the NVLink-mode kernels.
+Across simulated nodes (``EPCOMM_RANKS_PER_NODE``): the hierarchical normal mode over NVSHMEM legs
+(put-with-signal between nodes, even where a store would reach; NVLink stores within), every
+setting of the CPU tier's hierarchical check, bit for bit, with the legs' bytes equal to the
+scheme's. Several processes on one GPU run in NVSHMEM's multi-process-per-GPU mode: correctness only."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 from nvshmem_workers import nvshmem_against_reference, nvshmem_then_nvlink
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
-from epcomm.testing import parallel_launch
+from epcomm.testing import SHARED_GPU, parallel_launch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the CPU tier's hierarchical worker
+from dist_cpu.workers_hierarchical import SETTINGS, hierarchical_against_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")]
 
@@ -35,3 +44,22 @@ def test_one_symmetric_memory_backend_per_process() -> None:
     backend = backend_or_skip(1, "nccl")
     (message,) = parallel_launch(1, nvshmem_then_nvlink, backend=backend, timeout_s=300)
     assert message.startswith("RuntimeError") or "NVSHMEM" in message, message
+
+
+@pytest.mark.parametrize(("world_size", "ranks_per_node"), [(2, 1), (4, 2), (4, 1)])
+def test_nvshmem_multi_node_matches_reference(world_size: int, ranks_per_node: int) -> None:
+    _nvshmem_or_skip()
+    backend = backend_or_skip(world_size, SHARED_GPU if world_size > NUM_GPUS else "nccl")
+    failures = []
+    for setting in SETTINGS:
+        results = parallel_launch(
+            world_size,
+            hierarchical_against_reference,
+            ranks_per_node,
+            setting,
+            "nvshmem",
+            backend=backend,
+            timeout_s=300,
+        )
+        failures += [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])

@@ -44,23 +44,38 @@ def create_backend(
         The backend.
 
     ``NVSHMEM`` within one node runs the NVLink-mode kernels over NVSHMEM symmetric memory (ranks
-    sharing a GPU included). Multi-node mode is served by the reference backend only for now (the
-    hierarchical NVSHMEM kernels are not built): ``AUTO`` picks it there (logged once), ``NVLINK``
-    and ``NVSHMEM`` raise.
+    sharing a GPU included); in multi-node mode it runs the hierarchical normal mode
+    (``backends.hierarchical``) over NVSHMEM legs, its low-latency calls on ``torch.distributed``.
+    ``AUTO`` picks the reference backend in multi-node mode (logged once); ``NVLINK`` raises there.
     """
     from epcomm.backends.nvlink.symmetric_buffer import Allocator
     from epcomm.backends.reference import ReferenceBackend
 
     multi_node = is_multi_node(dist.get_world_size(group), num_ranks_per_node, num_rdma_bytes)
     if choice is BackendChoice.NVSHMEM:
-        if multi_node:
-            raise NotImplementedError(
-                "backend 'nvshmem' serves one node in this version (its multi-node kernels are not "
-                "built yet); this group spans several nodes and num_rdma_bytes > 0 asks for multi-node "
-                "mode: use backend='reference', or num_rdma_bytes=0"
-            )
         if not torch.cuda.is_available():
             raise ValueError("backend 'nvshmem' needs CUDA devices; none is available")
+        if multi_node:
+            from epcomm.backends.hierarchical import HierarchicalBackend
+            from epcomm.backends.nvshmem.legs import NvshmemLegs
+
+            device = torch.device("cuda", torch.cuda.current_device())
+            log_once(
+                "nvshmem-multi-node",
+                "epcomm: NVSHMEM backend, multi-node mode: hierarchical normal mode (put-with-signal across "
+                "nodes, NVLink stores within); low-latency calls use torch.distributed",
+            )
+            return HierarchicalBackend(
+                group,
+                settings.timeout_s,
+                num_ranks_per_node,
+                enable_shrink,
+                shrink_timeout_s=settings.shrink_timeout_s,
+                legs=lambda peers, topology: NvshmemLegs(
+                    group, topology, device, num_rdma_bytes, settings.timeout_s
+                ),
+                name="nvshmem",
+            )
         from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
 
         placement = nvlink_placement(group)
@@ -95,7 +110,8 @@ def create_backend(
     if multi_node and choice is BackendChoice.AUTO:
         log_once(
             "auto-reference-multi-node",
-            "epcomm: multi-node mode; using the reference backend (the NVSHMEM backend is not built yet)",
+            "epcomm: multi-node mode; using the reference backend (backend='nvshmem' runs the "
+            "hierarchical mode on NVSHMEM, not yet proven on a GPU)",
             logging.WARNING,
         )
         choice = BackendChoice.REFERENCE

@@ -40,7 +40,7 @@ knows which ranks need each row from its handle's ``send_nvl_head``.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
@@ -67,10 +67,11 @@ if TYPE_CHECKING:
     from epcomm.buffer import Buffer
 
 __all__ = [
+    "HierarchicalBackend",
     "HierarchicalNormal",
     "LegBytes",
     "Legs",
-    "TorchHierarchicalBackend",
+    "LegsFactory",
     "TorchLegs",
     "hierarchical_buffer",
 ]
@@ -615,13 +616,24 @@ class HierarchicalNormal:
         return dataclasses.replace(flat, inter_node=sent.rdma, intra_node=sent.nvl)
 
 
-class TorchHierarchicalBackend(ReferenceBackend):
-    """The reference backend with its multi-node normal mode run by ``HierarchicalNormal`` over
-    ``TorchLegs``: the hierarchical algorithm on any ``torch.distributed`` group (CPU included),
-    checked against the reference backend's direct messages. Low-latency mode and single-node
-    groups are the reference backend's. Arguments as ``ReferenceBackend``'s (``multi_node`` true)."""
+LegsFactory = Callable[[PeerGroup, NodeTopology], Legs]
+"""Builds a rank's ``Legs`` from its ``PeerGroup`` and topology."""
 
-    name = "hierarchical"
+
+class HierarchicalBackend(ReferenceBackend):
+    """The reference backend with its multi-node normal mode run by ``HierarchicalNormal`` over the
+    legs ``legs`` builds (``TorchLegs`` by default: the algorithm on any ``torch.distributed``
+    group, CPU included). Low-latency mode is the reference backend's.
+
+    Arguments:
+        group: the process group (spanning several nodes).
+        timeout_s: bound of every wait for a peer.
+        num_ranks_per_node: ranks per node.
+        enable_shrink: shrink mode of the low-latency calls (``ReferenceBackend``).
+        shrink_timeout_s: that mode's bound.
+        legs: builds the two exchanges (``None``: ``TorchLegs``).
+        name: the backend's name (``Buffer.backend_name``).
+    """
 
     def __init__(
         self,
@@ -630,6 +642,8 @@ class TorchHierarchicalBackend(ReferenceBackend):
         num_ranks_per_node: int,
         enable_shrink: bool = False,
         shrink_timeout_s: float = 3.0,
+        legs: LegsFactory | None = None,
+        name: str = "hierarchical",
     ) -> None:
         super().__init__(
             group,
@@ -639,7 +653,9 @@ class TorchHierarchicalBackend(ReferenceBackend):
             shrink_timeout_s=shrink_timeout_s,
             multi_node=True,
         )
-        self.hierarchical = HierarchicalNormal(TorchLegs(self.peers, self.topology), self.topology, self.rank)
+        self.name = name
+        made = (legs or TorchLegs)(self.peers, self.topology)
+        self.hierarchical = HierarchicalNormal(made, self.topology, self.rank)
 
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         """See ``HierarchicalNormal.dispatch``."""
@@ -656,7 +672,7 @@ class TorchHierarchicalBackend(ReferenceBackend):
 
 def hierarchical_buffer(group: Any, num_rdma_bytes: int, settings: Settings) -> Buffer:
     """A multi-node ``Buffer`` whose normal mode runs ``HierarchicalNormal`` over ``TorchLegs``
-    (``TorchHierarchicalBackend``; ``backend_name`` ``"hierarchical"``): the algorithm on CPU
+    (``HierarchicalBackend``; ``backend_name`` ``"hierarchical"``): the algorithm on CPU
     processes, for its tests and ``benchmarks/bench_multinode.py --backend hierarchical``.
 
     Arguments:
@@ -673,8 +689,8 @@ def hierarchical_buffer(group: Any, num_rdma_bytes: int, settings: Settings) -> 
     if not buffer.is_multi_node:
         buffer.destroy()
         raise ValueError("hierarchical_buffer: the group must span several nodes, with num_rdma_bytes > 0")
-    buffer._backend = TorchHierarchicalBackend(
+    buffer._backend = HierarchicalBackend(
         group, settings.timeout_s, buffer.num_ranks_per_node, shrink_timeout_s=settings.shrink_timeout_s
     )
-    buffer.backend_name = TorchHierarchicalBackend.name
+    buffer.backend_name = buffer._backend.name
     return buffer

@@ -1,0 +1,202 @@
+"""The two legs of the hierarchical multi-node scheme on NVSHMEM (``backends.hierarchical.Legs``).
+
+One NVSHMEM symmetric buffer per ``Buffer`` (``num_rdma_bytes``), the same map on every rank, in
+int32 words::
+
+    [0, 4 * N)                  RDMA leg flags: parity p, peer i at 2 * (p * N + i) (uint64 signals)
+    [align32(4 * N), +4 * P)    NVLink leg flags, likewise
+    then per leg (RDMA: N peers, S_r words per slot; NVLink: P peers, S_n):
+        send staging [peers][slot], receive areas of parity 0 and 1 [peers][slot]
+
+Each exchange of a leg stages this rank's blocks, then ``kernels.leg_exchange`` moves them (RDMA
+leg: put-with-signal to the peer's PE, whatever reaches it; NVLink leg: stores through
+``nvshmem_ptr``) and waits, bounded, for every peer's block. Consecutive exchanges of a leg
+alternate the receive area: a rank writes a peer's area of parity ``p`` again only after that
+peer's next exchange reached it, which the peer launches after reading the area on its stream.
+The host waits for the exchange (its sizes and the orchestrator need it) and raises
+``PeerTimeoutError`` naming the operation and the missing peer.
+
+The slot size is the leg's half of ``num_rdma_bytes`` over three slots per peer; a call whose block
+for one peer does not fit raises ``ValueError`` before anything is sent.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from epcomm._math import align_up
+from epcomm.backends.nvshmem.runtime import group_pes, nvshmem_symmetric_memory, retain
+from epcomm.errors import PeerTimeoutError
+from epcomm.kernels.leg_exchange import launch_leg_exchange, leg_put_kernel, leg_store_kernel
+from epcomm.kernels.nvshmem_peers import build_peer_table
+from epcomm.topology import NodeTopology
+
+__all__ = ["NvshmemLegs"]
+
+_ALIGN_WORDS = 32
+_LEG_CODE = 1  # operation code in the error word (the host names the operation itself)
+
+
+class _Leg:
+    """One leg's peers, slots and flags."""
+
+    def __init__(
+        self,
+        ranks: list[int],
+        pes: list[int],
+        me_index: int,
+        flag_word: int,
+        area_word: int,
+        slot_words: int,
+        device: torch.device,
+    ) -> None:
+        self.ranks = ranks
+        self.pes = pes
+        self.me_index = me_index
+        self.flag_word = flag_word
+        self.slot_words = slot_words
+        self.staging_word = area_word
+        self.recv_words = (area_word + len(ranks) * slot_words, area_word + 2 * len(ranks) * slot_words)
+        self.end_word = area_word + 3 * len(ranks) * slot_words
+        self.exchanges = 0
+        self.device_ranks = torch.tensor(ranks, dtype=torch.int32, device="cpu").to(device)
+        self.device_pes = torch.tensor(pes, dtype=torch.int32, device="cpu").to(device)
+
+
+class NvshmemLegs:
+    """``Legs`` over NVSHMEM for one rank.
+
+    Arguments:
+        group: the process group (every process of the job: NVSHMEM allocations are collectives).
+        topology: its nodes.
+        device: this rank's GPU.
+        num_bytes: size of the leg buffer (``num_rdma_bytes``).
+        timeout_s: bound of every wait.
+    """
+
+    def __init__(
+        self, group: Any, topology: NodeTopology, device: torch.device, num_bytes: int, timeout_s: float
+    ) -> None:
+        self.rank = dist.get_rank(group)
+        self.device = device
+        self.timeout_s = timeout_s
+        self.num_bytes = num_bytes
+        pes = group_pes(group)
+        per_node, num_nodes = topology.num_ranks_per_node, topology.num_nodes
+        node, local = topology.node_of(self.rank), topology.local_rank_of(self.rank)
+        rdma_ranks = [m * per_node + local for m in range(num_nodes)]
+        nvl_ranks = [node * per_node + j for j in range(per_node)]
+        rdma_flags = 0
+        nvl_flags = align_up(4 * num_nodes, _ALIGN_WORDS)
+        areas = align_up(nvl_flags + 4 * per_node, _ALIGN_WORDS)
+        half = max(0, num_bytes // 4 - areas) // 2
+        rdma_slot = half // (3 * num_nodes) // 4 * 4
+        nvl_slot = half // (3 * per_node) // 4 * 4
+        if rdma_slot == 0 or nvl_slot == 0:
+            raise ValueError(
+                f"num_rdma_bytes={num_bytes} is too small for {num_nodes} nodes of {per_node} ranks"
+            )
+        self._rdma_leg = _Leg(
+            rdma_ranks, [pes[r] for r in rdma_ranks], node, rdma_flags, areas, rdma_slot, device
+        )
+        self._nvl_leg = _Leg(
+            nvl_ranks,
+            [pes[r] for r in nvl_ranks],
+            local,
+            nvl_flags,
+            self._rdma_leg.end_word,
+            nvl_slot,
+            device,
+        )
+        total_words = self._nvl_leg.end_word
+        symm_mem = nvshmem_symmetric_memory(device)
+        self.buffer = symm_mem.empty(total_words, dtype=torch.int32, device=device)
+        retain(self.buffer)
+        self.buffer.zero_()
+        self.peer_table = build_peer_table(self.buffer, pes)
+        addresses = self.peer_table.tolist()  # synchronizes: the zeroed buffer, the table
+        unreachable = [r for r in nvl_ranks if addresses[r] == 0]
+        if unreachable:
+            raise RuntimeError(
+                f"backend 'nvshmem': rank {self.rank} cannot reach its node's ranks {unreachable} by loads "
+                "and stores (nvshmem_ptr gave 0): set EPCOMM_RANKS_PER_NODE / LOCAL_WORLD_SIZE to the ranks "
+                "that share an NVLink domain"
+            )
+        # Host-mapped error word [flag, operation, peer, rank], read without synchronizing.
+        self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=True)
+        self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
+        from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+        self._put_kernel = requires_nvshmem(leg_put_kernel)
+        self.epoch = 0
+        # No rank writes a peer's buffer before that peer has zeroed it.
+        dist.barrier(group=group)
+
+    def _exchange(
+        self, leg: _Leg, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int], put: bool
+    ) -> list[torch.Tensor]:
+        me = leg.me_index
+        limit = 4 * leg.slot_words
+        largest = max([int(t.numel()) for t in sends] + list(recv_bytes))
+        if largest > limit:
+            raise ValueError(
+                f"{operation}: a block of {largest} bytes for one peer does not fit the {limit}-byte slot that "
+                f"num_rdma_bytes={self.num_bytes} gives each peer; raise num_rdma_bytes"
+            )
+        self.epoch += 1
+        parity = leg.exchanges % 2
+        leg.exchanges += 1
+        data = self.buffer.view(torch.uint8)
+        sizes = []
+        for i, send in enumerate(sends):
+            num = int(send.numel()) if i != me else 0
+            if num:
+                start = 4 * (leg.staging_word + i * leg.slot_words)
+                data[start : start + num].copy_(send.reshape(-1).view(torch.uint8))
+            sizes.append(align_up(num, 16))
+        send_bytes = torch.tensor(sizes, dtype=torch.int64, device="cpu").to(self.device)
+        launch_leg_exchange(
+            peer_table=self.peer_table,
+            leg_ranks=leg.device_ranks,
+            leg_pes=leg.device_pes,
+            send_bytes=send_bytes,
+            rank=self.rank,
+            me_index=me,
+            epoch=self.epoch,
+            timeout_ns=int(self.timeout_s * 1e9),
+            error_address=self.error_word.data_ptr(),
+            operation_code=_LEG_CODE,
+            flag_word=leg.flag_word + 2 * parity * len(leg.ranks),
+            staging_word=leg.staging_word,
+            recv_word=leg.recv_words[parity],
+            slot_words=leg.slot_words,
+            kernel=self._put_kernel if put else leg_store_kernel,
+        )
+        torch.cuda.current_stream(self.device).synchronize()
+        if self._error_flag.value != 0:
+            peer, rank = (int(v) for v in self.error_word[2:4])
+            self.error_word.zero_()
+            raise PeerTimeoutError(operation, rank, [peer], self.timeout_s)
+        base = 4 * leg.recv_words[parity]
+        slot = 4 * leg.slot_words
+        return [
+            send if i == me else data[base + i * slot : base + i * slot + recv_bytes[i]]
+            for i, send in enumerate(sends)
+        ]
+
+    def rdma(
+        self, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """See ``Legs.rdma``: put-with-signal to the rank of this local index on every node."""
+        return self._exchange(self._rdma_leg, operation, sends, recv_bytes, put=True)
+
+    def nvl(
+        self, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int]
+    ) -> list[torch.Tensor]:
+        """See ``Legs.nvl``: stores through ``nvshmem_ptr`` to the ranks of this node."""
+        return self._exchange(self._nvl_leg, operation, sends, recv_bytes, put=False)
