@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # The GPU test tier and the two benchmarks on a GPU machine, with logs and JSON rows under $OUT.
-# Usage, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all|soak]   (default: all)
+# Usage, from the repo root:  bash scripts/gpu_all.sh [tests|bench|all|soak] [TEST_FILE...]   (default: all)
+# tests: every file of tests/gpu (or the TEST_FILEs given), each under its own limit (TEST_TIMEOUT_S,
+# default 400) and interrupted, not killed, at the limit, so its log still lists what failed.
 # soak: random iterations of both modes against the reference at 2 and then 4 ranks sharing GPU 0:
 # ITERATIONS (default 10,000) from FIRST_ITERATION (default 0), each size stopping cleanly, with its
 # report, after SOAK_SECONDS (default 270). Ranks sharing a GPU time-slice it: 2 ranks run about
 # 1.7 iterations/s there, so 10,000 take several runs, each going on where the last stopped.
 set -u
 what=${1:-all}
+shift || true
 case "$what" in
   tests | bench | all | soak) ;;
   *)
-    echo "usage: bash scripts/gpu_all.sh [tests|bench|all|soak]" >&2
+    echo "usage: bash scripts/gpu_all.sh [tests|bench|all|soak] [TEST_FILE...]" >&2
     exit 2
     ;;
 esac
@@ -23,7 +26,13 @@ n=$(python3 -c "import torch; print(torch.cuda.device_count())")
 if [ "$what" = tests ] || [ "$what" = all ]; then
   # Multi-rank cases run one GPU per rank where the machine has enough GPUs, else all ranks on one
   # GPU (tests/gpu/placement.py): on one H200 that is EP2 / EP4 / EP8, on four EP2 / EP4 + EP8 shared.
-  timeout 420 python3 -m pytest -q tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | tail -40
+  files=("$@")
+  [ ${#files[@]} -eq 0 ] && files=(tests/gpu/test_*.py)
+  for file in "${files[@]}"; do
+    name=$(basename "$file" .py)
+    timeout -s INT "${TEST_TIMEOUT_S:-400}" python3 -m pytest -q -rfEs --tb=short "$file" 2>&1 \
+      | tee "$OUT/gpu_$name.log" | tail -25
+  done
 fi
 if [ "$what" = bench ] || [ "$what" = all ]; then
   timeout 240 python3 benchmarks/bench_low_latency.py --out "$OUT/low_latency.jsonl" 2>&1 | tee "$OUT/bench_low_latency.log" | tail -20
