@@ -174,3 +174,42 @@ def hierarchical_against_reference(
         if g is None or w is None or (g.inter_node, g.intra_node) != (w.inter_node, w.intra_node):
             failures.append(f"{name} bytes: legs sent {g}, the scheme needs {w}")
     return [f"rank {pgi.rank} {setting}: {line}" for line in failures]
+
+
+def hierarchical_inconsistent_call(
+    pgi: ProcessGroupInfo, ranks_per_node: int, odd_rank: int
+) -> dict[str, Any]:
+    """Rank ``odd_rank`` dispatches a wider ``x`` than the others: every rank must raise
+    ``InconsistentCallError`` (a ``ValueError``) at the header, before any payload moves; then a
+    consistent call on the same buffer works. Returns what this rank raised and whether it recovered."""
+    from epcomm.errors import InconsistentCallError
+
+    settings = Settings(ranks_per_node=ranks_per_node, timeout_s=20.0)
+    buffer = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
+    num_experts = 4 * pgi.world_size
+    routing = make_routing(8, num_experts, 2, seed=5, rank=pgi.rank)
+    layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
+
+    def call(hidden: int) -> Any:
+        x = torch.ones(8, hidden, dtype=torch.bfloat16)
+        return buffer.dispatch(
+            x,
+            num_tokens_per_rank=layout[0],
+            num_tokens_per_rdma_rank=layout[1],
+            num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3],
+            topk_idx=routing.topk_idx,
+        )
+
+    outcome: dict[str, Any] = {"kind": None, "message": ""}
+    try:
+        call(64 if pgi.rank == odd_rank else 32)
+    except InconsistentCallError as error:
+        outcome = {
+            "kind": "InconsistentCallError",
+            "message": str(error),
+            "is_value_error": isinstance(error, ValueError),
+        }
+    recv_x = call(32)[0]
+    outcome["recovered"] = isinstance(recv_x, torch.Tensor) and recv_x.size(1) == 32
+    return outcome
