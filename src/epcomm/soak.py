@@ -72,7 +72,8 @@ class SoakConfig:
 
 class SoakReport(NamedTuple):
     """One rank's result: iterations run, mismatch count and lines (the first ``_KEPT_MISMATCHES``),
-    timing."""
+    timing, and the seconds spent in each phase (transport under test, reference, comparing,
+    buffer clean)."""
 
     iterations: int
     num_mismatches: int
@@ -80,6 +81,7 @@ class SoakReport(NamedTuple):
     seconds: float
     slowest_s: float
     slowest_iteration: int
+    phase_seconds: dict[str, float]
 
 
 def _scenario(cfg: SoakConfig, iteration: int, num_ranks: int) -> dict[str, Any]:
@@ -128,11 +130,36 @@ def _differs(name: str, got: Any, want: Any) -> list[str]:
     return [] if got == want else [f"{name}: {got} != {want}"]
 
 
+class _Phases:
+    """Seconds an iteration spends in each phase (the device synchronized at each boundary)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.seconds = {"transport": 0.0, "reference": 0.0, "compare": 0.0, "clean": 0.0}
+        self._phase = ""
+        self._start = 0.0
+
+    def enter(self, phase: str) -> None:
+        """Close the current phase and open ``phase`` (``""``: none)."""
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.monotonic()
+        if self._phase:
+            self.seconds[self._phase] += now - self._start
+        self._phase, self._start = phase, now
+
+
 def _normal(
-    buffers: Sequence[Buffer], x: Any, idx: torch.Tensor, weights: torch.Tensor, s: dict[str, Any]
+    buffers: Sequence[Buffer],
+    x: Any,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    s: dict[str, Any],
+    phases: _Phases,
 ) -> list[str]:
     results = []
-    for buffer in buffers:
+    for buffer, phase in zip(buffers, ("transport", "reference")):
+        phases.enter(phase)
         layout = buffer.get_dispatch_layout(idx, s["num_experts"])
         recv_x, recv_idx, recv_weights, counts, handle, _ = buffer.dispatch(
             x,
@@ -149,6 +176,7 @@ def _normal(
             expert_x.contiguous(), handle, topk_weights=recv_weights
         )
         results.append((recv_x, recv_idx, recv_weights, counts, cached, combined, combined_weights))
+    phases.enter("compare")
     names = (
         "recv_x",
         "recv_topk_idx",
@@ -162,16 +190,23 @@ def _normal(
 
 
 def _low_latency(
-    buffers: Sequence[Buffer], x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, s: dict[str, Any]
+    buffers: Sequence[Buffer],
+    x: torch.Tensor,
+    idx: torch.Tensor,
+    weights: torch.Tensor,
+    s: dict[str, Any],
+    phases: _Phases,
 ) -> list[str]:
     lines: list[str] = []
     outputs = []
-    for buffer in buffers:
+    for buffer, phase in zip(buffers, ("transport", "reference")):
+        phases.enter(phase)
         recv_x, counts, handle, _, hook = buffer.low_latency_dispatch(
             x, idx, s["capacity"], s["num_experts"], use_fp8=s["fp8"]
         )
         hook()
         outputs.append((recv_x, counts, handle))
+    phases.enter("compare")
     (got_x, got_counts, _), (want_x, want_counts, _) = outputs
     got_parts = got_x if isinstance(got_x, tuple) else (got_x,)
     want_parts = want_x if isinstance(want_x, tuple) else (want_x,)
@@ -184,10 +219,12 @@ def _low_latency(
                 )
     expert_x = quant.per_token_cast_back(*want_x) if isinstance(want_x, tuple) else want_x
     combined = []
-    for buffer, (_, _, handle) in zip(buffers, outputs):
+    for buffer, (_, _, handle), phase in zip(buffers, outputs, ("transport", "reference")):
+        phases.enter(phase)
         out, _, hook = buffer.low_latency_combine(expert_x.contiguous(), idx, weights, handle)
         hook()
         combined.append(out.float())
+    phases.enter("compare")
     bound = 1e-2 * max(combined[1].abs().max().item() if combined[1].numel() else 0.0, 1e-6)
     if combined[0].numel() and (combined[0] - combined[1]).abs().max().item() > bound:
         lines.append("low_latency_combine: differs from the reference by more than 1%")
@@ -220,6 +257,7 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
     slowest_s, slowest_iteration = 0.0, -1
     start = time.monotonic()
     done = 0
+    phases = _Phases(pgi.device)
     for iteration in range(cfg.first_iteration, cfg.first_iteration + cfg.iterations):
         if cfg.max_seconds is not None and _time_is_up(pgi, time.monotonic() - start > cfg.max_seconds):
             break
@@ -246,11 +284,13 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
         x = x.bfloat16().to(pgi.device)
         if s["mode"] == "normal":
             payload: Any = quant.per_token_cast_to_fp8(x) if s["fp8"] else x
-            lines = _normal(buffers, payload, idx, weights, s)
+            lines = _normal(buffers, payload, idx, weights, s, phases)
         else:
-            lines = _low_latency(buffers, x, idx, weights, s)
+            lines = _low_latency(buffers, x, idx, weights, s, phases)
+        phases.enter("clean")
         for buffer in buffers:
             buffer.clean_low_latency_buffer(s["capacity"], s["hidden"], s["num_experts"])
+        phases.enter("")
         num_mismatches += len(lines)
         room = max(0, _KEPT_MISMATCHES - len(mismatches))
         mismatches += [f"iteration {iteration} {s}: {line}" for line in lines][:room]
@@ -263,7 +303,9 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
     seconds = time.monotonic() - start
     for buffer in buffers:
         buffer.destroy()
-    return SoakReport(done, num_mismatches, mismatches, seconds, slowest_s, slowest_iteration)
+    return SoakReport(
+        done, num_mismatches, mismatches, seconds, slowest_s, slowest_iteration, dict(phases.seconds)
+    )
 
 
 def _time_is_up(pgi: ProcessGroupInfo, mine: bool) -> bool:
@@ -375,6 +417,11 @@ def run(argv: Sequence[str] | None = None) -> int:
         f"epcomm soak: {done} iterations ({first}-{last}){cut} on {args.num_processes} ranks, transport "
         f"{cfg.transport}: {total} mismatches, {done / max(seconds, 1e-9):.1f} iterations/s, slowest "
         f"iteration {slowest.slowest_iteration} ({slowest.slowest_s * 1e3:.1f} ms)"
+    )
+    phases = reports[0].phase_seconds
+    print(
+        "epcomm soak: rank 0's time by phase: "
+        + ", ".join(f"{name} {value:.1f} s" for name, value in phases.items())
     )
     return 0 if total == 0 else 1
 

@@ -24,7 +24,8 @@ def test_max_seconds_stops_every_rank_after_the_same_iteration(capsys: pytest.Ca
     )
     out = capsys.readouterr().out
     assert code == 0, out
-    summary = out.strip().splitlines()[-1]
+    summary, phases = out.strip().splitlines()[-2:]
+    assert phases.startswith("epcomm soak: rank 0's time by phase: transport "), phases
     assert "(stopped at --max-seconds 3)" in summary, summary
     assert "0 mismatches" in summary, summary
     done = int(summary.split("epcomm soak: ")[1].split(" iterations")[0])
