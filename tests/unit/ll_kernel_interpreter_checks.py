@@ -692,7 +692,9 @@ def check_wait() -> None:
     returns; per-source wait stats (0 for a masked source, >= the bound for a missing one); for 4
     ranks and for 12 ranks (16 lanes, the missing source past lane 8). Then both receive phases
     give up on a source that never signals, with their operation codes."""
-    timeout = 3_000_000
+    # Well above the interpreter's time for one pass over the lanes on a loaded 2-core machine
+    # (4.4 ms was seen), so an arrived source never reads as timed out.
+    timeout = 200_000_000
     flags = torch.tensor([5, 3, 0, 1, 9, 9, 9, 9], dtype=torch.int32)
     mask = torch.tensor([0, 0, 1, 0], dtype=torch.int32)
     expected = torch.tensor([5, 4, 7, 2, 0, 0, 0, 0], dtype=torch.int32)
@@ -784,7 +786,9 @@ def check_shrink_waits() -> None:
     ``4 + s`` of the error word, reporting no error; the masked barrier (the low-latency buffer
     clean) releases only unmasked ranks, waits for them, and with shrink masks a rank that never
     arrives."""
-    timeout = 3_000_000
+    # Well above the interpreter's time for one pass over the lanes on a loaded 2-core machine
+    # (4.4 ms was seen), so an arrived source never reads as timed out.
+    timeout = 200_000_000
     flags = torch.tensor([5, 3, 0, 1], dtype=torch.int32)
     mask = torch.tensor([0, 0, 1, 0], dtype=torch.int32)
     expected = torch.tensor([5, 4, 7, 2], dtype=torch.int32)

@@ -52,6 +52,21 @@ def create_backend(
     from epcomm.backends.reference import ReferenceBackend
 
     multi_node = is_multi_node(dist.get_world_size(group), num_ranks_per_node, num_rdma_bytes)
+
+    def nvlink_kernels(allocator: Allocator) -> Backend:
+        from epcomm.backends.nvlink.backend import NvlinkBackend
+
+        return NvlinkBackend(
+            group,
+            settings,
+            num_ranks_per_node,
+            enable_shrink,
+            num_nvl_bytes,
+            low_latency_mode,
+            num_rdma_bytes,
+            allocator=allocator,
+        )
+
     if choice is BackendChoice.NVSHMEM:
         if not torch.cuda.is_available():
             raise ValueError("backend 'nvshmem' needs CUDA devices; none is available")
@@ -76,7 +91,7 @@ def create_backend(
                 ),
                 name="nvshmem",
             )
-        from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
+        from epcomm.backends.nvlink.backend import nvlink_placement
 
         placement = nvlink_placement(group)
         if placement is None:
@@ -92,16 +107,7 @@ def create_backend(
             log_once(
                 "nvshmem", "epcomm: using the NVSHMEM backend (NVSHMEM symmetric memory, NVLink-mode kernels)"
             )
-        return NvlinkBackend(
-            group,
-            settings,
-            num_ranks_per_node,
-            enable_shrink,
-            num_nvl_bytes,
-            low_latency_mode,
-            num_rdma_bytes,
-            allocator=Allocator.NVSHMEM,
-        )
+        return nvlink_kernels(Allocator.NVSHMEM)
     if multi_node and choice is BackendChoice.NVLINK:
         raise ValueError(
             "backend 'nvlink' serves one node; this group spans several nodes and num_rdma_bytes > 0 "
@@ -129,7 +135,7 @@ def create_backend(
     if choice is BackendChoice.REFERENCE:
         return reference()
     if torch.cuda.is_available():
-        from epcomm.backends.nvlink.backend import NvlinkBackend, nvlink_placement
+        from epcomm.backends.nvlink.backend import nvlink_placement
 
         placement = nvlink_placement(group)
         if placement == "peers" or (placement == "shared" and choice is BackendChoice.NVLINK):
@@ -142,16 +148,7 @@ def create_backend(
                     "CUDA IPC and the processes' kernels time-slice (for testing only: not NVLink speed)",
                     logging.WARNING,
                 )
-            return NvlinkBackend(
-                group,
-                settings,
-                num_ranks_per_node,
-                enable_shrink,
-                num_nvl_bytes,
-                low_latency_mode,
-                num_rdma_bytes,
-                allocator=Allocator.CUDA_IPC if placement == "shared" else Allocator.SYMMETRIC_MEMORY,
-            )
+            return nvlink_kernels(Allocator.CUDA_IPC if placement == "shared" else Allocator.SYMMETRIC_MEMORY)
         if choice is BackendChoice.NVLINK:
             raise ValueError(
                 "backend 'nvlink' needs every rank on a CUDA device with peer access to the others "

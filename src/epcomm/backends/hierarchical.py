@@ -49,7 +49,7 @@ from epcomm.backends.base import CombineRequest, CombineResult, DispatchRequest,
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference import ReferenceBackend
 from epcomm.backends.reference_internode import InternodeMessage, SenderLayout, assemble_handle
-from epcomm.backends.rows import RowLayout, pad_rows
+from epcomm.backends.rows import RowLayout, expert_counts_list, pad_rows, received_rows
 from epcomm.env import Settings
 from epcomm.errors import InconsistentCallError
 from epcomm.fingerprint import (
@@ -344,43 +344,22 @@ class HierarchicalNormal:
         recv_counts = [by_source[s].size(0) for s in range(self.num_ranks)]
         all_rows = torch.cat([by_source[s] for s in range(self.num_ranks)])
         unpacked = rows.unpack(all_rows)
-        recv_x, recv_bits = unpacked[0], unpacked[-1].view(-1)
-        columns = iter(unpacked[1:-2])
-        recv_scales = next(columns) if request.x_scales is not None else None
-        recv_topk_idx = recv_topk_weights = None
-        if request.topk_idx is not None:
-            global_idx = next(columns)
-            local_idx = global_idx - me * local_experts
-            is_local = (global_idx >= 0) & (local_idx >= 0) & (local_idx < local_experts)
-            recv_topk_idx = torch.where(is_local, local_idx, torch.full_like(local_idx, -1))
-            if request.topk_weights is not None:
-                weights = next(columns)
-                recv_topk_weights = torch.where(is_local, weights, torch.zeros_like(weights))
+        recv_bits = unpacked[-1].view(-1)
         per_expert_sum = sum(
             (experts_of[s] for s in range(self.num_ranks)), torch.zeros(local_experts, dtype=torch.int64)
         )
-        alignment = request.expert_alignment
-        per_expert_list = (
-            []
-            if request.num_worst_tokens > 0
-            else [(int(c) + alignment - 1) // alignment * alignment for c in per_expert_sum.tolist()]
+        per_expert_list = expert_counts_list(
+            per_expert_sum, request.expert_alignment, request.num_worst_tokens
         )
-        num_recv = int(sum(recv_counts))
-        num_rows = num_recv
-        if request.num_worst_tokens > 0:
-            if num_recv > request.num_worst_tokens:
-                raise ValueError(
-                    f"dispatch: num_worst_tokens={request.num_worst_tokens} but rank {me} receives "
-                    f"{num_recv} tokens; num_worst_tokens must be >= the largest receive count "
-                    "(at most num_tokens * num_ranks)"
-                )
-            num_rows = request.num_worst_tokens
-            recv_x = pad_rows(recv_x, num_rows, 0)
-            recv_scales = None if recv_scales is None else pad_rows(recv_scales, num_rows, 0)
-            recv_topk_idx = None if recv_topk_idx is None else pad_rows(recv_topk_idx, num_rows, -1)
-            recv_topk_weights = (
-                None if recv_topk_weights is None else pad_rows(recv_topk_weights, num_rows, 0)
-            )
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_rows = received_rows(
+            unpacked[:-2],
+            request.x_scales is not None,
+            request.topk_idx is not None,
+            request.topk_weights is not None,
+            me,
+            local_experts,
+            request.num_worst_tokens,
+        )
 
         messages = []
         empty = torch.empty(0, dtype=torch.int32, device=device)

@@ -24,7 +24,7 @@ from epcomm.backends.base import (
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_internode import InternodeCall, combine_by_node, zero_header_words
 from epcomm.backends.reference_ll import ReferenceLowLatency
-from epcomm.backends.rows import RowLayout, pad_rows
+from epcomm.backends.rows import RowLayout, expert_counts_list, pad_rows, received_rows
 from epcomm.fingerprint import (
     FINGERPRINT_WORDS,
     CallFingerprint,
@@ -243,43 +243,20 @@ class ReferenceBackend(LowLatencyDelegation):
             (message[:expert_bytes].cpu().clone().view(torch.int64) for message in received),
             torch.zeros(num_local_experts, dtype=torch.int64, device="cpu"),
         )
-        alignment = request.expert_alignment
-        per_expert_list = (
-            []
-            if request.num_worst_tokens > 0
-            else [(int(c) + alignment - 1) // alignment * alignment for c in per_expert.tolist()]
-        )
+        per_expert_list = expert_counts_list(per_expert, request.expert_alignment, request.num_worst_tokens)
         rows = torch.cat([message[expert_bytes:] for message in received]).view(-1, layout.row_bytes)
         unpacked = layout.unpack(rows)
-        recv_x, recv_src_idx = unpacked[0], unpacked[1].view(-1)
-        rest = iter(unpacked[2:])
-        recv_scales = next(rest) if request.x_scales is not None else None
-        recv_topk_idx = recv_topk_weights = None
-        if request.topk_idx is not None:
-            global_idx = next(rest)
-            local_idx = global_idx - rank * num_local_experts
-            is_local = (global_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
-            recv_topk_idx = torch.where(is_local, local_idx, torch.full_like(local_idx, -1))
-            if request.topk_weights is not None:
-                weights = next(rest)
-                recv_topk_weights = torch.where(is_local, weights, torch.zeros_like(weights))
-
-        num_rows = num_recv
-        if request.num_worst_tokens > 0:
-            if num_recv > request.num_worst_tokens:
-                raise ValueError(
-                    f"dispatch: num_worst_tokens={request.num_worst_tokens} but rank {rank} receives "
-                    f"{num_recv} tokens; num_worst_tokens must be >= the largest receive count "
-                    f"(at most num_tokens * num_ranks)"
-                )
-            num_rows = request.num_worst_tokens
-            recv_x = pad_rows(recv_x, num_rows, 0)
-            recv_src_idx = pad_rows(recv_src_idx, num_rows, -1)
-            recv_scales = None if recv_scales is None else pad_rows(recv_scales, num_rows, 0)
-            recv_topk_idx = None if recv_topk_idx is None else pad_rows(recv_topk_idx, num_rows, -1)
-            recv_topk_weights = (
-                None if recv_topk_weights is None else pad_rows(recv_topk_weights, num_rows, 0)
-            )
+        recv_src_idx = unpacked[1].view(-1)
+        recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_rows = received_rows(
+            [unpacked[0], *unpacked[2:]],
+            request.x_scales is not None,
+            request.topk_idx is not None,
+            request.topk_weights is not None,
+            rank,
+            num_local_experts,
+            request.num_worst_tokens,
+        )
+        recv_src_idx = pad_rows(recv_src_idx, num_rows, -1)
 
         handle: NormalHandle
         if internode is not None:

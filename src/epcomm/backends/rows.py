@@ -7,10 +7,11 @@ int64) over gloo, which only knows a few.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["RowLayout", "pad_rows"]
+__all__ = ["ReceivedRows", "RowLayout", "expert_counts_list", "pad_rows", "received_rows"]
 
 
 class RowLayout:
@@ -72,3 +73,77 @@ def pad_rows(tensor: torch.Tensor, num_rows: int, value: float) -> torch.Tensor:
         padded.fill_(value)
     padded[: tensor.size(0)] = tensor
     return padded
+
+
+class ReceivedRows(NamedTuple):
+    """The rows a dispatch returns, as ``Buffer.dispatch`` gives them (padded to ``num_rows``)."""
+
+    recv_x: torch.Tensor
+    recv_x_scales: torch.Tensor | None
+    recv_topk_idx: torch.Tensor | None
+    recv_topk_weights: torch.Tensor | None
+    num_rows: int
+
+
+def received_rows(
+    columns: Sequence[torch.Tensor],
+    has_scales: bool,
+    has_topk_idx: bool,
+    has_topk_weights: bool,
+    rank: int,
+    num_local_experts: int,
+    num_worst_tokens: int,
+) -> ReceivedRows:
+    """A dispatch's received rows from their unpacked columns.
+
+    Arguments:
+        columns: ``[num_recv, ...]`` tensors in row order: ``x``, then the scales, the global top-k
+            ids (int64) and the top-k weights (float32) where the call sent them.
+        has_scales, has_topk_idx, has_topk_weights: which of those follow ``x``.
+        rank: this rank (its experts are ``rank * num_local_experts`` onward).
+        num_local_experts: experts per rank.
+        num_worst_tokens: ``> 0``: pad every result to this many rows (``x`` and scales with zero
+            bytes, ids with ``-1``, weights with 0).
+
+    Returns:
+        ``ReceivedRows``: top-k ids made local (``-1`` for another rank's expert or a ``-1`` slot),
+        their weights zeroed there.
+
+    Raises:
+        ValueError: more rows arrived than ``num_worst_tokens``.
+    """
+    recv_x = columns[0]
+    rest = iter(columns[1:])
+    recv_scales = next(rest) if has_scales else None
+    recv_topk_idx = recv_topk_weights = None
+    if has_topk_idx:
+        global_idx = next(rest)
+        local_idx = global_idx - rank * num_local_experts
+        is_local = (global_idx >= 0) & (local_idx >= 0) & (local_idx < num_local_experts)
+        recv_topk_idx = torch.where(is_local, local_idx, torch.full_like(local_idx, -1))
+        if has_topk_weights:
+            weights = next(rest)
+            recv_topk_weights = torch.where(is_local, weights, torch.zeros_like(weights))
+    num_recv = recv_x.size(0)
+    if num_worst_tokens <= 0:
+        return ReceivedRows(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, num_recv)
+    if num_recv > num_worst_tokens:
+        raise ValueError(
+            f"dispatch: num_worst_tokens={num_worst_tokens} but rank {rank} receives {num_recv} tokens; "
+            "num_worst_tokens must be >= the largest receive count (at most num_tokens * num_ranks)"
+        )
+    return ReceivedRows(
+        pad_rows(recv_x, num_worst_tokens, 0),
+        None if recv_scales is None else pad_rows(recv_scales, num_worst_tokens, 0),
+        None if recv_topk_idx is None else pad_rows(recv_topk_idx, num_worst_tokens, -1),
+        None if recv_topk_weights is None else pad_rows(recv_topk_weights, num_worst_tokens, 0),
+        num_worst_tokens,
+    )
+
+
+def expert_counts_list(per_expert: torch.Tensor, alignment: int, num_worst_tokens: int) -> list[int]:
+    """``num_recv_tokens_per_expert_list``: each count of ``per_expert`` (``[num_local_experts]``
+    int64, on the CPU) rounded up to ``alignment``; ``[]`` with ``num_worst_tokens`` (no host read)."""
+    if num_worst_tokens > 0:
+        return []
+    return [(int(c) + alignment - 1) // alignment * alignment for c in per_expert.tolist()]
