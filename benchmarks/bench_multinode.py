@@ -177,10 +177,10 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
                 topk_weights=topk_weights,
             )
 
-        times = {
-            "dispatch": median(
+        def timed(op: Any) -> float:
+            return median(
                 time_op(
-                    dispatch,
+                    op,
                     num_slots=1,
                     warmup=spec.warmup,
                     iters=spec.iters,
@@ -189,7 +189,8 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
                     device_barrier=device_barrier,
                 )
             )
-        }
+
+        times = {"dispatch": timed(dispatch)}
         calls: dict[str, CallBytes | None] = {"dispatch": buffer.last_call_bytes()}
         recv_x, _, _, _, handle, _ = state["out"]
         rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
@@ -198,17 +199,7 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
         def combine(_: int) -> None:
             buffer.combine(y, handle)
 
-        times["combine"] = median(
-            time_op(
-                combine,
-                num_slots=1,
-                warmup=spec.warmup,
-                iters=spec.iters,
-                barrier=barrier,
-                cuda=cuda,
-                device_barrier=device_barrier,
-            )
-        )
+        times["combine"] = timed(combine)
         calls["combine"] = buffer.last_call_bytes()
     minimum = {
         "dispatch": minimum_inter_node_rows(all_topk[me], spec.num_experts, topology, me),
