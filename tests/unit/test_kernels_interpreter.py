@@ -22,7 +22,16 @@ SRC = Path(__file__).resolve().parents[2] / "src"
 CHECKS = [
     *(
         ("kernel_interpreter_checks.py", check)
-        for check in ("layout", "push", "push_barriers", "barrier", "rows", "copy_out", "reduce")
+        for check in (
+            "layout",
+            "push",
+            "push_barriers",
+            "push_fingerprint",
+            "barrier",
+            "rows",
+            "copy_out",
+            "reduce",
+        )
     ),
     *(
         ("ll_kernel_interpreter_checks.py", check)
