@@ -22,7 +22,13 @@ import epcomm.kernels.normal_combine as combine_module  # noqa: E402
 import epcomm.kernels.normal_copy_out as copy_out_module  # noqa: E402
 import epcomm.kernels.normal_push as push_module  # noqa: E402
 import epcomm.kernels.normal_rows as rows_module  # noqa: E402
-from epcomm.kernels.low_latency_dispatch import DispatchOutputs, LowLatencyWords, Phase, SignalState  # noqa: E402
+from epcomm.kernels.low_latency_dispatch import (  # noqa: E402
+    CallCheck,
+    DispatchOutputs,
+    LowLatencyWords,
+    Phase,
+    SignalState,
+)
 from epcomm.kernels.normal_push import PushBarriers, PushFingerprint, PushRegions  # noqa: E402
 from epcomm.kernels.symmetric_peers import SymmetricPeers  # noqa: E402
 
@@ -247,7 +253,13 @@ def _signals(num_ranks: int) -> SignalState:
     )
 
 
-_WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
+_WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33280, fingerprints=33088)
+
+
+def _check(num_ranks: int) -> CallCheck:
+    """A low-latency call's fingerprint check as the backend passes it (the record's address is
+    never dereferenced here)."""
+    return CallCheck([4, 3, 0, 7168, 0, 256, 8, 128], torch.zeros(num_ranks, dtype=torch.int32), 1 << 41)
 
 
 def _compile_phase(call: Any, phase: Phase) -> Any:
@@ -316,6 +328,7 @@ def _dispatch_launch(
         round_scale=round_scale,
         use_ue8m0=use_ue8m0,
         num_sms=132,
+        check=_check(num_ranks),
         shrink=shrink,
     )
     return call
@@ -378,6 +391,7 @@ def _combine_launch(
         wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
         num_local_experts=num_local_experts,
         num_sms=132,
+        check=_check(num_ranks),
         shrink=shrink,
     )
     return call

@@ -39,6 +39,7 @@ CHECKS = [
             "dispatch_send",
             "dispatch_combine",
             "dispatch_fp8",
+            "fingerprints",
             "wait",
             "one_launch",
             "shrink_waits",

@@ -60,7 +60,7 @@ from epcomm.kernels.normal_rows import (
 )
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
-__all__ = ["HostRecord", "NvlinkNormal"]
+__all__ = ["HostRecord", "NvlinkNormal", "device_words"]
 
 # The host waits at most this long for the count table (DeepEP's CPU timeout is 100 s as well): the
 # device may be busy with the caller's earlier work; a missing peer is reported by the kernel's own,
@@ -85,9 +85,9 @@ def _push_regions(regions: DispatchRegions | CombineRegions) -> PushRegions:
     return PushRegions(x=regions.x, topk_weights=regions.topk_weights)
 
 
-def _device_words(fingerprint: CallFingerprint) -> list[int]:
-    """The fingerprint's words as the count kernel carries them: int32, non-negative (the call
-    number wraps at 2**31; equal calls still give equal words)."""
+def device_words(fingerprint: CallFingerprint) -> list[int]:
+    """The fingerprint's ``FINGERPRINT_WORDS`` words as the kernels carry them: int32,
+    non-negative (the call number wraps at 2**31; equal calls still give equal words)."""
     return [word & 0x7FFFFFFF for word in fingerprint.words()]
 
 
@@ -279,7 +279,7 @@ class NvlinkNormal:
         """What a push with an entry barrier sends and compares: the stamped ``fingerprint``'s
         words, the count table's fingerprint rows, the host record and the ``fills``."""
         return PushFingerprint(
-            _device_words(fingerprint), self.buffer.header.table, self.push_record.address, fills
+            device_words(fingerprint), self.buffer.header.table, self.push_record.address, fills
         )
 
     def _barriers(self, entry: Operation | None, exit_: Operation) -> PushBarriers:
@@ -364,7 +364,7 @@ class NvlinkNormal:
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
         stamped = self.calls.stamp(request.fingerprint)
-        fingerprint = _device_words(stamped)
+        fingerprint = device_words(stamped)
         counts_epoch = self.buffer.next_epoch()
         recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_counts(
             peers=self.buffer.peers,
