@@ -420,7 +420,8 @@ def check_dispatch_send() -> None:
     """Send alone: top-k rows to every unmasked destination, the payload only where the destination
     holds one of the token's experts, slots past ``num_tokens`` and masked peers untouched,
     ``combine_gather_idx`` all -1 (also past 1024 entries), the count then the sequence number at
-    every unmasked peer, local sequence state advanced, the arrival counter back at 0."""
+    every unmasked peer (with this call's fingerprint in row ``rank`` of its fingerprint rows), local
+    sequence state advanced, the arrival counter back at 0."""
     hidden, num_topk, parity = 256, 4, 1
     for num_ranks, capacity, cases in (
         (2, 8, [(n, fp8, grid, 0, (0, 0)) for n in (0, 3, 8) for fp8 in (False, True) for grid in (1, 3)]),
@@ -464,6 +465,9 @@ def check_dispatch_send() -> None:
                 assert buffer[words.counts + rank] == num_tokens
                 touched[words.flags + rank] = True
                 touched[words.counts + rank] = True
+                row = words.fingerprints + rank * 8
+                assert buffer[row : row + 8].tolist() == world.fingerprint(rank, DISPATCH).words()
+                touched[row : row + 8] = True
                 base = words.staging
                 for t in range(num_tokens):
                     start = base + (rank * capacity + t) * layout.message_words
