@@ -82,7 +82,9 @@ class InconsistentCallError(ValueError):
     sizes (``hidden``, FP8 or BF16 and the scale format, ``num_experts``, ``num_topk``, another
     dispatch's handle, a handle whose rows the peer does not send).
 
-    Raised before any payload moves, on every rank that sees the difference; the message names this
+    Raised on every rank that sees the difference, before any payload moves (NVLink low-latency
+    calls: each receiver ignores the payload a differing peer already sent; calls with no host
+    synchronization raise at their receive hook or the next call); the message names this
     rank, the peer and both calls in one line, e.g. ``"dispatch: rank 0 and rank 1 made different
     calls (hidden differs): rank 0: dispatch #3 hidden=7168 bf16 experts=256 topk=8+weights;
     rank 1: dispatch #3 hidden=4096 bf16 experts=256 topk=8+weights"``.

@@ -388,3 +388,63 @@ def shrink_drops(
         failures.append(f"rank {pgi.rank}: warned for {sorted(warned)}, dropped {sorted(drops)}")
     torch.distributed.barrier(group=pgi.group)
     return failures
+
+
+def inconsistent_low_latency(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
+    """Rank 1 makes a low-latency call that differs from rank 0's (``row``: ``ll_hidden``,
+    ``ll_capacity``, ``ll_fp8_vs_bf16``, ``ll_num_experts`` or ``ll_hidden_hook`` in a dispatch;
+    ``ll_other_handle``: a combine with the handle of the dispatch two calls earlier, the same
+    parity). No host synchronization: the receive phase sees the fingerprints differ, takes nothing
+    from the peer and records both calls. Returns what the differing call raised (``message``),
+    whether a differing dispatch received no row from the peer (``nothing_from_peer``), what the
+    next call raised after a device synchronization (``next_message``) and whether a matching
+    dispatch afterwards received what the reference backend receives (``recovered``)."""
+    capacity, hidden, num_topk = 32, 1024, 4
+    num_experts = 8 * pgi.world_size
+    nvlink, reference = _buffers(pgi, 2 * capacity, 2 * hidden, 2 * num_experts)
+    x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 9)
+    odd, peer = pgi.rank == 1, 1 - pgi.rank
+    outcome: dict[str, Any] = {"message": None, "next_message": None, "nothing_from_peer": None}
+    try:
+        if row == "ll_other_handle":
+            handles = []
+            for _ in range(3):
+                recv_x, _, handle, _, _ = nvlink.low_latency_dispatch(
+                    x, topk_idx, capacity, num_experts, use_fp8=False
+                )
+                handles.append((recv_x, handle))
+            recv_x, handle = handles[0] if odd else handles[2]
+            nvlink.low_latency_combine(recv_x, topk_idx, weights, handle)
+        else:
+            sent, cap, experts, use_fp8 = x, capacity, num_experts, False
+            if odd and row in ("ll_hidden", "ll_hidden_hook"):
+                sent = torch.cat([x, x], dim=1)
+            if odd and row == "ll_capacity":
+                cap = 2 * capacity
+            if odd and row == "ll_num_experts":
+                experts = 2 * num_experts
+            if odd and row == "ll_fp8_vs_bf16":
+                use_fp8 = True
+            _, _, handle, _, hook = nvlink.low_latency_dispatch(
+                sent, topk_idx, cap, experts, use_fp8=use_fp8, return_recv_hook=row == "ll_hidden_hook"
+            )
+            hook()
+            torch.cuda.synchronize()
+            from_peer = handle.recv_layout_range[:, peer] & 0xFFFFFFFF
+            outcome["nothing_from_peer"] = not bool(from_peer.any())
+    except epcomm.InconsistentCallError as error:
+        outcome["message"] = str(error)
+    torch.cuda.synchronize()
+    try:
+        nvlink.low_latency_dispatch(x, topk_idx, capacity, num_experts, use_fp8=False)
+    except epcomm.InconsistentCallError as error:  # the receive phase recorded it
+        outcome["next_message"] = str(error)
+    got, want = _dispatch_both([nvlink, reference], x, topk_idx, capacity, num_experts, use_fp8=False)
+    torch.cuda.synchronize()
+    outcome["recovered"] = bool(torch.equal(got[1], want[1])) and not _valid_rows_equal(
+        "recv_x", got[0], want[0], want[1]
+    )
+    nvlink.destroy()
+    reference.destroy()
+    torch.cuda.synchronize()
+    return outcome

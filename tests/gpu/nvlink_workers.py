@@ -250,3 +250,62 @@ def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     buffer.destroy()
     torch.cuda.synchronize()
     return outcome
+
+
+def inconsistent_push_call(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
+    """After a matching dispatch, rank 1 makes a cached dispatch or a combine that differs from rank
+    0's (``row``: ``cached_hidden``, another hidden; ``cached_vs_combine``, rank 0 cached-dispatches
+    while rank 1 combines; ``combine_num_topk``, rank 1 combines without topk_weights;
+    ``combine_other_handle``, rank 1 combines with the first of two dispatches' handles). These calls
+    have no host synchronization: the push sees the fingerprints differ in its entry barrier, writes
+    no row and records them. Returns what the differing call raised (``message``), whether what it
+    returned holds no peer's row (``empty``: cached dispatch all zeros, combine all zeros), what the
+    next call raised after a device synchronization (``next_message``) and whether a matching
+    dispatch and combine afterwards summed every token once per destination rank (``recovered``)."""
+    num_tokens, hidden, num_topk = 64, 512, 4
+    num_experts = 8 * pgi.world_size
+    buffer = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=5.0)
+    )
+    torch.manual_seed(pgi.rank)
+    x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
+    topk_idx = _routing(num_tokens, num_experts, num_topk, pgi.rank, pgi.device)
+    odd = pgi.rank == 1
+    outcome: dict[str, Any] = {"message": None, "next_message": None}
+    recv_x, _, recv_w, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    returned: torch.Tensor | None = None
+    try:
+        if row == "cached_hidden":
+            sent = torch.cat([x, x], dim=1) if odd else x
+            returned = buffer.dispatch(sent, handle=handle)[0]
+        elif row == "cached_vs_combine":
+            if odd:
+                returned = buffer.combine(recv_x, handle, topk_weights=recv_w)[0]
+            else:
+                returned = buffer.dispatch(x, handle=handle)[0]
+        elif row == "combine_num_topk":
+            returned = buffer.combine(recv_x, handle, topk_weights=None if odd else recv_w)[0]
+        elif row == "combine_other_handle":
+            second_x, _, second_w, _, second_handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+            if odd:
+                returned = buffer.combine(recv_x, handle, topk_weights=recv_w)[0]
+            else:
+                returned = buffer.combine(second_x, second_handle, topk_weights=second_w)[0]
+        else:
+            raise ValueError(f"unknown row {row}")
+    except epcomm.InconsistentCallError as error:
+        outcome["message"] = str(error)
+    torch.cuda.synchronize()
+    outcome["empty"] = returned is not None and not bool(returned.any())
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    try:
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    except epcomm.InconsistentCallError as error:  # the push recorded it: the next call raises
+        outcome["next_message"] = str(error)
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    hits = layout[3].sum(dim=1, dtype=torch.float32)
+    outcome["recovered"] = bool(torch.equal(combined.float(), x.float() * hits[:, None]))
+    buffer.destroy()
+    torch.cuda.synchronize()
+    return outcome

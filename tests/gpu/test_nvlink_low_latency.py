@@ -6,6 +6,7 @@ import pytest
 from ll_workers import (
     compare_low_latency,
     graph_replay,
+    inconsistent_low_latency,
     shrink_drops,
     shrink_masked_rank,
     skip_low_latency,
@@ -109,3 +110,35 @@ def test_shrink_mode_masks_dead_ranks_by_itself(
     results = parallel_launch(world_size, shrink_drops, drops, 2, 2.0, backend=backend, timeout_s=300)
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures)
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ("ll_hidden", "hidden differs"),
+        ("ll_hidden_hook", "hidden differs"),
+        ("ll_capacity", "capacity differs"),
+        ("ll_fp8_vs_bf16", "x format differs"),
+        ("ll_num_experts", "num_experts differs"),
+        ("ll_other_handle", "handle differs"),
+    ],
+)
+def test_inconsistent_low_latency_call_raises_at_the_next_call(placement: str, row: str, field: str) -> None:
+    """Rank 1's low-latency call differs from rank 0's: the fingerprints travel with the count and
+    the flag, each receive phase takes nothing from the peer and records the difference, and (no
+    host synchronization in this mode) the next call raises on both ranks, naming both; a matching
+    dispatch afterwards is right."""
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, inconsistent_low_latency, row, backend=backend, timeout_s=300)
+    for rank, result in enumerate(results):
+        assert result["message"] is None, result["message"]
+        if result["nothing_from_peer"] is not None:
+            assert result["nothing_from_peer"], f"rank {rank}: rows received from the differing peer"
+        message = result["next_message"]
+        assert message is not None, f"rank {rank}: the next call raised nothing"
+        assert f"rank {rank}:" in message, message
+        assert f"rank {1 - rank}:" in message, message
+        assert field in message, message
+        assert len(message) <= 300, message
+        assert result["recovered"], f"rank {rank}: the calls after the error were wrong"

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nvlink_workers import compare_normal_mode, inconsistent_dispatch, skip_one_combine, skip_one_dispatch
+from nvlink_workers import (
+    compare_normal_mode,
+    inconsistent_dispatch,
+    inconsistent_push_call,
+    skip_one_combine,
+    skip_one_dispatch,
+)
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import parallel_launch
@@ -130,12 +136,46 @@ def test_inconsistent_worst_tokens_dispatch_raises_at_the_next_call(placement: s
 
 @pytest.mark.parametrize("placement", PLACEMENTS)
 def test_dispatch_against_combine(placement: str) -> None:
-    """Rank 0 dispatches while rank 1 combines. On this transport only dispatch exchanges
-    fingerprints: rank 0 sees rank 1's last dispatch (an older call number) and raises; rank 1's
-    combine cannot see rank 0's call and returns (its result is not checked)."""
+    """Rank 0 dispatches while rank 1 combines: both write their fingerprint into the same place.
+    Rank 0's count kernel sees rank 1's combine and raises when it reads the table; rank 1's
+    combine (no host synchronization) writes nothing, records the difference and returns, and rank
+    1's next call raises."""
     backend = backend_or_skip(2, placement)
     results = parallel_launch(2, inconsistent_dispatch, "call_order", backend=backend, timeout_s=300)
     assert results[0]["message"] is not None, "rank 0: no InconsistentCallError"
-    assert "call number differs" in results[0]["message"], results[0]["message"]
+    assert "operation differs" in results[0]["message"], results[0]["message"]
     assert results[1]["message"] is None, results[1]["message"]
+    assert results[1]["next_message"] is not None, "rank 1: the next call raised nothing"
+    assert "operation differs" in results[1]["next_message"], results[1]["next_message"]
     assert all(result["recovered"] for result in results), results
+
+
+@pytest.mark.parametrize("placement", PLACEMENTS)
+@pytest.mark.parametrize(
+    ("row", "field"),
+    [
+        ("cached_hidden", "hidden differs"),
+        ("cached_vs_combine", "operation differs"),
+        ("combine_num_topk", "num_topk"),
+        ("combine_other_handle", "handle differs"),
+    ],
+)
+def test_inconsistent_cached_dispatch_or_combine_raises_at_the_next_call(
+    placement: str, row: str, field: str
+) -> None:
+    """Rank 1's cached dispatch or combine differs from rank 0's: the push's entry barrier carries
+    the fingerprints, so neither rank writes a row, what the call returns holds no peer's row, and
+    (no host synchronization in these calls) the next call raises on both ranks, naming both."""
+    backend = backend_or_skip(2, placement)
+    results = parallel_launch(2, inconsistent_push_call, row, backend=backend, timeout_s=300)
+    for rank, result in enumerate(results):
+        assert result["message"] is None, result["message"]
+        assert result["empty"], f"rank {rank}: the differing call returned rows"
+        message = result["next_message"]
+        assert message is not None, f"rank {rank}: the next call raised nothing"
+        assert f"rank {rank}:" in message, message
+        assert f"rank {1 - rank}:" in message, message
+        assert field in message, message
+        assert len(message) <= 300, message
+        assert "\n" not in message, message
+        assert result["recovered"], f"rank {rank}: the calls after the error were wrong"

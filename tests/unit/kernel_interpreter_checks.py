@@ -18,12 +18,15 @@ import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives
 from triton_interpreter import symmetric_peers
 
 import epcomm.kernels.leg_exchange as leg_module
+from epcomm.backends.nvlink.normal import HostRecord
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
+from epcomm.errors import InconsistentCallError
+from epcomm.fingerprint import CallFingerprint, NormalOperation
 from epcomm.kernels.barrier import launch_barrier
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
+from epcomm.kernels.normal_push import PushBarriers, PushFingerprint, PushRegions, launch_push_rows
 from epcomm.kernels.normal_rows import (
     HOST_MISMATCH_WORD,
     HOST_TABLE_WORD,
@@ -180,6 +183,87 @@ def check_push_barriers() -> None:
                 want[header.flags + rank] = 6  # the exit flag released at every peer
                 assert torch.equal(buffers[j][:payload], want), (j, "header", buffers[j][:payload])
             assert int(buffers[rank][header.counter]) == 0, "done counter not reset"
+
+
+def check_push_fingerprint() -> None:
+    """The fingerprint in the push's entry barrier (cached dispatch, combine): this rank's words
+    reach row ``rank`` of every peer's fingerprint rows; with every peer's words equal the rows land
+    and nothing is recorded or filled; with one peer's words different (another hidden, num_topk,
+    operation or call number) no row is written anywhere, the fills are filled, the host record
+    holds every rank's words and the entry epoch, and ``HostRecord.check`` raises naming both ranks
+    and both calls (then the record is free again). A second difference while the record is still
+    unread leaves the first record. 4 and 12 ranks (the odd peer past lane 8)."""
+    torch.manual_seed(11)
+    words, capacity, entry, exit_ = 8, 16, 5, 6
+    mine = CallFingerprint(NormalOperation.COMBINE, 9, 4, 7168, 0, 0, 8, 1)
+    others = {
+        "hidden": mine._replace(hidden=4096),
+        "num_topk": mine._replace(num_topk=4),
+        "operation": CallFingerprint(NormalOperation.CACHED_DISPATCH, 9, 4, 7168, 0, 0, 0, 0),
+        "call number": mine._replace(sequence=8),
+    }
+    for num_ranks, rank, odd_peer in ((4, 2, 0), (12, 3, 10)):
+        header = HeaderLayout(num_ranks, count_table=True)
+        payload, slots = header.payload, header.table
+        dst = rows_in_order(torch.rand(9, num_ranks) < 0.5, torch.randint(0, 4, (num_ranks,)))
+        x = torch.arange(dst.size(0) * words, dtype=torch.int32).view(-1, words) + 1
+        for name, odd in [("equal", mine), *others.items()]:
+            buffers = [torch.zeros(payload + capacity * words, dtype=torch.int32) for _ in range(num_ranks)]
+            local = buffers[rank]
+            local[header.flags : header.flags + num_ranks] = exit_  # every peer's flags (>= entry)
+            for s in range(num_ranks):
+                if s != rank:
+                    theirs = odd if s == odd_peer else mine
+                    local[slots + s * 8 : slots + (s + 1) * 8] = torch.tensor(theirs.words())
+            before = [buffer.clone() for buffer in buffers]
+            record = HostRecord(num_ranks, pin_memory=False)
+            fill = torch.arange(40, dtype=torch.int32)
+            error = torch.zeros(4, dtype=torch.int32)
+            for attempt in range(2 if name == "hidden" else 1):
+                launch_push_rows(
+                    peers=symmetric_peers(buffers, rank, error, 2_000_000, header.flags, header.counter),
+                    x_words=x,
+                    dst_row=dst,
+                    regions=PushRegions(x=payload),
+                    capacity=capacity,
+                    num_sms=3,
+                    num_warps=4,
+                    barriers=PushBarriers(entry + attempt, exit_, 6, 7),
+                    fingerprint=PushFingerprint(mine.words(), slots, record.address, ((fill, -1),)),
+                )
+            _assert_error(error, None, rank)
+            for j in range(num_ranks):  # this rank's words and both flags reached every buffer
+                assert buffers[j][slots + rank * 8 : slots + (rank + 1) * 8].tolist() == mine.words(), j
+                assert int(buffers[j][header.flags + rank]) == exit_, j
+            if name == "equal":
+                _assert_landed(buffers, x, dst, payload)
+                assert int(record.words[0]) == 0, "a record without a difference"
+                assert torch.equal(fill, torch.arange(40, dtype=torch.int32)), "filled without a difference"
+                record.check(rank)
+                continue
+            for j in range(num_ranks):  # no row anywhere
+                assert torch.equal(buffers[j][payload:], before[j][payload:]), (name, j, "rows written")
+            assert bool((fill == -1).all()), (name, "fill")
+            assert int(record.words[0]) == entry, (name, "record epoch (the first difference's)")
+            rows = record.words[1:].view(num_ranks, 8)
+            for s in range(num_ranks):
+                want = odd if s == odd_peer else mine
+                assert rows[s].tolist() == want.words(), (name, s)
+            caught: InconsistentCallError | None = None
+            try:
+                record.check(rank)
+            except InconsistentCallError as error:
+                caught = error
+            assert caught is not None, f"{name}: the host check raised nothing"
+            message = str(caught)
+            assert (caught.rank, caught.peer) == (rank, odd_peer), message
+            assert f"rank {rank}: {mine.describe()};" in message, message
+            assert message.endswith(f"rank {odd_peer}: {odd.describe()}"), message
+            assert f"({name} differ" in message, message
+            assert len(message) <= 300, message
+            assert "\n" not in message, message
+            assert int(record.words[0]) == 0, "the record was not freed"
+            record.check(rank)  # nothing left
 
 
 def check_barrier() -> None:
@@ -505,6 +589,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "layout": check_layout,
     "push": check_push,
     "push_barriers": check_push_barriers,
+    "push_fingerprint": check_push_fingerprint,
     "barrier": check_barrier,
     "rows": check_rows,
     "copy_out": check_copy_out,

@@ -28,10 +28,14 @@ from triton_interpreter import symmetric_peers
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
 from epcomm import quant
+from epcomm.backends.nvlink.normal import HostRecord
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout, LowLatencyLayout
+from epcomm.errors import InconsistentCallError
+from epcomm.fingerprint import CallFingerprint, XFormat
 from epcomm.kernels.barrier import launch_masked_barrier
 from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
+    CallCheck,
     DispatchOutputs,
     LowLatencyWords,
     Phase,
@@ -83,11 +87,15 @@ class RankState:
     expected: torch.Tensor = field(init=False)
     wait_stats: torch.Tensor = field(init=False)
     cumulative: torch.Tensor | None = None
+    differs: torch.Tensor = field(init=False)
+    record: HostRecord = field(init=False)
 
     def __post_init__(self) -> None:
         self.send_seq = torch.zeros(2, 2, self.stride, dtype=torch.int32)
         self.expected = torch.zeros(2, 2, self.stride, dtype=torch.int32)
         self.wait_stats = torch.zeros(self.peers.num_ranks, dtype=torch.int64)
+        self.differs = torch.zeros(2, 2, self.stride, dtype=torch.int32)
+        self.record = HostRecord(self.peers.num_ranks, pin_memory=False)
 
     def signals(self, phase: int, parity: int) -> SignalState:
         return SignalState(
@@ -134,6 +142,29 @@ class World:
             self.states.append(RankState(peers, error, stride))
         # signals each rank sent to (and expects from) each peer, per phase and parity
         self.signals = torch.zeros(num_ranks, 2, 2, stride, dtype=torch.int32)
+        # rank -> how its calls' fingerprints differ from everyone else's (none: all equal)
+        self.odd: dict[int, Callable[[CallFingerprint], CallFingerprint]] = {}
+
+    def fingerprint(self, rank: int, phase: int) -> CallFingerprint:
+        """The fingerprint of ``rank``'s calls of ``phase`` (dispatch #1, or combine #2 of it)."""
+        hidden, experts, topk, capacity = self.hidden, self.num_experts, self.num_topk, self.capacity
+        if phase == DISPATCH:
+            call = CallFingerprint.for_low_latency_dispatch(hidden, XFormat.BF16, experts, topk, capacity)
+            call = call._replace(sequence=1)
+        else:
+            call = CallFingerprint.for_low_latency_combine(hidden, experts, topk, capacity, 1)
+            call = call._replace(sequence=2)
+        change = self.odd.get(rank)
+        return change(call) if change is not None else call
+
+    def check(self, rank: int, phase: int, parity: int) -> CallCheck:
+        state = self.states[rank]
+        words = self.fingerprint(rank, phase).words()
+        return CallCheck(words, state.differs[phase, parity], state.record.address)
+
+    def differ(self, rank: int, source: int, phase: int) -> bool:
+        """Whether ``source``'s call of ``phase`` differs from ``rank``'s."""
+        return self.fingerprint(rank, phase) != self.fingerprint(source, phase)
 
     def words(self, phase: int, parity: int) -> LowLatencyWords:
         """``(phase, parity)``'s flags, counts and staging from word 0 (``NvlinkLowLatency._words``)."""
@@ -143,6 +174,7 @@ class World:
             self.payload + layout.flags(phase, parity),
             self.payload + layout.counts(parity),
             self.payload + staging,
+            self.payload + layout.fingerprints(phase, parity),
         )
 
     def x_words(self, fp8: bool) -> int:
@@ -251,6 +283,7 @@ class World:
             round_scale=round_scale,
             use_ue8m0=ue8m0,
             num_sms=num_sms,
+            check=self.check(rank, DISPATCH, parity),
         )
         return out
 
@@ -332,6 +365,7 @@ class World:
             wait_stats=state.wait_stats,
             num_local_experts=self.local_experts,
             num_sms=num_sms,
+            check=self.check(rank, COMBINE, parity),
         )
 
 
@@ -343,7 +377,8 @@ def _expected_dispatch(
     num_ranks, capacity, num_local = world.num_ranks, world.capacity, world.local_experts
     all_topk = torch.full((num_ranks, capacity, world.num_topk), -1, dtype=torch.int64)
     for source in range(num_ranks):
-        if not (masks[rank][source] or masks[source][rank]):
+        differs = world.differ(rank, source, DISPATCH)
+        if not (masks[rank][source] or masks[source][rank] or differs):
             all_topk[source, : topks[source].shape[0]] = topks[source]
     experts = rank * num_local + torch.arange(num_local)
     hit = (all_topk.unsqueeze(0) == experts.view(-1, 1, 1, 1)).any(-1).view(num_local, -1)
@@ -385,7 +420,8 @@ def check_dispatch_send() -> None:
     """Send alone: top-k rows to every unmasked destination, the payload only where the destination
     holds one of the token's experts, slots past ``num_tokens`` and masked peers untouched,
     ``combine_gather_idx`` all -1 (also past 1024 entries), the count then the sequence number at
-    every unmasked peer, local sequence state advanced, the arrival counter back at 0."""
+    every unmasked peer (with this call's fingerprint in row ``rank`` of its fingerprint rows), local
+    sequence state advanced, the arrival counter back at 0."""
     hidden, num_topk, parity = 256, 4, 1
     for num_ranks, capacity, cases in (
         (2, 8, [(n, fp8, grid, 0, (0, 0)) for n in (0, 3, 8) for fp8 in (False, True) for grid in (1, 3)]),
@@ -429,6 +465,9 @@ def check_dispatch_send() -> None:
                 assert buffer[words.counts + rank] == num_tokens
                 touched[words.flags + rank] = True
                 touched[words.counts + rank] = True
+                row = words.fingerprints + rank * 8
+                assert buffer[row : row + 8].tolist() == world.fingerprint(rank, DISPATCH).words()
+                touched[row : row + 8] = True
                 base = words.staging
                 for t in range(num_tokens):
                     start = base + (rank * capacity + t) * layout.message_words
@@ -556,6 +595,7 @@ def _run_round(
                 world, got, hit, all_x.view(num_ranks * world.capacity, hidden).view(torch.int32)
             )
         received.append(got)
+    _check_records(world, DISPATCH, masks)
     if fp8:
         return
     # combine: expert e's output is its input times (1 + e / 8)
@@ -588,15 +628,52 @@ def _run_round(
         want = torch.zeros(n, hidden)
         for k in range(world.num_topk):
             expert = topks[rank][:, k]
-            use = (expert >= 0) & (mask_tensors[rank][expert.clamp(min=0) // num_local] == 0)
+            expert_rank = expert.clamp(min=0) // num_local
+            use = (expert >= 0) & (mask_tensors[rank][expert_rank] == 0)
+            # the rows of a rank whose combine differs are not added
+            agrees = torch.tensor([not world.differ(rank, r, COMBINE) for r in range(num_ranks)])
+            use &= agrees[expert_rank]
             row = (xs[rank].float() * (1 + (expert.clamp(min=0) % num_local) / 8).view(-1, 1)).bfloat16()
             want = want + torch.where(use, weights[:, k], 0.0).view(-1, 1) * row.float()
         _assert_bf16_of(out, want)
+    _check_records(world, COMBINE, masks)
     for rank in range(num_ranks):
         state = world.states[rank]
         assert bool((state.arrivals == 0).all())
         assert torch.equal(state.send_seq, world.signals[rank]), (state.send_seq, world.signals[rank])
         assert torch.equal(state.expected, world.signals[rank]), (state.expected, world.signals[rank])
+
+
+def _check_records(world: World, phase: int, masks: list[tuple[int, ...]]) -> None:
+    """Each rank whose receive saw an unmasked source's call differ recorded it, and
+    ``HostRecord.check`` raises naming this rank, the lowest such source and both calls (then the
+    record is free); a rank that saw none has no record."""
+    operation = "low_latency_dispatch" if phase == DISPATCH else "low_latency_combine"
+    for rank in range(world.num_ranks):
+        record = world.states[rank].record
+        differing = [
+            source
+            for source in range(world.num_ranks)
+            if source != rank and not masks[rank][source] and world.differ(rank, source, phase)
+        ]
+        if not differing:
+            assert int(record.words[0]) == 0, (rank, "a record without a difference")
+            continue
+        caught: InconsistentCallError | None = None
+        try:
+            record.check(rank)
+        except InconsistentCallError as error:
+            caught = error
+        assert caught is not None, (rank, operation, "the host check raised nothing")
+        message, peer = str(caught), differing[0]
+        assert (caught.rank, caught.peer) == (rank, peer), message
+        assert message.startswith(f"{operation}: rank {rank} and rank {peer}"), message
+        assert f"rank {rank}: {world.fingerprint(rank, phase).describe()};" in message, message
+        assert message.endswith(f"rank {peer}: {world.fingerprint(peer, phase).describe()}"), message
+        if len(differing) > 1:
+            assert f"{len(differing) - 1} more rank(s) differ" in message, message
+        assert len(message) <= 300, message
+        assert int(record.words[0]) == 0, "the record was not freed"
 
 
 def _assert_bf16_of(out: torch.Tensor, want: torch.Tensor) -> None:
@@ -640,6 +717,36 @@ def check_dispatch_combine() -> None:
     ]
     for i, (num_tokens, masks, parity) in enumerate(rounds):
         _run_round(world, num_tokens, masks, parity, seed=30 + i)
+
+
+def check_fingerprints() -> None:
+    """One rank's calls differ (another hidden, num_topk or capacity in both operations; another
+    call number or handle in combine only): every receiver treats each source whose call differs
+    as one that sent nothing (dispatch: no row from it, combine: its rows not added), the rest is
+    as without the difference, and each rank that saw a difference has it recorded for the host,
+    which raises naming both ranks and both calls. 3 ranks (the odd one in the middle, one round
+    with a rank masked), then 12 ranks (the odd one past lane 8); both parities, one-launch ranks."""
+    changes: dict[str, Callable[[CallFingerprint], CallFingerprint]] = {
+        "hidden": lambda call: call._replace(hidden=call.hidden * 2),
+        "num_topk": lambda call: call._replace(num_topk=call.num_topk + 1),
+        "capacity": lambda call: call._replace(with_weights=call.with_weights + 1),
+        "call number": lambda call: (
+            call._replace(sequence=call.sequence + 2) if call.operation == 5 else call
+        ),
+        "handle": lambda call: call._replace(handle_sequence=3) if call.operation == 5 else call,
+    }
+    world = World(num_ranks=3, capacity=5, hidden=256, num_topk=3, num_experts=6, seed=8)
+    open_mask = [(0, 0, 0)] * 3
+    shrunk = [(0, 1, 1), (1, 0, 0), (1, 0, 0)]  # rank 0 out: it and the others skip each other
+    for i, (name, change) in enumerate(changes.items()):
+        world.odd = {1: change}
+        masks = shrunk if name == "num_topk" else open_mask
+        _run_round(world, (5, 4, 3), masks, i % 2, seed=70 + i, both_rank=2 if name == "hidden" else None)
+    world.odd = {}
+    _run_round(world, (3, 5, 2), open_mask, 1, seed=79)  # all equal again: nothing dropped
+    world = World(num_ranks=12, capacity=3, hidden=128, num_topk=3, num_experts=24, seed=9)
+    world.odd = {10: changes["hidden"]}
+    _run_round(world, (3, 2, 3, 1, 0, 3, 2, 3, 3, 1, 2, 3), [(0,) * 12] * 12, 0, seed=80)
 
 
 def check_dispatch_fp8() -> None:
@@ -822,6 +929,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_send": check_dispatch_send,
     "dispatch_combine": check_dispatch_combine,
     "dispatch_fp8": check_dispatch_fp8,
+    "fingerprints": check_fingerprints,
     "wait": check_wait,
     "one_launch": check_one_launch,
     "shrink_waits": check_shrink_waits,

@@ -42,12 +42,12 @@ def test_kernel_info_reads_the_signature() -> None:
     info = _KernelInfo(push_rows_kernel)
     assert info.cacheable
     assert info.constexpr_names[0] == "NUM_RANKS"
-    assert info.constexpr_names[-1] == "EXIT"
+    assert info.constexpr_names[-1] == "FP_WORDS"
     names = [p.name for p in push_rows_kernel.params if not p.is_constexpr]
     not_specialized = {name for name, special in zip(names, info.specialize) if not special}
     # Per-call scalars are not specialized (no recompilation when they change); the region offsets
     # are, so Triton knows their 16-byte alignment.
-    assert {"num_rows", "rank", "exit_epoch"} <= not_specialized
+    assert {"num_rows", "rank", "exit_epoch", "fp1", "record_address"} <= not_specialized
     assert not {"x_offset", "scales_offset", "topk_idx_offset", "topk_weights_offset"} & not_specialized
 
 

@@ -23,8 +23,14 @@ import epcomm.kernels.normal_combine as combine_module  # noqa: E402
 import epcomm.kernels.normal_copy_out as copy_out_module  # noqa: E402
 import epcomm.kernels.normal_push as push_module  # noqa: E402
 import epcomm.kernels.normal_rows as rows_module  # noqa: E402
-from epcomm.kernels.low_latency_dispatch import DispatchOutputs, LowLatencyWords, Phase, SignalState  # noqa: E402
-from epcomm.kernels.normal_push import PushBarriers, PushRegions  # noqa: E402
+from epcomm.kernels.low_latency_dispatch import (  # noqa: E402
+    CallCheck,
+    DispatchOutputs,
+    LowLatencyWords,
+    Phase,
+    SignalState,
+)
+from epcomm.kernels.normal_push import PushBarriers, PushFingerprint, PushRegions  # noqa: E402
 from epcomm.kernels.symmetric_peers import SymmetricPeers  # noqa: E402
 
 SM90 = GPUTarget("cuda", 90, 32)
@@ -109,8 +115,9 @@ def _peers(num_ranks: int, rank: int = 1) -> SymmetricPeers:
     [
         (4, 3584, 0, "dispatch", 16),  # bf16 dispatch, hidden 7168
         (8, 1792, 56, "dispatch", 16),  # fp8 dispatch with scales
-        (2, 3584, 0, "cached", 16),  # cached dispatch push (entry and exit barriers)
-        (4, 3584, 0, "combine", 16),  # combine push (one destination per row)
+        (2, 3584, 0, "cached", 16),  # cached dispatch push (entry with fingerprint, exit barriers)
+        (8, 1792, 56, "cached", 16),  # fp8 cached dispatch: two fills on a difference
+        (4, 3584, 0, "combine", 16),  # combine push (one destination per row, fingerprint)
         (4, 3584, 0, "none", 32),  # no barriers (the tuning variants)
         (16, 3584, 0, "dispatch", 16),  # more ranks than DeepEP's 8
         (72, 1792, 56, "combine", 16),  # an NVL72-sized domain
@@ -128,6 +135,11 @@ def test_push_rows_compiles_with_vector_accesses(
         "none": None,
     }[kind]
     payload = 33024
+    fingerprint = None
+    if kind in ("cached", "combine"):  # as the backend passes it: entry barrier with the fingerprint
+        fill = torch.zeros(4096 * x_words, dtype=torch.int32)
+        fills = ((fill, 0),) if kind == "combine" or not scale_words else ((fill, 0), (fill[:4096], 0))
+        fingerprint = PushFingerprint([2, 7, 3, 7168, 0, 0, 0, 0], 64, 1 << 41, fills)
     (call,) = _launches(
         push_module,
         push_module.launch_push_rows,
@@ -149,6 +161,7 @@ def test_push_rows_compiles_with_vector_accesses(
         write_src_idx=dispatch,
         barriers=barriers,
         one_destination=kind == "combine",
+        fingerprint=fingerprint,
     )
     compiled = _compile(call)
     accesses = _accesses(compiled)
@@ -244,7 +257,13 @@ def _signals(num_ranks: int) -> SignalState:
     )
 
 
-_WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33088)
+_WORDS = LowLatencyWords(flags=33024, counts=33056, staging=33280, fingerprints=33088)
+
+
+def _check(num_ranks: int) -> CallCheck:
+    """A low-latency call's fingerprint check as the backend passes it (the record's address is
+    never dereferenced here)."""
+    return CallCheck([4, 3, 0, 7168, 0, 256, 8, 128], torch.zeros(num_ranks, dtype=torch.int32), 1 << 41)
 
 
 def _compile_phase(call: Any, phase: Phase) -> Any:
@@ -313,6 +332,7 @@ def _dispatch_launch(
         round_scale=round_scale,
         use_ue8m0=use_ue8m0,
         num_sms=132,
+        check=_check(num_ranks),
         shrink=shrink,
     )
     return call
@@ -375,6 +395,7 @@ def _combine_launch(
         wait_stats=torch.zeros(num_ranks, dtype=torch.int64),
         num_local_experts=num_local_experts,
         num_sms=132,
+        check=_check(num_ranks),
         shrink=shrink,
     )
     return call

@@ -6,8 +6,9 @@ kernel name containing ``combine``.
 Send phase: work item ``(source rank, token, slot)`` with a local expert
 (``combine_gather_idx >= 0``) copies that expert output row to the source rank; consecutive items
 go to different ranks; ``ITEMS`` items per step, all loads in flight before the stores; the last
-program to finish signals every peer (``ll_arrive_and_signal``). Receive phase: bounded wait for
-every unmasked expert rank, then ``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16
+program to finish signals every peer (``ll_arrive_and_signal``, which also sends the call's
+fingerprint). Receive phase: bounded wait for every unmasked expert rank, a comparison of their
+fingerprints (``ll_compare_fingerprints``: the rows of a rank whose call differs are not added), then ``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16
 write. ``SEND`` alone runs up to 4 programs per SM of 8 warps, one item per step; ``BOTH`` waits
 inside the signalling kernel, so its grid is at most one program per SM (every program resident)
 and each program moves 4 items per step instead.
@@ -20,15 +21,20 @@ import triton
 import triton.language as tl
 
 from epcomm._math import next_pow2
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
 from epcomm.kernels.low_latency_dispatch import (
+    CallCheck,
     LowLatencyWords,
     Phase,
     SignalState,
+    check_words,
     expected_sequences,
     ll_arrive_and_signal,
+    ll_compare_fingerprints,
     wait_sources,
 )
+from epcomm.kernels.normal_rows import fingerprint_vector
 from epcomm.kernels.primitives import peer_pointer, peer_pointers, store_remote
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -36,7 +42,24 @@ __all__ = ["combine_grid", "launch_ll_combine"]
 
 
 @triton.jit(
-    do_not_specialize=["num_tokens", "rank", "timeout_ns", "error_address", "operation_code", "flag_offset"]
+    do_not_specialize=[
+        "num_tokens",
+        "rank",
+        "timeout_ns",
+        "error_address",
+        "operation_code",
+        "flag_offset",
+        "fp_offset",
+        "record_address",
+        "fp0",
+        "fp1",
+        "fp2",
+        "fp3",
+        "fp4",
+        "fp5",
+        "fp6",
+        "fp7",
+    ]
 )
 def ll_combine_kernel(
     peer_table,
@@ -51,6 +74,7 @@ def ll_combine_kernel(
     topk_weights_ptr,
     out_ptr,
     wait_stats_ptr,
+    differs_ptr,
     num_tokens,
     rank,
     timeout_ns,
@@ -58,6 +82,16 @@ def ll_combine_kernel(
     operation_code,
     flag_offset,
     staging_offset,
+    fp_offset,
+    record_address,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
     PHASE: tl.constexpr,
     ITEMS: tl.constexpr,
     NUM_RANKS: tl.constexpr,
@@ -71,10 +105,12 @@ def ll_combine_kernel(
     H_BLOCK: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
+    fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
     if PHASE & 1:
         _send_rows(
             peer_table,
@@ -100,8 +136,11 @@ def ll_combine_kernel(
             flag_offset,
             0,  # no count: the combine receiver reads its own tokens' slots
             0,
+            fp_offset,
+            fingerprint,
             NUM_RANKS,
             False,
+            FP_WORDS,
         )
     if PHASE & 2:
         if pid < tl.maximum(tl.minimum(num_tokens, grid), 1):
@@ -120,9 +159,21 @@ def ll_combine_kernel(
                 HAS_WAIT_STATS,
                 SHRINK,
             )
+            ll_compare_fingerprints(
+                local_ptr + fp_offset,
+                fingerprint,
+                mask_ptr,
+                differs_ptr,
+                record_address,
+                rank,
+                NUM_RANKS,
+                R_BLOCK,
+                FP_WORDS,
+            )
         _reduce_rows(
             local_ptr,
             mask_ptr,
+            differs_ptr,
             topk_idx_ptr,
             topk_weights_ptr,
             out_ptr,
@@ -186,6 +237,7 @@ def _send_rows(
 def _reduce_rows(
     local_ptr,
     mask_ptr,
+    differs_ptr,
     topk_idx_ptr,
     topk_weights_ptr,
     out_ptr,
@@ -208,8 +260,11 @@ def _reduce_rows(
         for k in tl.static_range(NUM_TOPK):
             expert = tl.load(topk_idx_ptr + token * NUM_TOPK + k)
             present = expert >= 0
-            unmasked = tl.load(mask_ptr + tl.where(present, expert // NUM_LOCAL_EXPERTS, 0)) == 0
-            use = present & unmasked
+            expert_rank = tl.where(present, expert // NUM_LOCAL_EXPERTS, 0)
+            unmasked = tl.load(mask_ptr + expert_rank) == 0
+            # A rank whose call differs (ll_compare_fingerprints): its rows are not this call's.
+            agrees = tl.load(differs_ptr + expert_rank) == 0
+            use = present & unmasked & agrees
             weight = tl.load(topk_weights_ptr + token * NUM_TOPK + k)
             row = tl.load(
                 staging + (token * NUM_TOPK + k).to(tl.int64) * HIDDEN + cols,
@@ -251,6 +306,7 @@ def launch_ll_combine(
     wait_stats: torch.Tensor | None,
     num_local_experts: int,
     num_sms: int,
+    check: CallCheck,
     shrink: bool = False,
 ) -> None:
     """One phase of a low-latency combine (``ll_combine_kernel``; the module docstring).
@@ -275,9 +331,13 @@ def launch_ll_combine(
         wait_stats: ``[num_ranks]`` int64 to add the wait times (ns) to, or ``None``.
         num_local_experts: experts per rank.
         num_sms: SMs of the device.
+        check: the call's fingerprint, sent by the send phase and compared by the receive phase
+            (the rows of an expert rank whose words differ are not added), with its work space
+            and host record.
         shrink: shrink mode: an expert rank that misses the bound is masked (its rows count as
             ``-1`` slots) and logged instead of reported as an error (``wait_sources``).
     """
+    fingerprint = check_words(check)
     num_ranks, capacity, num_topk = combine_gather_idx.shape
     num_tokens, hidden = out.shape
     x_words_per_row = x_words.size(-1)
@@ -298,6 +358,7 @@ def launch_ll_combine(
             topk_weights,
             out,
             wait_stats if wait_stats is not None else topk_idx,
+            check.differs,
             num_tokens,
             peers.rank,
             peers.timeout_ns,
@@ -305,6 +366,9 @@ def launch_ll_combine(
             operation_code,
             words.flags,
             words.staging,
+            words.fingerprints,
+            check.record_address,
+            *fingerprint,
         ),
         {
             "PHASE": int(phase),
@@ -320,6 +384,7 @@ def launch_ll_combine(
             "H_BLOCK": next_pow2(hidden),
             "HAS_WAIT_STATS": wait_stats is not None,
             "SHRINK": shrink,
+            "FP_WORDS": FINGERPRINT_WORDS,
         },
         warps,
     )

@@ -19,6 +19,14 @@ source's count, scan the top-k rows of slots ``[source, 0 : count]`` only, rank 
 per expert moves ~2.2x fewer bytes at top-8 of 256 experts on 4 ranks (a token's 8 experts sit on
 ~3.6 of the 4 ranks).
 
+Call fingerprints: the last program of a send phase writes this call's fingerprint words into row
+``rank`` of every unmasked peer's fingerprint rows (``LowLatencyWords.fingerprints``) with the
+count, before it releases the sequence number (``ll_arrive_and_signal``). A receive phase, after
+its wait, compares every unmasked source's row with its own words (``ll_compare_fingerprints``):
+a source whose call differs counts as having sent nothing (dispatch: no row from it; combine: its
+rows are not added), and program 0 records every rank's words in host-mapped memory for the host
+to raise ``InconsistentCallError``. The payload was already sent: the receiver ignores it.
+
 ``BOTH`` waits inside the kernel that signals, so every program must be resident at once: its grid
 is at most one program per SM (a program always fits on an SM), and its programs read the sequence
 numbers they expect before they arrive (the last program advances them after every arrival).
@@ -26,6 +34,7 @@ numbers they expect before they arrive (the last program advances them after eve
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -34,19 +43,24 @@ import triton
 import triton.language as tl
 
 from epcomm._math import next_pow2
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
+from epcomm.kernels.normal_rows import fingerprint_vector
 from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = [
+    "CallCheck",
     "DispatchOutputs",
     "LowLatencyWords",
     "Phase",
     "SignalState",
+    "check_words",
     "dispatch_grid",
     "expected_sequences",
     "launch_ll_dispatch",
     "ll_arrive_and_signal",
+    "ll_compare_fingerprints",
     "wait_sources",
 ]
 
@@ -80,6 +94,16 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
         "operation_code",
         "flag_offset",
         "count_offset",
+        "fp_offset",
+        "record_address",
+        "fp0",
+        "fp1",
+        "fp2",
+        "fp3",
+        "fp4",
+        "fp5",
+        "fp6",
+        "fp7",
     ]
 )
 def ll_dispatch_kernel(
@@ -100,6 +124,7 @@ def ll_dispatch_kernel(
     recv_layout_range_ptr,
     cumulative_stats_ptr,
     wait_stats_ptr,
+    differs_ptr,
     num_tokens,
     rank,
     timeout_ns,
@@ -108,6 +133,16 @@ def ll_dispatch_kernel(
     flag_offset,
     count_offset,
     staging_offset,
+    fp_offset,
+    record_address,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
     PHASE: tl.constexpr,
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
@@ -128,10 +163,12 @@ def ll_dispatch_kernel(
     HAS_CUMULATIVE_STATS: tl.constexpr,
     HAS_WAIT_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
+    fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
     if PHASE & 1:
         _send_tokens(
             peer_table,
@@ -165,8 +202,11 @@ def ll_dispatch_kernel(
             flag_offset,
             count_offset,
             num_tokens,
+            fp_offset,
+            fingerprint,
             NUM_RANKS,
             True,
+            FP_WORDS,
         )
     if PHASE & 2:
         if pid < NUM_LOCAL_EXPERTS:
@@ -185,10 +225,22 @@ def ll_dispatch_kernel(
                 HAS_WAIT_STATS,
                 SHRINK,
             )
+            ll_compare_fingerprints(
+                local_ptr + fp_offset,
+                fingerprint,
+                mask_ptr,
+                differs_ptr,
+                record_address,
+                rank,
+                NUM_RANKS,
+                R_BLOCK,
+                FP_WORDS,
+            )
         for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
             _expand_received(
                 local_ptr,
                 mask_ptr,
+                differs_ptr,
                 scratch_ptr,
                 recv_x_ptr,
                 recv_scales_ptr,
@@ -302,6 +354,7 @@ def _send_tokens(
 def _expand_received(
     local_ptr,
     mask_ptr,
+    differs_ptr,
     scratch_ptr,
     recv_x_ptr,
     recv_scales_ptr,
@@ -337,6 +390,8 @@ def _expand_received(
     src_of_row = rows // CAPACITY
     token_of_row = rows % CAPACITY
     source_unmasked = tl.load(mask_ptr + src_of_row, mask=row_mask, other=1) == 0
+    # A source whose call differs (ll_compare_fingerprints) sent nothing this call can use.
+    source_unmasked &= tl.load(differs_ptr + src_of_row, mask=row_mask, other=1) == 0
     # Each unmasked source wrote its count before releasing its flag (acquired above): only its
     # slots [src, 0 : count] are this call's; later slots are stale and not read.
     source_count = tl.load(
@@ -466,14 +521,19 @@ def ll_arrive_and_signal(
     flag_offset,
     count_offset,
     count,
+    fp_offset,
+    fingerprint,
     NUM_RANKS: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    FP_WORDS: tl.constexpr,
 ):
     """The end of a send phase: every program arrives on ``arrival_ptr`` (an int32 counter in local
     memory, 0 between calls, one per phase and parity); the last one resets it, writes ``count``
-    at ``count_offset + rank`` of every unmasked peer if ``HAS_COUNT`` (plain stores, then a block
-    barrier), and signals every unmasked peer (``ll_signal``): the release orders the count (and
-    every payload store) before the sequence number, so a receiver reads it after its acquire.
+    at ``count_offset + rank`` of every unmasked peer if ``HAS_COUNT`` and the call's
+    ``fingerprint`` (``[FP_WORDS]`` int32) into row ``rank`` at ``fp_offset`` there (plain stores,
+    then a block barrier), and signals every unmasked peer (``ll_signal``): the release orders the
+    count and the fingerprint (and every payload store) before the sequence number, so a receiver
+    reads them after its acquire.
 
     Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
     before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
@@ -486,13 +546,63 @@ def ll_arrive_and_signal(
     arrived = tl.atomic_add(arrival_ptr, 1, sem="acq_rel", scope="sys")
     if arrived == tl.num_programs(0) - 1:
         tl.store(arrival_ptr, 0)
-        if HAS_COUNT:
-            for peer in range(NUM_RANKS):
-                if tl.load(mask_ptr + peer) == 0:
-                    store_remote(peer_pointer(peer_table, peer) + count_offset + rank, count)
-            tl.debug_barrier()
+        fp_cols = tl.arange(0, FP_WORDS)
+        for peer in range(NUM_RANKS):
+            if tl.load(mask_ptr + peer) == 0:
+                base = peer_pointer(peer_table, peer)
+                if HAS_COUNT:
+                    store_remote(base + count_offset + rank, count)
+                store_remote(base + fp_offset + rank * FP_WORDS + fp_cols, fingerprint)
+        tl.debug_barrier()
         for peer in range(NUM_RANKS):
             ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
+
+
+@triton.jit
+def ll_compare_fingerprints(
+    slots,
+    fingerprint,
+    mask_ptr,
+    differs_ptr,
+    record_address,
+    rank,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """After a receive phase's wait: compare every unmasked peer's row at ``slots``
+    (``[NUM_RANKS, FP_WORDS]``, this rank's buffer) with ``fingerprint``; ``differs_ptr[s]`` = 1
+    where it differs, else 0 (every waiting program stores the same values), then a block
+    barrier. On a difference program 0 writes every rank's words (a differing peer's as sent, the
+    others' as this rank's) into the host-mapped record at ``record_address`` (``1 + NUM_RANKS *
+    FP_WORDS`` int32), then this call's number (word 1 of ``fingerprint``; at least 1) into its word 0,
+    unless a record is there already (the host clears word 0 once it has raised)."""
+    sources = tl.arange(0, R_BLOCK)
+    cols = tl.arange(0, FP_WORDS)
+    in_group = sources < NUM_RANKS
+    peers = in_group & (sources != rank) & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
+    # .cg: written by peers over NVLink (never a stale L1 line of an earlier call's words).
+    theirs = tl.load(
+        slots + sources[:, None] * FP_WORDS + cols[None, :],
+        mask=peers[:, None],
+        other=0,
+        cache_modifier=".cg",
+    )
+    differing = tl.sum(((theirs != fingerprint[None, :]) & peers[:, None]).to(tl.int32), axis=1) > 0
+    tl.store(differs_ptr + sources, differing.to(tl.int32), mask=in_group)
+    if tl.sum(differing.to(tl.int32), axis=0) > 0:
+        if tl.program_id(0) == 0:
+            record = record_address.to(tl.pointer_type(tl.int32))
+            # Masked stores, no branch on the record word: every thread passes the barrier below.
+            free = tl.load(record, volatile=True) == 0
+            rows = tl.where(differing[:, None], theirs, fingerprint[None, :])
+            tl.store(
+                record + 1 + sources[:, None] * FP_WORDS + cols[None, :], rows, mask=in_group[:, None] & free
+            )
+            tl.debug_barrier()
+            sequence = tl.maximum(tl.sum(tl.where(cols == 1, fingerprint, 0), axis=0), 1)
+            tl.atomic_xchg(record, sequence, sem="release", scope="sys", mask=free)
+    tl.debug_barrier()
 
 
 @triton.jit
@@ -557,11 +667,38 @@ class LowLatencyWords(NamedTuple):
             dispatch of this parity); unused by combine.
         staging: the staging area (dispatch: ``[num_ranks, M, message_words]``; combine:
             ``[M, num_topk, hidden / 2]``); a multiple of 32.
+        fingerprints: ``[num_ranks, FINGERPRINT_WORDS]`` call fingerprints (row ``s``: rank
+            ``s``'s last call of this phase and parity).
     """
 
     flags: int
     counts: int
     staging: int
+    fingerprints: int
+
+
+class CallCheck(NamedTuple):
+    """What a low-latency launch sends and compares (the module docstring).
+
+    Attributes:
+        words: this call's ``FINGERPRINT_WORDS`` words, each in ``[0, 2**31)``.
+        differs: ``[num_ranks]`` int32 device work space of this (phase, parity): 1 for each
+            source whose call differs (written by the receive phase).
+        record_address: address of a host-mapped int32 record of ``1 + num_ranks *
+            FINGERPRINT_WORDS`` words, word 0 zero while free.
+    """
+
+    words: Sequence[int]
+    differs: torch.Tensor
+    record_address: int
+
+
+def check_words(check: CallCheck) -> list[int]:
+    """``check.words`` as ints, validated (``FINGERPRINT_WORDS`` words in ``[0, 2**31)``)."""
+    words = [int(word) for word in check.words]
+    if len(words) != FINGERPRINT_WORDS or not all(0 <= word < 2**31 for word in words):
+        raise ValueError(f"fingerprint must be {FINGERPRINT_WORDS} words in [0, 2**31); got {words}")
+    return words
 
 
 class SignalState(NamedTuple):
@@ -640,6 +777,7 @@ def launch_ll_dispatch(
     round_scale: bool,
     use_ue8m0: bool,
     num_sms: int,
+    check: CallCheck,
     shrink: bool = False,
 ) -> None:
     """One phase of a low-latency dispatch (``ll_dispatch_kernel``; the module docstring).
@@ -665,9 +803,12 @@ def launch_ll_dispatch(
         round_scale: round the scales up to powers of two.
         use_ue8m0: pack the received scales as UE8M0 exponents (4 per int32).
         num_sms: SMs of the device.
+        check: the call's fingerprint, sent by the send phase and compared by the receive phase
+            (a source whose words differ sends no row here), with its work space and host record.
         shrink: shrink mode: a source that misses the bound (``peers.timeout_ns``) is masked and
             logged in the error word's words ``4 + s`` instead of reported as an error.
     """
+    fingerprint = check_words(check)
     num_tokens, hidden = x.shape
     num_ranks, capacity, num_topk = combine_gather_idx.shape
     if outputs is None:
@@ -698,6 +839,7 @@ def launch_ll_dispatch(
             outputs.recv_layout_range,
             outputs.cumulative_stats if outputs.cumulative_stats is not None else outputs.recv_count,
             outputs.wait_stats if outputs.wait_stats is not None else outputs.recv_layout_range,
+            check.differs,
             num_tokens,
             peers.rank,
             peers.timeout_ns,
@@ -706,6 +848,9 @@ def launch_ll_dispatch(
             words.flags,
             words.counts,
             words.staging,
+            words.fingerprints,
+            check.record_address,
+            *fingerprint,
         ),
         {
             "PHASE": int(phase),
@@ -728,6 +873,7 @@ def launch_ll_dispatch(
             "HAS_CUMULATIVE_STATS": outputs.cumulative_stats is not None,
             "HAS_WAIT_STATS": outputs.wait_stats is not None,
             "SHRINK": shrink,
+            "FP_WORDS": FINGERPRINT_WORDS,
         },
         warps,
     )

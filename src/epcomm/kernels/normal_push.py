@@ -12,10 +12,21 @@ The barriers around a push are folded into it (``PushBarriers``): with an entry 
 releases this rank's entry flag at every peer and every program waits for all peers' flags before
 its first store; with an exit barrier, every program fences its stores and counts itself done, and
 the last one releases the exit flag at every peer and waits for theirs. One launch instead of three.
+
+The entry barrier also carries the call's fingerprint (``PushFingerprint``; cached dispatch and
+combine): program 0 writes this rank's words into row ``rank`` of the fingerprint rows of every
+peer's buffer (the place where dispatch's count exchange puts them, so a dispatch meeting a cached
+dispatch or a combine sees the other's call) before it releases the entry flag there, so a peer
+that sees the flag sees the words. After the wait every program compares every peer's words with
+this rank's; on any difference no program writes a row (every rank sees a difference then: nothing
+moves anywhere), the ``PushFingerprint.fills`` are filled (so what follows reads no stale row), and
+program 0 records every rank's words in host-mapped memory with the entry epoch, unless a record is
+there already (the host clears it once it has raised). The exit barrier runs as always.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -24,7 +35,9 @@ import triton
 import triton.language as tl
 
 from epcomm._math import next_pow2
+from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
+from epcomm.kernels.normal_rows import fingerprint_vector
 from epcomm.kernels.primitives import (
     HOISTED_PEERS,
     fence_acq_rel_sys,
@@ -35,7 +48,25 @@ from epcomm.kernels.primitives import (
 )
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
-__all__ = ["PushBarriers", "PushRegions", "launch_push_rows", "push_rows_per_step"]
+__all__ = [
+    "PushBarriers",
+    "PushFingerprint",
+    "PushRegions",
+    "launch_push_rows",
+    "push_record_words",
+    "push_rows_per_step",
+]
+
+# Words filled per program step on a fingerprint difference (the error path only).
+_FILL_BLOCK = tl.constexpr(1024)
+
+
+def push_record_words(num_ranks: int) -> int:
+    """int32 words of the host-mapped record a push writes on a fingerprint difference: word 0 the
+    entry epoch of that call (written last; 0: no record), then ``num_ranks`` rows of
+    ``FINGERPRINT_WORDS`` words (row ``s``: rank ``s``'s words, this rank's own included)."""
+    return 1 + num_ranks * FINGERPRINT_WORDS
+
 
 # Bytes of row loads in flight per program step: 2 rows of BF16 hidden 7168 measured best at EP4
 # (rows per step 1 / 2 / 4: push 2 rows fastest, docs/performance.md); as many bytes for smaller
@@ -54,6 +85,67 @@ def push_rows_per_step(row_words: int, one_destination: bool, forced: int = 0) -
     return min(8, max(2, next_pow2(-(-step_bytes // (4 * row_words)))))
 
 
+@triton.jit
+def _fill(pointer, num_words, value):
+    """``value`` into ``pointer[0 : num_words]`` (int32), spread over the grid."""
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    cols = tl.arange(0, _FILL_BLOCK)
+    for start in range(pid * _FILL_BLOCK, num_words, grid * _FILL_BLOCK):
+        tl.store(
+            pointer + start + cols, tl.zeros([_FILL_BLOCK], tl.int32) + value, mask=start + cols < num_words
+        )
+
+
+@triton.jit
+def _compare_fingerprints(
+    slots,
+    fingerprint,
+    record_address,
+    epoch,
+    fill0_ptr,
+    fill0_words,
+    fill0_value,
+    fill1_ptr,
+    fill1_words,
+    fill1_value,
+    rank,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """After the entry wait: whether every peer's fingerprint row at ``slots`` (``[NUM_RANKS,
+    FP_WORDS]`` in this rank's buffer) equals ``fingerprint``. On a difference, fill the two ranges
+    and (program 0, if the record is free) write every rank's words into the host-mapped record
+    (``push_record_words``), then ``epoch`` into its word 0."""
+    sources = tl.arange(0, R_BLOCK)
+    cols = tl.arange(0, FP_WORDS)
+    peers = (sources < NUM_RANKS) & (sources != rank)
+    # volatile: never a stale cached line of an earlier call's words.
+    theirs = tl.load(
+        slots + sources[:, None] * FP_WORDS + cols[None, :], mask=peers[:, None], other=0, volatile=True
+    )
+    differing = ((theirs != fingerprint[None, :]) & peers[:, None]).to(tl.int32)
+    agree = tl.sum(tl.sum(differing, axis=1), axis=0) == 0
+    if not agree:
+        _fill(fill0_ptr, fill0_words, fill0_value)
+        _fill(fill1_ptr, fill1_words, fill1_value)
+        if tl.program_id(0) == 0:
+            record = record_address.to(tl.pointer_type(tl.int32))
+            # The host clears word 0 once it has raised: an earlier record it has not read yet
+            # stays (masked stores, no branch: every thread passes the barrier below).
+            free = tl.load(record, volatile=True) == 0
+            rows = tl.where(sources[:, None] == rank, fingerprint[None, :], theirs)
+            tl.store(
+                record + 1 + sources[:, None] * FP_WORDS + cols[None, :],
+                rows,
+                mask=(sources < NUM_RANKS)[:, None] & free,
+            )
+            tl.debug_barrier()
+            tl.atomic_xchg(record, epoch, sem="release", scope="sys", mask=free)
+    return agree
+
+
 @triton.jit(
     do_not_specialize=[
         "num_rows",
@@ -68,6 +160,20 @@ def push_rows_per_step(row_words: int, one_destination: bool, forced: int = 0) -
         "exit_code",
         "flag_offset",
         "counter_offset",
+        "fp_offset",
+        "record_address",
+        "fill0_words",
+        "fill0_value",
+        "fill1_words",
+        "fill1_value",
+        "fp0",
+        "fp1",
+        "fp2",
+        "fp3",
+        "fp4",
+        "fp5",
+        "fp6",
+        "fp7",
     ]
 )
 def push_rows_kernel(
@@ -94,6 +200,22 @@ def push_rows_kernel(
     exit_code,
     flag_offset,
     counter_offset,
+    fp_offset,
+    record_address,
+    fill0_ptr,
+    fill0_words,
+    fill0_value,
+    fill1_ptr,
+    fill1_words,
+    fill1_value,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
     NUM_RANKS: tl.constexpr,
     R_BLOCK: tl.constexpr,
     X_WORDS: tl.constexpr,
@@ -110,6 +232,8 @@ def push_rows_kernel(
     WRITE_SRC_IDX: tl.constexpr,
     ENTRY: tl.constexpr,
     EXIT: tl.constexpr,
+    FINGERPRINT: tl.constexpr,
+    FP_WORDS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -117,12 +241,38 @@ def push_rows_kernel(
     error_pointer = error_address.to(tl.pointer_type(tl.int32))
     if ENTRY:
         # Our previous readers of this area are done (stream order): tell every peer, then wait
-        # until every peer says the same of its area before writing into it.
+        # until every peer says the same of its area before writing into it. With FINGERPRINT the
+        # call's words go to every peer first (the release below orders them before the flag).
+        if FINGERPRINT:
+            fp_cols = tl.arange(0, FP_WORDS)
+            fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
+            if pid == 0:
+                for peer in range(NUM_RANKS):
+                    store_remote(
+                        peer_pointer(peer_table, peer) + fp_offset + rank * FP_WORDS + fp_cols, fingerprint
+                    )
         if pid == 0:
             release_at_peers(peer_table, flag_offset + rank, entry_epoch, NUM_RANKS)
         wait_all_epoch(
             local + flag_offset, entry_epoch, timeout_ns, error_pointer, entry_code, rank, NUM_RANKS, R_BLOCK
         )
+        if FINGERPRINT:
+            agree = _compare_fingerprints(
+                local + fp_offset,
+                fingerprint,
+                record_address,
+                entry_epoch,
+                fill0_ptr,
+                fill0_words,
+                fill0_value,
+                fill1_ptr,
+                fill1_words,
+                fill1_value,
+                rank,
+                NUM_RANKS,
+                R_BLOCK,
+                FP_WORDS,
+            )
     x_cols = tl.max_contiguous(tl.multiple_of(tl.arange(0, X_BLOCK), X_BLOCK), X_BLOCK)[None, :]
     x_mask = x_cols < X_WORDS
     s_cols = tl.arange(0, S_BLOCK)[None, :]
@@ -143,6 +293,9 @@ def push_rows_kernel(
     chunk = tl.cdiv(tl.cdiv(num_rows, grid), ROWS) * ROWS
     begin = pid * chunk
     end = tl.minimum(begin + chunk, num_rows)
+    if ENTRY:
+        if FINGERPRINT:
+            end = tl.where(agree, end, begin)  # a peer made another call: no row moves
     for first in range(begin, end, ROWS):
         rows = row_offsets.to(tl.int64) + first
         valid = rows < end
@@ -251,6 +404,27 @@ class PushBarriers(NamedTuple):
 _NO_BARRIERS = PushBarriers(0, 0, 0, 0)
 
 
+class PushFingerprint(NamedTuple):
+    """The call fingerprint a push with an entry barrier exchanges (the module docstring).
+
+    Attributes:
+        words: this call's ``FINGERPRINT_WORDS`` words, each in ``[0, 2**31)``.
+        slots: int32-word offset, in every rank's buffer, of the ``[num_ranks, FINGERPRINT_WORDS]``
+            fingerprint rows (row ``s``: rank ``s``'s words).
+        record_address: address of a host-mapped int32 buffer of ``push_record_words(num_ranks)``
+            words, word 0 zero while free (the host clears it after reading a record).
+        fills: up to two ``(tensor, value)``: on a difference each contiguous int32 tensor is
+            filled with ``value`` (its whole ``numel``) before the kernel ends, so the kernels that
+            follow read no stale row (combine: the token slots with ``-1``; cached dispatch: the
+            received rows with 0).
+    """
+
+    words: Sequence[int]
+    slots: int
+    record_address: int
+    fills: tuple[tuple[torch.Tensor, int], ...] = ()
+
+
 def launch_push_rows(
     *,
     peers: SymmetricPeers,
@@ -269,6 +443,7 @@ def launch_push_rows(
     write_src_idx: bool = False,
     barriers: PushBarriers | None = None,
     one_destination: bool = False,
+    fingerprint: PushFingerprint | None = None,
 ) -> None:
     """Push each row of ``x_words`` (and its metadata) to ``dst_row[row, dst]`` of every ``dst``.
 
@@ -289,6 +464,8 @@ def launch_push_rows(
         write_src_idx: store the source row index (int32) at the destination.
         barriers: entry / exit barriers to fold in (collective then: launched with 0 rows too).
         one_destination: every row has exactly one destination (combine): more rows per step.
+        fingerprint: the call's fingerprint, exchanged in the entry barrier (which ``barriers``
+            must then have) and compared before any row moves (``PushFingerprint``).
 
     Example:
         Dispatch of 2 tokens to 2 ranks, token 0 to both, token 1 to rank 1 (rank 0 sent 3 rows
@@ -310,6 +487,24 @@ def launch_push_rows(
         else (topk_weights.size(1) if topk_weights is not None else 1)
     )
     s_words = scales_words.size(1) if scales_words is not None else 1
+    words = [0] * FINGERPRINT_WORDS
+    # (tensor, words to fill, value): unused slots point at dst_row and fill nothing.
+    fills: list[tuple[torch.Tensor, int, int]] = []
+    slots = record_address = 0
+    if fingerprint is not None:
+        if barriers.entry_epoch == 0:
+            raise ValueError("a push exchanges a fingerprint only in its entry barrier")
+        words = [int(word) for word in fingerprint.words]
+        if len(words) != FINGERPRINT_WORDS or not all(0 <= word < 2**31 for word in words):
+            raise ValueError(f"fingerprint must be {FINGERPRINT_WORDS} words in [0, 2**31); got {words}")
+        if len(fingerprint.fills) > 2:
+            raise ValueError(f"at most 2 fills; got {len(fingerprint.fills)}")
+        for tensor, value in fingerprint.fills:
+            if tensor.dtype != torch.int32 or not tensor.is_contiguous():
+                raise ValueError("fills must be contiguous int32 tensors")
+            fills.append((tensor, tensor.numel(), value))
+        slots, record_address = fingerprint.slots, fingerprint.record_address
+    fills += [(dst_row, 0, 0)] * (2 - len(fills))
     launch(
         push_rows_kernel,
         (max(1, min(num_sms, num_rows)),),
@@ -337,6 +532,11 @@ def launch_push_rows(
             barriers.exit_code,
             peers.flag_offset,
             peers.counter_offset,
+            slots,
+            record_address,
+            *fills[0],
+            *fills[1],
+            *words,
         ),
         {
             "NUM_RANKS": peers.num_ranks,
@@ -355,6 +555,8 @@ def launch_push_rows(
             "WRITE_SRC_IDX": write_src_idx,
             "ENTRY": barriers.entry_epoch != 0,
             "EXIT": barriers.exit_epoch != 0,
+            "FINGERPRINT": fingerprint is not None,
+            "FP_WORDS": FINGERPRINT_WORDS,
         },
         num_warps,
     )

@@ -30,6 +30,7 @@ __all__ = [
     "HOST_MISMATCH_WORD",
     "HOST_TABLE_WORD",
     "counts_row_words",
+    "fingerprint_vector",
     "launch_combine_rows",
     "launch_dispatch_counts",
 ]
@@ -70,7 +71,7 @@ def _store_counts_row(
 
 
 @triton.jit
-def _fingerprint_vector(w0, w1, w2, w3, w4, w5, w6, w7):
+def fingerprint_vector(w0, w1, w2, w3, w4, w5, w6, w7):
     """The eight fingerprint words as one ``[8]`` int32 vector."""
     cols = tl.arange(0, 8)
     words = tl.zeros([8], dtype=tl.int32)
@@ -161,7 +162,7 @@ def dispatch_counts_kernel(
     remote = peer_pointer(peer_table, j)
     local = peer_pointer(peer_table, rank)
     fp_cols = tl.arange(0, FP_WORDS)
-    fingerprint = _fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
+    fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
     tl.store(remote + table_offset + rank * FP_WORDS + fp_cols, fingerprint)
     counts_offset = table_offset + NUM_RANKS * FP_WORDS
     row = remote + counts_offset + rank * num_counts

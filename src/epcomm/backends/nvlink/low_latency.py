@@ -5,6 +5,15 @@ graph), a receive hook that holds no SM.
 
 The payload layout is ``symmetric_buffer.LowLatencyLayout`` (also the size hint). Sequence numbers
 live in device memory on both sides, so replays of a captured graph stay in step.
+
+Every call carries its fingerprint (``epcomm.fingerprint``; the call number counts this mode's
+calls on the buffer): the send phase writes it to every unmasked peer with the count, before the
+flag; the receive phase compares and treats a source whose call differs as one that sent nothing
+(``kernels/low_latency_dispatch.py``), recording both calls in host-mapped memory. The host raises
+``InconsistentCallError`` from that record at the receive hook or the next low-latency call (once
+the kernel has run; never while a CUDA graph is being captured). The comparison needs the ranks'
+waits to meet: a peer in the other operation or parity signals other flags, and the wait ends
+with a ``PeerTimeoutError`` as before.
 """
 
 from __future__ import annotations
@@ -24,6 +33,7 @@ from epcomm.backends.base import (
     LowLatencyDispatchResult,
     ResultBuffers,
 )
+from epcomm.backends.nvlink.normal import HostRecord, device_words
 from epcomm.backends.nvlink.symmetric_buffer import (
     LowLatencyLayout,
     Operation,
@@ -31,10 +41,12 @@ from epcomm.backends.nvlink.symmetric_buffer import (
     operation_name,
 )
 from epcomm.errors import PeerMaskedWarning
+from epcomm.fingerprint import CallFingerprint, CallNumbers, XFormat
 from epcomm.handles import LowLatencyHandle
 from epcomm.kernels.barrier import launch_masked_barrier
 from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
+    CallCheck,
     DispatchOutputs,
     LowLatencyWords,
     Phase,
@@ -81,6 +93,11 @@ class NvlinkLowLatency:
         self._send_seq = torch.zeros(2, 2, stride, dtype=torch.int32, device=device)
         self._recv_expected = torch.zeros(2, 2, stride, dtype=torch.int32, device=device)
         self._arrivals = torch.zeros(2, 2, 4, dtype=torch.int32, device=device)
+        # Per (phase, parity): 1 for each source whose call differed (the receive phase's work space).
+        self._differs = torch.zeros(2, 2, stride, dtype=torch.int32, device=device)
+        # A receive phase that saw a peer's fingerprint differ records both calls here.
+        self.record = HostRecord(self.num_ranks)
+        self.calls = CallNumbers()
         self._parity = 0
         self._buffers = ResultBuffers()
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
@@ -143,8 +160,20 @@ class NvlinkLowLatency:
     def _buffer(self, parity: int, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return self._buffers.get(parity, name, shape, dtype, self.device)
 
+    def check_record(self) -> None:
+        """Raise ``InconsistentCallError`` if an earlier receive phase saw a peer make a different
+        call (read from host-mapped memory, no device synchronization; skipped while the current
+        stream is being captured into a CUDA graph)."""
+        if not torch.cuda.is_current_stream_capturing():
+            self.record.check(self.rank)
+
+    def _check(self, words: list[int], phase: int, parity: int) -> CallCheck:
+        """The ``CallCheck`` of a call with fingerprint ``words`` in ``(phase, parity)``."""
+        return CallCheck(words, self._differs[phase, parity], self.record.address)
+
     def _prepare(self, layout: LowLatencyLayout) -> None:
         self.buffer.check_error()
+        self.check_record()
         self._warn_masked()
         self.buffer.ensure_payload(layout.total_words)
         if self.buffer.generation != self._generation:  # reallocated: flags start over
@@ -158,7 +187,10 @@ class NvlinkLowLatency:
         payload = self.buffer.header.payload
         staging = layout.dispatch_staging(parity) if phase == _DISPATCH else layout.combine_staging(parity)
         return LowLatencyWords(
-            payload + layout.flags(phase, parity), payload + layout.counts(parity), payload + staging
+            payload + layout.flags(phase, parity),
+            payload + layout.counts(parity),
+            payload + staging,
+            payload + layout.fingerprints(phase, parity),
         )
 
     def _signals(self, phase: int, parity: int) -> SignalState:
@@ -190,7 +222,18 @@ class NvlinkLowLatency:
         num_rows = num_ranks * capacity
         layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
+        x_format = (
+            (XFormat.FP8_UE8M0_SCALES if request.use_ue8m0 else XFormat.FP8_FLOAT_SCALES)
+            if request.use_fp8
+            else XFormat.BF16
+        )
+        stamped = self.calls.stamp(
+            CallFingerprint.for_low_latency_dispatch(
+                hidden, x_format, request.num_experts, num_topk, capacity
+            )
+        )
         parity, self._parity = self._parity, self._parity ^ 1
+        check = self._check(device_words(stamped), _DISPATCH, parity)
 
         shape = (num_local_experts, num_rows, hidden)
         num_groups = hidden // 128
@@ -224,6 +267,7 @@ class NvlinkLowLatency:
             request.num_experts,
             combine_gather_idx,
             parity,
+            stamped.sequence,
         )
         recv_words = (
             recv_data.view(torch.uint8).view(torch.int32) if request.use_fp8 else recv_data.view(torch.int32)
@@ -262,6 +306,7 @@ class NvlinkLowLatency:
                 round_scale=request.round_scale,
                 use_ue8m0=request.use_ue8m0,
                 num_sms=self.num_sms,
+                check=check,
                 shrink=self.enable_shrink,
             )
 
@@ -278,6 +323,12 @@ class NvlinkLowLatency:
         parity = handle.buffer_parity
         layout = LowLatencyLayout(self.num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
+        stamped = self.calls.stamp(
+            CallFingerprint.for_low_latency_combine(
+                hidden, handle.num_experts, num_topk, capacity, handle.sequence
+            )
+        )
+        check = self._check(device_words(stamped), _COMBINE, parity)
         x = self.combine_buffer(handle) if request.zero_copy else request.x.contiguous()
         out = (
             request.out
@@ -307,19 +358,25 @@ class NvlinkLowLatency:
                 wait_stats=request.combine_wait_recv_cost_stats,
                 num_local_experts=handle.num_experts // self.num_ranks,
                 num_sms=self.num_sms,
+                check=check,
                 shrink=self.enable_shrink,
             )
 
         return self._run(LowLatencyCombineResult(out, None), run, request.return_recv_hook)
 
-    @staticmethod
-    def _run(result: _Result, run: Callable[[Phase], None], return_recv_hook: bool) -> _Result:
-        """One launch of both phases, or the send phase now and the receive phase as the hook."""
+    def _run(self, result: _Result, run: Callable[[Phase], None], return_recv_hook: bool) -> _Result:
+        """One launch of both phases, or the send phase now and the receive phase as the hook
+        (which first raises what an earlier receive phase recorded, ``check_record``)."""
         if not return_recv_hook:
             run(Phase.BOTH)
             return result
+
+        def hook() -> None:
+            self.check_record()
+            run(Phase.RECEIVE)
+
         run(Phase.SEND)
-        return result._replace(hook=lambda: run(Phase.RECEIVE))
+        return result._replace(hook=hook)
 
     def destroy(self) -> None:
         """Release the symmetric buffer."""

@@ -12,8 +12,12 @@ every ``recv_topk_idx`` is -1, and the next call on the buffer raises).
 Cached dispatch: the push alone, with an entry barrier. Combine: one kernel derives the row maps
 from the handle, the push kernel (entry barrier, push, exit barrier) writes each received row back
 into the token rank's area in (rank, token) order, then a reduce kernel sums in float32 in rank
-order. Neither exchanges a fingerprint yet (they take a call number, so a dispatch against one of
-them still sees a peer's older call number and raises, on the dispatching rank only).
+order. Both send the call's fingerprint in the push's entry barrier, into the place of the count
+table where dispatch puts it (so any two normal-mode calls that meet compare their fingerprints).
+On a difference the push writes no row, the rows the call returns hold no peer's data (cached
+dispatch: zeros; combine: only the biases), and the kernel records both fingerprints in host-mapped
+memory: there is no host synchronization in these calls, so the next normal-mode call on the buffer
+raises ``InconsistentCallError`` (once the kernel has run), as a device timeout is raised.
 """
 
 from __future__ import annotations
@@ -40,7 +44,13 @@ from epcomm.handles import DispatchHandle, intranode_handle
 from epcomm.kernels.layout import launch_dispatch_layout
 from epcomm.kernels.normal_combine import launch_combine_reduce
 from epcomm.kernels.normal_copy_out import launch_copy_out_meta
-from epcomm.kernels.normal_push import PushBarriers, PushRegions, launch_push_rows
+from epcomm.kernels.normal_push import (
+    PushBarriers,
+    PushFingerprint,
+    PushRegions,
+    launch_push_rows,
+    push_record_words,
+)
 from epcomm.kernels.normal_rows import (
     HOST_MISMATCH_WORD,
     HOST_TABLE_WORD,
@@ -50,7 +60,7 @@ from epcomm.kernels.normal_rows import (
 )
 from epcomm.layout import DispatchLayout, compute_dispatch_layout
 
-__all__ = ["NvlinkNormal"]
+__all__ = ["HostRecord", "NvlinkNormal", "device_words"]
 
 # The host waits at most this long for the count table (DeepEP's CPU timeout is 100 s as well): the
 # device may be busy with the caller's earlier work; a missing peer is reported by the kernel's own,
@@ -75,9 +85,9 @@ def _push_regions(regions: DispatchRegions | CombineRegions) -> PushRegions:
     return PushRegions(x=regions.x, topk_weights=regions.topk_weights)
 
 
-def _device_words(fingerprint: CallFingerprint) -> list[int]:
-    """The fingerprint's words as the count kernel carries them: int32, non-negative (the call
-    number wraps at 2**31; equal calls still give equal words)."""
+def device_words(fingerprint: CallFingerprint) -> list[int]:
+    """The fingerprint's ``FINGERPRINT_WORDS`` words as the kernels carry them: int32,
+    non-negative (the call number wraps at 2**31; equal calls still give equal words)."""
     return [word & 0x7FFFFFFF for word in fingerprint.words()]
 
 
@@ -153,6 +163,37 @@ class _HostCounts:
         return int(self._recv_count.value)
 
 
+class HostRecord:
+    """The host-mapped record of a fingerprint difference seen in a push's entry barrier (cached
+    dispatch, combine; ``normal_push.push_record_words``): word 0 the epoch of that call (0: none),
+    then every rank's fingerprint words. The device writes it only while word 0 is 0; ``check``
+    clears word 0 after reading. ``pin_memory=False``: a plain CPU buffer (the interpreter checks)."""
+
+    def __init__(self, num_ranks: int, pin_memory: bool = True) -> None:
+        self.num_ranks = num_ranks
+        self.words = torch.zeros(
+            push_record_words(num_ranks), dtype=torch.int32, device="cpu", pin_memory=pin_memory
+        )
+        self.address = self.words.data_ptr()
+        self._epoch = ctypes.c_int32.from_address(self.address)
+        self._rows = (ctypes.c_int32 * (num_ranks * FINGERPRINT_WORDS)).from_address(self.address + 4)
+
+    def check(self, rank: int) -> None:
+        """Raise ``InconsistentCallError`` (naming this rank, the first differing peer and both
+        calls) if a push recorded a fingerprint difference; the record is then cleared. No device
+        synchronization: a kernel that has not run yet is seen by a later check."""
+        if self._epoch.value == 0:
+            return
+        words = self._rows[:]
+        self._epoch.value = 0
+        rows = [
+            CallFingerprint.from_words(words[s * FINGERPRINT_WORDS : (s + 1) * FINGERPRINT_WORDS])
+            for s in range(self.num_ranks)
+        ]
+        theirs = {peer: rows[peer] for peer in range(self.num_ranks) if peer != rank}
+        check_fingerprints(rank, rows[rank], theirs)
+
+
 class NvlinkNormal:
     """Normal-mode dispatch, cached dispatch and combine over one symmetric buffer.
 
@@ -179,6 +220,8 @@ class NvlinkNormal:
         # writes it to host-mapped memory and a later call checks it (epoch, allowed rows, the
         # fingerprint words of that call).
         self._worst_check: tuple[int, int, list[int]] | None = None
+        # Cached dispatch and combine: a push that saw a peer's fingerprint differ records it here.
+        self.push_record = HostRecord(self.num_ranks)
         self.calls = CallNumbers()
 
     # ---- layout -------------------------------------------------------------------------------
@@ -191,10 +234,12 @@ class NvlinkNormal:
 
     # ---- helpers ------------------------------------------------------------------------------
     def check_worst(self) -> None:
-        """Raise if an earlier ``num_worst_tokens`` dispatch saw a peer make a different call
-        (``InconsistentCallError``; that dispatch delivered no row) or received more rows than it
-        allowed (checked once its count has reached the host; a later such dispatch replaces the
-        check)."""
+        """Raise if an earlier cached dispatch or combine saw a peer make a different call, or an
+        earlier ``num_worst_tokens`` dispatch did (``InconsistentCallError``; that call moved no
+        row), or such a dispatch received more rows than it allowed (each checked once the kernel
+        has written it to host-mapped memory; a later ``num_worst_tokens`` dispatch replaces the
+        check). Reads host-mapped words only: no device synchronization."""
+        self.push_record.check(self.rank)
         if self._worst_check is not None:
             epoch, allowed, fingerprint = self._worst_check
             received = self.host_counts.received_count(epoch)
@@ -227,6 +272,15 @@ class NvlinkNormal:
                 f"got {contiguous.size(1)} x {contiguous.element_size()} bytes"
             )
         return contiguous.view(torch.int32)
+
+    def _push_fingerprint(
+        self, fingerprint: CallFingerprint, fills: tuple[tuple[torch.Tensor, int], ...]
+    ) -> PushFingerprint:
+        """What a push with an entry barrier sends and compares: the stamped ``fingerprint``'s
+        words, the count table's fingerprint rows, the host record and the ``fills``."""
+        return PushFingerprint(
+            device_words(fingerprint), self.buffer.header.table, self.push_record.address, fills
+        )
 
     def _barriers(self, entry: Operation | None, exit_: Operation) -> PushBarriers:
         """Epochs of the barriers folded into the next push (taken in launch order)."""
@@ -310,7 +364,7 @@ class NvlinkNormal:
         x_words = self._words(x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
         stamped = self.calls.stamp(request.fingerprint)
-        fingerprint = _device_words(stamped)
+        fingerprint = device_words(stamped)
         counts_epoch = self.buffer.next_epoch()
         recv_row_of_token, rank_prefix_matrix, num_recv_tokens = launch_dispatch_counts(
             peers=self.buffer.peers,
@@ -417,15 +471,19 @@ class NvlinkNormal:
     def _cached_dispatch(self, request: DispatchRequest, handle: DispatchHandle) -> DispatchResult:
         x_words = self._words(request.x, "x")
         scale_words = self._words(request.x_scales, "x_scales") if request.x_scales is not None else None
-        # Numbered like every normal-mode call; its fingerprint is not exchanged on this transport
-        # yet (a dispatch compares the peers' last dispatch fingerprints, whose numbers then differ).
-        self.calls.stamp(request.fingerprint)
+        stamped = self.calls.stamp(request.fingerprint)
         num_scale_words = scale_words.size(1) if scale_words is not None else 0
         row_words = DispatchRegions.row_words(x_words.size(1), num_scale_words, 1)
         self._ensure_rows(handle.num_max_rows, row_words)
         regions = DispatchRegions(
             self.buffer.header.payload, self._capacity(row_words), x_words.size(1), num_scale_words, 1
         )
+        # On a fingerprint difference the rows this call returns are zeroed, not an earlier call's.
+        areas = self._dispatch_areas(regions)
+        num_rows = handle.num_recv_rows
+        fills = [(areas.x[:num_rows].view(-1), 0)]
+        if scale_words is not None:
+            fills.append((areas.scales[:num_rows].view(-1), 0))
         launch_push_rows(
             peers=self.buffer.peers,
             x_words=x_words,
@@ -437,6 +495,7 @@ class NvlinkNormal:
             rows_per_step=self.settings.push_rows,
             barriers=self._barriers(Operation.CACHED_DISPATCH_ENTRY, Operation.CACHED_DISPATCH),
             scales_words=scale_words,
+            fingerprint=self._push_fingerprint(stamped, tuple(fills)),
         )
         recv_x, recv_scales = self._copy_out_payload(
             regions, handle.num_recv_rows, request.x.dtype, request.x_scales
@@ -449,7 +508,7 @@ class NvlinkNormal:
         rank's combine area, then the reduce sums them."""
         handle, x = intranode_handle(request.handle), request.x
         x_words = self._words(x, "x")
-        self.calls.stamp(request.fingerprint)  # numbered, not exchanged (as in cached dispatch)
+        stamped = self.calls.stamp(request.fingerprint)
         num_topk = request.topk_weights.size(1) if request.topk_weights is not None else 1
         row_words = CombineRegions.row_words(x.size(1) // 2, num_topk)
         self._ensure_rows(handle.num_max_rows, row_words)
@@ -482,6 +541,8 @@ class NvlinkNormal:
             barriers=self._barriers(Operation.COMBINE_ENTRY, Operation.COMBINE),
             topk_weights=request.topk_weights,
             one_destination=True,
+            # On a fingerprint difference the reduce finds no row (only the biases).
+            fingerprint=self._push_fingerprint(stamped, ((token_slot, -1),)),
         )
         launch_combine_reduce(
             area_x=area_x,

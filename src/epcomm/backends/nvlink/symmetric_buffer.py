@@ -29,7 +29,9 @@ lanes of one wait over every rank's flag, so ``B`` words of every flag array mus
       [0, 4S)        sequence flags, (phase, parity) = (dispatch|combine, 0|1): S words each
       [4S, 6S)       dispatch token counts per parity: word s = tokens rank s sent in its last
                      dispatch of that parity
-      align32(6S)..  per parity: dispatch staging [R, M, message_words] (slot = source, token),
+      [6S, 6S + 32R) call fingerprints per (phase, parity): R rows of 8 words, row s = the
+                     fingerprint of rank s's last call of that phase and parity
+      align32(6S + 32R)..  per parity: dispatch staging [R, M, message_words] (slot = source, token),
                      then combine staging [M, num_topk, hidden / 2] (slot = token, top-k slot)
 
 Every offset the kernels get comes from here, from word 0 of the buffer.
@@ -233,6 +235,11 @@ class LowLatencyLayout:
         """``parity``'s dispatch token counts, one word per source rank."""
         return (4 + parity) * self.flag_stride
 
+    def fingerprints(self, phase: int, parity: int) -> int:
+        """``(phase, parity)``'s call fingerprints: ``[num_ranks, FINGERPRINT_WORDS]``, row ``s``
+        written by rank ``s`` before it releases its sequence flag."""
+        return 6 * self.flag_stride + (phase * 2 + parity) * self.num_ranks * FINGERPRINT_WORDS
+
     @property
     def message_words(self) -> int:
         """Words of one dispatch message: bf16 row (the larger format) + top-k ids, 16-byte aligned."""
@@ -248,9 +255,14 @@ class LowLatencyLayout:
         """Words of one parity's combine staging area."""
         return align(self.capacity * self.num_topk * self.hidden // 2)
 
+    @property
+    def staging(self) -> int:
+        """The first staging area (after the flags, counts and fingerprints; 32-word aligned)."""
+        return align(self.fingerprints(2, 0))
+
     def dispatch_staging(self, parity: int) -> int:
         """``parity``'s dispatch staging area."""
-        return align(6 * self.flag_stride) + parity * (self.dispatch_words + self.combine_words)
+        return self.staging + parity * (self.dispatch_words + self.combine_words)
 
     def combine_staging(self, parity: int) -> int:
         """``parity``'s combine staging area."""
