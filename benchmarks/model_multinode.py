@@ -26,8 +26,19 @@ DeepEP's kernels took for this routing.
 
     python benchmarks/model_multinode.py                       # EP16..EP256, DeepSeek-V3 routing
     python benchmarks/model_multinode.py --ep 16,32 --nic-gbps 50
+    python benchmarks/model_multinode.py --mode low-latency    # 128 tokens a rank, both message schemes
 
-Rows are appended to ``results/model_multinode.jsonl`` (``$OUT/...`` when ``OUT`` is set).
+``--mode low-latency`` models one low-latency dispatch (FP8) and combine (BF16) with plain top-k
+routing (DeepEP's ``tests/test_low_latency.py``) and, where there are more nodes than the limit,
+the group-limited routing above: the messages each rank's NIC carries across nodes per (token,
+expert) (DeepEP's scheme) and per (token, destination rank) (the dedup of epcomm's NVLink
+kernels), with their real message sizes (``deepep_low_latency_message_bytes``,
+``epcomm_low_latency_message_bytes``), the busiest NIC's time at the line rate (a lower bound)
+and DeepEP's published times. A CPU test checks the per-rank message counts against what the
+reference backend's low-latency dispatch delivers (``tests/dist_cpu/test_model_multinode.py``).
+
+Rows are appended to ``results/model_multinode.jsonl`` (low-latency: ``model_multinode_ll.jsonl``;
+``$OUT/...`` when ``OUT`` is set).
 """
 
 # ruff: noqa: E402  (imports follow the sys.path set-up below, so a checkout runs without installing)
@@ -56,12 +67,22 @@ from report import append_jsonl, environment_info, results_path
 
 __all__ = [
     "DEEPEP_BOTTLENECK_GBPS",
+    "DEEPEP_LOW_LATENCY",
     "LINE_RATE_GBPS",
+    "LowLatencyRow",
+    "LowLatencySpec",
     "ModelRow",
     "ModelSpec",
     "call_row_bytes",
+    "cross_node_messages",
+    "deepep_low_latency_message_bytes",
+    "epcomm_low_latency_message_bytes",
+    "format_low_latency_tables",
     "format_model_tables",
     "group_limited_routing",
+    "low_latency_messages",
+    "low_latency_routing",
+    "low_latency_rows",
     "minimum_inter_node_rows",
     "model_call_bytes",
     "model_rows",
@@ -431,22 +452,350 @@ def format_model_tables(rows: Sequence[ModelRow]) -> str:
     )
 
 
+# ---- low-latency mode ---------------------------------------------------------------------------
+
+DEEPEP_LOW_LATENCY: dict[int, tuple[float, float, float, float]] = {
+    16: (118.0, 63.0, 195.0, 74.0),
+    32: (155.0, 48.0, 273.0, 53.0),
+    64: (173.0, 43.0, 314.0, 46.0),
+    128: (192.0, 39.0, 369.0, 39.0),
+    256: (194.0, 39.0, 360.0, 40.0),
+}
+"""DeepEP V1's published low-latency figures by EP size: dispatch us, dispatch "RDMA bandwidth"
+GB/s, combine us, combine GB/s. H800 + CX7 400 Gb/s InfiniBand, 128 tokens per batch, hidden 7168,
+top-8 experts, FP8 dispatch, BF16 combine, NVLink used within a node
+(https://github.com/deepseek-ai/DeepEP, README, "Low-latency kernels with pure RDMA"). Its
+``tests/test_low_latency.py`` computes the bandwidth as ``(hidden + hidden / 128 * 4 + 16)`` bytes
+(dispatch) or ``hidden * 2`` bytes (combine) per valid top-k selection of the rank's tokens, own
+node and own rank included, over the kernel time."""
+
+
+def deepep_low_latency_message_bytes(hidden: int) -> tuple[int, int]:
+    """DeepEP V1's low-latency message bytes, ``(dispatch, combine)``: one FP8 message per (token,
+    expert) = ``hidden`` FP8 bytes + ``hidden / 128`` float32 scales + a 16-byte header (the
+    ``int4`` of source info in ``csrc/kernels/internode_ll.cu``; the same count as
+    ``tests/test_low_latency.py``); one BF16 row (``hidden * 2`` bytes) per (token, expert) back."""
+    return hidden + hidden // 128 * 4 + 16, hidden * 2
+
+
+def epcomm_low_latency_message_bytes(hidden: int, num_topk: int) -> tuple[int, int]:
+    """The bytes epcomm's NVLink low-latency kernels write per message, ``(dispatch, combine)``.
+
+    Dispatch (``kernels/low_latency_dispatch.py``, ``_send_tokens``): one message per (token,
+    destination rank holding one of its experts): ``hidden`` FP8 bytes (``hidden / 4`` int32
+    words), ``hidden / 128`` float32 scales and the token's ``num_topk`` int32 expert ids, into a
+    slot of ``LowLatencyLayout.message_words`` words (sized for the BF16 row; only those bytes are
+    written). Combine (``kernels/low_latency_combine.py``): one BF16 row (``hidden * 2`` bytes) per
+    (token, top-k slot), weighted at the token's rank.
+    """
+    return hidden + hidden // 128 * 4 + num_topk * 4, hidden * 2
+
+
+@dataclass(frozen=True)
+class LowLatencySpec:
+    """One group and routing of the low-latency model.
+
+    Attributes:
+        num_ranks: ranks (EP size); ``num_experts`` is a multiple of it.
+        ranks_per_node: GPUs per node (one NIC each).
+        num_tokens: tokens per rank (DeepEP's ``num_max_dispatch_tokens_per_rank``).
+        hidden: hidden size (a multiple of 128).
+        num_experts: experts in total.
+        num_topk: experts per token.
+        max_nodes_per_token: ``None``: plain top-k of the scores (DeepEP's low-latency test);
+            else the group limit of ``group_limited_routing`` (node groups per token).
+        seed: routing seed (rank ``r`` draws from ``seed * 1_000_003 + r``).
+    """
+
+    num_ranks: int
+    ranks_per_node: int = 8
+    num_tokens: int = 128
+    hidden: int = 7168
+    num_experts: int = 256
+    num_topk: int = 8
+    max_nodes_per_token: int | None = None
+    seed: int = 0
+
+    @property
+    def topology(self) -> NodeTopology:
+        """The group's nodes."""
+        return NodeTopology(self.num_ranks, self.ranks_per_node)
+
+    @property
+    def routing_name(self) -> str:
+        """``"top-k"`` (plain) or ``"<=N nodes"`` (group-limited)."""
+        if self.max_nodes_per_token is None:
+            return f"top-{self.num_topk}"
+        return f"<={self.max_nodes_per_token} nodes"
+
+
+def low_latency_routing(spec: LowLatencySpec, rank: int) -> torch.Tensor:
+    """``[num_tokens, num_topk]`` int64 ``topk_idx`` of ``rank``: plain top-k of ``|randn| + 1``
+    scores (one group of all experts in ``group_limited_routing``: the same draws), or with
+    ``spec.max_nodes_per_token`` the group-limited routing of the normal-mode model."""
+    limited = spec.max_nodes_per_token is not None
+    return group_limited_routing(
+        spec.num_tokens,
+        spec.num_experts,
+        spec.num_topk,
+        spec.topology.num_nodes if limited else 1,
+        spec.max_nodes_per_token if spec.max_nodes_per_token is not None else 1,
+        seed=spec.seed,
+        rank=rank,
+    )
+
+
+def low_latency_messages(
+    routing: Sequence[torch.Tensor], num_experts: int, num_ranks: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Messages of one low-latency dispatch between every pair of ranks, under both schemes.
+
+    Arguments:
+        routing: every rank's ``topk_idx``, ``[num_tokens, num_topk]`` int64 (``-1``: none).
+        num_experts: experts in total (expert ``e`` on rank ``e // (num_experts // num_ranks)``).
+        num_ranks: ranks.
+
+    Returns:
+        ``(per_expert, per_rank)``, each ``[num_ranks, num_ranks]`` int64 indexed ``[source,
+        destination]``: ``per_expert`` = (token, expert) pairs of the source's tokens whose expert
+        lives on the destination (DeepEP's messages; what the destination's ``recv_count`` sums
+        over its local experts); ``per_rank`` = the source's tokens with at least one expert on
+        the destination (epcomm's NVLink messages). The combine sends the same counts back.
+    """
+    per_expert = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
+    per_rank = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
+    for src, idx in enumerate(routing):
+        ranks = torch.div(idx[idx >= 0], num_experts // num_ranks, rounding_mode="floor")
+        per_expert[src] = torch.bincount(ranks, minlength=num_ranks)
+        per_rank[src] = tokens_in_rank(idx, num_experts, num_ranks).sum(dim=0)
+    return per_expert, per_rank
+
+
+def cross_node_messages(messages: torch.Tensor, topology: NodeTopology) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sent, received)``, ``[num_ranks]`` int64 each: the messages of ``messages`` (``[source,
+    destination]``) that each rank sends to and receives from ranks of other nodes, i.e. through
+    its NIC."""
+    node = torch.arange(topology.num_ranks) // topology.num_ranks_per_node
+    other = node.view(-1, 1) != node.view(1, -1)
+    crossing = torch.where(other, messages, torch.zeros_like(messages))
+    return crossing.sum(dim=1), crossing.sum(dim=0)
+
+
+@dataclass(frozen=True)
+class LowLatencyRow:
+    """One (EP size, routing, operation) of the low-latency model; MB = 1e6 bytes, times in us.
+
+    Attributes:
+        num_ranks, num_nodes, routing, operation: the call.
+        expert_msg_bytes, rank_msg_bytes: bytes of one message per (token, expert) (DeepEP's) and
+            per (token, destination rank) (epcomm's NVLink kernels' dispatch message; the combine
+            row is BF16 in both).
+        expert_msgs, rank_msgs: messages a NIC sends across nodes, mean over ranks.
+        expert_mb, rank_mb: those messages' MB, mean over ranks.
+        expert_max_mb, rank_max_mb: the busiest NIC: max over ranks of max(sent, received) MB.
+        topk_rows_mb: dispatch of epcomm's NVLink kernel only: the ``num_topk`` int32 ids it also
+            writes to every rank holding none of the token's experts, across nodes, mean MB.
+        nic_gbps: the NIC bandwidth (GB/s) of the times.
+        expert_us, rank_us: busiest NIC / ``nic_gbps``: a lower bound of the call's time.
+        deepep_us, deepep_gbps: DeepEP's published time and logical bandwidth (plain routing only).
+        deepep_logical_mb: DeepEP's byte count for this routing (every valid selection), mean.
+        deepep_logical_gbps: ``deepep_logical_mb / deepep_us``: to check against ``deepep_gbps``.
+        deepep_nic_gbps: ``expert_max_mb / deepep_us``: the rate the busiest NIC moved the
+            per-(token, expert) bytes across nodes in DeepEP's published time.
+    """
+
+    num_ranks: int
+    num_nodes: int
+    routing: str
+    operation: str
+    expert_msg_bytes: int
+    rank_msg_bytes: int
+    expert_msgs: float
+    rank_msgs: float
+    expert_mb: float
+    rank_mb: float
+    expert_max_mb: float
+    rank_max_mb: float
+    topk_rows_mb: float
+    nic_gbps: float
+    expert_us: float
+    rank_us: float
+    deepep_us: float | None
+    deepep_gbps: float | None
+    deepep_logical_mb: float
+    deepep_logical_gbps: float | None
+    deepep_nic_gbps: float | None
+
+
+def low_latency_rows(spec: LowLatencySpec, nic_gbps: float = LINE_RATE_GBPS) -> list[LowLatencyRow]:
+    """The dispatch (FP8) and combine (BF16) ``LowLatencyRow`` of ``spec`` at ``nic_gbps`` GB/s."""
+    topology = spec.topology
+    routing = [low_latency_routing(spec, rank) for rank in range(spec.num_ranks)]
+    per_expert, per_rank = low_latency_messages(routing, spec.num_experts, spec.num_ranks)
+    expert_sent, expert_received = cross_node_messages(per_expert, topology)
+    rank_sent, rank_received = cross_node_messages(per_rank, topology)
+    # Across nodes a rank receives in the combine the messages it sent in the dispatch, and sends
+    # what it received: its NIC's busiest direction has the same message count in both calls.
+    expert_busiest = int(torch.maximum(expert_sent, expert_received).max())
+    rank_busiest = int(torch.maximum(rank_sent, rank_received).max())
+    # The NVLink kernel writes the top-k ids to every destination, also those without a hit.
+    node = torch.arange(spec.num_ranks) // spec.ranks_per_node
+    other = node.view(-1, 1) != node.view(1, -1)
+    idle = torch.where(other, spec.num_tokens - per_rank, torch.zeros_like(per_rank)).sum(dim=1)
+    topk_rows_mb = float(idle.double().mean()) * spec.num_topk * 4 / 1e6
+    selections = sum(int((idx >= 0).sum()) for idx in routing) / spec.num_ranks
+    deepep_bytes = deepep_low_latency_message_bytes(spec.hidden)
+    epcomm_bytes = epcomm_low_latency_message_bytes(spec.hidden, spec.num_topk)
+    published = DEEPEP_LOW_LATENCY.get(spec.num_ranks) if spec.max_nodes_per_token is None else None
+    rows = []
+    for index, operation in enumerate(("dispatch", "combine")):
+        expert_size, rank_size = deepep_bytes[index], epcomm_bytes[index]
+        expert_max_mb = expert_busiest * expert_size / 1e6
+        rank_max_mb = rank_busiest * rank_size / 1e6
+        logical_mb = selections * expert_size / 1e6
+        deepep_us = None if published is None else published[2 * index]
+        rows.append(
+            LowLatencyRow(
+                num_ranks=spec.num_ranks,
+                num_nodes=topology.num_nodes,
+                routing=spec.routing_name,
+                operation=operation,
+                expert_msg_bytes=expert_size,
+                rank_msg_bytes=rank_size,
+                expert_msgs=float(expert_sent.double().mean()),
+                rank_msgs=float(rank_sent.double().mean()),
+                expert_mb=float(expert_sent.double().mean()) * expert_size / 1e6,
+                rank_mb=float(rank_sent.double().mean()) * rank_size / 1e6,
+                expert_max_mb=expert_max_mb,
+                rank_max_mb=rank_max_mb,
+                topk_rows_mb=topk_rows_mb if operation == "dispatch" else 0.0,
+                nic_gbps=nic_gbps,
+                expert_us=expert_max_mb / nic_gbps * 1e3,
+                rank_us=rank_max_mb / nic_gbps * 1e3,
+                deepep_us=deepep_us,
+                deepep_gbps=None if published is None else published[2 * index + 1],
+                deepep_logical_mb=logical_mb,
+                deepep_logical_gbps=None if deepep_us is None else logical_mb / deepep_us * 1e3,
+                deepep_nic_gbps=None if deepep_us is None else expert_max_mb / deepep_us * 1e3,
+            )
+        )
+    return rows
+
+
+def format_low_latency_tables(rows: Sequence[LowLatencyRow]) -> str:
+    """Two tables: messages and MB per NIC under both schemes, then the times (us) at the NIC
+    bandwidth beside DeepEP's published ones."""
+    gbps = rows[0].nic_gbps if rows else LINE_RATE_GBPS
+    bytes_table = _table(
+        [
+            "EP",
+            "nodes",
+            "routing",
+            "op",
+            "msgs/(t,e)",
+            "msgs/(t,r)",
+            "MB/(t,e)",
+            "MB/(t,r)",
+            "max MB/(t,e)",
+            "max MB/(t,r)",
+            "top-k only MB",
+        ],
+        [
+            [
+                str(r.num_ranks),
+                str(r.num_nodes),
+                r.routing,
+                r.operation,
+                f"{r.expert_msgs:.1f}",
+                f"{r.rank_msgs:.1f}",
+                f"{r.expert_mb:.3f}",
+                f"{r.rank_mb:.3f}",
+                f"{r.expert_max_mb:.3f}",
+                f"{r.rank_max_mb:.3f}",
+                f"{r.topk_rows_mb:.3f}" if r.operation == "dispatch" else "-",
+            ]
+            for r in rows
+        ],
+    )
+    time_table = _table(
+        [
+            "EP",
+            "routing",
+            "op",
+            f"(t,e) us @{gbps:g}",
+            f"(t,r) us @{gbps:g}",
+            "DeepEP us",
+            "DeepEP GB/s",
+            "DeepEP MB",
+            "DeepEP MB/us",
+            "DeepEP NIC GB/s",
+        ],
+        [
+            [
+                str(r.num_ranks),
+                r.routing,
+                r.operation,
+                f"{r.expert_us:.1f}",
+                f"{r.rank_us:.1f}",
+                _cell(r.deepep_us, ".0f"),
+                _cell(r.deepep_gbps, ".0f"),
+                f"{r.deepep_logical_mb:.3f}",
+                _cell(r.deepep_logical_gbps, ".1f"),
+                _cell(r.deepep_nic_gbps, ".1f"),
+            ]
+            for r in rows
+        ],
+    )
+    sizes = rows[0] if rows else None
+    legend = (
+        ""
+        if sizes is None
+        else f" (dispatch message {sizes.expert_msg_bytes} B per (token, expert), {sizes.rank_msg_bytes} B per "
+        f"(token, rank); combine {rows[1].expert_msg_bytes} B both)"
+    )
+    return (
+        "messages and MB (1e6 bytes) per NIC across nodes, mean over ranks (max: busiest NIC, "
+        f"max(sent, received)); (t,e): per (token, expert), (t,r): per (token, destination rank){legend}\n"
+        f"{bytes_table}\n\n"
+        f"times (us): busiest NIC at {gbps:g} GB/s (a lower bound), DeepEP's published time and "
+        "bandwidth, its byte count for this routing (every selection) over its time, and the busiest "
+        f"NIC's per-(token, expert) bytes over its time\n{time_table}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line: print the tables, append JSON rows; exit status 0."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--ep", default="16,32,64,128,256", help="EP sizes (default %(default)s)")
     parser.add_argument("--ranks-per-node", type=int, default=8)
-    parser.add_argument("--tokens", type=int, default=4096, help="tokens per rank")
+    parser.add_argument(
+        "--mode",
+        choices=("normal", "low-latency"),
+        default="normal",
+        help="which mode to model (default normal)",
+    )
+    parser.add_argument(
+        "--tokens", type=int, default=None, help="tokens per rank (normal 4096, low-latency 128)"
+    )
     parser.add_argument("--hidden", type=int, default=7168)
     parser.add_argument("--experts", type=int, default=256)
     parser.add_argument("--topk", type=int, default=8)
-    parser.add_argument("--max-nodes", type=int, default=4, help="node groups per token (group limit)")
+    parser.add_argument(
+        "--max-nodes",
+        type=int,
+        default=4,
+        help="node groups per token (group limit; low-latency: the second routing besides plain top-k)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16-dispatch", action="store_true", help="BF16 dispatch rows (default FP8)")
     parser.add_argument("--combine-weights", action="store_true", help="combine sends topk_weights")
     parser.add_argument("--nic-gbps", type=float, default=LINE_RATE_GBPS, help="NIC GB/s (default 400 Gb/s)")
     parser.add_argument("--out", default=None, help="JSON lines file ('' writes none)")
     args = parser.parse_args(argv)
+    if args.mode == "low-latency":
+        return _main_low_latency(args)
+    if args.tokens is None:
+        args.tokens = 4096
     rows: list[ModelRow] = []
     for ep in (int(v) for v in args.ep.split(",")):
         spec = ModelSpec(
@@ -469,6 +818,40 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(format_model_tables(rows))
     out = results_path("model_multinode.jsonl") if args.out is None else args.out
+    if out:
+        env: dict[str, Any] = environment_info(0, "cpu")
+        append_jsonl(out, [{**env, **asdict(row)} for row in rows])
+        print(f"rows appended to {out}")
+    return 0
+
+
+def _main_low_latency(args: argparse.Namespace) -> int:
+    """``--mode low-latency``: print the tables, append JSON rows; exit status 0."""
+    tokens = 128 if args.tokens is None else args.tokens
+    rows: list[LowLatencyRow] = []
+    for ep in (int(v) for v in args.ep.split(",")):
+        # The group limit changes nothing where a token may reach every node anyway.
+        limited = ep // args.ranks_per_node > args.max_nodes
+        for limit in (None, args.max_nodes) if limited else (None,):
+            spec = LowLatencySpec(
+                num_ranks=ep,
+                ranks_per_node=args.ranks_per_node,
+                num_tokens=tokens,
+                hidden=args.hidden,
+                num_experts=args.experts,
+                num_topk=args.topk,
+                max_nodes_per_token=limit,
+                seed=args.seed,
+            )
+            rows += low_latency_rows(spec, args.nic_gbps)
+    print(
+        f"low-latency model: {tokens} tokens/rank, hidden {args.hidden}, top-{args.topk} of {args.experts} "
+        f"experts (plain top-{args.topk}; and <= {args.max_nodes} nodes/token where there are more nodes), "
+        f"{args.ranks_per_node} GPUs "
+        f"(NICs) per node, FP8 dispatch, BF16 combine, seed {args.seed}"
+    )
+    print(format_low_latency_tables(rows))
+    out = results_path("model_multinode_ll.jsonl") if args.out is None else args.out
     if out:
         env: dict[str, Any] = environment_info(0, "cpu")
         append_jsonl(out, [{**env, **asdict(row)} for row in rows])

@@ -293,8 +293,9 @@ def check_row_counts(
 
 
 class CallNumbers:
-    """A ``Buffer``'s normal-mode call counter: ``stamp`` gives a call its sequence number when it
-    starts communicating (word 1 of its fingerprint)."""
+    """A ``Buffer``'s call counter: ``stamp`` gives a call its sequence number when it starts
+    communicating (word 1 of its fingerprint). The reference backend counts the calls of both modes
+    with one counter."""
 
     def __init__(self) -> None:
         self.count = 0

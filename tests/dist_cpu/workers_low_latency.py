@@ -6,12 +6,14 @@ As in ``workers_normal``, each worker communicates first and checks afterwards.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from epcomm import Buffer
+from epcomm import Buffer, InconsistentCallError
+from epcomm.env import Settings
 from epcomm.quant import per_token_cast_back
 from epcomm.testing import ProcessGroupInfo
 
@@ -24,10 +26,12 @@ from .naive import (
     assert_rows_close,
     assert_rows_equal,
     make_all_inputs,
+    naive_dispatch,
     naive_low_latency_combine,
     naive_low_latency_dispatch,
     power_of_two_scale,
 )
+from .naive_nodes import Topology, naive_combine_by_node
 from .workers_normal import BACKEND, COMBINE_RTOL, FP8_ATOL_OF_GROUP_MAX, FP8_RTOL, assert_combined_close
 
 # The combined output is a float32 weighted sum rounded to bf16 (tolerance relative to the max).
@@ -43,18 +47,31 @@ DISPATCH_MODES: dict[str, tuple[bool, bool, bool]] = {
 
 
 def _low_latency_buffer(
-    pgi: ProcessGroupInfo, case: Case, capacity: int, enable_shrink: bool = False
+    pgi: ProcessGroupInfo,
+    case: Case,
+    capacity: int,
+    enable_shrink: bool = False,
+    ranks_per_node: int | None = None,
 ) -> Buffer:
+    """A low-latency ``Buffer`` sized for ``case``; with ``ranks_per_node`` the group is split into
+    simulated nodes (``Settings(ranks_per_node=...)``), which with ``num_rdma_bytes > 0`` puts the
+    buffer in multi-node mode (checked)."""
     num_rdma_bytes = Buffer.get_low_latency_rdma_size_hint(
         capacity, case.hidden, pgi.world_size, case.num_experts
     )
-    return Buffer(
+    buffer = Buffer(
         pgi.group,
         num_rdma_bytes=num_rdma_bytes,
         low_latency_mode=True,
         enable_shrink=enable_shrink,
         backend=BACKEND,
+        settings=None if ranks_per_node is None else Settings(ranks_per_node=ranks_per_node),
     )
+    if ranks_per_node is not None:
+        expected = ranks_per_node < pgi.world_size
+        assert buffer.num_ranks_per_node == ranks_per_node, buffer.num_ranks_per_node
+        assert buffer.is_multi_node == expected, f"is_multi_node {buffer.is_multi_node}, expected {expected}"
+    return buffer
 
 
 def _garbage(case: Case, rank: int, shape: Sequence[int], salt: int) -> torch.Tensor:
@@ -178,10 +195,11 @@ def dispatch_combine_worker(
     mode: str,
     default_dtype: str = "",
     default_device: str = "",
+    ranks_per_node: int | None = None,
 ) -> None:
     """One dispatch (bf16 or FP8) with receive stats; for bf16 also the weighted combine; the
     buffer is made and called under the caller's ``default_dtype`` and ``default_device`` (``""``:
-    torch's)."""
+    torch's), on simulated nodes of ``ranks_per_node`` ranks when given (multi-node mode)."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
@@ -191,7 +209,10 @@ def dispatch_combine_worker(
     wait_stats = torch.zeros(num_ranks, num_ranks, dtype=torch.int64)
     use_fp8, round_scale, use_ue8m0 = DISPATCH_MODES[mode]
     combined = None
-    with caller_defaults(default_dtype, default_device), _low_latency_buffer(pgi, case, capacity) as buffer:
+    with (
+        caller_defaults(default_dtype, default_device),
+        _low_latency_buffer(pgi, case, capacity, ranks_per_node=ranks_per_node) as buffer,
+    ):
         result = buffer.low_latency_dispatch(
             mine.x,
             mine.topk_idx,
@@ -224,15 +245,18 @@ def dispatch_combine_worker(
         _check_combined(combined, mine, me, case, num_ranks, "low_latency_combine")
 
 
-def combine_variant_worker(pgi: ProcessGroupInfo, case: Case, capacity: int, variant: str) -> None:
+def combine_variant_worker(
+    pgi: ProcessGroupInfo, case: Case, capacity: int, variant: str, ranks_per_node: int | None = None
+) -> None:
     """``variant``: ``zero_copy`` (outputs written into the combine buffer), ``out`` (preallocated
-    result) or ``recv_hook`` (both calls with ``return_recv_hook=True``, completed by ``hook()``)."""
+    result) or ``recv_hook`` (both calls with ``return_recv_hook=True``, completed by ``hook()``);
+    on simulated nodes of ``ranks_per_node`` ranks when given."""
     me, num_ranks = pgi.rank, pgi.world_size
     all_inputs = make_all_inputs(case, num_ranks)
     mine = all_inputs[me]
     use_hook = variant == "recv_hook"
     out = _garbage(case, me, mine.x.shape, salt=2) if variant == "out" else None
-    with _low_latency_buffer(pgi, case, capacity) as buffer:
+    with _low_latency_buffer(pgi, case, capacity, ranks_per_node=ranks_per_node) as buffer:
         result = buffer.low_latency_dispatch(
             mine.x, mine.topk_idx, capacity, case.num_experts, use_fp8=False, return_recv_hook=use_hook
         )
@@ -264,12 +288,16 @@ def combine_variant_worker(pgi: ProcessGroupInfo, case: Case, capacity: int, var
         _check_combined(out, mine, me, case, num_ranks, "low_latency_combine out=")
 
 
-def two_outstanding_worker(pgi: ProcessGroupInfo, case: Case, capacity: int) -> None:
-    """Dispatch A, dispatch B, then combine A and B: A's results survive B (two alternating buffers)."""
+def two_outstanding_worker(
+    pgi: ProcessGroupInfo, case: Case, capacity: int, ranks_per_node: int | None = None, clean: bool = False
+) -> None:
+    """Dispatch A, dispatch B, then combine A and B: A's results survive B (two alternating buffers);
+    on simulated nodes of ``ranks_per_node`` ranks when given. With ``clean``,
+    ``clean_low_latency_buffer`` follows and then dispatch and combine A once more."""
     me, num_ranks = pgi.rank, pgi.world_size
-    cases = (case, dataclasses.replace(case, seed=case.seed + 1))
+    cases = [case, dataclasses.replace(case, seed=case.seed + 1)]
     inputs = [make_all_inputs(c, num_ranks) for c in cases]
-    with _low_latency_buffer(pgi, case, capacity) as buffer:
+    with _low_latency_buffer(pgi, case, capacity, ranks_per_node=ranks_per_node) as buffer:
         results = [
             buffer.low_latency_dispatch(
                 all_inputs[me].x, all_inputs[me].topk_idx, capacity, case.num_experts, use_fp8=False
@@ -290,7 +318,19 @@ def two_outstanding_worker(pgi: ProcessGroupInfo, case: Case, capacity: int) -> 
             outputs = _expert_outputs(c, me, recv_x, recv_count)
             mine = all_inputs[me]
             combined.append(buffer.low_latency_combine(outputs, mine.topk_idx, mine.topk_weights, handle)[0])
-    for name, c, all_inputs, combined_x in zip("AB", cases, inputs, combined, strict=True):
+        if clean:
+            buffer.clean_low_latency_buffer(capacity, case.hidden, case.num_experts)
+            mine = inputs[0][me]
+            again = buffer.low_latency_dispatch(
+                mine.x, mine.topk_idx, capacity, case.num_experts, use_fp8=False
+            )
+            recv_x, recv_count, handle = again[0], again[1], again[2]
+            assert isinstance(recv_x, torch.Tensor)
+            outputs = _expert_outputs(case, me, recv_x, recv_count)
+            combined.append(buffer.low_latency_combine(outputs, mine.topk_idx, mine.topk_weights, handle)[0])
+            check_low_latency_dispatch(again, expected[0], inputs[0], case, capacity, "bf16")
+            cases, inputs = [*cases, case], [*inputs, inputs[0]]
+    for name, c, all_inputs, combined_x in zip("ABC"[: len(cases)], cases, inputs, combined, strict=True):
         _check_combined(combined_x, all_inputs[me], me, c, num_ranks, f"low_latency_combine {name}")
 
 
@@ -321,3 +361,67 @@ def shrink_worker(pgi: ProcessGroupInfo, case: Case, capacity: int, masked_rank:
     expected = naive_low_latency_dispatch(all_inputs, me, case.num_experts, masked_ranks=masked)
     check_low_latency_dispatch(result, expected, all_inputs, case, capacity, "bf16", masked_ranks=masked)
     _check_combined(combined, mine, me, case, num_ranks, "low_latency_combine (shrink)", masked_ranks=masked)
+
+
+def normal_and_low_latency_worker(
+    pgi: ProcessGroupInfo, case: Case, capacity: int, ranks_per_node: int, odd_rank: int
+) -> dict[str, Any]:
+    """One multi-node ``Buffer`` in both modes: a normal-mode (internode) dispatch and combine, a
+    low-latency dispatch and combine, then a call in which rank ``odd_rank`` makes a normal-mode
+    dispatch while the others make a low-latency dispatch (every rank must raise
+    ``InconsistentCallError``, not a transport error), then a matching low-latency dispatch.
+    Every result is checked against the naive oracle; returns what the mixed call raised
+    (``kind``, ``message``, ``elapsed_s``)."""
+    me, num_ranks = pgi.rank, pgi.world_size
+    all_inputs = make_all_inputs(case, num_ranks)
+    mine = all_inputs[me]
+    topology = Topology(num_ranks, ranks_per_node, Buffer.num_sms // 2, case.num_experts)
+    outcome: dict[str, Any] = {"kind": None, "message": None}
+    with _low_latency_buffer(pgi, case, capacity, ranks_per_node=ranks_per_node) as buffer:
+
+        def normal_dispatch() -> tuple[Any, ...]:
+            per_rank, per_node, per_expert, in_rank, _ = buffer.get_dispatch_layout(
+                mine.topk_idx, case.num_experts
+            )
+            return buffer.dispatch(
+                mine.x,
+                num_tokens_per_rank=per_rank,
+                num_tokens_per_rdma_rank=per_node,
+                is_token_in_rank=in_rank,
+                num_tokens_per_expert=per_expert,
+                topk_idx=mine.topk_idx,
+                topk_weights=mine.topk_weights,
+            )
+
+        recv_x, _, recv_weights, _, handle, _ = normal_dispatch()
+        assert isinstance(recv_x, torch.Tensor)
+        combined, _, _ = buffer.combine(recv_x * power_of_two_scale(me), handle, topk_weights=recv_weights)
+        low_latency = buffer.low_latency_dispatch(
+            mine.x, mine.topk_idx, capacity, case.num_experts, use_fp8=False
+        )
+        ll_x, ll_count, ll_handle = low_latency[0], low_latency[1], low_latency[2]
+        assert isinstance(ll_x, torch.Tensor)
+        ll_combined, _, _ = buffer.low_latency_combine(
+            _expert_outputs(case, me, ll_x, ll_count), mine.topk_idx, mine.topk_weights, ll_handle
+        )
+        start = time.monotonic()
+        try:
+            if me == odd_rank:
+                normal_dispatch()
+            else:
+                buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts, use_fp8=False)
+        except InconsistentCallError as error:
+            outcome = {"kind": type(error).__name__, "message": str(error)}
+        outcome["elapsed_s"] = time.monotonic() - start
+        after = buffer.low_latency_dispatch(mine.x, mine.topk_idx, capacity, case.num_experts, use_fp8=False)
+
+    expected = naive_dispatch(all_inputs, me, case.num_experts)
+    assert_rows_equal(recv_x, expected.x, expected.keys, "recv_x of the normal-mode dispatch")
+    token_keys = [(me, token) for token in range(mine.x.size(0))]
+    want_x, _ = naive_combine_by_node(mine, topology)
+    assert_rows_equal(combined, want_x, token_keys, "combined_x of the normal-mode combine (per node)")
+    expected_ll = naive_low_latency_dispatch(all_inputs, me, case.num_experts)
+    check_low_latency_dispatch(low_latency, expected_ll, all_inputs, case, capacity, "bf16")
+    _check_combined(ll_combined, mine, me, case, num_ranks, "low_latency_combine after normal mode")
+    check_low_latency_dispatch(after, expected_ll, all_inputs, case, capacity, "bf16")
+    return outcome

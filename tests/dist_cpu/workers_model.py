@@ -1,5 +1,6 @@
-"""Worker of ``test_model_multinode``: a group-limited dispatch (FP8) and combine (BF16) on the
-reference backend in multi-node mode, returning ``Buffer.last_call_bytes()`` after each."""
+"""Workers of ``test_model_multinode``: a group-limited dispatch (FP8) and combine (BF16) on the
+reference backend in multi-node mode, returning ``Buffer.last_call_bytes()`` after each; a
+low-latency dispatch in a multi-node ``Buffer``, returning what it delivered per source rank."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from epcomm.testing import ProcessGroupInfo
 from epcomm.traffic import CallBytes
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from model_multinode import ModelSpec, group_limited_routing
+from model_multinode import LowLatencySpec, ModelSpec, group_limited_routing, low_latency_routing
 
 
 def model_calls_worker(pgi: ProcessGroupInfo, spec: ModelSpec) -> tuple[CallBytes | None, CallBytes | None]:
@@ -52,3 +53,36 @@ def model_calls_worker(pgi: ProcessGroupInfo, spec: ModelSpec) -> tuple[CallByte
         buffer.combine(y, handle, topk_weights=recv_weights if spec.combine_weights else None)
         combine_bytes = buffer.last_call_bytes()
     return dispatch_bytes, combine_bytes
+
+
+def low_latency_delivery_worker(pgi: ProcessGroupInfo, spec: LowLatencySpec) -> tuple[list[int], list[int]]:
+    """One low-latency dispatch of this rank's ``low_latency_routing`` tokens on the reference
+    backend in a multi-node ``Buffer``; returns, per source rank, the (token, expert) rows it
+    delivered here (``recv_layout_range`` counts summed over the local experts, which add up to
+    ``recv_count``) and the distinct source tokens among them (``recv_src_info``)."""
+    me = pgi.rank
+    topk_idx = low_latency_routing(spec, me)
+    generator = torch.Generator().manual_seed(me)
+    x = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16)
+    size = Buffer.get_low_latency_rdma_size_hint(
+        spec.num_tokens, spec.hidden, spec.num_ranks, spec.num_experts
+    )
+    settings = Settings(ranks_per_node=spec.ranks_per_node)
+    with Buffer(
+        pgi.group, num_rdma_bytes=size, low_latency_mode=True, backend="reference", settings=settings
+    ) as buffer:
+        assert buffer.is_multi_node
+        _, recv_count, handle, _, _ = buffer.low_latency_dispatch(
+            x, topk_idx, spec.num_tokens, spec.num_experts, use_fp8=True
+        )
+    recv_src_info, recv_layout_range = handle[0], handle[1]
+    per_expert = [0] * spec.num_ranks
+    tokens: list[set[int]] = [set() for _ in range(spec.num_ranks)]
+    for local_expert in range(recv_layout_range.size(0)):
+        for src in range(spec.num_ranks):
+            value = int(recv_layout_range[local_expert, src])
+            begin, count = value >> 32, value & 0xFFFFFFFF
+            per_expert[src] += count
+            tokens[src].update(recv_src_info[local_expert, begin : begin + count].tolist())
+    assert sum(per_expert) == int(recv_count.sum()), (per_expert, recv_count.tolist())
+    return per_expert, [len(t) for t in tokens]

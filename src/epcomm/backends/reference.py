@@ -96,9 +96,18 @@ class ReferenceBackend(LowLatencyDelegation):
         self.num_ranks_per_node = num_ranks_per_node
         self.topology = NodeTopology(self.num_ranks, num_ranks_per_node)
         self.multi_node = multi_node
-        self.low_latency = ReferenceLowLatency(self.peers, shrink_timeout_s if enable_shrink else None)
-        self.enable_shrink = enable_shrink
         self.calls = CallNumbers()
+        # Both modes share the call counter, and the first message of every call has one size in
+        # both modes (see ``_exchange_header``): a rank in a normal-mode call and one in a
+        # low-latency call raise InconsistentCallError and stay in step for the next call.
+        extra_words = len(zero_header_words(self.topology)) if multi_node else 0
+        self.low_latency = ReferenceLowLatency(
+            self.peers,
+            shrink_timeout_s if enable_shrink else None,
+            extra_header_words=extra_words,
+            calls=self.calls,
+        )
+        self.enable_shrink = enable_shrink
         self._last_call: tuple[str, int, NormalHandle] | None = None
         self._check_same_topology()
 

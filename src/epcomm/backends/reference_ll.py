@@ -50,11 +50,25 @@ class ReferenceLowLatency:
         shrink_timeout_s: shrink mode's bound on each peer's arrival, after which the peer is
             masked; ``None`` (shrink mode off) or an NCCL group: a missing peer raises
             ``PeerTimeoutError`` after ``peers.timeout_s``.
+        extra_header_words: words the normal-mode calls of the same ``Buffer`` add to their first
+            message after ``FINGERPRINT_WORDS + num_ranks`` (multi-node mode: ``num_nodes + 1``,
+            ``reference_internode.zero_header_words``); the first message of a low-latency call
+            carries as many zeros, so both modes' first messages have one size.
+        calls: the call counter, shared with the normal mode of the same ``Buffer`` so that a call
+            in which ranks chose different modes advances every rank's count alike; default: a
+            counter of its own.
     """
 
-    def __init__(self, peers: PeerGroup, shrink_timeout_s: float | None = None) -> None:
+    def __init__(
+        self,
+        peers: PeerGroup,
+        shrink_timeout_s: float | None = None,
+        extra_header_words: int = 0,
+        calls: CallNumbers | None = None,
+    ) -> None:
         self.peers = peers
-        self.calls = CallNumbers()
+        self.extra_header_words = extra_header_words
+        self.calls = CallNumbers() if calls is None else calls
         self.mask = torch.zeros(peers.num_ranks, dtype=torch.int32, device="cpu")
         self.shrink_timeout_s = shrink_timeout_s if peers.supports_tolerant_waits else None
         self._parity = 0
@@ -100,15 +114,15 @@ class ReferenceLowLatency:
         """The call's first message: its fingerprint to and from every unmasked peer, compared
         before the payload is posted (the payload's size follows from it, so ranks that disagree
         never post messages of different sizes). The message has the size of a normal-mode call's
-        first message (``FINGERPRINT_WORDS + num_ranks`` int64, the counts zero), so a rank in a
-        normal-mode call and one in a low-latency call also meet on equal sizes and are told apart
-        by the operation word. The call waits here for its peers to enter the same call.
+        first message (``FINGERPRINT_WORDS + num_ranks + extra_header_words`` int64, the counts zero),
+        so a rank in a normal-mode call and one in a low-latency call also meet on equal sizes (in
+        multi-node mode too) and are told apart by the operation word. The call waits here for its peers to enter the same call.
 
         Raises:
             InconsistentCallError: a peer's fingerprint differs from this rank's.
             PeerTimeoutError: without shrink mode, a peer did not arrive.
         """
-        words = fingerprint.words() + [0] * self.peers.num_ranks
+        words = fingerprint.words() + [0] * (self.peers.num_ranks + self.extra_header_words)
         header = torch.tensor(words, dtype=torch.int64, device=device)
         active = self._active_peers()
         recvs = {peer: torch.empty_like(header) for peer in active}
