@@ -170,9 +170,12 @@ class HierarchicalNormal:
         legs: the transport's two exchanges.
         topology: the nodes of the group.
         rank: this rank.
+        calls: the call counter (shared with the low-latency mode of the same ``Buffer``).
     """
 
-    def __init__(self, legs: Legs, topology: NodeTopology, rank: int) -> None:
+    def __init__(
+        self, legs: Legs, topology: NodeTopology, rank: int, calls: CallNumbers | None = None
+    ) -> None:
         self.legs = legs
         self.topology = topology
         self.rank = rank
@@ -181,7 +184,7 @@ class HierarchicalNormal:
         self.num_ranks = topology.num_ranks
         self.node = topology.node_of(rank)
         self.local = topology.local_rank_of(rank)
-        self.calls = CallNumbers()
+        self.calls = CallNumbers() if calls is None else calls
         self.last_leg_bytes: LegBytes | None = None
         self._last_call: tuple[str, int, InternodeHandle, LegBytes] | None = None
 
@@ -634,7 +637,7 @@ class HierarchicalBackend(ReferenceBackend):
         )
         self.name = name
         made = (legs or TorchLegs)(self.peers, self.topology)
-        self.hierarchical = HierarchicalNormal(made, self.topology, self.rank)
+        self.hierarchical = HierarchicalNormal(made, self.topology, self.rank, self.calls)
 
     def dispatch(self, request: DispatchRequest) -> DispatchResult:
         """See ``HierarchicalNormal.dispatch``."""
