@@ -82,11 +82,10 @@ class NvshmemLegs:
     def __init__(
         self, group: Any, topology: NodeTopology, device: torch.device, num_bytes: int, timeout_s: float
     ) -> None:
-        self.rank = dist.get_rank(group)
         self.device = device
         self.timeout_s = timeout_s
         self.num_bytes = num_bytes
-        pes = group_pes(group)
+        self.rank, pes = self._group(group)
         per_node, num_nodes = topology.num_ranks_per_node, topology.num_nodes
         node, local = topology.node_of(self.rank), topology.local_rank_of(self.rank)
         rdma_ranks = [m * per_node + local for m in range(num_nodes)]
@@ -114,11 +113,7 @@ class NvshmemLegs:
             device,
         )
         total_words = self._nvl_leg.end_word
-        symm_mem = nvshmem_symmetric_memory(device)
-        self.buffer = symm_mem.empty(total_words, dtype=torch.int32, device=device)
-        retain(self.buffer)
-        self.buffer.zero_()
-        self.peer_table = build_peer_table(self.buffer, pes)
+        self.buffer, self.peer_table = self._allocate(total_words, pes)
         addresses = self.peer_table.tolist()  # synchronizes: the zeroed buffer, the table
         unreachable = [r for r in nvl_ranks if addresses[r] == 0]
         if unreachable:
@@ -128,14 +123,40 @@ class NvshmemLegs:
                 "that share an NVLink domain"
             )
         # Host-mapped error word [flag, operation, peer, rank], read without synchronizing.
-        self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=True)
+        self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=device.type == "cuda")
         self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
-        from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
-
-        self._put_kernel = requires_nvshmem(leg_put_kernel)
+        self._put_kernel: Any = None
         self.epoch = 0
         # No rank writes a peer's buffer before that peer has zeroed it.
+        self._barrier(group)
+
+    # ---- the group and the device: NVSHMEM and the leg kernel (a CPU check replaces these) -----
+    def _group(self, group: Any) -> tuple[int, list[int]]:
+        """This rank and every rank's NVSHMEM PE."""
+        return dist.get_rank(group), group_pes(group)
+
+    def _allocate(self, total_words: int, pes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's zeroed leg buffer (``[total_words]`` int32, NVSHMEM symmetric) and its peer
+        table (``[num_ranks]`` int64, from ``nvshmem_ptr``)."""
+        symm_mem = nvshmem_symmetric_memory(self.device)
+        buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
+        retain(buffer)
+        buffer.zero_()
+        return buffer, build_peer_table(buffer, pes)
+
+    def _barrier(self, group: Any) -> None:
         dist.barrier(group=group)
+
+    def _launch(self, put: bool, **arguments: Any) -> None:
+        """``launch_leg_exchange`` with the leg's kernel (put-with-signal or stores)."""
+        if put and self._put_kernel is None:
+            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+            self._put_kernel = requires_nvshmem(leg_put_kernel)
+        launch_leg_exchange(**arguments, kernel=self._put_kernel if put else leg_store_kernel)
+
+    def _synchronize(self) -> None:
+        torch.cuda.current_stream(self.device).synchronize()
 
     def _exchange(
         self, leg: _Leg, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int], put: bool
@@ -160,7 +181,8 @@ class NvshmemLegs:
                 data[start : start + num].copy_(send.reshape(-1).view(torch.uint8))
             sizes.append(align_up(num, 16))
         send_bytes = torch.tensor(sizes, dtype=torch.int64, device="cpu").to(self.device)
-        launch_leg_exchange(
+        self._launch(
+            put,
             peer_table=self.peer_table,
             leg_ranks=leg.device_ranks,
             leg_pes=leg.device_pes,
@@ -175,9 +197,8 @@ class NvshmemLegs:
             staging_word=leg.staging_word,
             recv_word=leg.recv_words[parity],
             slot_words=leg.slot_words,
-            kernel=self._put_kernel if put else leg_store_kernel,
         )
-        torch.cuda.current_stream(self.device).synchronize()
+        self._synchronize()
         if self._error_flag.value != 0:
             peer, rank = (int(v) for v in self.error_word[2:4])
             self.error_word.zero_()
