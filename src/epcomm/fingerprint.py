@@ -10,7 +10,7 @@ communicate and carries none.
 The words, in this order (``FINGERPRINT_WORDS``; int64 in the reference backend's messages)::
 
     0 operation       NormalOperation: 1 dispatch, 2 cached dispatch, 3 combine,
-                      4 low_latency_dispatch, 5 low_latency_combine
+                      4 low_latency_dispatch, 5 low_latency_combine, 6 clean_low_latency_buffer
     1 sequence        the Buffer's normal-mode call number (1, 2, ...), counted when a call starts
                       communicating (a call rejected for its arguments takes no number)
     2 handle          the sequence number of the dispatch whose handle the call uses (0: none)
@@ -21,8 +21,9 @@ The words, in this order (``FINGERPRINT_WORDS``; int64 in the reference backend'
     7 with weights    1 when dispatch is given topk_weights (combine: when num_topk > 0);
                       the low-latency operations: num_max_dispatch_tokens_per_rank
 
-The low-latency operations (4, 5) use the same words: the reference backend's low-latency calls
-send them in a first message of their own (fixed size) and compare before the payload is posted.
+The low-latency operations (4, 5, 6) use the same words: the reference backend's low-latency calls
+send them in a first message of their own (fixed size) and compare before the payload is posted;
+``clean_low_latency_buffer``'s barrier is that message alone.
 
 Together they fix the size of every message that follows (rows of ``hidden`` and ``x format``,
 top-k columns, per-expert counts), so ranks that agree on them cannot disagree on a message size.
@@ -59,9 +60,14 @@ class NormalOperation(enum.IntEnum):
     COMBINE = 3
     LOW_LATENCY_DISPATCH = 4
     LOW_LATENCY_COMBINE = 5
+    CLEAN_LOW_LATENCY_BUFFER = 6
 
 
-_LOW_LATENCY = (NormalOperation.LOW_LATENCY_DISPATCH, NormalOperation.LOW_LATENCY_COMBINE)
+_LOW_LATENCY = (
+    NormalOperation.LOW_LATENCY_DISPATCH,
+    NormalOperation.LOW_LATENCY_COMBINE,
+    NormalOperation.CLEAN_LOW_LATENCY_BUFFER,
+)
 
 
 class XFormat(enum.IntEnum):
@@ -85,6 +91,7 @@ _OPERATION_NAMES: dict[int, str] = {
     NormalOperation.COMBINE: "combine",
     NormalOperation.LOW_LATENCY_DISPATCH: "low_latency_dispatch",
     NormalOperation.LOW_LATENCY_COMBINE: "low_latency_combine",
+    NormalOperation.CLEAN_LOW_LATENCY_BUFFER: "clean_low_latency_buffer",
 }
 _FORMAT_NAMES: dict[int, str] = {
     XFormat.BF16: "bf16",
@@ -197,6 +204,13 @@ class CallFingerprint(NamedTuple):
             capacity,
         )
 
+    @staticmethod
+    def for_clean_low_latency_buffer(hidden: int, num_experts: int, capacity: int) -> CallFingerprint:
+        """``clean_low_latency_buffer(capacity, hidden, num_experts)``: its barrier carries it."""
+        return CallFingerprint(
+            NormalOperation.CLEAN_LOW_LATENCY_BUFFER, 0, 0, hidden, XFormat.BF16, num_experts, 0, capacity
+        )
+
     def words(self) -> list[int]:
         """The ``FINGERPRINT_WORDS`` words, in field order."""
         return [int(value) for value in self]
@@ -217,6 +231,8 @@ class CallFingerprint(NamedTuple):
         if self.operation in _LOW_LATENCY:
             if self.operation == NormalOperation.LOW_LATENCY_COMBINE:
                 head += f" of #{self.handle_sequence}"
+            elif self.operation == NormalOperation.CLEAN_LOW_LATENCY_BUFFER:
+                return f"{head} hidden={self.hidden} experts={self.num_experts} capacity={self.with_weights}"
             else:
                 head += f" {_name(_FORMAT_NAMES, self.x_format, 'format')}"
             return (

@@ -151,6 +151,7 @@ LOW_LATENCY_ROWS: dict[str, str] = {
     "ll_fp8_vs_bf16": "x format differs",
     "ll_call_order": "operation differs",  # others: dispatch, dispatch; odd rank: dispatch, combine
     "ll_other_handle": "handle differs",  # combine with the handle of the earlier dispatch
+    "ll_clean_vs_dispatch": "operation differs",  # odd rank: clean_low_latency_buffer
 }
 LL_CAPACITY = 32
 
@@ -174,6 +175,9 @@ def _differing_low_latency_call(buffer: Buffer, row: str, is_odd: bool, mine: Ra
             buffer.low_latency_combine(recv_x, topk_idx, mine.topk_weights, handle)
         else:
             buffer.low_latency_combine(second_x, topk_idx, mine.topk_weights, second_handle)
+        return
+    if row == "ll_clean_vs_dispatch" and is_odd:
+        buffer.clean_low_latency_buffer(capacity, x.size(1), num_experts)
         return
     use_fp8 = False
     if is_odd and row == "ll_capacity":

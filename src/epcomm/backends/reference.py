@@ -414,7 +414,7 @@ class ReferenceBackend(LowLatencyDelegation):
         """Drop the low-latency result buffers, then a bounded barrier among the unmasked ranks
         (in shrink mode a peer missing there is masked; otherwise ``PeerTimeoutError``)."""
         self.low_latency.clean()
-        self.low_latency.barrier()
+        self.low_latency.barrier(num_max_dispatch_tokens_per_rank, hidden, num_experts)
 
     def destroy(self) -> None:
         """Release the result buffers."""

@@ -134,22 +134,21 @@ class ReferenceLowLatency:
         }
         check_fingerprints(self.peers.rank, fingerprint, theirs)
 
-    def barrier(self) -> None:
-        """``clean_low_latency_buffer``'s barrier: a 1-byte message to and from every unmasked peer.
+    def barrier(self, capacity: int, hidden: int, num_experts: int) -> None:
+        """``clean_low_latency_buffer``'s barrier: the call's fingerprint to and from every unmasked
+        peer (``_agree``), so a peer in another call raises ``InconsistentCallError`` here.
 
         Raises:
+            InconsistentCallError: a peer is in another call, or cleans for other sizes.
             PeerTimeoutError: without shrink mode, naming the peers that did not arrive.
         """
-        active = self._active_peers()
         # NCCL moves CUDA tensors only; gloo moves CPU tensors.
         cuda = self.peers.supports_cuda
         device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-        token = torch.ones(1, dtype=torch.uint8, device=device)
-        recvs = {peer: torch.zeros(1, dtype=torch.uint8, device=device) for peer in active}
-        self._finish(
-            "clean_low_latency_buffer",
-            self._post("clean_low_latency_buffer", dict.fromkeys(active, token), recvs),
+        fingerprint = self.calls.stamp(
+            CallFingerprint.for_clean_low_latency_buffer(hidden, num_experts, capacity)
         )
+        self._agree("clean_low_latency_buffer", fingerprint, device)
 
     def combine_buffer(self, handle: LowLatencyHandle) -> torch.Tensor:
         """The zero-copy combine buffer of ``handle``'s parity, ``[L, R * M, hidden]`` bf16."""
