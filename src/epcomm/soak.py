@@ -10,10 +10,11 @@ bit, low-latency combine within 1% of the largest value (the low-latency reducti
 kernel's). It prints the mismatches (there must be none), iterations per second and the slowest
 iteration. ``--max-seconds`` ends a long run cleanly when its time is up (every rank stops after the
 same iteration) and ``--first-iteration`` continues a sequence where an earlier run stopped, so a
-run longer than one sitting can be split without repeating or skipping a scenario. On CPU the transport is the reference backend itself: the run then checks that random
-shapes never fail, not two implementations against each other. Combinations that cannot run on this
-machine (``--transport nvlink`` on CPU ranks, ``--dist-backend nccl`` without a GPU per process)
-are refused before any process starts.
+run longer than one sitting can be split without repeating or skipping a scenario. On CPU the
+transport is the reference backend itself: the run then checks that random shapes never fail, not
+two implementations against each other. Combinations that cannot run on this machine (``--transport
+nvlink`` on CPU ranks, ``--dist-backend nccl`` without a GPU per process) are refused before any
+process starts.
 """
 
 from __future__ import annotations

@@ -114,9 +114,10 @@ class ReferenceLowLatency:
         """The call's first message: its fingerprint to and from every unmasked peer, compared
         before the payload is posted (the payload's size follows from it, so ranks that disagree
         never post messages of different sizes). The message has the size of a normal-mode call's
-        first message (``FINGERPRINT_WORDS + num_ranks + extra_header_words`` int64, the counts zero),
-        so a rank in a normal-mode call and one in a low-latency call also meet on equal sizes (in
-        multi-node mode too) and are told apart by the operation word. The call waits here for its peers to enter the same call.
+        first message (``FINGERPRINT_WORDS + num_ranks + extra_header_words`` int64, the counts
+        zero), so a rank in a normal-mode call and one in a low-latency call also meet on equal
+        sizes (in multi-node mode too) and are told apart by the operation word. The call waits
+        here for its peers to enter the same call.
 
         Raises:
             InconsistentCallError: a peer's fingerprint differs from this rank's.

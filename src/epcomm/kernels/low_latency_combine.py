@@ -3,15 +3,15 @@ into slot ``[token, k]`` of the token's rank; the token's rank applies the weigh
 ``ll_combine_kernel``, with a phase (``low_latency_dispatch.Phase``), so a profile shows exactly one
 kernel name containing ``combine``.
 
-Send phase: work item ``(source rank, token, slot)`` with a local expert
-(``combine_gather_idx >= 0``) copies that expert output row to the source rank; consecutive items
-go to different ranks; ``ITEMS`` items per step, all loads in flight before the stores; the last
-program to finish signals every peer (``ll_arrive_and_signal``, which also sends the call's
-fingerprint). Receive phase: bounded wait for every unmasked expert rank, a comparison of their
-fingerprints (``ll_compare_fingerprints``: the rows of a rank whose call differs are not added), then ``sum_k w[t, k] * row[t, k]`` in float32 in slot order, one bf16
-write. ``SEND`` alone runs up to 4 programs per SM of 8 warps, one item per step; ``BOTH`` waits
-inside the signalling kernel, so its grid is at most one program per SM (every program resident)
-and each program moves 4 items per step instead.
+Send phase: work item ``(source rank, token, slot)`` with a local expert (``combine_gather_idx >=
+0``) copies that expert output row to the source rank; consecutive items go to different ranks;
+``ITEMS`` items per step, all loads in flight before the stores; the last program to finish signals
+every peer (``ll_arrive_and_signal``, which also sends the call's fingerprint). Receive phase:
+bounded wait for every unmasked expert rank, a comparison of their fingerprints
+(``ll_compare_fingerprints``: the rows of a rank whose call differs are not added), then ``sum_k
+w[t, k] * row[t, k]`` in float32 in slot order, one bf16 write. ``SEND`` alone runs up to 4 programs
+per SM of 8 warps, one item per step; ``BOTH`` waits inside the signalling kernel, so its grid is at
+most one program per SM (every program resident) and each program moves 4 items per step instead.
 """
 
 from __future__ import annotations

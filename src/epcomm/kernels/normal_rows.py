@@ -1,15 +1,16 @@
 """Normal mode: where every row goes, computed on the device in one launch per operation.
 
-``dispatch_counts_kernel`` exchanges the call fingerprints and the counts between ranks (through
-the symmetric buffer) and turns the count table into the rank prefix matrix, the receive count and,
-for each (token, destination rank), the row it lands in at that rank (source ranks in order, then
-tokens in order: DeepEP's receive order); it also copies the table to host-mapped memory, so the
-host reads the fingerprints and counts without a device-to-host copy or an event. When a peer's
-fingerprint differs from this rank's, every row number is ``-1`` (the push that follows writes
-nothing) and the receive count and prefix matrix are 0, so no payload moves before the host raises. ``combine_rows_kernel`` derives from a
-dispatch handle where each received row goes back (expert side) and where each token finds the
-rows sent back to it (token side). Both replace a dozen small torch ops on the host's critical
-path; ``epcomm.layout.rows_in_order`` is the definition they are tested against.
+``dispatch_counts_kernel`` exchanges the call fingerprints and the counts between ranks (through the
+symmetric buffer) and turns the count table into the rank prefix matrix, the receive count and, for
+each (token, destination rank), the row it lands in at that rank (source ranks in order, then tokens
+in order: DeepEP's receive order); it also copies the table to host-mapped memory, so the host reads
+the fingerprints and counts without a device-to-host copy or an event. When a peer's fingerprint
+differs from this rank's, every row number is ``-1`` (the push that follows writes nothing) and the
+receive count and prefix matrix are 0, so no payload moves before the host raises.
+``combine_rows_kernel`` derives from a dispatch handle where each received row goes back (expert
+side) and where each token finds the rows sent back to it (token side). Both replace a dozen small
+torch ops on the host's critical path; ``epcomm.layout.rows_in_order`` is the definition they are
+tested against.
 """
 
 from __future__ import annotations
