@@ -156,3 +156,142 @@ def test_a_missing_peer_is_named() -> None:
     message = _run(1, 2, body)[0]
     assert message.startswith("combine (NVLink leg): rank 0 waited"), message
     assert "[1]" in message, message
+
+
+class _CopyLegs:
+    """Legs that hand each peer a fresh copy (what torch.distributed's messages give): the
+    baseline the simulated NVSHMEM legs, which return views of their receive areas, must match."""
+
+    def __init__(
+        self,
+        world: dict[tuple[str, int, int, int], torch.Tensor],
+        barrier: threading.Barrier,
+        rank: int,
+        topology: NodeTopology,
+    ) -> None:
+        self.world, self.barrier, self.rank, self.count = world, barrier, rank, 0
+        per_node, node, local = (
+            topology.num_ranks_per_node,
+            topology.node_of(rank),
+            topology.local_rank_of(rank),
+        )
+        self.ranks = {
+            "rdma": [m * per_node + local for m in range(topology.num_nodes)],
+            "nvl": [node * per_node + j for j in range(per_node)],
+        }
+
+    def _exchange(self, leg: str, sends: Any, recv_bytes: Any) -> list[torch.Tensor]:
+        self.count += 1
+        for peer, send in zip(self.ranks[leg], sends):
+            self.world[(leg, self.count, self.rank, peer)] = send.clone()
+        self.barrier.wait()
+        got = [self.world[(leg, self.count, peer, self.rank)] for peer in self.ranks[leg]]
+        self.barrier.wait()
+        return got
+
+    def rdma(self, operation: str, sends: Any, recv_bytes: Any) -> list[torch.Tensor]:
+        return self._exchange("rdma", sends, recv_bytes)
+
+    def nvl(self, operation: str, sends: Any, recv_bytes: Any) -> list[torch.Tensor]:
+        return self._exchange("nvl", sends, recv_bytes)
+
+
+def _calls(normal: Any, rank: int, num_ranks: int, per_node: int) -> list[torch.Tensor]:
+    """Two dispatch / combine / cached dispatch rounds through ``normal`` (a HierarchicalNormal);
+    every tensor they return, in order."""
+    from epcomm.backends.base import CombineRequest, DispatchRequest
+    from epcomm.config import Config
+    from epcomm.fingerprint import CallFingerprint
+    from epcomm.layout import compute_dispatch_layout
+    from epcomm.testing import make_routing
+
+    outputs: list[torch.Tensor] = []
+    num_experts, hidden = 4 * num_ranks, 48
+    for round_ in range(2):
+        routing = make_routing(20 + round_, num_experts, 3, seed=round_, rank=rank, masked_prob=0.1)
+        layout = compute_dispatch_layout(routing.topk_idx, num_experts, num_ranks, per_node)
+        x = torch.randn(20 + round_, hidden, generator=torch.Generator().manual_seed(rank + 10 * round_))
+        x = x.to(torch.bfloat16)
+        result = normal.dispatch(
+            DispatchRequest(
+                x,
+                None,
+                routing.topk_idx,
+                routing.topk_weights,
+                layout.is_token_in_rank,
+                layout.num_tokens_per_expert,
+                None,
+                1,
+                0,
+                Config(20, 6, 256, 6, 128),
+                CallFingerprint.for_dispatch(x, None, num_experts, routing.topk_idx, routing.topk_weights),
+                layout.num_tokens_per_rdma_rank,
+            )
+        )
+        outputs += [result.recv_x, result.recv_topk_idx, result.recv_topk_weights]
+        outputs += [t for t in result.handle if isinstance(t, torch.Tensor)]
+        combined = normal.combine(
+            CombineRequest(
+                result.recv_x,
+                result.handle,
+                result.recv_topk_weights,
+                (),
+                Config(20, 6, 256, 6, 128),
+                CallFingerprint.for_combine(result.recv_x, result.recv_topk_weights, result.handle.sequence),
+            )
+        )
+        outputs += [combined.combined_x, combined.combined_topk_weights]
+        cached = normal.dispatch(
+            DispatchRequest(
+                x,
+                None,
+                None,
+                None,
+                result.handle.is_token_in_rank,
+                None,
+                result.handle,
+                1,
+                0,
+                Config(20, 6, 256, 6, 128),
+                CallFingerprint.for_cached_dispatch(x, None, result.handle.sequence),
+            )
+        )
+        outputs.append(cached.recv_x)
+    return [t.clone() for t in outputs if t is not None]
+
+
+@pytest.mark.parametrize(("num_nodes", "per_node"), [(2, 2), (3, 1), (2, 3)])
+def test_hierarchical_over_simulated_nvshmem_legs_equals_copying_legs(num_nodes: int, per_node: int) -> None:
+    # HierarchicalNormal keeps no received view past the exchange that recycles its area: over the
+    # NVSHMEM legs (views of alternating receive areas) it returns what it returns over legs that
+    # copy every block.
+    from epcomm.backends.hierarchical import HierarchicalNormal
+
+    num_ranks = num_nodes * per_node
+    copies: dict[tuple[str, int, int, int], torch.Tensor] = {}
+    barrier = threading.Barrier(num_ranks)
+
+    def over_copies(world: _World, rank: int, topology: NodeTopology) -> list[torch.Tensor]:
+        return _calls(
+            HierarchicalNormal(_CopyLegs(copies, barrier, rank, topology), topology, rank),
+            rank,
+            num_ranks,
+            per_node,
+        )
+
+    def over_nvshmem(world: _World, rank: int, topology: NodeTopology) -> list[torch.Tensor]:
+        legs = _SimulatedLegs(world, rank, topology, 1 << 20, 10.0)
+        return _calls(HierarchicalNormal(legs, topology, rank), rank, num_ranks, per_node)
+
+    want = _run(num_nodes, per_node, over_copies)
+    got = _run(num_nodes, per_node, over_nvshmem)
+    for rank, (g, w) in enumerate(zip(got, want)):
+        assert not isinstance(w, Exception), repr(w)
+        assert not isinstance(g, Exception), repr(g)
+        assert len(g) == len(w)
+        for i, (a, b) in enumerate(zip(g, w)):
+            assert a.dtype == b.dtype, (rank, i)
+            assert torch.equal(
+                a.view(torch.uint8) if a.dtype == torch.bfloat16 else a,
+                b.view(torch.uint8) if b.dtype == torch.bfloat16 else b,
+            ), (rank, i)
