@@ -34,7 +34,7 @@ from epcomm.kernels.low_latency_dispatch import (
     ll_compare_fingerprints,
     wait_sources,
 )
-from epcomm.kernels.normal_rows import fingerprint_vector
+from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
 from epcomm.kernels.primitives import peer_pointer, peer_pointers, store_remote
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -51,14 +51,7 @@ __all__ = ["combine_grid", "launch_ll_combine"]
         "flag_offset",
         "fp_offset",
         "record_address",
-        "fp0",
-        "fp1",
-        "fp2",
-        "fp3",
-        "fp4",
-        "fp5",
-        "fp6",
-        "fp7",
+        *FINGERPRINT_ARGS,
     ]
 )
 def ll_combine_kernel(

@@ -45,7 +45,7 @@ import triton.language as tl
 from epcomm._math import next_pow2
 from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
-from epcomm.kernels.normal_rows import fingerprint_vector
+from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
 from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -96,14 +96,7 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
         "count_offset",
         "fp_offset",
         "record_address",
-        "fp0",
-        "fp1",
-        "fp2",
-        "fp3",
-        "fp4",
-        "fp5",
-        "fp6",
-        "fp7",
+        *FINGERPRINT_ARGS,
     ]
 )
 def ll_dispatch_kernel(

@@ -37,7 +37,7 @@ import triton.language as tl
 from epcomm._math import next_pow2
 from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels.launch import launch
-from epcomm.kernels.normal_rows import fingerprint_vector
+from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
 from epcomm.kernels.primitives import (
     HOISTED_PEERS,
     fence_acq_rel_sys,
@@ -166,14 +166,7 @@ def _compare_fingerprints(
         "fill0_value",
         "fill1_words",
         "fill1_value",
-        "fp0",
-        "fp1",
-        "fp2",
-        "fp3",
-        "fp4",
-        "fp5",
-        "fp6",
-        "fp7",
+        *FINGERPRINT_ARGS,
     ]
 )
 def push_rows_kernel(

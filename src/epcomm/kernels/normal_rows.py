@@ -28,6 +28,7 @@ from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_all
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = [
+    "FINGERPRINT_ARGS",
     "HOST_MISMATCH_WORD",
     "HOST_TABLE_WORD",
     "counts_row_words",
@@ -71,6 +72,10 @@ def _store_counts_row(
         tl.store(row + NUM_RANKS + experts, tl.load(counts_ptr + experts, mask=e_mask), mask=e_mask)
 
 
+FINGERPRINT_ARGS = [f"fp{i}" for i in range(FINGERPRINT_WORDS)]
+"""Names of the eight scalar fingerprint arguments a kernel takes (never specialized)."""
+
+
 @triton.jit
 def fingerprint_vector(w0, w1, w2, w3, w4, w5, w6, w7):
     """The eight fingerprint words as one ``[8]`` int32 vector."""
@@ -110,14 +115,7 @@ def _store_fingerprints(
         "write_host",
         "flag_offset",
         "table_offset",
-        "fp0",
-        "fp1",
-        "fp2",
-        "fp3",
-        "fp4",
-        "fp5",
-        "fp6",
-        "fp7",
+        *FINGERPRINT_ARGS,
     ]
 )
 def dispatch_counts_kernel(
