@@ -194,6 +194,18 @@ def _nvlink_dispatch(
     )
 
 
+def _inconsistent_setup(pgi: ProcessGroupInfo) -> tuple[Any, torch.Tensor, torch.Tensor, int]:
+    """An NVLink buffer (5 s timeout), 64 tokens of hidden 512 and their top-4 routing over 8
+    experts per rank; returns ``(buffer, x, topk_idx, num_experts)``."""
+    num_experts = 8 * pgi.world_size
+    buffer = epcomm.Buffer(
+        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=5.0)
+    )
+    torch.manual_seed(pgi.rank)
+    x = torch.randn(64, 512, device=pgi.device).bfloat16()
+    return buffer, x, _routing(64, num_experts, 4, pgi.rank, pgi.device), num_experts
+
+
 def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     """Rank 1 dispatches differently (``row``: ``hidden``, ``num_topk``, ``fp8_vs_bf16``,
     ``num_experts``, ``worst_hidden``: another hidden with ``num_worst_tokens``, or ``call_order``:
@@ -201,14 +213,8 @@ def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     the first receive rows' top-k ids in ``num_worst_tokens`` mode (``worst_idx_max``), what the next
     call raised (``next_message``), and whether a matching dispatch and combine afterwards summed
     every token once per destination rank (``recovered``)."""
-    num_tokens, hidden, num_topk = 64, 512, 4
-    num_experts = 8 * pgi.world_size
-    buffer = epcomm.Buffer(
-        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=5.0)
-    )
-    torch.manual_seed(pgi.rank)
-    x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
-    topk_idx = _routing(num_tokens, num_experts, num_topk, pgi.rank, pgi.device)
+    buffer, x, topk_idx, num_experts = _inconsistent_setup(pgi)
+    num_tokens = x.size(0)
     odd = pgi.rank == 1
     outcome: dict[str, Any] = {"message": None, "next_message": None}
     sent: Any = x
@@ -262,14 +268,7 @@ def inconsistent_push_call(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     returned holds no peer's row (``empty``: cached dispatch all zeros, combine all zeros), what the
     next call raised after a device synchronization (``next_message``) and whether a matching
     dispatch and combine afterwards summed every token once per destination rank (``recovered``)."""
-    num_tokens, hidden, num_topk = 64, 512, 4
-    num_experts = 8 * pgi.world_size
-    buffer = epcomm.Buffer(
-        pgi.group, num_nvl_bytes=1 << 22, backend="nvlink", settings=Settings(timeout_s=5.0)
-    )
-    torch.manual_seed(pgi.rank)
-    x = torch.randn(num_tokens, hidden, device=pgi.device).bfloat16()
-    topk_idx = _routing(num_tokens, num_experts, num_topk, pgi.rank, pgi.device)
+    buffer, x, topk_idx, num_experts = _inconsistent_setup(pgi)
     odd = pgi.rank == 1
     outcome: dict[str, Any] = {"message": None, "next_message": None}
     recv_x, _, recv_w, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
