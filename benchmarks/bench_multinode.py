@@ -25,6 +25,7 @@ twice) is ``FAIL`` and the exit status is 1. A backend without counters (``last_
     python benchmarks/bench_multinode.py                        # 2 nodes x 2 ranks, CPU, seconds
     python benchmarks/bench_multinode.py --layouts 2x2,2x4,4x2
     python benchmarks/bench_multinode.py --tokens 4096 --hidden 7168 --experts 256   # DeepSeek-V3
+    python benchmarks/bench_multinode.py --backend nvshmem --shared-gpu   # NVSHMEM legs, one GPU: counters only
 
 Rows are appended to ``results/bench_multinode.jsonl`` (``$OUT/bench_multinode.jsonl`` when ``OUT``
 is set; ``--out`` names another file, ``--out ''`` none).
@@ -55,7 +56,7 @@ from epcomm import Buffer
 from epcomm.backends.hierarchical import hierarchical_buffer
 from epcomm.env import Settings
 from epcomm.quant import per_token_cast_to_fp8
-from epcomm.testing import ProcessGroupInfo, parallel_launch
+from epcomm.testing import SHARED_GPU, ProcessGroupInfo, parallel_launch
 from epcomm.topology import NodeTopology
 from epcomm.traffic import CallBytes
 from model_multinode import group_limited_routing, minimum_inter_node_rows
@@ -140,8 +141,10 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
         seed=spec.seed,
         rank=me,
     )
-    gathered = [torch.empty_like(topk_idx, device=device) for _ in range(spec.world_size)]
-    dist.all_gather(gathered, topk_idx.to(device), group=pgi.group)
+    # gloo groups (CPU, or ranks sharing a GPU) move CPU tensors; NCCL moves the GPU's.
+    group_device = device if pgi.backend == "nccl" else torch.device("cpu")
+    gathered = [torch.empty_like(topk_idx, device=group_device) for _ in range(spec.world_size)]
+    dist.all_gather(gathered, topk_idx.to(group_device), group=pgi.group)
     all_topk = [t.cpu() for t in gathered]
     generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + me)
     x_bf16 = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
@@ -149,12 +152,14 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
     topk_idx = topk_idx.to(device)
     topk_weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
     cuda = device.type == "cuda"
-    one = torch.ones(1, dtype=torch.int32, device=device)
+    one = torch.ones(1, dtype=torch.int32, device=group_device)
 
     def barrier() -> None:
         dist.barrier(group=pgi.group)
 
     def device_barrier() -> None:
+        if cuda and pgi.backend != "nccl":
+            torch.cuda.synchronize(device)  # a gloo all-reduce does not order the GPU's stream
         dist.all_reduce(one, group=pgi.group)
 
     settings = Settings(ranks_per_node=spec.ranks_per_node)
@@ -334,6 +339,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rdma-bytes", type=int, default=1 << 30, help="num_rdma_bytes of the Buffers")
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even with GPUs")
+    parser.add_argument(
+        "--shared-gpu",
+        action="store_true",
+        help="every rank on GPU 0 (gloo group; the counters and the dedup check hold, the times do not)",
+    )
     parser.add_argument("--timeout", type=float, default=600.0, help="limit per layout (s)")
     parser.add_argument("--out", default=None, help="JSON lines file ('' writes none)")
     args = parser.parse_args(argv)
@@ -358,9 +368,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.rdma_bytes,
         )
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        on_gpu = not args.cpu and gpus >= spec.world_size
+        shared = args.shared_gpu and gpus >= 1 and not args.cpu
+        on_gpu = not args.cpu and (gpus >= spec.world_size or shared)
+        placement = SHARED_GPU if shared else (None if on_gpu else "gloo")
+        where = "every rank on GPU 0" if shared else ("nccl" if on_gpu else "gloo, CPU")
         print(
-            f"\n== {layout}: {spec.world_size} ranks ({'nccl' if on_gpu else 'gloo, CPU'}), backend {spec.backend}, "
+            f"\n== {layout}: {spec.world_size} ranks ({where}), backend {spec.backend}, "
             f"{spec.num_tokens} tokens/rank, hidden {spec.hidden}, top-{spec.num_topk} of {spec.num_experts} "
             f"experts, <= {spec.max_nodes} nodes/token, {args.dtype} dispatch, bf16 combine; "
             f"median of {spec.iters} (after {spec.warmup})",
@@ -371,7 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 spec.world_size,
                 bench_worker,
                 spec,
-                backend=None if on_gpu else "gloo",
+                backend=placement,
                 timeout_s=args.timeout,
             )
         except (RuntimeError, TimeoutError) as error:
