@@ -78,6 +78,13 @@ class XFormat(enum.IntEnum):
     FP8_UE8M0_SCALES = 2
 
     @staticmethod
+    def for_low_latency(use_fp8: bool, use_ue8m0: bool) -> XFormat:
+        """The format a low-latency dispatch casts to (``use_fp8`` / ``use_ue8m0`` as it is called)."""
+        if not use_fp8:
+            return XFormat.BF16
+        return XFormat.FP8_UE8M0_SCALES if use_ue8m0 else XFormat.FP8_FLOAT_SCALES
+
+    @staticmethod
     def of(x: torch.Tensor, x_scales: torch.Tensor | None) -> XFormat:
         """The format of ``x`` (bf16 or float8_e4m3fn) with ``x_scales`` (``None``, float32 or int32)."""
         if x_scales is None:

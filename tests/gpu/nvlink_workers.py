@@ -206,6 +206,26 @@ def _inconsistent_setup(pgi: ProcessGroupInfo) -> tuple[Any, torch.Tensor, torch
     return buffer, x, _routing(64, num_experts, 4, pgi.rank, pgi.device), num_experts
 
 
+def _next_call_and_recovery(
+    buffer: Any, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int, outcome: dict[str, Any]
+) -> dict[str, Any]:
+    """After the differing call: a matching dispatch (``next_message``: what it raised, a recorded
+    difference surfacing there; then once more), a combine, and whether it summed every token once
+    per destination rank (``recovered``); destroys the buffer."""
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    try:
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    except epcomm.InconsistentCallError as error:
+        outcome["next_message"] = str(error)
+        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
+    combined, _, _ = buffer.combine(recv_x, handle)
+    hits = layout[3].sum(dim=1, dtype=torch.float32)
+    outcome["recovered"] = bool(torch.equal(combined.float(), x.float() * hits[:, None]))
+    buffer.destroy()
+    torch.cuda.synchronize()
+    return outcome
+
+
 def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     """Rank 1 dispatches differently (``row``: ``hidden``, ``num_topk``, ``fp8_vs_bf16``,
     ``num_experts``, ``worst_hidden``: another hidden with ``num_worst_tokens``, or ``call_order``:
@@ -244,18 +264,7 @@ def inconsistent_dispatch(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
     except epcomm.InconsistentCallError as error:
         outcome["message"] = str(error)
     torch.cuda.synchronize()
-    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
-    try:
-        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
-    except epcomm.InconsistentCallError as error:  # num_worst_tokens mode: the next call reports it
-        outcome["next_message"] = str(error)
-        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
-    combined, _, _ = buffer.combine(recv_x, handle)
-    hits = layout[3].sum(dim=1, dtype=torch.float32)
-    outcome["recovered"] = bool(torch.equal(combined.float(), x.float() * hits[:, None]))
-    buffer.destroy()
-    torch.cuda.synchronize()
-    return outcome
+    return _next_call_and_recovery(buffer, x, topk_idx, num_experts, outcome)
 
 
 def inconsistent_push_call(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
@@ -296,15 +305,4 @@ def inconsistent_push_call(pgi: ProcessGroupInfo, row: str) -> dict[str, Any]:
         outcome["message"] = str(error)
     torch.cuda.synchronize()
     outcome["empty"] = returned is not None and not bool(returned.any())
-    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
-    try:
-        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
-    except epcomm.InconsistentCallError as error:  # the push recorded it: the next call raises
-        outcome["next_message"] = str(error)
-        recv_x, _, _, _, handle, _ = _nvlink_dispatch(buffer, x, topk_idx, num_experts)
-    combined, _, _ = buffer.combine(recv_x, handle)
-    hits = layout[3].sum(dim=1, dtype=torch.float32)
-    outcome["recovered"] = bool(torch.equal(combined.float(), x.float() * hits[:, None]))
-    buffer.destroy()
-    torch.cuda.synchronize()
-    return outcome
+    return _next_call_and_recovery(buffer, x, topk_idx, num_experts, outcome)

@@ -155,6 +155,16 @@ def _words(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return _bytes(torch.tensor(list(values), dtype=torch.int64, device=device))
 
 
+def _rows_per_rank(bits: Sequence[torch.Tensor], per_node: int) -> list[list[int]]:
+    """``[node][j]``: how many of the rows forwarded from each source node (``bits[node]``: each
+    row's bits of this node's ranks) local rank ``j`` needs; one host read for all."""
+    if not bits:
+        return []
+    shifts = torch.arange(per_node, dtype=torch.int64, device=bits[0].device)
+    counts = [((b.to(torch.int64)[:, None] >> shifts) & 1).sum(dim=0) for b in bits]
+    return torch.stack(counts).tolist()
+
+
 class _Header(NamedTuple):
     """What the header of a call told this rank: ``rows[s][j]`` = rows rank ``s`` sends rank ``j``
     of this node; ``tokens[s]`` = tokens rank ``s`` sends this node (its RDMA rows)."""
@@ -380,7 +390,7 @@ class HierarchicalNormal:
             handle,
             row_bytes(x, request.x_scales, request.topk_idx, request.topk_weights),
             rdma_rows=[tokens_to_node[m] for m in range(n_nodes)],
-            nvl_rows=[int(sum(((bits >> j) & 1).sum() for bits in rdma_bits)) for j in range(p)],
+            nvl_rows=[sum(column) for column in zip(*_rows_per_rank(rdma_bits, p))],
         )
         return DispatchResult(recv_x, recv_scales, recv_topk_idx, recv_topk_weights, per_expert_list, handle)
 
@@ -459,7 +469,7 @@ class HierarchicalNormal:
             handle,
             row_bytes(x, request.x_scales),
             rdma_rows=tokens_to_node,
-            nvl_rows=[int(sum(((bits >> j) & 1).sum() for bits in rdma_bits)) for j in range(p)],
+            nvl_rows=[sum(column) for column in zip(*_rows_per_rank(rdma_bits, p))],
         )
         return DispatchResult(unpacked[0], recv_scales, None, None, [], handle)
 
@@ -504,9 +514,8 @@ class HierarchicalNormal:
             )
             for f in range(p)
         ]
-        from_ranks = [
-            [int(((bits >> j) & 1).sum()) for bits in rdma_bits] for j in range(p)
-        ]  # rows rank j returns here, per source node
+        by_node = _rows_per_rank(rdma_bits, p)
+        from_ranks = [[by_node[m][j] for m in range(n_nodes)] for j in range(p)]  # rank j returns, per node
         received = self.legs.nvl(
             "combine (NVLink leg)", sends, [sum(per_node) * rows.row_bytes for per_node in from_ranks]
         )

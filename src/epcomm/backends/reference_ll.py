@@ -173,11 +173,7 @@ class ReferenceLowLatency:
         num_local_experts = request.num_experts // num_ranks
         num_rows = num_ranks * capacity
         device = x.device
-        x_format = (
-            (XFormat.FP8_UE8M0_SCALES if request.use_ue8m0 else XFormat.FP8_FLOAT_SCALES)
-            if request.use_fp8
-            else XFormat.BF16
-        )
+        x_format = XFormat.for_low_latency(request.use_fp8, request.use_ue8m0)
         fingerprint = self.calls.stamp(
             CallFingerprint.for_low_latency_dispatch(
                 hidden, x_format, request.num_experts, num_topk, capacity

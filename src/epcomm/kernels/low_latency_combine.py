@@ -31,8 +31,7 @@ from epcomm.kernels.low_latency_dispatch import (
     check_words,
     expected_sequences,
     ll_arrive_and_signal,
-    ll_compare_fingerprints,
-    wait_sources,
+    ll_wait_and_compare,
 )
 from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
 from epcomm.kernels.primitives import peer_pointer, peer_pointers, store_remote
@@ -137,30 +136,25 @@ def ll_combine_kernel(
         )
     if PHASE & 2:
         if pid < tl.maximum(tl.minimum(num_tokens, grid), 1):
-            wait_sources(
-                local_ptr + flag_offset,
+            ll_wait_and_compare(
+                local_ptr,
+                flag_offset,
+                fp_offset,
                 mask_ptr,
                 expected,
                 timeout_ns,
-                error_address.to(tl.pointer_type(tl.int32)),
+                error_address,
                 operation_code,
                 rank,
                 wait_stats_ptr,
                 pid == 0,
+                fingerprint,
+                differs_ptr,
+                record_address,
                 NUM_RANKS,
                 R_BLOCK,
                 HAS_WAIT_STATS,
                 SHRINK,
-            )
-            ll_compare_fingerprints(
-                local_ptr + fp_offset,
-                fingerprint,
-                mask_ptr,
-                differs_ptr,
-                record_address,
-                rank,
-                NUM_RANKS,
-                R_BLOCK,
                 FP_WORDS,
             )
         _reduce_rows(

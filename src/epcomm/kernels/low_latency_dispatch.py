@@ -61,6 +61,7 @@ __all__ = [
     "launch_ll_dispatch",
     "ll_arrive_and_signal",
     "ll_compare_fingerprints",
+    "ll_wait_and_compare",
     "wait_sources",
 ]
 
@@ -203,30 +204,25 @@ def ll_dispatch_kernel(
         )
     if PHASE & 2:
         if pid < NUM_LOCAL_EXPERTS:
-            wait_sources(
-                local_ptr + flag_offset,
+            ll_wait_and_compare(
+                local_ptr,
+                flag_offset,
+                fp_offset,
                 mask_ptr,
                 expected,
                 timeout_ns,
-                error_address.to(tl.pointer_type(tl.int32)),
+                error_address,
                 operation_code,
                 rank,
                 wait_stats_ptr,
                 pid == 0,
+                fingerprint,
+                differs_ptr,
+                record_address,
                 NUM_RANKS,
                 R_BLOCK,
                 HAS_WAIT_STATS,
                 SHRINK,
-            )
-            ll_compare_fingerprints(
-                local_ptr + fp_offset,
-                fingerprint,
-                mask_ptr,
-                differs_ptr,
-                record_address,
-                rank,
-                NUM_RANKS,
-                R_BLOCK,
                 FP_WORDS,
             )
         for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
@@ -648,6 +644,58 @@ def wait_sources(
             waited = tl.where(missing, global_timer_ns(), seen_at) - start
             tl.atomic_add(stats_ptr + sources, waited, mask=waited_on)
     tl.debug_barrier()
+
+
+@triton.jit
+def ll_wait_and_compare(
+    local_ptr,
+    flag_offset,
+    fp_offset,
+    mask_ptr,
+    expected,
+    timeout_ns,
+    error_address,
+    operation_code,
+    rank,
+    stats_ptr,
+    record_stats,
+    fingerprint,
+    differs_ptr,
+    record_address,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    HAS_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """A receive phase's wait: ``wait_sources`` on the flags at ``local_ptr + flag_offset``, then
+    ``ll_compare_fingerprints`` of the rows at ``local_ptr + fp_offset`` (both phases' kernels)."""
+    wait_sources(
+        local_ptr + flag_offset,
+        mask_ptr,
+        expected,
+        timeout_ns,
+        error_address.to(tl.pointer_type(tl.int32)),
+        operation_code,
+        rank,
+        stats_ptr,
+        record_stats,
+        NUM_RANKS,
+        R_BLOCK,
+        HAS_STATS,
+        SHRINK,
+    )
+    ll_compare_fingerprints(
+        local_ptr + fp_offset,
+        fingerprint,
+        mask_ptr,
+        differs_ptr,
+        record_address,
+        rank,
+        NUM_RANKS,
+        R_BLOCK,
+        FP_WORDS,
+    )
 
 
 class LowLatencyWords(NamedTuple):

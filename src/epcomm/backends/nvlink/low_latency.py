@@ -222,11 +222,7 @@ class NvlinkLowLatency:
         num_rows = num_ranks * capacity
         layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
         self._prepare(layout)
-        x_format = (
-            (XFormat.FP8_UE8M0_SCALES if request.use_ue8m0 else XFormat.FP8_FLOAT_SCALES)
-            if request.use_fp8
-            else XFormat.BF16
-        )
+        x_format = XFormat.for_low_latency(request.use_fp8, request.use_ue8m0)
         stamped = self.calls.stamp(
             CallFingerprint.for_low_latency_dispatch(
                 hidden, x_format, request.num_experts, num_topk, capacity
