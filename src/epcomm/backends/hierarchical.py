@@ -272,21 +272,18 @@ class HierarchicalNormal:
         )
 
         # RDMA leg: each token once per node it needs, with what the forwarder and the receivers need.
-        fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype)]
-        tensors = [x]
-        for extra in (request.x_scales, request.topk_idx, request.topk_weights):
-            if extra is not None:
-                fields.append((extra.size(1), extra.dtype))
-                tensors.append(extra)
-        fields += [(1, torch.int32), (1, torch.int32)]  # source index, bits of the node's ranks
         token_idx = torch.arange(num_tokens, dtype=torch.int32, device=device).view(-1, 1)
-        rows = RowLayout(fields)
+        # Then the source index and the bits of the destination node's ranks (per node, below).
+        rows, tensors = RowLayout.of(
+            [x, request.x_scales, request.topk_idx, request.topk_weights, token_idx, layout.node_bits[:, :1]]
+        )
+        tensors = tensors[:-1]
         expert_block = local_experts * p
         per_expert = request.num_tokens_per_expert.to(torch.int64)
         sends = []
         for m in range(n_nodes):
             to_node = layout.is_in_node[:, m]
-            packed = rows.pack([*tensors, token_idx, layout.node_bits[:, m : m + 1]])[to_node]
+            packed = rows.pack([*tensors, layout.node_bits[:, m : m + 1]])[to_node]
             sends.append(
                 torch.cat(
                     [
@@ -426,12 +423,7 @@ class HierarchicalNormal:
             expected,
             {s: header.rows[s][self.local] for s in range(self.num_ranks) if s != self.rank},
         )
-        fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype)]
-        tensors = [x]
-        if request.x_scales is not None:
-            fields.append((request.x_scales.size(1), request.x_scales.dtype))
-            tensors.append(request.x_scales)
-        rows = RowLayout(fields)
+        rows, tensors = RowLayout.of([x, request.x_scales])
         packed = rows.pack(tensors)
         sends = [_bytes(packed[is_in_node[:, m]]) for m in range(n_nodes)]
         sources = self._rdma_sources()
@@ -496,12 +488,7 @@ class HierarchicalNormal:
             in_rank.sum(dim=0).tolist(),
             {s: header.rows[s][self.local] for s in range(self.num_ranks) if s != self.rank},
         )
-        fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype)]
-        tensors = [x]
-        if request.topk_weights is not None:
-            fields.append((request.topk_weights.size(1), torch.float32))
-            tensors.append(request.topk_weights)
-        rows = RowLayout(fields)
+        rows, tensors = RowLayout.of([x, request.topk_weights])
         packed = rows.pack(tensors)
         starts = [sum(counts[:s]) for s in range(self.num_ranks)]
         # NVLink leg: the rows of the sources with local index l' go to forwarder l' (node order).
@@ -542,10 +529,7 @@ class HierarchicalNormal:
                     partial_weights.index_add_(0, token_idx, parts[1])
             out = [partial.to(torch.bfloat16)] + ([partial_weights] if partial_weights is not None else [])
             returned.append(out)
-        partial_fields: list[tuple[int, torch.dtype]] = [(x.size(1), torch.bfloat16)]
-        if request.topk_weights is not None:
-            partial_fields.append((request.topk_weights.size(1), torch.float32))
-        partial_rows = RowLayout(partial_fields)
+        partial_rows, _ = RowLayout.of(returned[0])
         sends = [_bytes(partial_rows.pack(out)) for out in returned]
         tokens_back = [header.tokens[m * p + self.local] for m in range(n_nodes)]
         received = self.legs.rdma(

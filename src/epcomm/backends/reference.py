@@ -212,13 +212,9 @@ class ReferenceBackend(LowLatencyDelegation):
         num_recv = int(sum(recv_counts))
 
         token_idx = torch.arange(num_tokens, dtype=torch.int32, device=device).view(-1, 1)
-        fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype), (1, torch.int32)]
-        tensors: list[torch.Tensor] = [x, token_idx]
-        for extra in (request.x_scales, request.topk_idx, request.topk_weights):
-            if extra is not None:
-                fields.append((extra.size(1), extra.dtype))
-                tensors.append(extra)
-        layout = RowLayout(fields)
+        layout, tensors = RowLayout.of(
+            [x, token_idx, request.x_scales, request.topk_idx, request.topk_weights]
+        )
         packed = layout.pack(tensors)
         # Each message to rank j: the counts of j's local experts (num_local_experts int64), then the
         # rows. Their size depends on num_experts, which the header could not carry without growing
@@ -333,12 +329,7 @@ class ReferenceBackend(LowLatencyDelegation):
         )
 
     def _cached_dispatch(self, request: DispatchRequest, handle: NormalHandle) -> DispatchResult:
-        fields: list[tuple[int, torch.dtype]] = [(request.x.size(1), request.x.dtype)]
-        tensors = [request.x]
-        if request.x_scales is not None:
-            fields.append((request.x_scales.size(1), request.x_scales.dtype))
-            tensors.append(request.x_scales)
-        layout = RowLayout(fields)
+        layout, tensors = RowLayout.of([request.x, request.x_scales])
         recv_counts = [end - start for start, end in self._source_ranges(handle)]
         send_counts = handle.is_token_in_rank.sum(dim=0).tolist()
         fingerprint = self.calls.stamp(request.fingerprint)
@@ -360,12 +351,7 @@ class ReferenceBackend(LowLatencyDelegation):
         """Normal-mode combine; see ``Buffer.combine``."""
         handle = request.handle
         x = request.x
-        fields: list[tuple[int, torch.dtype]] = [(x.size(1), x.dtype)]
-        tensors = [x]
-        if request.topk_weights is not None:
-            fields.append((request.topk_weights.size(1), torch.float32))
-            tensors.append(request.topk_weights)
-        layout = RowLayout(fields)
+        layout, tensors = RowLayout.of([x, request.topk_weights])
         ranges = self._source_ranges(handle)
         recv_counts = handle.is_token_in_rank.sum(dim=0).tolist()
         fingerprint = self.calls.stamp(request.fingerprint)

@@ -30,6 +30,13 @@ class RowLayout:
             offset += columns * dtype.itemsize
         self.row_bytes = offset
 
+    @staticmethod
+    def of(tensors: Sequence[torch.Tensor | None]) -> tuple[RowLayout, list[torch.Tensor]]:
+        """The layout of the given ``[num_tokens, columns]`` tensors (``None`` entries left out,
+        each field its tensor's width and dtype) and those tensors, in order."""
+        present = [t for t in tensors if t is not None]
+        return RowLayout([(t.size(1), t.dtype) for t in present]), present
+
     def pack(self, tensors: Sequence[torch.Tensor]) -> torch.Tensor:
         """``[num_tokens, row_bytes]`` uint8 from tensors ``[num_tokens, columns]`` (any strides)."""
         parts = [
