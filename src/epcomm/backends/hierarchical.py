@@ -310,7 +310,7 @@ class HierarchicalNormal:
             rest = rest[p * num_channels * 4 :]
             rdma_row = rest[: num_channels * 4].clone().view(torch.int32)
             nvl_head = rest[num_channels * 4 :].clone().view(torch.int32).view(count, p)
-            bits = rows.unpack(data)[-1].view(-1)
+            bits = data[:, -4:].contiguous().view(torch.int32).view(-1)  # the last field: the node bits
             rdma_rows.append(data)
             rdma_bits.append(bits)
             messages_from_peers[s] = (rdma_row, nvl_head)
