@@ -399,13 +399,9 @@ class SymmetricBuffer:
             else:
                 import torch.distributed._symmetric_memory as symm_mem
 
-                get_backend = getattr(symm_mem, "get_backend", None)
-                if get_backend is not None and get_backend(self.device) == "NVSHMEM":
-                    raise RuntimeError(
-                        "backend 'nvlink': this process already allocates symmetric memory through NVSHMEM "
-                        "(a Buffer with backend='nvshmem'), and PyTorch fixes one backend per process: "
-                        "use backend='nvshmem' for this Buffer too"
-                    )
+                from epcomm.backends.nvshmem.runtime import claim_symmetric_memory_backend
+
+                claim_symmetric_memory_backend("CUDA", self.device, symm_mem)
                 buffer = symm_mem.empty(total_words, dtype=torch.int32, device=self.device)
                 buffer.zero_()
                 torch.cuda.current_stream(self.device).synchronize()

@@ -24,9 +24,60 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-__all__ = ["group_pes", "nvshmem_symmetric_memory", "retain"]
+__all__ = ["claim_symmetric_memory_backend", "group_pes", "nvshmem_symmetric_memory", "retain"]
 
 _RETAINED: list[torch.Tensor] = []
+# The symmetric-memory backend this process's Buffers allocate through ("CUDA" or "NVSHMEM"), set
+# by the first Buffer that allocates. PyTorch's ``get_backend`` cannot tell: it names the backend a
+# first allocation would use ("CUDA" by default), not one already in use.
+_CLAIMED: str | None = None
+
+_OTHER_BUFFER = {"CUDA": "an NVLink Buffer", "NVSHMEM": "a Buffer with backend='nvshmem'"}
+_EPCOMM_NAME = {"CUDA": "nvlink", "NVSHMEM": "nvshmem"}
+
+
+def claim_symmetric_memory_backend(name: str, device: torch.device, symm_mem: Any = None) -> None:
+    """Record that this process allocates symmetric memory through backend ``name`` ("CUDA" or
+    "NVSHMEM"), selecting it in PyTorch the first time.
+
+    Arguments:
+        name: "CUDA" (the NVLink mode's allocator) or "NVSHMEM".
+        device: this rank's CUDA device.
+        symm_mem: ``torch.distributed._symmetric_memory`` (imported when None).
+
+    Raises:
+        RuntimeError: this process already allocates through the other backend (PyTorch fixes one
+            symmetric-memory backend per process once a symmetric tensor exists).
+    """
+    global _CLAIMED
+    if name == _CLAIMED:
+        return
+    this = _EPCOMM_NAME[name]
+    if _CLAIMED is not None:
+        raise RuntimeError(
+            f"backend '{this}': this process already allocates symmetric memory through {_CLAIMED} "
+            f"({_OTHER_BUFFER[_CLAIMED]}), and PyTorch fixes one backend per process: use "
+            f"backend='{_EPCOMM_NAME[_CLAIMED]}' for this Buffer too"
+        )
+    if symm_mem is None:
+        import torch.distributed._symmetric_memory as symm_mem
+    if name == "NVSHMEM":
+        try:
+            symm_mem.set_backend("NVSHMEM")
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"backend 'nvshmem': PyTorch refused the NVSHMEM symmetric-memory backend ({error}); "
+                "this process has probably allocated symmetric memory through another backend, and "
+                "PyTorch fixes one backend per process"
+            ) from None
+    else:
+        get_backend = getattr(symm_mem, "get_backend", None)
+        if get_backend is not None and get_backend(device) == "NVSHMEM":
+            raise RuntimeError(
+                f"backend '{this}': this process selected NVSHMEM for symmetric memory, and PyTorch fixes "
+                "one backend per process: use backend='nvshmem' for this Buffer too"
+            )
+    _CLAIMED = name
 
 
 def nvshmem_symmetric_memory(device: torch.device) -> Any:
@@ -54,15 +105,7 @@ def nvshmem_symmetric_memory(device: torch.device) -> Any:
             "backend 'nvshmem': NVSHMEM is not available to PyTorch on this machine "
             "(pip install nvidia-nvshmem-cu13, on a CUDA build of torch)"
         )
-    get_backend = getattr(symm_mem, "get_backend", None)
-    current = get_backend(device) if get_backend is not None else None
-    if current is not None and current != "NVSHMEM":
-        raise RuntimeError(
-            f"backend 'nvshmem': this process already allocates symmetric memory with the {current} "
-            "backend (an NVLink Buffer, say), and PyTorch fixes one backend per process"
-        )
-    if current is None:
-        symm_mem.set_backend("NVSHMEM")
+    claim_symmetric_memory_backend("NVSHMEM", device, symm_mem)
     return symm_mem
 
 
