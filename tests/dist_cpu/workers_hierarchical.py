@@ -96,6 +96,7 @@ def hierarchical_against_reference(
         rank=pgi.rank,
         masked_prob=0.1,
         allowed_experts=allowed,
+        device=pgi.device,
     )
     generator = torch.Generator().manual_seed(setting["seed"] * 100 + pgi.rank)
     x = (torch.randn(num_tokens, hidden, generator=generator, dtype=torch.float32) * 3).to(
@@ -130,7 +131,7 @@ def hierarchical_against_reference(
                 torch.randn(
                     num_tokens, hidden, generator=torch.Generator().manual_seed(b), dtype=torch.float32
                 )
-            ).to(torch.bfloat16)
+            ).to(pgi.device, torch.bfloat16)
             for b in range(setting.get("biases", 0))
         ]
         combined, combined_weights, _ = buffer.combine(

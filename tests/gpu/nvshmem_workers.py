@@ -8,6 +8,8 @@ from ll_workers import compare_low_latency
 from nvlink_workers import compare_normal_mode
 
 import epcomm
+from dist_cpu.workers_hierarchical import SETTINGS as MULTI_NODE_SETTINGS
+from dist_cpu.workers_hierarchical import hierarchical_against_reference
 from epcomm.testing import ProcessGroupInfo, make_routing
 
 # Small shapes: NVSHMEM allocations are never freed in the multi-process-per-GPU mode (a free is a
@@ -43,3 +45,12 @@ def nvshmem_then_nvlink(pgi: ProcessGroupInfo) -> str:
     except Exception as error:  # the message is the result
         return f"{type(error).__name__}: {error}"
     return "no error"
+
+
+def nvshmem_multi_node_against_reference(pgi: ProcessGroupInfo, ranks_per_node: int) -> list[str]:
+    """The multi-node normal mode on NVSHMEM (nodes of ``ranks_per_node`` consecutive ranks) against
+    the reference backend, over every setting of the CPU tier in one launch; the failed checks."""
+    failures: list[str] = []
+    for setting in MULTI_NODE_SETTINGS:
+        failures += hierarchical_against_reference(pgi, ranks_per_node, setting, "nvshmem")
+    return failures

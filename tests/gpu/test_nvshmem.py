@@ -7,17 +7,15 @@ scheme's. Several processes on one GPU run in NVSHMEM's multi-process-per-GPU mo
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-from nvshmem_workers import nvshmem_against_reference, nvshmem_then_nvlink
+from nvshmem_workers import (
+    nvshmem_against_reference,
+    nvshmem_multi_node_against_reference,
+    nvshmem_then_nvlink,
+)
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
 from epcomm.testing import SHARED_GPU, parallel_launch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the CPU tier's hierarchical worker
-from dist_cpu.workers_hierarchical import SETTINGS, hierarchical_against_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")]
 
@@ -51,16 +49,8 @@ def test_one_symmetric_memory_backend_per_process() -> None:
 def test_nvshmem_multi_node_matches_reference(world_size: int, ranks_per_node: int) -> None:
     _nvshmem_or_skip()
     backend = backend_or_skip(world_size, SHARED_GPU if world_size > NUM_GPUS else "nccl")
-    failures = []
-    for setting in SETTINGS:
-        results = parallel_launch(
-            world_size,
-            hierarchical_against_reference,
-            ranks_per_node,
-            setting,
-            "nvshmem",
-            backend=backend,
-            timeout_s=300,
-        )
-        failures += [line for rank_failures in results for line in rank_failures]
+    results = parallel_launch(
+        world_size, nvshmem_multi_node_against_reference, ranks_per_node, backend=backend, timeout_s=300
+    )
+    failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
