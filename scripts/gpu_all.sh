@@ -5,8 +5,8 @@
 # default 400) and interrupted, not killed, at the limit, so its log still lists what failed.
 # soak: random iterations of both modes against the reference at 2 and then 4 ranks sharing GPU 0:
 # ITERATIONS (default 10,000) from FIRST_ITERATION (default 0), each size stopping cleanly, with its
-# report, after SOAK_SECONDS (default 270). Ranks sharing a GPU time-slice it: 2 ranks run about
-# 1.7 iterations/s there, so 10,000 take several runs, each going on where the last stopped.
+# report, after SOAK_SECONDS (default 270). Ranks sharing a GPU time-slice it, so 10,000 iterations
+# may take several runs, each going on where the last stopped.
 set -u
 what=${1:-all}
 shift || true

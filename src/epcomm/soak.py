@@ -104,7 +104,10 @@ def _scenario(cfg: SoakConfig, iteration: int, num_ranks: int) -> dict[str, Any]
         "masked_prob": rng.choice(_MASKED_CHOICES),
         "duplicate": mode == "low_latency" and rng.random() < 0.3,
         "tokens": tokens,
-        "capacity": max(1, max(tokens)),
+        # One capacity per run, as a serving engine keeps one num_max_dispatch_tokens_per_rank: the
+        # low-latency kernels are compiled for their capacity, so a capacity drawn per iteration
+        # (up to 64 values) would make most low-latency iterations compile kernels, not move rows.
+        "capacity": max(1, cfg.max_tokens),
     }
 
 
