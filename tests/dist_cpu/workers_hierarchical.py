@@ -72,17 +72,22 @@ def _same_handle(name: str, got: Any, want: Any) -> list[str]:
 
 
 def hierarchical_against_reference(
-    pgi: ProcessGroupInfo, ranks_per_node: int, setting: dict[str, Any], transport: str = "hierarchical"
+    pgi: ProcessGroupInfo,
+    ranks_per_node: int,
+    setting: dict[str, Any],
+    transport: str = "hierarchical",
+    num_rdma_bytes: int = RDMA_BYTES,
 ) -> list[str]:
     """Dispatch, cached dispatch (same and new ``x``) and combine (with weights and biases) on both;
     return one line per difference (empty: all equal). ``transport``: ``hierarchical`` (the
-    algorithm over torch.distributed) or ``nvshmem`` (over NVSHMEM, on GPUs)."""
+    algorithm over torch.distributed) or ``nvshmem`` (over NVSHMEM, on GPUs, with
+    ``num_rdma_bytes``: small ones move blocks in rounds)."""
     settings = Settings(ranks_per_node=ranks_per_node)
     reference = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend="reference", settings=settings)
     if transport == "hierarchical":
         hierarchical = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
     else:
-        hierarchical = Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend=transport, settings=settings)
+        hierarchical = Buffer(pgi.group, num_rdma_bytes=num_rdma_bytes, backend=transport, settings=settings)
     assert hierarchical.backend_name == transport
     assert reference.is_multi_node
     num_tokens = 0 if setting.get("empty_rank") == pgi.rank else setting["num_tokens"]

@@ -49,8 +49,16 @@ def nvshmem_then_nvlink(pgi: ProcessGroupInfo) -> str:
 
 def nvshmem_multi_node_against_reference(pgi: ProcessGroupInfo, ranks_per_node: int) -> list[str]:
     """The multi-node normal mode on NVSHMEM (nodes of ``ranks_per_node`` consecutive ranks) against
-    the reference backend, over every setting of the CPU tier in one launch; the failed checks."""
+    the reference backend, over every setting of the CPU tier in one launch, with 1 MiB of
+    ``num_rdma_bytes`` (one round per exchange) and with 16 KiB (slots of about 1 KiB: most blocks
+    move in rounds); the failed checks."""
     failures: list[str] = []
-    for setting in MULTI_NODE_SETTINGS:
-        failures += hierarchical_against_reference(pgi, ranks_per_node, setting, "nvshmem")
+    for num_rdma_bytes in (1 << 20, 1 << 14):
+        for setting in MULTI_NODE_SETTINGS:
+            failures += [
+                f"num_rdma_bytes={num_rdma_bytes}: {line}"
+                for line in hierarchical_against_reference(
+                    pgi, ranks_per_node, setting, "nvshmem", num_rdma_bytes
+                )
+            ]
     return failures

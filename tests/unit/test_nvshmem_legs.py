@@ -2,8 +2,8 @@
 NVSHMEM allocation and a Python model of ``kernels.leg_exchange`` in place of the kernel (whose own
 logic the interpreter check covers). Consecutive exchanges of both legs, of random sizes, must
 each deliver exactly what every peer sent (slot offsets, the alternating receive areas, staging),
-a block too large for a slot is refused before anything moves, and a peer that never comes is a
-``PeerTimeoutError`` naming it."""
+blocks larger than a slot move in as many rounds as the leg's largest needs, and a peer that never
+comes is a ``PeerTimeoutError`` naming it."""
 
 from __future__ import annotations
 
@@ -127,19 +127,52 @@ def test_consecutive_exchanges_deliver_every_block(num_nodes: int, per_node: int
     assert [line for lines in results for line in lines] == []
 
 
-def test_a_block_larger_than_a_slot_is_refused_before_sending() -> None:
-    def body(world: _World, rank: int, topology: NodeTopology) -> str:
-        legs = _SimulatedLegs(world, rank, topology, 1 << 14, 2.0)
-        big = torch.zeros(1 << 13, dtype=torch.uint8)
-        try:
-            legs.rdma("dispatch (RDMA leg)", [big, big], [0, 0])
-        except ValueError as error:
-            return str(error)
-        return "no error"
+@pytest.mark.parametrize(("num_nodes", "per_node"), [(2, 2), (3, 1), (1, 3)])
+def test_blocks_larger_than_a_slot_move_in_rounds(num_nodes: int, per_node: int) -> None:
+    """A slot of 1,328 bytes (``num_bytes`` 16 KiB) and blocks of up to 9 KiB: each exchange runs
+    as many rounds as the leg's largest block needs (one rank's only, sometimes), and every block
+    arrives whole; the exchanges after it (one round) still line up."""
 
-    for message in _run(2, 1, body):
-        assert "does not fit" in message, message
-        assert "raise num_rdma_bytes" in message, message
+    def block(exchange: int, src: int, dst: int) -> torch.Tensor:
+        g = torch.Generator().manual_seed(1000 * exchange + 10 * src + dst)
+        big = (exchange + src) % 3 == 0 and src != dst
+        size = (
+            int(torch.randint(3000, 9000, (1,), generator=g))
+            if big
+            else int(torch.randint(0, 600, (1,), generator=g))
+        )
+        return torch.randint(0, 256, (size,), dtype=torch.uint8, generator=g)
+
+    def body(world: _World, rank: int, topology: NodeTopology) -> tuple[list[str], list[int]]:
+        legs = _SimulatedLegs(world, rank, topology, 1 << 14, 10.0)
+        node, local = topology.node_of(rank), topology.local_rank_of(rank)
+        failures, rounds = [], []
+        for exchange in range(6):
+            leg = "rdma" if exchange % 2 == 0 else "nvl"
+            peers = (
+                [m * per_node + local for m in range(num_nodes)]
+                if leg == "rdma"
+                else [node * per_node + j for j in range(per_node)]
+            )
+            before = legs.rounds
+            got = getattr(legs, leg)(
+                f"exchange {exchange}",
+                [block(exchange, rank, peer) for peer in peers],
+                [block(exchange, peer, rank).numel() for peer in peers],
+            )
+            rounds.append(legs.rounds - before)
+            for peer, data in zip(peers, got):
+                if not torch.equal(data, block(exchange, peer, rank)):
+                    failures.append(f"rank {rank} exchange {exchange} ({leg}): block from {peer} differs")
+        return failures, rounds
+
+    results = _run(num_nodes, per_node, body)
+    for result in results:
+        assert not isinstance(result, Exception), repr(result)
+    assert [line for lines, _ in results for line in lines] == []
+    all_rounds = [rounds for _, rounds in results]
+    assert max(max(rounds) for rounds in all_rounds) >= 5  # 9 KiB blocks in 1,312-byte pieces
+    assert min(min(rounds) for rounds in all_rounds) == 1
 
 
 def test_a_missing_peer_is_named() -> None:
@@ -260,11 +293,14 @@ def _calls(normal: Any, rank: int, num_ranks: int, per_node: int) -> list[torch.
     return [t.clone() for t in outputs if t is not None]
 
 
+@pytest.mark.parametrize("num_bytes", [1 << 20, 1 << 13])
 @pytest.mark.parametrize(("num_nodes", "per_node"), [(2, 2), (3, 1), (2, 3)])
-def test_hierarchical_over_simulated_nvshmem_legs_equals_copying_legs(num_nodes: int, per_node: int) -> None:
+def test_hierarchical_over_simulated_nvshmem_legs_equals_copying_legs(
+    num_nodes: int, per_node: int, num_bytes: int
+) -> None:
     # HierarchicalNormal keeps no received view past the exchange that recycles its area: over the
     # NVSHMEM legs (views of alternating receive areas) it returns what it returns over legs that
-    # copy every block.
+    # copy every block. With 8 KiB (slots of a few hundred bytes) every call's blocks move in rounds.
     from epcomm.backends.hierarchical import HierarchicalNormal
 
     num_ranks = num_nodes * per_node
@@ -280,7 +316,7 @@ def test_hierarchical_over_simulated_nvshmem_legs_equals_copying_legs(num_nodes:
         )
 
     def over_nvshmem(world: _World, rank: int, topology: NodeTopology) -> list[torch.Tensor]:
-        legs = _SimulatedLegs(world, rank, topology, 1 << 20, 10.0)
+        legs = _SimulatedLegs(world, rank, topology, num_bytes, 10.0)
         return _calls(HierarchicalNormal(legs, topology, rank), rank, num_ranks, per_node)
 
     want = _run(num_nodes, per_node, over_copies)

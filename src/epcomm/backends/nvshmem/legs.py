@@ -16,8 +16,10 @@ peer's next exchange reached it, which the peer launches after reading the area 
 The host waits for the exchange (its sizes and the orchestrator need it) and raises
 ``PeerTimeoutError`` naming the operation and the missing peer.
 
-The slot size is the leg's half of ``num_rdma_bytes`` over three slots per peer; a call whose block
-for one peer does not fit raises ``ValueError`` before anything is sent.
+The slot size is the leg's half of ``num_rdma_bytes`` over three slots per peer. A block larger
+than a slot moves in rounds, one slot each (``NvshmemLegs._exchange``): every rank of the leg runs
+as many rounds as the leg's largest block needs, agreed through a prefix of each block of the first
+round, so a small ``num_rdma_bytes`` costs rounds, never an error.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ __all__ = ["NvshmemLegs"]
 
 _ALIGN_WORDS = 32
 _LEG_CODE = 1  # operation code in the error word (the host names the operation itself)
+# Bytes before each block of a round: int64 rounds its sender needs, int64 zero (16-byte rows).
+_PREFIX_BYTES = 16
 
 
 class _Leg:
@@ -96,7 +100,7 @@ class NvshmemLegs:
         half = max(0, num_bytes // 4 - areas) // 2
         rdma_slot = half // (3 * num_nodes) // 4 * 4
         nvl_slot = half // (3 * per_node) // 4 * 4
-        if rdma_slot == 0 or nvl_slot == 0:
+        if 4 * min(rdma_slot, nvl_slot) <= _PREFIX_BYTES:
             raise ValueError(
                 f"num_rdma_bytes={num_bytes} is too small for {num_nodes} nodes of {per_node} ranks"
             )
@@ -126,7 +130,9 @@ class NvshmemLegs:
         self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=device.type == "cuda")
         self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
         self._put_kernel: Any = None
-        self.epoch = 0
+        # Rounds run over both legs (the legs' own counters give their flags' values: the ranks of a
+        # leg run the same rounds, the ranks of another leg maybe more).
+        self.rounds = 0
         # No rank writes a peer's buffer before that peer has zeroed it.
         self._barrier(group)
 
@@ -161,35 +167,80 @@ class NvshmemLegs:
     def _exchange(
         self, leg: _Leg, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int], put: bool
     ) -> list[torch.Tensor]:
+        """Every block in rounds of one slot each (``_round``), as many as the leg's largest block
+        needs: each round's block starts with a ``_PREFIX_BYTES`` prefix whose first int64 is the
+        rounds its sender needs (for its own sends and receives), so after round 0 every rank of
+        the leg (each sees every other) knows the same number of rounds, the largest. A call
+        within one slot is one round whose blocks are returned as views of the receive area;
+        longer ones are gathered into fresh tensors."""
         me = leg.me_index
-        limit = 4 * leg.slot_words
-        largest = max([int(t.numel()) for t in sends] + list(recv_bytes))
-        if largest > limit:
-            raise ValueError(
-                f"{operation}: a block of {largest} bytes for one peer does not fit the {limit}-byte slot that "
-                f"num_rdma_bytes={self.num_bytes} gives each peer; raise num_rdma_bytes"
-            )
-        self.epoch += 1
+        chunk = 4 * leg.slot_words - _PREFIX_BYTES
+        sizes = [int(t.numel()) if i != me else 0 for i, t in enumerate(sends)]
+        recv_sizes = [int(n) if i != me else 0 for i, n in enumerate(recv_bytes)]
+        mine = max([1] + [-(-n // chunk) for n in sizes + recv_sizes])
+        views = self._round(leg, operation, sends, sizes, recv_sizes, 0, chunk, mine, put)
+        peers = [i for i in range(len(sends)) if i != me]
+        theirs = torch.stack([views[i][:8] for i in peers]).view(torch.int64).tolist() if peers else []
+        rounds = max([mine] + [int(row[0]) for row in theirs])
+        if rounds == 1:
+            return [send if i == me else views[i][_PREFIX_BYTES:] for i, send in enumerate(sends)]
+        gathered = [
+            torch.empty(recv_sizes[i], dtype=torch.uint8, device=self.device) if i != me else send
+            for i, send in enumerate(sends)
+        ]
+        for k in range(rounds):
+            if k:
+                views = self._round(leg, operation, sends, sizes, recv_sizes, k, chunk, rounds, put)
+            for i, view in enumerate(views):
+                if i != me and view.numel() > _PREFIX_BYTES:
+                    gathered[i][k * chunk : k * chunk + view.numel() - _PREFIX_BYTES].copy_(
+                        view[_PREFIX_BYTES:]
+                    )
+        return gathered
+
+    def _round(
+        self,
+        leg: _Leg,
+        operation: str,
+        sends: Sequence[torch.Tensor],
+        sizes: Sequence[int],
+        recv_sizes: Sequence[int],
+        k: int,
+        chunk: int,
+        rounds: int,
+        put: bool,
+    ) -> list[torch.Tensor]:
+        """Round ``k`` of an exchange: bytes ``[k * chunk, (k + 1) * chunk)`` of every block after
+        the prefix (``rounds`` in its first int64), moved by the leg kernel, waited for on the host.
+        Returns each peer's received prefix and bytes (views of the receive area; this rank's own
+        entry empty)."""
+        me = leg.me_index
+        self.rounds += 1
         parity = leg.exchanges % 2
         leg.exchanges += 1
         data = self.buffer.view(torch.uint8)
-        sizes = []
+        slot = 4 * leg.slot_words
+        prefix = torch.tensor([rounds, 0], dtype=torch.int64, device="cpu").view(torch.uint8)
+        prefix = prefix.to(self.device)
+        send_bytes = []
         for i, send in enumerate(sends):
-            num = int(send.numel()) if i != me else 0
-            if num:
-                start = 4 * (leg.staging_word + i * leg.slot_words)
-                data[start : start + num].copy_(send.reshape(-1).view(torch.uint8))
-            sizes.append(align_up(num, 16))
-        send_bytes = torch.tensor(sizes, dtype=torch.int64, device="cpu").to(self.device)
+            num = max(0, min(chunk, sizes[i] - k * chunk))
+            if i != me:
+                start = 4 * leg.staging_word + i * slot
+                data[start : start + _PREFIX_BYTES].copy_(prefix)
+                if num:
+                    piece = send.reshape(-1).view(torch.uint8)[k * chunk : k * chunk + num]
+                    data[start + _PREFIX_BYTES : start + _PREFIX_BYTES + num].copy_(piece)
+            send_bytes.append(align_up(_PREFIX_BYTES + num, 16) if i != me else 0)
         self._launch(
             put,
             peer_table=self.peer_table,
             leg_ranks=leg.device_ranks,
             leg_pes=leg.device_pes,
-            send_bytes=send_bytes,
+            send_bytes=torch.tensor(send_bytes, dtype=torch.int64, device="cpu").to(self.device),
             rank=self.rank,
             me_index=me,
-            epoch=self.epoch,
+            epoch=leg.exchanges,
             timeout_ns=int(self.timeout_s * 1e9),
             error_address=self.error_word.data_ptr(),
             operation_code=_LEG_CODE,
@@ -204,11 +255,11 @@ class NvshmemLegs:
             self.error_word.zero_()
             raise PeerTimeoutError(operation, rank, [peer], self.timeout_s)
         base = 4 * leg.recv_words[parity]
-        slot = 4 * leg.slot_words
-        return [
-            send if i == me else data[base + i * slot : base + i * slot + recv_bytes[i]]
-            for i, send in enumerate(sends)
-        ]
+        views = []
+        for i in range(len(sends)):
+            num = max(0, min(chunk, recv_sizes[i] - k * chunk)) if i != me else 0
+            views.append(data[base + i * slot : base + i * slot + (_PREFIX_BYTES + num if i != me else 0)])
+        return views
 
     def rdma(
         self, operation: str, sends: Sequence[torch.Tensor], recv_bytes: Sequence[int]
