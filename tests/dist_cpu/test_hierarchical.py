@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 
 from .cases import RunOnRanks
-from .workers_hierarchical import SETTINGS, hierarchical_against_reference, hierarchical_inconsistent_call
+from .workers_hierarchical import (
+    SETTINGS,
+    hierarchical_against_reference,
+    hierarchical_async_calls,
+    hierarchical_inconsistent_call,
+    hierarchical_skipped_dispatch,
+)
 
 
 @pytest.mark.parametrize(("world_size", "ranks_per_node"), [(4, 2), (4, 1), (8, 4), (8, 2)])
@@ -32,3 +38,26 @@ def test_inconsistent_call_raises_on_every_rank(
         assert f"rank {peer}" in outcome["message"], (rank, outcome["message"])
         assert len(outcome["message"]) <= 300, outcome["message"]
         assert outcome["recovered"], (rank, "the consistent call after the error failed")
+
+
+@pytest.mark.parametrize(("world_size", "ranks_per_node"), [(4, 2)])
+def test_async_calls_equal_plain_calls(
+    run_on_ranks: RunOnRanks, world_size: int, ranks_per_node: int
+) -> None:
+    results = run_on_ranks(world_size, hierarchical_async_calls, ranks_per_node)
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])
+
+
+def test_a_skipped_dispatch_is_a_named_timeout(run_on_ranks: RunOnRanks) -> None:
+    # 2 nodes of 2; rank 1 skips. Ranks 0 (its node) and 3 (its RDMA peer) wait for it; rank 2 waits
+    # for one of them: each raises PeerTimeoutError naming the dispatch, within a few timeouts.
+    outcomes = run_on_ranks(4, hierarchical_skipped_dispatch, 2, 1)
+    assert outcomes[1] == {"kind": "skipped"}
+    for rank in (0, 2, 3):
+        outcome = outcomes[rank]
+        assert outcome["kind"] == "PeerTimeoutError", (rank, outcome)
+        assert outcome["message"].startswith("dispatch"), outcome["message"]
+        assert outcome["seconds"] < 10, outcome
+    for rank in (0, 3):
+        assert "[1]" in outcomes[rank]["message"], outcomes[rank]["message"]

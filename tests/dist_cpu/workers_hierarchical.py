@@ -182,8 +182,15 @@ def hierarchical_against_reference(
     return [f"rank {pgi.rank} {setting}: {line}" for line in failures]
 
 
+def _buffer(pgi: ProcessGroupInfo, settings: Settings, transport: str) -> Buffer:
+    """The Buffer under test: ``hierarchical`` (over torch.distributed legs) or ``nvshmem``."""
+    if transport == "hierarchical":
+        return hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
+    return Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend=transport, settings=settings)
+
+
 def hierarchical_inconsistent_call(
-    pgi: ProcessGroupInfo, ranks_per_node: int, odd_rank: int
+    pgi: ProcessGroupInfo, ranks_per_node: int, odd_rank: int, transport: str = "hierarchical"
 ) -> dict[str, Any]:
     """Rank ``odd_rank`` dispatches a wider ``x`` than the others: every rank must raise
     ``InconsistentCallError`` (a ``ValueError``) at the header, before any payload moves; then a
@@ -191,13 +198,13 @@ def hierarchical_inconsistent_call(
     from epcomm.errors import InconsistentCallError
 
     settings = Settings(ranks_per_node=ranks_per_node, timeout_s=20.0)
-    buffer = hierarchical_buffer(pgi.group, RDMA_BYTES, settings)
+    buffer = _buffer(pgi, settings, transport)
     num_experts = 4 * pgi.world_size
-    routing = make_routing(8, num_experts, 2, seed=5, rank=pgi.rank)
+    routing = make_routing(8, num_experts, 2, seed=5, rank=pgi.rank, device=pgi.device)
     layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
 
     def call(hidden: int) -> Any:
-        x = torch.ones(8, hidden, dtype=torch.bfloat16)
+        x = torch.ones(8, hidden, dtype=torch.bfloat16, device=pgi.device)
         return buffer.dispatch(
             x,
             num_tokens_per_rank=layout[0],
@@ -219,3 +226,91 @@ def hierarchical_inconsistent_call(
     recv_x = call(32)[0]
     outcome["recovered"] = isinstance(recv_x, torch.Tensor) and recv_x.size(1) == 32
     return outcome
+
+
+def hierarchical_async_calls(
+    pgi: ProcessGroupInfo, ranks_per_node: int, transport: str = "hierarchical"
+) -> list[str]:
+    """Dispatch and combine with ``previous_event``, ``async_finish`` and ``allocate_on_comm_stream``
+    must return bit for bit what the plain calls return (so the combine is deterministic too), and
+    the event must order the caller's stream after them. Returns the differences."""
+    settings = Settings(ranks_per_node=ranks_per_node, timeout_s=20.0)
+    buffer = _buffer(pgi, settings, transport)
+    num_experts = 4 * pgi.world_size
+    routing = make_routing(24, num_experts, 3, seed=7, rank=pgi.rank, masked_prob=0.1, device=pgi.device)
+    x = torch.randn(24, 256, generator=torch.Generator().manual_seed(pgi.rank)).to(pgi.device, torch.bfloat16)
+
+    def round_trip(**events: Any) -> list[torch.Tensor]:
+        layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
+        previous = Buffer.capture() if events else None
+        out = buffer.dispatch(
+            x,
+            num_tokens_per_rank=layout[0],
+            num_tokens_per_rdma_rank=layout[1],
+            num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3],
+            topk_idx=routing.topk_idx,
+            topk_weights=routing.topk_weights,
+            previous_event=previous,
+            **events,
+        )
+        recv_x, recv_idx, recv_weights, _, handle, event = out
+        if events:
+            event.current_stream_wait()
+        expert_out = (recv_x.float() * 2 - pgi.rank).to(torch.bfloat16)
+        previous = Buffer.capture() if events else None
+        combined, combined_weights, event = buffer.combine(
+            expert_out, handle, topk_weights=recv_weights, previous_event=previous, **events
+        )
+        if events:
+            event.current_stream_wait()
+        return [recv_x, recv_idx, recv_weights, combined, combined_weights]
+
+    plain = round_trip()
+    overlapped = round_trip(async_finish=True, allocate_on_comm_stream=True)
+    names = ("recv_x", "recv_topk_idx", "recv_topk_weights", "combined_x", "combined_topk_weights")
+    return [
+        f"rank {pgi.rank} async {line}"
+        for name, g, w in zip(names, overlapped, plain)
+        for line in _same(name, g, w)
+    ]
+
+
+def hierarchical_skipped_dispatch(
+    pgi: ProcessGroupInfo, ranks_per_node: int, skipper: int, transport: str = "hierarchical"
+) -> dict[str, Any]:
+    """Rank ``skipper`` makes one dispatch, then skips the second (it waits, then returns): every
+    other rank's second dispatch must raise ``PeerTimeoutError`` naming the dispatch within a few
+    timeouts. Returns what this rank raised, and when."""
+    import time
+
+    from epcomm.errors import PeerTimeoutError
+
+    timeout_s = 3.0
+    settings = Settings(ranks_per_node=ranks_per_node, timeout_s=timeout_s)
+    buffer = _buffer(pgi, settings, transport)
+    num_experts = 4 * pgi.world_size
+    routing = make_routing(8, num_experts, 2, seed=9, rank=pgi.rank, device=pgi.device)
+    x = torch.ones(8, 64, dtype=torch.bfloat16, device=pgi.device)
+
+    def dispatch() -> Any:
+        layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
+        return buffer.dispatch(
+            x,
+            num_tokens_per_rank=layout[0],
+            num_tokens_per_rdma_rank=layout[1],
+            num_tokens_per_expert=layout[2],
+            is_token_in_rank=layout[3],
+            topk_idx=routing.topk_idx,
+        )
+
+    dispatch()
+    if pgi.rank == skipper:
+        time.sleep(4 * timeout_s)
+        return {"kind": "skipped"}
+    start = time.monotonic()
+    try:
+        dispatch()
+    except PeerTimeoutError as error:
+        return {"kind": "PeerTimeoutError", "message": str(error), "seconds": time.monotonic() - start}
+    return {"kind": None, "seconds": time.monotonic() - start}

@@ -3,13 +3,19 @@ peers from ``nvshmem_ptr``, the NVLink-mode kernels), checked against the refere
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from ll_workers import compare_low_latency
 from nvlink_workers import compare_normal_mode
 
 import epcomm
 from dist_cpu.workers_hierarchical import SETTINGS as MULTI_NODE_SETTINGS
-from dist_cpu.workers_hierarchical import hierarchical_against_reference
+from dist_cpu.workers_hierarchical import (
+    hierarchical_against_reference,
+    hierarchical_async_calls,
+    hierarchical_inconsistent_call,
+)
 from epcomm.testing import ProcessGroupInfo, make_routing
 
 # Small shapes: NVSHMEM allocations are never freed in the multi-process-per-GPU mode (a free is a
@@ -62,3 +68,12 @@ def nvshmem_multi_node_against_reference(pgi: ProcessGroupInfo, ranks_per_node: 
                 )
             ]
     return failures
+
+
+def nvshmem_multi_node_events_and_mismatch(pgi: ProcessGroupInfo, ranks_per_node: int) -> dict[str, Any]:
+    """On NVSHMEM legs: the async calls against the plain ones (differences), then rank 1 passing a
+    wider ``x`` than the others (what each rank raised, and whether a consistent call then works)."""
+    return {
+        "async": hierarchical_async_calls(pgi, ranks_per_node, "nvshmem"),
+        "mismatch": hierarchical_inconsistent_call(pgi, ranks_per_node, 1, "nvshmem"),
+    }

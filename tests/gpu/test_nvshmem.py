@@ -11,10 +11,12 @@ import pytest
 from nvshmem_workers import (
     nvshmem_against_reference,
     nvshmem_multi_node_against_reference,
+    nvshmem_multi_node_events_and_mismatch,
     nvshmem_then_nvlink,
 )
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
 
+from dist_cpu.workers_hierarchical import hierarchical_skipped_dispatch
 from epcomm.testing import SHARED_GPU, parallel_launch
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(NUM_GPUS < 1, reason="needs a CUDA GPU")]
@@ -54,3 +56,31 @@ def test_nvshmem_multi_node_matches_reference(world_size: int, ranks_per_node: i
     )
     failures = [line for rank_failures in results for line in rank_failures]
     assert not failures, "\n".join(failures[:20])
+
+
+def test_nvshmem_multi_node_events_and_mismatched_call() -> None:
+    _nvshmem_or_skip()
+    backend = backend_or_skip(4, SHARED_GPU if NUM_GPUS < 4 else "nccl")
+    outcomes = parallel_launch(4, nvshmem_multi_node_events_and_mismatch, 2, backend=backend, timeout_s=300)
+    failures = [line for outcome in outcomes for line in outcome["async"]]
+    assert not failures, "\n".join(failures[:20])
+    for rank, outcome in enumerate(outcomes):
+        mismatch = outcome["mismatch"]
+        assert mismatch["kind"] == "InconsistentCallError", (rank, mismatch)
+        assert len(mismatch["message"]) <= 300, mismatch["message"]
+        assert mismatch["recovered"], (rank, "the consistent call after the error failed")
+
+
+def test_nvshmem_multi_node_skipped_dispatch_is_a_named_timeout() -> None:
+    _nvshmem_or_skip()
+    backend = backend_or_skip(4, SHARED_GPU if NUM_GPUS < 4 else "nccl")
+    outcomes = parallel_launch(
+        4, hierarchical_skipped_dispatch, 2, 1, "nvshmem", backend=backend, timeout_s=300
+    )
+    assert outcomes[1] == {"kind": "skipped"}
+    for rank in (0, 2, 3):
+        assert outcomes[rank]["kind"] == "PeerTimeoutError", (rank, outcomes[rank])
+        assert outcomes[rank]["message"].startswith("dispatch"), outcomes[rank]["message"]
+        assert outcomes[rank]["seconds"] < 10, outcomes[rank]
+    for rank in (0, 3):
+        assert "[1]" in outcomes[rank]["message"], outcomes[rank]["message"]
