@@ -18,6 +18,7 @@ import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives
 from triton_interpreter import symmetric_peers
 
 import epcomm.kernels.leg_exchange as leg_module
+import epcomm.kernels.puts as puts_module
 from epcomm.backends.nvlink.normal import HostRecord
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
 from epcomm.errors import InconsistentCallError
@@ -532,7 +533,7 @@ def check_leg_exchange() -> None:
     here a CPU stand-in): rank 2 of 5 exchanges with ranks 0 and 4 (a leg of 3 peers); each block
     lands whole in its peer's receive slot for rank 2 and nothing past it, each peer's flag for
     rank 2 gets the epoch; a peer whose flag never comes is named in the error word."""
-    leg_module.put_block = _cpu_put_block
+    puts_module.put_block = _cpu_put_block
     torch.manual_seed(3)
     num_ranks, rank, legs = 5, 2, [0, 2, 4]
     me_index, slot_words, flag_word, staging_word, recv_word, epoch = 1, 64, 0, 32, 32 + 3 * 64, 9

@@ -19,31 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from epcomm.kernels import nvshmem_primitives as nv
+from epcomm.kernels import puts
 from epcomm.kernels.launch import launch
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_epoch
 
-__all__ = ["launch_leg_exchange", "leg_put_kernel", "leg_store_kernel", "put_block"]
+__all__ = ["launch_leg_exchange", "leg_put_kernel", "leg_store_kernel"]
 
 COPY_BLOCK = 1024  # int32 words per step of a store-path copy
-
-
-@triton.jit
-def put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
-    """NVSHMEM put-with-signal: ``num_bytes`` from local ``src`` to word ``dst_word`` of the leg
-    buffer on PE ``pe``, then ``value`` set at its uint64 at ``signal_word``. ``local``: word 0 of
-    this rank's buffer (symmetric addresses are this process's; NVSHMEM finds them on the PE);
-    ``remote``: word 0 of the peer's buffer in this process, unused here (the CPU check's stand-in
-    copies through it)."""
-    nv.put_signal_block(
-        (local + dst_word).to(tl.int64),
-        src.to(tl.int64),
-        num_bytes.to(tl.int64),
-        (local + signal_word).to(tl.int64),
-        value.to(tl.uint64),
-        nv.SIGNAL_SET,
-        pe,
-    )
 
 
 _RUNTIME = [
@@ -87,7 +69,7 @@ def _exchange(
         src = local + staging_word + i * slot_words
         remote = peer_pointer(peer_table, peer_rank)
         if USE_PUT:
-            put_block(
+            puts.put_block(
                 local,
                 remote,
                 recv_word + me_index * slot_words,

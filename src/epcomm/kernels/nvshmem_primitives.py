@@ -29,6 +29,7 @@ __all__ = [
     "my_pe",
     "n_pes",
     "peer_address",
+    "put_nbi_block",
     "put_signal_block",
     "quiet",
     "signal_wait_until",
@@ -75,6 +76,20 @@ def put_signal_block(dst, src, size_bytes, signal, signal_value, signal_op, pe, 
         "",
         [dst, src, size_bytes, signal, signal_value, signal_op, pe],
         {(_I64, _I64, _I64, _I64, _U64, _I32, _I32): ("nvshmemx_putmem_signal_block", _I32)},
+        is_pure=False,
+        _semantic=_semantic,
+    )
+
+
+@core.extern
+def put_nbi_block(dst, src, size_bytes, pe, _semantic=None):  # type: ignore[no-untyped-def]
+    """``nvshmemx_putmem_nbi_block``: the program starts copying ``size_bytes`` from local ``src``
+    to symmetric ``dst`` on PE ``pe`` and returns; ``quiet`` completes it. Addresses as int64."""
+    return core.extern_elementwise(
+        "",
+        "",
+        [dst, src, size_bytes, pe],
+        {(_I64, _I64, _I64, _I32): ("nvshmemx_putmem_nbi_block", _I32)},
         is_pure=False,
         _semantic=_semantic,
     )
