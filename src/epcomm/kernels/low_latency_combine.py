@@ -22,11 +22,13 @@ import triton.language as tl
 
 from epcomm._math import next_pow2
 from epcomm.fingerprint import FINGERPRINT_WORDS
+from epcomm.kernels import puts
 from epcomm.kernels.launch import launch
 from epcomm.kernels.low_latency_dispatch import (
     CallCheck,
     LowLatencyWords,
     Phase,
+    PutPath,
     SignalState,
     check_words,
     expected_sequences,
@@ -34,26 +36,14 @@ from epcomm.kernels.low_latency_dispatch import (
     ll_wait_and_compare,
 )
 from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
-from epcomm.kernels.primitives import peer_pointer, peer_pointers, store_remote
+from epcomm.kernels.primitives import fence_acq_rel_sys, peer_pointer, peer_pointers, store_remote
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
-__all__ = ["combine_grid", "launch_ll_combine"]
+__all__ = ["combine_grid", "launch_ll_combine", "ll_combine_kernel", "ll_combine_put_kernel"]
 
 
-@triton.jit(
-    do_not_specialize=[
-        "num_tokens",
-        "rank",
-        "timeout_ns",
-        "error_address",
-        "operation_code",
-        "flag_offset",
-        "fp_offset",
-        "record_address",
-        *FINGERPRINT_ARGS,
-    ]
-)
-def ll_combine_kernel(
+@triton.jit
+def _ll_combine(
     peer_table,
     local_ptr,
     x_ptr,
@@ -67,6 +57,8 @@ def ll_combine_kernel(
     out_ptr,
     wait_stats_ptr,
     differs_ptr,
+    reach_ptr,
+    pe_ptr,
     num_tokens,
     rank,
     timeout_ns,
@@ -76,6 +68,8 @@ def ll_combine_kernel(
     staging_offset,
     fp_offset,
     record_address,
+    outbox_offset,
+    mine_offset,
     fp0,
     fp1,
     fp2,
@@ -98,6 +92,8 @@ def ll_combine_kernel(
     HAS_WAIT_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
+    PUT: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -106,17 +102,22 @@ def ll_combine_kernel(
     if PHASE & 1:
         _send_rows(
             peer_table,
+            local_ptr,
             x_ptr,
             gather_idx_ptr,
             mask_ptr,
+            reach_ptr,
+            pe_ptr,
             rank,
             staging_offset,
+            outbox_offset,
             ITEMS,
             NUM_RANKS,
             CAPACITY,
             NUM_TOPK,
             X_WORDS,
             X_BLOCK,
+            PUT,
         )
         ll_arrive_and_signal(
             peer_table,
@@ -133,6 +134,15 @@ def ll_combine_kernel(
             NUM_RANKS,
             False,
             FP_WORDS,
+            local_ptr,
+            reach_ptr,
+            pe_ptr,
+            mine_offset,
+            0,
+            NUM_TOPK,
+            PUT,
+            FLAG_STRIDE,
+            CAPACITY,
         )
     if PHASE & 2:
         if pid < tl.maximum(tl.minimum(num_tokens, grid), 1):
@@ -156,6 +166,7 @@ def ll_combine_kernel(
                 HAS_WAIT_STATS,
                 SHRINK,
                 FP_WORDS,
+                FLAG_STRIDE,
             )
         _reduce_rows(
             local_ptr,
@@ -173,22 +184,168 @@ def ll_combine_kernel(
         )
 
 
-@triton.jit
-def _send_rows(
+_COMBINE_RUNTIME = [
+    "num_tokens",
+    "rank",
+    "timeout_ns",
+    "error_address",
+    "operation_code",
+    "flag_offset",
+    "fp_offset",
+    "record_address",
+    "mine_offset",
+    *FINGERPRINT_ARGS,
+]
+
+
+@triton.jit(do_not_specialize=_COMBINE_RUNTIME)
+def ll_combine_kernel(
     peer_table,
+    local_ptr,
     x_ptr,
     gather_idx_ptr,
     mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    out_ptr,
+    wait_stats_ptr,
+    differs_ptr,
+    reach_ptr,
+    pe_ptr,
+    num_tokens,
+    rank,
+    timeout_ns,
+    error_address,
+    operation_code,
+    flag_offset,
+    staging_offset,
+    fp_offset,
+    record_address,
+    outbox_offset,
+    mine_offset,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
+    PHASE: tl.constexpr,
+    ITEMS: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """Every peer through stores (one NVLink domain): the module docstring."""
+    _ll_combine(
+        peer_table, local_ptr, x_ptr, gather_idx_ptr, mask_ptr, arrival_ptr, send_seq_ptr, recv_expected_ptr,
+        topk_idx_ptr, topk_weights_ptr, out_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens, rank,
+        timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
+        outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
+        NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
+        False, 1,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_COMBINE_RUNTIME)
+def ll_combine_put_kernel(
+    peer_table,
+    local_ptr,
+    x_ptr,
+    gather_idx_ptr,
+    mask_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    topk_idx_ptr,
+    topk_weights_ptr,
+    out_ptr,
+    wait_stats_ptr,
+    differs_ptr,
+    reach_ptr,
+    pe_ptr,
+    num_tokens,
+    rank,
+    timeout_ns,
+    error_address,
+    operation_code,
+    flag_offset,
+    staging_offset,
+    fp_offset,
+    record_address,
+    outbox_offset,
+    mine_offset,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
+    PHASE: tl.constexpr,
+    ITEMS: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    H_BLOCK: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """Expert ranks of other nodes (``reach_ptr[r] == 0``) get their rows by NVSHMEM puts from a
+    copy in this rank's buffer, the others by stores (the module docstring, "Put path"); launched
+    through ``requires_nvshmem``."""
+    _ll_combine(
+        peer_table, local_ptr, x_ptr, gather_idx_ptr, mask_ptr, arrival_ptr, send_seq_ptr, recv_expected_ptr,
+        topk_idx_ptr, topk_weights_ptr, out_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens, rank,
+        timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
+        outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
+        NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
+        True, 2,
+    )  # fmt: skip
+
+
+@triton.jit
+def _send_rows(
+    peer_table,
+    local_ptr,
+    x_ptr,
+    gather_idx_ptr,
+    mask_ptr,
+    reach_ptr,
+    pe_ptr,
     rank,
     staging_offset,
+    outbox_offset,
     ITEMS: tl.constexpr,
     NUM_RANKS: tl.constexpr,
     CAPACITY: tl.constexpr,
     NUM_TOPK: tl.constexpr,
     X_WORDS: tl.constexpr,
     X_BLOCK: tl.constexpr,
+    PUT: tl.constexpr,
 ):
-    """The send phase's data movement (the module docstring); the caller arrives and signals."""
+    """The send phase's data movement (the module docstring); the caller arrives and signals. The
+    put path moves one item per step (``ITEMS == 1``)."""
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
     words = tl.arange(0, X_BLOCK)
@@ -203,8 +360,30 @@ def _send_rows(
             if row >= 0:
                 if tl.load(mask_ptr + dst) == 0:
                     data = tl.load(x_ptr + row * X_WORDS + words, mask=word_mask)
-                    base = peer_pointer(peer_table, dst) + staging_offset
-                    store_remote(base + slot.to(tl.int64) * X_WORDS + words, data, word_mask)
+                    peer = peer_pointer(peer_table, dst)
+                    if PUT:
+                        if tl.load(reach_ptr + dst) != 0:
+                            store_remote(
+                                peer + staging_offset + slot.to(tl.int64) * X_WORDS + words, data, word_mask
+                            )
+                        else:
+                            # Another node: a copy of the row in this rank's buffer, then one put.
+                            outbox = local_ptr + outbox_offset + row * X_WORDS
+                            tl.store(outbox + words, data, mask=word_mask)
+                            tl.debug_barrier()
+                            fence_acq_rel_sys()
+                            puts.put_bytes(
+                                local_ptr,
+                                peer,
+                                staging_offset + slot.to(tl.int64) * X_WORDS,
+                                outbox,
+                                X_WORDS * 4,
+                                tl.load(pe_ptr + dst),
+                            )
+                    else:
+                        store_remote(
+                            peer + staging_offset + slot.to(tl.int64) * X_WORDS + words, data, word_mask
+                        )
     else:
         steps = tl.arange(0, ITEMS)
         for first in range(pid * ITEMS, TOTAL, grid * ITEMS):
@@ -218,6 +397,8 @@ def _send_rows(
             data = tl.load(x_ptr + row[:, None] * X_WORDS + words[None, :], mask=both)
             base = peer_pointers(peer_table, dst, use) + staging_offset
             store_remote(base[:, None] + (slot.to(tl.int64) * X_WORDS)[:, None] + words[None, :], data, both)
+    if PUT:
+        puts.put_quiet()  # this program's puts are complete before it arrives
 
 
 @triton.jit
@@ -295,8 +476,10 @@ def launch_ll_combine(
     num_sms: int,
     check: CallCheck,
     shrink: bool = False,
+    put: PutPath | None = None,
 ) -> None:
-    """One phase of a low-latency combine (``ll_combine_kernel``; the module docstring).
+    """One phase of a low-latency combine (``ll_combine_kernel``, or ``put.kernel`` on the put
+    path; the module docstring).
 
     Arguments:
         phase: ``SEND`` / ``RECEIVE`` (the two launches of a call with a receive hook, in that
@@ -323,14 +506,18 @@ def launch_ll_combine(
             and host record.
         shrink: shrink mode: an expert rank that misses the bound is masked (its rows count as
             ``-1`` slots) and logged instead of reported as an error (``wait_sources``).
+        put: the put path (multi-node: expert ranks of other nodes through NVSHMEM puts; its
+            ``outbox`` has the shape of ``x_words``), or ``None``.
     """
     fingerprint = check_words(check)
     num_ranks, capacity, num_topk = combine_gather_idx.shape
     num_tokens, hidden = out.shape
     x_words_per_row = x_words.size(-1)
     programs, warps, items = combine_grid(phase, num_ranks * capacity * num_topk, num_tokens, num_sms)
+    if put is not None:
+        items = 1  # one put per item
     launch(
-        ll_combine_kernel,
+        put.kernel if put is not None else ll_combine_kernel,
         (programs,),
         (
             peers.peer_table,
@@ -346,6 +533,8 @@ def launch_ll_combine(
             out,
             wait_stats if wait_stats is not None else topk_idx,
             check.differs,
+            put.reach if put is not None else rank_mask,
+            put.pes if put is not None else rank_mask,
             num_tokens,
             peers.rank,
             peers.timeout_ns,
@@ -355,6 +544,8 @@ def launch_ll_combine(
             words.staging,
             words.fingerprints,
             check.record_address,
+            put.outbox if put is not None else 0,
+            put.mine if put is not None else 0,
             *fingerprint,
         ),
         {

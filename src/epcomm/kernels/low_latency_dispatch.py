@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from enum import IntEnum
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -44,9 +44,17 @@ import triton.language as tl
 
 from epcomm._math import next_pow2
 from epcomm.fingerprint import FINGERPRINT_WORDS
+from epcomm.kernels import puts
 from epcomm.kernels.launch import launch
 from epcomm.kernels.normal_rows import FINGERPRINT_ARGS, fingerprint_vector
-from epcomm.kernels.primitives import HOISTED_PEERS, global_timer_ns, peer_pointer, store_remote, wait_flags
+from epcomm.kernels.primitives import (
+    HOISTED_PEERS,
+    fence_acq_rel_sys,
+    global_timer_ns,
+    peer_pointer,
+    store_remote,
+    wait_flags,
+)
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = [
@@ -54,6 +62,7 @@ __all__ = [
     "DispatchOutputs",
     "LowLatencyWords",
     "Phase",
+    "PutPath",
     "SignalState",
     "check_words",
     "dispatch_grid",
@@ -61,9 +70,17 @@ __all__ = [
     "launch_ll_dispatch",
     "ll_arrive_and_signal",
     "ll_compare_fingerprints",
+    "ll_dispatch_kernel",
+    "ll_dispatch_put_kernel",
     "ll_wait_and_compare",
     "wait_sources",
 ]
+
+
+# The put path's ``mine`` words (per op, in this rank's buffer): the count at word 0, the
+# fingerprint at word MINE_FINGERPRINT, the top-k rows from word MINE_HEAD (dispatch).
+MINE_FINGERPRINT = tl.constexpr(8)
+MINE_HEAD = tl.constexpr(16)
 
 
 class Phase(IntEnum):
@@ -86,20 +103,208 @@ def _fp8_scale(amax, ROUND_SCALE: tl.constexpr):
     return scale
 
 
-@triton.jit(
-    do_not_specialize=[
-        "num_tokens",
-        "rank",
-        "timeout_ns",
-        "error_address",
-        "operation_code",
-        "flag_offset",
-        "count_offset",
-        "fp_offset",
-        "record_address",
-        *FINGERPRINT_ARGS,
-    ]
-)
+@triton.jit
+def _ll_dispatch(
+    peer_table,
+    local_ptr,
+    x_ptr,
+    topk_idx_ptr,
+    mask_ptr,
+    combine_gather_idx_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    scratch_ptr,
+    recv_x_ptr,
+    recv_scales_ptr,
+    recv_count_ptr,
+    recv_src_info_ptr,
+    recv_layout_range_ptr,
+    cumulative_stats_ptr,
+    wait_stats_ptr,
+    differs_ptr,
+    reach_ptr,
+    pe_ptr,
+    num_tokens,
+    rank,
+    timeout_ns,
+    error_address,
+    operation_code,
+    flag_offset,
+    count_offset,
+    staging_offset,
+    fp_offset,
+    record_address,
+    topk_offset,
+    outbox_offset,
+    mine_offset,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
+    PHASE: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    G_BLOCK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SCALE_COLUMNS: tl.constexpr,
+    HAS_CUMULATIVE_STATS: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+    PUT: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    grid = tl.num_programs(0)
+    expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
+    fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
+    if PHASE & 1:
+        _send_tokens(
+            peer_table,
+            local_ptr,
+            x_ptr,
+            topk_idx_ptr,
+            mask_ptr,
+            combine_gather_idx_ptr,
+            reach_ptr,
+            pe_ptr,
+            num_tokens,
+            rank,
+            staging_offset,
+            topk_offset,
+            outbox_offset,
+            mine_offset,
+            NUM_RANKS,
+            NUM_LOCAL_EXPERTS,
+            CAPACITY,
+            HIDDEN,
+            NUM_TOPK,
+            K_BLOCK,
+            MESSAGE_WORDS,
+            X_WORDS,
+            X_BLOCK,
+            G_BLOCK,
+            USE_FP8,
+            ROUND_SCALE,
+            PUT,
+        )
+        ll_arrive_and_signal(
+            peer_table,
+            mask_ptr,
+            arrival_ptr,
+            send_seq_ptr,
+            recv_expected_ptr,
+            rank,
+            flag_offset,
+            count_offset,
+            num_tokens,
+            fp_offset,
+            fingerprint,
+            NUM_RANKS,
+            True,
+            FP_WORDS,
+            local_ptr,
+            reach_ptr,
+            pe_ptr,
+            mine_offset,
+            topk_offset,
+            NUM_TOPK,
+            PUT,
+            FLAG_STRIDE,
+            CAPACITY,
+        )
+    if PHASE & 2:
+        if pid < NUM_LOCAL_EXPERTS:
+            ll_wait_and_compare(
+                local_ptr,
+                flag_offset,
+                fp_offset,
+                mask_ptr,
+                expected,
+                timeout_ns,
+                error_address,
+                operation_code,
+                rank,
+                wait_stats_ptr,
+                pid == 0,
+                fingerprint,
+                differs_ptr,
+                record_address,
+                NUM_RANKS,
+                R_BLOCK,
+                HAS_WAIT_STATS,
+                SHRINK,
+                FP_WORDS,
+                FLAG_STRIDE,
+            )
+        for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
+            _expand_received(
+                local_ptr,
+                mask_ptr,
+                differs_ptr,
+                scratch_ptr,
+                recv_x_ptr,
+                recv_scales_ptr,
+                recv_count_ptr,
+                recv_src_info_ptr,
+                recv_layout_range_ptr,
+                combine_gather_idx_ptr,
+                cumulative_stats_ptr,
+                expert,
+                rank,
+                count_offset,
+                staging_offset,
+                topk_offset,
+                NUM_RANKS,
+                NUM_LOCAL_EXPERTS,
+                CAPACITY,
+                HIDDEN,
+                NUM_TOPK,
+                ROWS_BLOCK,
+                MESSAGE_WORDS,
+                X_WORDS,
+                X_BLOCK,
+                G_BLOCK,
+                USE_FP8,
+                USE_UE8M0,
+                SCALE_COLUMNS,
+                HAS_CUMULATIVE_STATS,
+                PUT,
+            )
+
+
+_DISPATCH_RUNTIME = [
+    "num_tokens",
+    "rank",
+    "timeout_ns",
+    "error_address",
+    "operation_code",
+    "flag_offset",
+    "count_offset",
+    "fp_offset",
+    "record_address",
+    "mine_offset",
+    *FINGERPRINT_ARGS,
+]
+
+
+@triton.jit(do_not_specialize=_DISPATCH_RUNTIME)
 def ll_dispatch_kernel(
     peer_table,
     local_ptr,
@@ -119,6 +324,8 @@ def ll_dispatch_kernel(
     cumulative_stats_ptr,
     wait_stats_ptr,
     differs_ptr,
+    reach_ptr,
+    pe_ptr,
     num_tokens,
     rank,
     timeout_ns,
@@ -129,6 +336,9 @@ def ll_dispatch_kernel(
     staging_offset,
     fp_offset,
     record_address,
+    topk_offset,
+    outbox_offset,
+    mine_offset,
     fp0,
     fp1,
     fp2,
@@ -159,116 +369,114 @@ def ll_dispatch_kernel(
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    grid = tl.num_programs(0)
-    expected = expected_sequences(recv_expected_ptr, PHASE, NUM_RANKS, R_BLOCK)
-    fingerprint = fingerprint_vector(fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7)
-    if PHASE & 1:
-        _send_tokens(
-            peer_table,
-            x_ptr,
-            topk_idx_ptr,
-            mask_ptr,
-            combine_gather_idx_ptr,
-            num_tokens,
-            rank,
-            staging_offset,
-            NUM_RANKS,
-            NUM_LOCAL_EXPERTS,
-            CAPACITY,
-            HIDDEN,
-            NUM_TOPK,
-            K_BLOCK,
-            MESSAGE_WORDS,
-            X_WORDS,
-            X_BLOCK,
-            G_BLOCK,
-            USE_FP8,
-            ROUND_SCALE,
-        )
-        ll_arrive_and_signal(
-            peer_table,
-            mask_ptr,
-            arrival_ptr,
-            send_seq_ptr,
-            recv_expected_ptr,
-            rank,
-            flag_offset,
-            count_offset,
-            num_tokens,
-            fp_offset,
-            fingerprint,
-            NUM_RANKS,
-            True,
-            FP_WORDS,
-        )
-    if PHASE & 2:
-        if pid < NUM_LOCAL_EXPERTS:
-            ll_wait_and_compare(
-                local_ptr,
-                flag_offset,
-                fp_offset,
-                mask_ptr,
-                expected,
-                timeout_ns,
-                error_address,
-                operation_code,
-                rank,
-                wait_stats_ptr,
-                pid == 0,
-                fingerprint,
-                differs_ptr,
-                record_address,
-                NUM_RANKS,
-                R_BLOCK,
-                HAS_WAIT_STATS,
-                SHRINK,
-                FP_WORDS,
-            )
-        for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
-            _expand_received(
-                local_ptr,
-                mask_ptr,
-                differs_ptr,
-                scratch_ptr,
-                recv_x_ptr,
-                recv_scales_ptr,
-                recv_count_ptr,
-                recv_src_info_ptr,
-                recv_layout_range_ptr,
-                combine_gather_idx_ptr,
-                cumulative_stats_ptr,
-                expert,
-                rank,
-                count_offset,
-                staging_offset,
-                NUM_RANKS,
-                NUM_LOCAL_EXPERTS,
-                CAPACITY,
-                HIDDEN,
-                NUM_TOPK,
-                ROWS_BLOCK,
-                MESSAGE_WORDS,
-                X_WORDS,
-                X_BLOCK,
-                G_BLOCK,
-                USE_FP8,
-                USE_UE8M0,
-                SCALE_COLUMNS,
-                HAS_CUMULATIVE_STATS,
-            )
+    """Every peer through stores (one NVLink domain): the module docstring."""
+    _ll_dispatch(
+        peer_table, local_ptr, x_ptr, topk_idx_ptr, mask_ptr, combine_gather_idx_ptr, arrival_ptr, send_seq_ptr,
+        recv_expected_ptr, scratch_ptr, recv_x_ptr, recv_scales_ptr, recv_count_ptr, recv_src_info_ptr,
+        recv_layout_range_ptr, cumulative_stats_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens,
+        rank, timeout_ns, error_address, operation_code, flag_offset, count_offset, staging_offset, fp_offset,
+        record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
+        PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
+        MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, False, 1,
+    )  # fmt: skip
+
+
+@triton.jit(do_not_specialize=_DISPATCH_RUNTIME)
+def ll_dispatch_put_kernel(
+    peer_table,
+    local_ptr,
+    x_ptr,
+    topk_idx_ptr,
+    mask_ptr,
+    combine_gather_idx_ptr,
+    arrival_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    scratch_ptr,
+    recv_x_ptr,
+    recv_scales_ptr,
+    recv_count_ptr,
+    recv_src_info_ptr,
+    recv_layout_range_ptr,
+    cumulative_stats_ptr,
+    wait_stats_ptr,
+    differs_ptr,
+    reach_ptr,
+    pe_ptr,
+    num_tokens,
+    rank,
+    timeout_ns,
+    error_address,
+    operation_code,
+    flag_offset,
+    count_offset,
+    staging_offset,
+    fp_offset,
+    record_address,
+    topk_offset,
+    outbox_offset,
+    mine_offset,
+    fp0,
+    fp1,
+    fp2,
+    fp3,
+    fp4,
+    fp5,
+    fp6,
+    fp7,
+    PHASE: tl.constexpr,
+    NUM_RANKS: tl.constexpr,
+    R_BLOCK: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    K_BLOCK: tl.constexpr,
+    ROWS_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    X_BLOCK: tl.constexpr,
+    G_BLOCK: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    ROUND_SCALE: tl.constexpr,
+    USE_UE8M0: tl.constexpr,
+    SCALE_COLUMNS: tl.constexpr,
+    HAS_CUMULATIVE_STATS: tl.constexpr,
+    HAS_WAIT_STATS: tl.constexpr,
+    SHRINK: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """Peers of other nodes (``reach_ptr[r] == 0``) through NVSHMEM puts, the others through stores
+    (the module docstring, "Put path"); launched through ``requires_nvshmem``."""
+    _ll_dispatch(
+        peer_table, local_ptr, x_ptr, topk_idx_ptr, mask_ptr, combine_gather_idx_ptr, arrival_ptr, send_seq_ptr,
+        recv_expected_ptr, scratch_ptr, recv_x_ptr, recv_scales_ptr, recv_count_ptr, recv_src_info_ptr,
+        recv_layout_range_ptr, cumulative_stats_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens,
+        rank, timeout_ns, error_address, operation_code, flag_offset, count_offset, staging_offset, fp_offset,
+        record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
+        PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
+        MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, True, 2,
+    )  # fmt: skip
 
 
 @triton.jit
 def _send_tokens(
     peer_table,
+    local_ptr,
     x_ptr,
     topk_idx_ptr,
     mask_ptr,
     combine_gather_idx_ptr,
+    reach_ptr,
+    pe_ptr,
     num_tokens,
     rank,
     staging_offset,
+    topk_offset,
+    outbox_offset,
+    mine_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
     CAPACITY: tl.constexpr,
@@ -281,6 +489,7 @@ def _send_tokens(
     G_BLOCK: tl.constexpr,
     USE_FP8: tl.constexpr,
     ROUND_SCALE: tl.constexpr,
+    PUT: tl.constexpr,
 ):
     """The send phase's data movement (the module docstring); the caller arrives and signals."""
     pid = tl.program_id(0)
@@ -321,22 +530,85 @@ def _send_tokens(
             x_words = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
             word_cols = tl.arange(0, X_BLOCK)
             words = tl.load(x_words + token * X_WORDS + word_cols, mask=word_cols < X_WORDS)
+            scale_words = tl.zeros([G_BLOCK], tl.int32)  # no scales (never stored)
+        out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
+        group_cols = tl.arange(0, G_BLOCK)
+        message = (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
+        if PUT:
+            # The put sources, in this rank's symmetric memory: the message (payload and scales)
+            # once for every destination of another node, and the top-k row (put as one block per
+            # destination by the last program, ll_arrive_and_signal).
+            outbox = local_ptr + outbox_offset + token.to(tl.int64) * MESSAGE_WORDS
+            tl.store(outbox + out_cols, words, mask=out_cols < X_WORDS)
+            if USE_FP8:
+                tl.store(outbox + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
+            tl.store(local_ptr + mine_offset + MINE_HEAD + token * NUM_TOPK + k_cols, topk, mask=k_mask)
+            tl.debug_barrier()
+            fence_acq_rel_sys()
         for step in tl.static_range(NUM_RANKS):
             dst = (step + rank + pid) % NUM_RANKS
             if tl.load(mask_ptr + dst) == 0:
-                if NUM_RANKS <= HOISTED_PEERS:
-                    base = bases[step] + staging_offset
-                else:
-                    base = peer_pointer(peer_table, dst) + staging_offset
-                slot = base + (rank * CAPACITY + token).to(tl.int64) * MESSAGE_WORDS
-                store_remote(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, k_mask)
                 hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
-                if hits > 0:
-                    out_cols = tl.arange(0, X_BLOCK if not USE_FP8 else G_BLOCK * 32)
-                    store_remote(slot + out_cols, words, out_cols < X_WORDS)
-                    if USE_FP8:
-                        group_cols = tl.arange(0, G_BLOCK)
-                        store_remote(slot + X_WORDS + group_cols, scale_words, group_cols < NUM_GROUPS)
+                if NUM_RANKS <= HOISTED_PEERS:
+                    peer = bases[step]
+                else:
+                    peer = peer_pointer(peer_table, dst)
+                if PUT:
+                    if tl.load(reach_ptr + dst) != 0:
+                        _store_message(
+                            peer, staging_offset + message, topk_offset + (rank * CAPACITY + token) * NUM_TOPK,
+                            topk, k_cols, k_mask, words, out_cols, scale_words, group_cols, hits, X_WORDS,
+                            NUM_GROUPS, USE_FP8, True,
+                        )  # fmt: skip
+                    elif hits > 0:
+                        # Another node: one put of the message, only where the token has an expert.
+                        puts.put_bytes(
+                            local_ptr,
+                            peer,
+                            staging_offset + message,
+                            outbox,
+                            (X_WORDS + NUM_GROUPS * USE_FP8) * 4,
+                            tl.load(pe_ptr + dst),
+                        )
+                else:
+                    _store_message(
+                        peer, staging_offset + message, 0, topk, k_cols, k_mask, words, out_cols, scale_words,
+                        group_cols, hits, X_WORDS, NUM_GROUPS, USE_FP8, False,
+                    )  # fmt: skip
+    if PUT:
+        puts.put_quiet()  # this program's puts are complete before it arrives
+
+
+@triton.jit
+def _store_message(
+    peer,
+    slot_word,
+    topk_word,
+    topk,
+    k_cols,
+    k_mask,
+    words,
+    out_cols,
+    scale_words,
+    group_cols,
+    hits,
+    X_WORDS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    TOPK_APART: tl.constexpr,
+):
+    """One token's message to a peer reached by stores (``peer``: word 0 of its buffer): the top-k
+    row always (after the payload and scales in the message, or at ``topk_word`` with
+    ``TOPK_APART``), the payload and the scales where the token has one of its experts."""
+    slot = peer + slot_word
+    if TOPK_APART:
+        store_remote(peer + topk_word + k_cols, topk, k_mask)
+    else:
+        store_remote(slot + X_WORDS + NUM_GROUPS * USE_FP8 + k_cols, topk, k_mask)
+    if hits > 0:
+        store_remote(slot + out_cols, words, out_cols < X_WORDS)
+        if USE_FP8:
+            store_remote(slot + X_WORDS + group_cols, scale_words, group_cols < NUM_GROUPS)
 
 
 @triton.jit
@@ -356,6 +628,7 @@ def _expand_received(
     rank,
     count_offset,
     staging_offset,
+    topk_offset,
     NUM_RANKS: tl.constexpr,
     NUM_LOCAL_EXPERTS: tl.constexpr,
     CAPACITY: tl.constexpr,
@@ -370,8 +643,10 @@ def _expand_received(
     USE_UE8M0: tl.constexpr,
     SCALE_COLUMNS: tl.constexpr,
     HAS_CUMULATIVE_STATS: tl.constexpr,
+    PUT: tl.constexpr,
 ):
-    """The receive phase for local expert ``expert``, after the wait (the module docstring)."""
+    """The receive phase for local expert ``expert``, after the wait (the module docstring); with
+    ``PUT`` the top-k rows are read from the area apart (``topk_offset``)."""
     NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
     rows = tl.arange(0, ROWS_BLOCK)
@@ -397,12 +672,11 @@ def _expand_received(
     # point at it in combine_gather_idx, as in the reference backend).
     hit_slots = tl.zeros([ROWS_BLOCK], dtype=tl.int64)
     for k in tl.static_range(NUM_TOPK):
-        topk = tl.load(
-            staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k,
-            mask=real,
-            other=-1,
-            cache_modifier=".cg",
-        )
+        if PUT:
+            topk_word = local_ptr + topk_offset + rows.to(tl.int64) * NUM_TOPK + k
+        else:
+            topk_word = staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k
+        topk = tl.load(topk_word, mask=real, other=-1, cache_modifier=".cg")
         is_hit = topk == global_expert
         hit_slots = hit_slots | (is_hit.to(tl.int64) << k)
         hit = hit | is_hit.to(tl.int32)
@@ -488,15 +762,79 @@ def expected_sequences(
 
 
 @triton.jit
-def ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer):
+def ll_signal(
+    peer_table,
+    mask_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    rank,
+    flag_offset,
+    peer,
+    FLAG_STRIDE: tl.constexpr = 1,
+):
     """Release the next sequence number at ``peer``'s flag for this rank and advance what this rank
-    expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer."""
+    expects from ``peer`` (both device-resident, so graph replays work); nothing for a masked peer.
+    ``FLAG_STRIDE``: words per flag (2 on the put path: uint64 NVSHMEM signals, the low word here)."""
     if tl.load(mask_ptr + peer) == 0:
         sequence = tl.load(send_seq_ptr + peer) + 1
         tl.store(send_seq_ptr + peer, sequence)
         tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
-        flag = peer_pointer(peer_table, peer) + flag_offset + rank
+        flag = peer_pointer(peer_table, peer) + flag_offset + FLAG_STRIDE * rank
         tl.atomic_xchg(flag, sequence, sem="release", scope="sys")
+
+
+@triton.jit
+def _put_signal(
+    peer_table,
+    local_ptr,
+    send_seq_ptr,
+    recv_expected_ptr,
+    pe_ptr,
+    rank,
+    flag_offset,
+    count_offset,
+    fp_offset,
+    topk_offset,
+    mine_offset,
+    count,
+    peer,
+    HAS_COUNT: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """The put path's end of a send phase for one unmasked peer of another node: this rank's
+    top-k rows (``count`` of them) and count (``HAS_COUNT``), completed, then its fingerprint with
+    the next sequence number in the peer's uint64 flag for this rank (put-with-signal: the flag
+    after the words); advances the sequence state as ``ll_signal``. The sources are this rank's
+    ``mine`` words (``MINE_HEAD``: count at word 0, fingerprint at ``MINE_FINGERPRINT``)."""
+    pe = tl.load(pe_ptr + peer)
+    remote = peer_pointer(peer_table, peer)
+    mine = local_ptr + mine_offset
+    if HAS_COUNT:
+        puts.put_bytes(
+            local_ptr,
+            remote,
+            topk_offset + rank * CAPACITY * NUM_TOPK,
+            mine + MINE_HEAD,
+            count * NUM_TOPK * 4,
+            pe,
+        )
+        puts.put_bytes(local_ptr, remote, count_offset + rank, mine, 4, pe)
+        puts.put_quiet()
+    sequence = tl.load(send_seq_ptr + peer) + 1
+    tl.store(send_seq_ptr + peer, sequence)
+    tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
+    puts.put_block(
+        local_ptr,
+        remote,
+        fp_offset + rank * FP_WORDS,
+        mine + MINE_FINGERPRINT,
+        FP_WORDS * 4,
+        flag_offset + 2 * rank,
+        sequence,
+        pe,
+    )
 
 
 @triton.jit
@@ -515,6 +853,15 @@ def ll_arrive_and_signal(
     NUM_RANKS: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     FP_WORDS: tl.constexpr,
+    local_ptr=None,
+    reach_ptr=None,
+    pe_ptr=None,
+    mine_offset=0,
+    topk_offset=0,
+    NUM_TOPK: tl.constexpr = 1,
+    PUT: tl.constexpr = False,
+    FLAG_STRIDE: tl.constexpr = 1,
+    CAPACITY: tl.constexpr = 1,
 ):
     """The end of a send phase: every program arrives on ``arrival_ptr`` (an int32 counter in local
     memory, 0 between calls, one per phase and parity); the last one resets it, writes ``count``
@@ -523,6 +870,10 @@ def ll_arrive_and_signal(
     then a block barrier), and signals every unmasked peer (``ll_signal``): the release orders the
     count and the fingerprint (and every payload store) before the sequence number, so a receiver
     reads them after its acquire.
+
+    With ``PUT``, a peer with ``reach_ptr[peer] == 0`` (another node) gets those words by NVSHMEM
+    puts instead (``_put_signal``: the top-k rows too, from this rank's ``mine`` words, which the
+    last program fills first); every program completed its own puts (quiet) before it arrived.
 
     Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
     before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
@@ -536,15 +887,57 @@ def ll_arrive_and_signal(
     if arrived == tl.num_programs(0) - 1:
         tl.store(arrival_ptr, 0)
         fp_cols = tl.arange(0, FP_WORDS)
+        if PUT:
+            mine = local_ptr + mine_offset
+            tl.store(mine, count)
+            tl.store(mine + MINE_FINGERPRINT + fp_cols, fingerprint)
+            tl.debug_barrier()
+            fence_acq_rel_sys()
         for peer in range(NUM_RANKS):
             if tl.load(mask_ptr + peer) == 0:
-                base = peer_pointer(peer_table, peer)
-                if HAS_COUNT:
-                    store_remote(base + count_offset + rank, count)
-                store_remote(base + fp_offset + rank * FP_WORDS + fp_cols, fingerprint)
+                if PUT:
+                    if tl.load(reach_ptr + peer) != 0:
+                        _store_words(peer_table, peer, rank, count_offset, count, fp_offset, fingerprint,
+                                     fp_cols, HAS_COUNT, FP_WORDS)  # fmt: skip
+                    else:
+                        _put_signal(
+                            peer_table, local_ptr, send_seq_ptr, recv_expected_ptr, pe_ptr, rank, flag_offset,
+                            count_offset, fp_offset, topk_offset, mine_offset, count, peer, HAS_COUNT, NUM_TOPK,
+                            CAPACITY, FP_WORDS,
+                        )  # fmt: skip
+                else:
+                    _store_words(peer_table, peer, rank, count_offset, count, fp_offset, fingerprint, fp_cols,
+                                 HAS_COUNT, FP_WORDS)  # fmt: skip
         tl.debug_barrier()
         for peer in range(NUM_RANKS):
-            ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
+            if PUT:
+                if tl.load(reach_ptr + peer) != 0:
+                    ll_signal(
+                        peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer, 2
+                    )
+            else:
+                ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
+
+
+@triton.jit
+def _store_words(
+    peer_table,
+    peer,
+    rank,
+    count_offset,
+    count,
+    fp_offset,
+    fingerprint,
+    fp_cols,
+    HAS_COUNT: tl.constexpr,
+    FP_WORDS: tl.constexpr,
+):
+    """The count (``HAS_COUNT``) and fingerprint of this rank's send phase, stored into ``peer``'s
+    words for this rank (a peer of this node)."""
+    base = peer_pointer(peer_table, peer)
+    if HAS_COUNT:
+        store_remote(base + count_offset + rank, count)
+    store_remote(base + fp_offset + rank * FP_WORDS + fp_cols, fingerprint)
 
 
 @triton.jit
@@ -609,6 +1002,7 @@ def wait_sources(
     R_BLOCK: tl.constexpr,
     HAS_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr = 1,
 ):
     """Bounded wait for every unmasked source's flag to reach ``expected`` (``[R_BLOCK]`` int32)
     (``primitives.wait_flags``), then a block barrier; optional per-source wait time (ns) stats:
@@ -625,7 +1019,7 @@ def wait_sources(
     in_group = sources < NUM_RANKS
     waited_on = in_group & (tl.load(mask_ptr + sources, mask=in_group, other=1) == 0)
     missing, start, seen_at = wait_flags(
-        flag_ptr + sources,
+        flag_ptr + FLAG_STRIDE * sources,
         waited_on,
         expected,
         timeout_ns,
@@ -667,9 +1061,11 @@ def ll_wait_and_compare(
     HAS_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr = 1,
 ):
-    """A receive phase's wait: ``wait_sources`` on the flags at ``local_ptr + flag_offset``, then
-    ``ll_compare_fingerprints`` of the rows at ``local_ptr + fp_offset`` (both phases' kernels)."""
+    """A receive phase's wait: ``wait_sources`` on the flags at ``local_ptr + flag_offset``
+    (``FLAG_STRIDE`` words apart), then ``ll_compare_fingerprints`` of the rows at ``local_ptr +
+    fp_offset`` (both phases' kernels)."""
     wait_sources(
         local_ptr + flag_offset,
         mask_ptr,
@@ -684,6 +1080,7 @@ def ll_wait_and_compare(
         R_BLOCK,
         HAS_STATS,
         SHRINK,
+        FLAG_STRIDE,
     )
     ll_compare_fingerprints(
         local_ptr + fp_offset,
@@ -781,6 +1178,33 @@ class DispatchOutputs(NamedTuple):
     wait_stats: torch.Tensor | None
 
 
+class PutPath(NamedTuple):
+    """The put path of a multi-node low-latency launch: which peers are reached by NVSHMEM puts,
+    and this op's areas that only the put path uses (int32-word offsets from word 0 of every
+    rank's buffer).
+
+    Attributes:
+        reach: ``[num_ranks]`` int32 device tensor: 1 for a rank of this node (stores through the
+            peer table), 0 for one of another node (puts).
+        pes: ``[num_ranks]`` int32 device tensor: each rank's NVSHMEM PE.
+        topk: dispatch: this parity's top-k rows ``[num_ranks, capacity, num_topk]`` (row ``(s,
+            t)``: rank ``s``'s token ``t``), written apart from the messages; unused by combine.
+        outbox: the send copy the puts read: dispatch ``[capacity, message_words]`` (one message
+            per token), combine ``[L, num_ranks * capacity, hidden / 2]`` (as ``x``).
+        mine: this op's put sources of the last program: ``MINE_HEAD`` words (count, fingerprint)
+            then, for dispatch, the ``[capacity, num_topk]`` top-k rows.
+        kernel: the launchable put kernel (``requires_nvshmem`` of ``ll_dispatch_put_kernel`` /
+            ``ll_combine_put_kernel``; the jit function itself in the interpreter checks).
+    """
+
+    reach: torch.Tensor
+    pes: torch.Tensor
+    topk: int
+    outbox: int
+    mine: int
+    kernel: Any
+
+
 def _fp8_blocks(hidden: int, use_fp8: bool) -> tuple[int, int]:
     """``(x_words, g_block)``: int32 words of one payload row, scale groups rounded up (>= 4)."""
     return (hidden // 4 if use_fp8 else hidden // 2), max(4, next_pow2(hidden // 128))
@@ -820,8 +1244,10 @@ def launch_ll_dispatch(
     num_sms: int,
     check: CallCheck,
     shrink: bool = False,
+    put: PutPath | None = None,
 ) -> None:
-    """One phase of a low-latency dispatch (``ll_dispatch_kernel``; the module docstring).
+    """One phase of a low-latency dispatch (``ll_dispatch_kernel``, or ``put.kernel`` on the put
+    path; the module docstring).
 
     Arguments:
         phase: ``SEND`` / ``RECEIVE`` (the two launches of a call with a receive hook, in that
@@ -848,6 +1274,7 @@ def launch_ll_dispatch(
             (a source whose words differ sends no row here), with its work space and host record.
         shrink: shrink mode: a source that misses the bound (``peers.timeout_ns``) is masked and
             logged in the error word's words ``4 + s`` instead of reported as an error.
+        put: the put path (multi-node: peers of other nodes through NVSHMEM puts), or ``None``.
     """
     fingerprint = check_words(check)
     num_tokens, hidden = x.shape
@@ -859,8 +1286,9 @@ def launch_ll_dispatch(
         outputs = DispatchOutputs(unused, unused, unused, unused, unused, unused, None, None)
     x_words, g_block = _fp8_blocks(hidden, use_fp8)
     programs, warps = dispatch_grid(phase, num_tokens, num_local_experts, num_sms)
+    reach = put.reach if put is not None else rank_mask
     launch(
-        ll_dispatch_kernel,
+        put.kernel if put is not None else ll_dispatch_kernel,
         (programs,),
         (
             peers.peer_table,
@@ -881,6 +1309,8 @@ def launch_ll_dispatch(
             outputs.cumulative_stats if outputs.cumulative_stats is not None else outputs.recv_count,
             outputs.wait_stats if outputs.wait_stats is not None else outputs.recv_layout_range,
             check.differs,
+            reach,
+            put.pes if put is not None else rank_mask,
             num_tokens,
             peers.rank,
             peers.timeout_ns,
@@ -891,6 +1321,9 @@ def launch_ll_dispatch(
             words.staging,
             words.fingerprints,
             check.record_address,
+            put.topk if put is not None else 0,
+            put.outbox if put is not None else 0,
+            put.mine if put is not None else 0,
             *fingerprint,
         ),
         {
