@@ -12,13 +12,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import triton
-import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 from triton_interpreter import symmetric_peers
 
 import epcomm.kernels.leg_exchange as leg_module
-import epcomm.kernels.puts as puts_module
 from epcomm.backends.nvlink.normal import HostRecord
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout
 from epcomm.errors import InconsistentCallError
@@ -516,24 +513,12 @@ def check_layout() -> None:
             assert torch.equal(got.num_tokens_per_rdma_rank, want.num_tokens_per_rdma_rank)
 
 
-@triton.jit
-def _cpu_put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
-    # NVSHMEM's put-with-signal on simulated ranks: the data through the peer's address, then
-    # the signal's low word (the epochs' half of the uint64).
-    num_words = num_bytes // 4
-    for start in range(0, num_words, 256):
-        offsets = start + tl.arange(0, 256)
-        mask = offsets < num_words
-        tl.store(remote + dst_word + offsets, tl.load(src + offsets, mask=mask), mask=mask)
-    tl.store(remote + signal_word, value.to(tl.int32))
-
-
 def check_leg_exchange() -> None:
     """One leg exchange of the multi-node scheme, both paths (NVLink stores; NVSHMEM put-with-signal,
     here a CPU stand-in): rank 2 of 5 exchanges with ranks 0 and 4 (a leg of 3 peers); each block
     lands whole in its peer's receive slot for rank 2 and nothing past it, each peer's flag for
     rank 2 gets the epoch; a peer whose flag never comes is named in the error word."""
-    puts_module.put_block = _cpu_put_block
+    triton_interpreter.use_cpu_puts()
     torch.manual_seed(3)
     num_ranks, rank, legs = 5, 2, [0, 2, 4]
     me_index, slot_words, flag_word, staging_word, recv_word, epoch = 1, 64, 0, 32, 32 + 3 * 64, 9

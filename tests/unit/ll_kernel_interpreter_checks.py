@@ -39,12 +39,14 @@ from epcomm.kernels.low_latency_dispatch import (
     DispatchOutputs,
     LowLatencyWords,
     Phase,
+    PutPath,
     SignalState,
     launch_ll_dispatch,
 )
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 triton_interpreter.use_cpu_primitives()
+triton_interpreter.use_cpu_puts()
 
 
 def _scalar_range(*bounds: object) -> object:
@@ -110,12 +112,23 @@ class World:
     token counts too; the header and the sequence flags zero) and per-rank state."""
 
     def __init__(
-        self, num_ranks: int, capacity: int, hidden: int, num_topk: int, num_experts: int, seed: int
+        self,
+        num_ranks: int,
+        capacity: int,
+        hidden: int,
+        num_topk: int,
+        num_experts: int,
+        seed: int,
+        ranks_per_node: int | None = None,
     ) -> None:
         self.num_ranks, self.capacity, self.hidden = num_ranks, capacity, hidden
         self.num_topk, self.num_experts = num_topk, num_experts
         self.local_experts = num_experts // num_ranks
-        self.layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+        # With ranks_per_node: nodes of consecutive ranks, peers of other nodes through the put path.
+        self.ranks_per_node = ranks_per_node
+        self.layout = LowLatencyLayout(
+            num_ranks, capacity, hidden, num_topk, ranks_per_node is not None, self.local_experts
+        )
         self.payload = HeaderLayout(num_ranks, count_table=False).payload
         g = torch.Generator().manual_seed(seed)
         words = self.payload + self.layout.total_words
@@ -133,6 +146,11 @@ class World:
                         torch.randint(
                             0, num_experts, (num_ranks * capacity, num_topk), generator=g, dtype=torch.int32
                         )
+                    )
+                if ranks_per_node is not None:  # stale top-k rows apart too
+                    start = self.payload + self.layout.topk(parity)
+                    buffer[start : start + num_ranks * capacity * num_topk] = torch.randint(
+                        0, num_experts, (num_ranks * capacity * num_topk,), generator=g, dtype=torch.int32
                     )
         stride = -(-num_ranks // 4) * 4
         self.states = []
@@ -175,6 +193,25 @@ class World:
             self.payload + layout.counts(parity),
             self.payload + staging,
             self.payload + layout.fingerprints(phase, parity),
+        )
+
+    def put(self, rank: int, phase: int, parity: int) -> PutPath | None:
+        """``rank``'s put path for ``(phase, parity)`` (as the multi-node backend builds it), or
+        ``None`` in one NVLink domain."""
+        if self.ranks_per_node is None:
+            return None
+        node = rank // self.ranks_per_node
+        reach = [int(peer // self.ranks_per_node == node) for peer in range(self.num_ranks)]
+        layout, payload = self.layout, self.payload
+        return PutPath(
+            torch.tensor(reach, dtype=torch.int32),
+            torch.arange(self.num_ranks, dtype=torch.int32),
+            payload + layout.topk(parity),
+            payload + (layout.dispatch_outbox if phase == DISPATCH else layout.combine_outbox),
+            payload + layout.mine(phase),
+            dispatch_kernels.ll_dispatch_put_kernel
+            if phase == DISPATCH
+            else combine_kernels.ll_combine_put_kernel,
         )
 
     def x_words(self, fp8: bool) -> int:
@@ -284,6 +321,7 @@ class World:
             use_ue8m0=ue8m0,
             num_sms=num_sms,
             check=self.check(rank, DISPATCH, parity),
+            put=self.put(rank, DISPATCH, parity),
         )
         return out
 
@@ -366,6 +404,7 @@ class World:
             num_local_experts=self.local_experts,
             num_sms=num_sms,
             check=self.check(rank, COMBINE, parity),
+            put=self.put(rank, COMBINE, parity),
         )
 
 
@@ -719,6 +758,31 @@ def check_dispatch_combine() -> None:
         _run_round(world, num_tokens, masks, parity, seed=30 + i)
 
 
+def check_put_path() -> None:
+    """The put path (multi-node: peers of other nodes through NVSHMEM puts, here copies through the
+    peer's address; peers of this node through stores): the rounds of ``check_dispatch_combine``
+    over 2 nodes of 2 ranks (bf16, then FP8 with float and UE8M0 scales, a rank masked by all, one
+    rank in one launch), then 3 nodes of 1; received rows, counts, gather indices and the weighted
+    sums against torch, sequence numbers in step, as in one NVLink domain."""
+    world = World(num_ranks=4, capacity=5, hidden=256, num_topk=3, num_experts=8, seed=13, ranks_per_node=2)
+    open_mask = [(0, 0, 0, 0)] * 4
+    shrunk = [(0, 0, 0, 1), (0, 0, 0, 1), (0, 0, 0, 1), (1, 1, 1, 0)]  # rank 3 out
+    rounds = [
+        ((5, 5, 4, 3), open_mask, 0, None),
+        ((5, 3, 5, 0), open_mask, 1, 2),
+        ((2, 5, 0, 1), shrunk, 0, None),
+        ((0, 0, 0, 0), open_mask, 1, None),
+        ((4, 1, 5, 5), open_mask, 0, 1),
+    ]
+    for i, (num_tokens, masks, parity, both_rank) in enumerate(rounds):
+        _run_round(world, num_tokens, masks, parity, seed=90 + i, both_rank=both_rank)
+    world = World(num_ranks=2, capacity=4, hidden=512, num_topk=3, num_experts=8, seed=14, ranks_per_node=1)
+    for i, (num_tokens, parity, ue8m0) in enumerate([((4, 3), 0, False), ((2, 4), 1, True)]):
+        _run_round(world, num_tokens, [(0, 0)] * 2, parity, seed=95 + i, fp8=True, ue8m0=ue8m0)
+    world = World(num_ranks=3, capacity=3, hidden=128, num_topk=2, num_experts=6, seed=15, ranks_per_node=1)
+    _run_round(world, (3, 1, 2), [(0, 0, 0)] * 3, 1, seed=97)
+
+
 def check_fingerprints() -> None:
     """One rank's calls differ (another hidden, num_topk or capacity in both operations; another
     call number or handle in combine only): every receiver treats each source whose call differs
@@ -930,6 +994,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_combine": check_dispatch_combine,
     "dispatch_fp8": check_dispatch_fp8,
     "fingerprints": check_fingerprints,
+    "put_path": check_put_path,
     "wait": check_wait,
     "one_launch": check_one_launch,
     "shrink_waits": check_shrink_waits,

@@ -41,6 +41,7 @@ CHECKS = [
             "dispatch_combine",
             "dispatch_fp8",
             "fingerprints",
+            "put_path",
             "wait",
             "one_launch",
             "shrink_waits",

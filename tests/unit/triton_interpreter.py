@@ -1,8 +1,9 @@
 """Shared set-up of the kernel checks that run in Triton's CPU interpreter
 (``kernel_interpreter_checks.py``, ``ll_kernel_interpreter_checks.py``): refuses to run without
 ``TRITON_INTERPRET=1`` (it must be set before any kernel is defined), makes Triton 3.6's
-interpreter work with numpy 2, replaces the inline-assembly primitives with CPU stand-ins
-(``use_cpu_primitives``) and builds the peers of simulated ranks (``symmetric_peers``)."""
+interpreter work with numpy 2, replaces the inline-assembly primitives and the NVSHMEM puts with CPU
+stand-ins (``use_cpu_primitives``, ``use_cpu_puts``) and builds the peers of simulated ranks
+(``symmetric_peers``)."""
 
 from __future__ import annotations
 
@@ -101,6 +102,38 @@ def use_cpu_primitives() -> None:
             raise RuntimeError(
                 f"{info.name} holds inline-assembly primitives {left}: add it to KERNEL_MODULES"
             )
+
+
+# CPU stand-ins for the NVSHMEM puts (``epcomm.kernels.puts``) on simulated ranks: copies through
+# the peer's address (``remote``), the signal's low word (the sequence's half of the uint64).
+@triton.jit
+def _cpu_put_bytes(local, remote, dst_word, src, num_bytes, pe):
+    num_words = num_bytes // 4
+    for start in range(0, num_words, 256):
+        offsets = start + tl.arange(0, 256)
+        mask = offsets < num_words
+        tl.store(remote + dst_word + offsets, tl.load(src + offsets, mask=mask), mask=mask)
+
+
+@triton.jit
+def _cpu_put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
+    _cpu_put_bytes(local, remote, dst_word, src, num_bytes, pe)
+    tl.store(remote + signal_word, value.to(tl.int32))
+
+
+@triton.jit
+def _cpu_put_quiet():
+    pass
+
+
+def use_cpu_puts() -> None:
+    """Replace the NVSHMEM puts of ``epcomm.kernels.puts`` (which the kernels call through that
+    module) with copies through the peer's address in the peer table."""
+    import epcomm.kernels.puts as puts
+
+    puts.put_bytes = _cpu_put_bytes
+    puts.put_block = _cpu_put_block
+    puts.put_quiet = _cpu_put_quiet
 
 
 def symmetric_peers(

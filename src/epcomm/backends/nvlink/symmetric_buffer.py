@@ -52,6 +52,7 @@ from epcomm._logging import get_logger
 from epcomm._math import align_up
 from epcomm.errors import PeerTimeoutError
 from epcomm.fingerprint import FINGERPRINT_WORDS
+from epcomm.kernels.low_latency_dispatch import MINE_HEAD
 from epcomm.kernels.symmetric_peers import SymmetricPeers, flag_block
 
 __all__ = [
@@ -215,17 +216,26 @@ class CombineRegions:
 @dataclass(frozen=True)
 class LowLatencyLayout:
     """Low-latency payload offsets (int32 words from the payload's start) for one
-    ``(num_ranks, M, hidden, num_topk)``, the same on every rank."""
+    ``(num_ranks, M, hidden, num_topk)``, the same on every rank.
+
+    With ``put_path`` (multi-node: peers of other nodes reached by NVSHMEM puts), each flag is a
+    uint64 signal (two words; the sequence in the low one), and the areas only the put path uses
+    follow both parities' staging: the top-k rows apart, the ``mine`` words of each op and the
+    outboxes the puts read (``kernels.low_latency_dispatch.PutPath``); the combine outbox has the
+    shape of the expert outputs, ``num_local_experts`` of them.
+    """
 
     num_ranks: int
     capacity: int
     hidden: int
     num_topk: int
+    put_path: bool = False
+    num_local_experts: int = 0
 
     @property
     def flag_stride(self) -> int:
         """Words of one (phase, parity)'s flags or one parity's counts: ``S``."""
-        return align_up(max(4, flag_block(self.num_ranks)), 4)
+        return align_up(max(4, (2 if self.put_path else 1) * flag_block(self.num_ranks)), 4)
 
     def flags(self, phase: int, parity: int) -> int:
         """Sequence flags of ``phase`` (0 dispatch, 1 combine) and ``parity``."""
@@ -268,10 +278,33 @@ class LowLatencyLayout:
         """``parity``'s combine staging area."""
         return self.dispatch_staging(parity) + self.dispatch_words
 
+    def topk(self, parity: int) -> int:
+        """Put path: ``parity``'s dispatch top-k rows, ``[num_ranks, M, num_topk]``."""
+        return self.dispatch_staging(2) + parity * align(self.num_ranks * self.capacity * self.num_topk)
+
+    def mine(self, phase: int) -> int:
+        """Put path: ``phase``'s ``mine`` words (``MINE_HEAD``, then dispatch's ``[M, num_topk]``
+        top-k rows)."""
+        dispatch_mine = align(MINE_HEAD.value + self.capacity * self.num_topk)
+        return self.topk(2) + phase * dispatch_mine
+
+    @property
+    def dispatch_outbox(self) -> int:
+        """Put path: the dispatch send copies, ``[M, message_words]``."""
+        return self.mine(1) + align(MINE_HEAD.value)
+
+    @property
+    def combine_outbox(self) -> int:
+        """Put path: the combine send copies, ``[num_local_experts, num_ranks * M, hidden / 2]``."""
+        return self.dispatch_outbox + align(self.capacity * self.message_words)
+
     @property
     def total_words(self) -> int:
         """Payload words both parities need."""
-        return self.dispatch_staging(2)
+        if not self.put_path:
+            return self.dispatch_staging(2)
+        rows = self.num_local_experts * self.num_ranks * self.capacity
+        return self.combine_outbox + align(rows * self.hidden // 2)
 
 
 def low_latency_rdma_size_hint(
