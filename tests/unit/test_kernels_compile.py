@@ -28,6 +28,7 @@ from epcomm.kernels.low_latency_dispatch import (  # noqa: E402
     DispatchOutputs,
     LowLatencyWords,
     Phase,
+    PutPath,
     SignalState,
 )
 from epcomm.kernels.normal_push import PushBarriers, PushFingerprint, PushRegions  # noqa: E402
@@ -294,6 +295,7 @@ def _dispatch_launch(
     num_ranks: int,
     monkeypatch: pytest.MonkeyPatch,
     shrink: bool = False,
+    put: PutPath | None = None,
 ) -> Any:
     num_tokens, num_topk, capacity = 128, 8, 128
     num_local_experts = 256 // num_ranks
@@ -334,6 +336,7 @@ def _dispatch_launch(
         num_sms=132,
         check=_check(num_ranks),
         shrink=shrink,
+        put=put,
     )
     return call
 
@@ -370,7 +373,11 @@ def test_low_latency_dispatch_kernel_compiles(
 
 
 def _combine_launch(
-    phase: Phase, num_ranks: int, monkeypatch: pytest.MonkeyPatch, shrink: bool = False
+    phase: Phase,
+    num_ranks: int,
+    monkeypatch: pytest.MonkeyPatch,
+    shrink: bool = False,
+    put: PutPath | None = None,
 ) -> Any:
     hidden, capacity, num_topk, num_tokens = 7168, 128, 8, 128
     num_local_experts = 256 // num_ranks
@@ -397,6 +404,7 @@ def _combine_launch(
         num_sms=132,
         check=_check(num_ranks),
         shrink=shrink,
+        put=put,
     )
     return call
 
@@ -542,3 +550,40 @@ def test_leg_put_kernel_compiles_with_the_nvshmem_device_library(monkeypatch: py
     ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
     assert "nvshmemi_transfer_put_signal" in ptx
     assert "ld.acquire.sys" in ptx  # the bounded wait on the signal
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
+    phase: Phase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The put path of both low-latency ops (peers of other nodes through NVSHMEM puts): a send
+    phase issues non-blocking puts, completes them (quiet) and signals by put-with-signal; a
+    receive phase issues none and waits on the low words of the uint64 flags."""
+    pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel (nvidia-nvshmem-cu13) is not installed")
+    from epcomm.kernels.nvshmem_primitives import device_library
+
+    num_ranks = 4
+    for kernel, launch_of in (
+        (ll_dispatch_module.ll_dispatch_put_kernel, lambda put: _dispatch_launch(
+            phase, True, False, False, 7168, num_ranks, monkeypatch, put=put)),
+        (ll_combine_module.ll_combine_put_kernel, lambda put: _combine_launch(
+            phase, num_ranks, monkeypatch, put=put)),
+    ):  # fmt: skip
+        put = PutPath(
+            torch.zeros(num_ranks, dtype=torch.int32),
+            torch.zeros(num_ranks, dtype=torch.int32),
+            1 << 20,
+            1 << 21,
+            1 << 19,
+            kernel,
+        )
+        call = launch_of(put)
+        assert call[0] is kernel
+        ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
+        if phase & Phase.SEND:
+            assert "nvshmemi_transfer_put_signal" in ptx or "put_signal" in ptx
+            assert "quiet" in ptx
+        else:
+            assert "put_signal" not in ptx
+        if phase & Phase.RECEIVE:
+            _assert_light_wait(ptx)

@@ -25,9 +25,9 @@ def put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
     nv.put_signal_block(
         (local + dst_word).to(tl.int64),
         src.to(tl.int64),
-        num_bytes.to(tl.int64),
+        tl.cast(num_bytes, tl.int64),
         (local + signal_word).to(tl.int64),
-        value.to(tl.uint64),
+        tl.cast(value, tl.uint64),
         nv.SIGNAL_SET,
         pe,
     )
@@ -37,7 +37,7 @@ def put_block(local, remote, dst_word, src, num_bytes, signal_word, value, pe):
 def put_bytes(local, remote, dst_word, src, num_bytes, pe):
     """NVSHMEM non-blocking put: ``num_bytes`` from local ``src`` to word ``dst_word`` of the buffer
     on PE ``pe`` (complete after ``put_quiet``)."""
-    nv.put_nbi_block((local + dst_word).to(tl.int64), src.to(tl.int64), num_bytes.to(tl.int64), pe)
+    nv.put_nbi_block((local + dst_word).to(tl.int64), src.to(tl.int64), tl.cast(num_bytes, tl.int64), pe)
 
 
 @triton.jit
