@@ -70,10 +70,13 @@ def _dispatch_both(
 
 
 def compare_low_latency(
-    pgi: ProcessGroupInfo, settings: list[dict[str, Any]], transport: str = "nvlink"
+    pgi: ProcessGroupInfo,
+    settings: list[dict[str, Any]],
+    transport: str = "nvlink",
+    buffer_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
     """Dispatch/combine on both backends (``transport``: ``nvlink`` or ``nvshmem`` under test) for
-    each setting; return the failed checks."""
+    each setting, both Buffers made with ``buffer_kwargs`` too; return the failed checks."""
     failures: list[str] = []
     for setting in settings:
         capacity, hidden, num_experts, num_topk = (
@@ -88,7 +91,7 @@ def compare_low_latency(
             setting.get("round", False),
             setting.get("ue8m0", False),
         )
-        buffers = _buffers(pgi, capacity, hidden, num_experts, transport)
+        buffers = _buffers(pgi, capacity, hidden, num_experts, transport, **(buffer_kwargs or {}))
         x, topk_idx, weights = _inputs(pgi, num_tokens, hidden, num_experts, num_topk, setting["seed"])
         if setting.get("duplicate"):
             # Every 7th token lists its first expert twice: both slots must count (reference semantics).
@@ -172,11 +175,18 @@ def compare_low_latency(
 
 
 def graph_replay(
-    pgi: ProcessGroupInfo, capacity: int, hidden: int, num_experts: int, num_topk: int
+    pgi: ProcessGroupInfo,
+    capacity: int,
+    hidden: int,
+    num_experts: int,
+    num_topk: int,
+    transport: str = "nvlink",
+    buffer_kwargs: dict[str, Any] | None = None,
 ) -> list[str]:
-    """Capture dispatch + experts + combine in a CUDA graph; replay it with new data; compare to the reference."""
+    """Capture dispatch + experts + combine in a CUDA graph; replay it with new data; compare to the
+    reference (``transport`` under test; both Buffers made with ``buffer_kwargs`` too)."""
     failures: list[str] = []
-    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts)
+    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts, transport, **(buffer_kwargs or {}))
     x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 1)
     static_x, static_idx, static_w = x.clone(), topk_idx.clone(), weights.clone()
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ll_workers import compare_low_latency
+from ll_workers import compare_low_latency, graph_replay
 from nvlink_workers import compare_normal_mode
 
 import epcomm
@@ -16,6 +16,7 @@ from dist_cpu.workers_hierarchical import (
     hierarchical_async_calls,
     hierarchical_inconsistent_call,
 )
+from epcomm.env import Settings
 from epcomm.testing import ProcessGroupInfo, make_routing
 
 # Small shapes: NVSHMEM allocations are never freed in the multi-process-per-GPU mode (a free is a
@@ -77,3 +78,28 @@ def nvshmem_multi_node_events_and_mismatch(pgi: ProcessGroupInfo, ranks_per_node
         "async": hierarchical_async_calls(pgi, ranks_per_node, "nvshmem"),
         "mismatch": hierarchical_inconsistent_call(pgi, ranks_per_node, 1, "nvshmem"),
     }
+
+
+# Every option of the low-latency GPU tier, small shapes (NVSHMEM allocations are never freed).
+MULTI_NODE_LOW_LATENCY_SETTINGS = [
+    {"seed": 11, "capacity": 32, "hidden": 1024, "num_experts": 16, "num_topk": 4},
+    {"seed": 12, "capacity": 32, "hidden": 1024, "num_experts": 16, "num_topk": 4, "fp8": True},
+    {"seed": 13, "capacity": 32, "hidden": 1024, "num_experts": 16, "num_topk": 4, "fp8": True,
+     "round": True, "ue8m0": True},
+    {"seed": 14, "capacity": 32, "hidden": 512, "num_experts": 16, "num_topk": 4, "hook": True},
+    {"seed": 15, "capacity": 32, "num_tokens": 9, "hidden": 512, "num_experts": 16, "num_topk": 4,
+     "duplicate": True},
+]  # fmt: skip
+
+
+def nvshmem_multi_node_low_latency(pgi: ProcessGroupInfo, ranks_per_node: int) -> list[str]:
+    """Low-latency mode of a multi-node NVSHMEM Buffer (nodes of ``ranks_per_node`` ranks: peers of
+    other nodes through the put path) against the reference backend: every option, then a CUDA
+    graph replayed with new data; the failed checks."""
+    kwargs = {"settings": Settings(ranks_per_node=ranks_per_node)}
+    settings = [
+        dict(s, num_experts=s["num_experts"] * pgi.world_size // 4) for s in MULTI_NODE_LOW_LATENCY_SETTINGS
+    ]
+    failures = compare_low_latency(pgi, settings, transport="nvshmem", buffer_kwargs=kwargs)
+    failures += graph_replay(pgi, 32, 1024, 4 * pgi.world_size, 4, "nvshmem", kwargs)
+    return failures

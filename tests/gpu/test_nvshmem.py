@@ -12,6 +12,7 @@ from nvshmem_workers import (
     nvshmem_against_reference,
     nvshmem_multi_node_against_reference,
     nvshmem_multi_node_events_and_mismatch,
+    nvshmem_multi_node_low_latency,
     nvshmem_then_nvlink,
 )
 from placement import NUM_GPUS, PLACEMENTS, backend_or_skip
@@ -84,3 +85,16 @@ def test_nvshmem_multi_node_skipped_dispatch_is_a_named_timeout() -> None:
         assert outcomes[rank]["seconds"] < 10, outcomes[rank]
     for rank in (0, 3):
         assert "[1]" in outcomes[rank]["message"], outcomes[rank]["message"]
+
+
+@pytest.mark.parametrize(("world_size", "ranks_per_node"), [(2, 1), (4, 2), (4, 1)])
+def test_nvshmem_multi_node_low_latency_matches_reference(world_size: int, ranks_per_node: int) -> None:
+    """Low-latency mode across simulated nodes: peers of other nodes through NVSHMEM puts (even
+    where a store would reach them), of this node through stores."""
+    _nvshmem_or_skip()
+    backend = backend_or_skip(world_size, SHARED_GPU if world_size > NUM_GPUS else "nccl")
+    results = parallel_launch(
+        world_size, nvshmem_multi_node_low_latency, ranks_per_node, backend=backend, timeout_s=300
+    )
+    failures = [line for rank_failures in results for line in rank_failures]
+    assert not failures, "\n".join(failures[:20])

@@ -45,7 +45,8 @@ def create_backend(
 
     ``NVSHMEM`` within one node runs the NVLink-mode kernels over NVSHMEM symmetric memory (ranks
     sharing a GPU included); in multi-node mode it runs the hierarchical normal mode
-    (``backends.hierarchical``) over NVSHMEM legs, its low-latency calls on ``torch.distributed``.
+    (``backends.hierarchical``) over NVSHMEM legs and the low-latency kernels' put path
+    (``backends.nvshmem.backend``).
     ``AUTO`` picks the reference backend in multi-node mode (logged once); ``NVLINK`` raises there.
     """
     from epcomm.backends.nvlink.symmetric_buffer import Allocator
@@ -71,25 +72,17 @@ def create_backend(
         if not torch.cuda.is_available():
             raise ValueError("backend 'nvshmem' needs CUDA devices; none is available")
         if multi_node:
-            from epcomm.backends.hierarchical import HierarchicalBackend
-            from epcomm.backends.nvshmem.legs import NvshmemLegs
+            from epcomm.backends.nvshmem.backend import NvshmemMultiNodeBackend
 
             device = torch.device("cuda", torch.cuda.current_device())
             log_once(
                 "nvshmem-multi-node",
-                "epcomm: NVSHMEM backend, multi-node mode: hierarchical normal mode (put-with-signal across "
-                "nodes, NVLink stores within); low-latency calls use torch.distributed",
+                "epcomm: NVSHMEM backend, multi-node mode: hierarchical normal mode and low-latency kernels "
+                "(NVSHMEM puts across nodes, NVLink stores within)"
+                + ("; shrink mode: low-latency calls on torch.distributed" if enable_shrink else ""),
             )
-            return HierarchicalBackend(
-                group,
-                settings.timeout_s,
-                num_ranks_per_node,
-                enable_shrink,
-                shrink_timeout_s=settings.shrink_timeout_s,
-                legs=lambda peers, topology: NvshmemLegs(
-                    group, topology, device, num_rdma_bytes, settings.timeout_s
-                ),
-                name="nvshmem",
+            return NvshmemMultiNodeBackend(
+                group, settings, num_ranks_per_node, enable_shrink, num_rdma_bytes, low_latency_mode, device
             )
         from epcomm.backends.nvlink.backend import nvlink_placement
 

@@ -20,6 +20,7 @@ from epcomm.backends.base import (
     DispatchRequest,
     DispatchResult,
     LowLatencyDelegation,
+    LowLatencyEngine,
 )
 from epcomm.backends.p2p import PeerGroup
 from epcomm.backends.reference_internode import InternodeCall, combine_by_node, zero_header_words
@@ -391,7 +392,7 @@ class ReferenceBackend(LowLatencyDelegation):
         return CombineResult(combined.to(torch.bfloat16), combined_weights)
 
     # ---- low-latency mode: LowLatencyDelegation forwards to ReferenceLowLatency -----------------
-    def _low_latency_engine(self) -> ReferenceLowLatency:
+    def _low_latency_engine(self) -> LowLatencyEngine:
         return self.low_latency
 
     def clean_low_latency_buffer(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -44,14 +44,16 @@ from epcomm.errors import PeerMaskedWarning
 from epcomm.fingerprint import CallFingerprint, CallNumbers, XFormat
 from epcomm.handles import LowLatencyHandle
 from epcomm.kernels.barrier import launch_masked_barrier
-from epcomm.kernels.low_latency_combine import launch_ll_combine
+from epcomm.kernels.low_latency_combine import launch_ll_combine, ll_combine_put_kernel
 from epcomm.kernels.low_latency_dispatch import (
     CallCheck,
     DispatchOutputs,
     LowLatencyWords,
     Phase,
+    PutPath,
     SignalState,
     launch_ll_dispatch,
+    ll_dispatch_put_kernel,
 )
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -69,14 +71,24 @@ class NvlinkLowLatency:
     ``shrink_timeout_s``) masks it there and logs it in the host-mapped error word; the host warns
     (``PeerMaskedWarning``) when it next looks: at the next call, ``clean``, or a query of the mask.
 
+    Put path (multi-node, ``put_pes``): the ranks outside ``buffer.store_ranks`` (other nodes) are
+    reached by NVSHMEM puts (``kernels.low_latency_dispatch.PutPath``), the others by stores; the
+    kernels are the put variants, launched through ``requires_nvshmem``; ``clean``'s barrier is
+    the buffer's host barrier.
+
     Arguments:
         buffer: the symmetric buffer (``num_rdma_bytes`` of payload, validated against the size hint).
         enable_shrink: a peer that misses a wait is masked instead of failing the call.
         shrink_timeout_s: the wait's bound in shrink mode (``EPCOMM_SHRINK_TIMEOUT_S``).
+        put_pes: every rank's NVSHMEM PE, for the put path (``None``: every peer by stores).
     """
 
     def __init__(
-        self, buffer: SymmetricBuffer, enable_shrink: bool = False, shrink_timeout_s: float = 3.0
+        self,
+        buffer: SymmetricBuffer,
+        enable_shrink: bool = False,
+        shrink_timeout_s: float = 3.0,
+        put_pes: list[int] | None = None,
     ) -> None:
         self.buffer = buffer
         self.device = device = buffer.device
@@ -102,6 +114,50 @@ class NvlinkLowLatency:
         self._buffers = ResultBuffers()
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._generation = buffer.generation
+        self.put_path = put_pes is not None
+        self._put_kernels: tuple[Any, Any] | None = None
+        if put_pes is not None:
+            if enable_shrink:
+                raise ValueError("shrink mode is not available on the low-latency put path")
+            reach = [int(rank in buffer.store_ranks) for rank in range(self.num_ranks)]
+            self._reach = torch.tensor(reach, dtype=torch.int32, device="cpu").to(device)
+            self._pes = torch.tensor(put_pes, dtype=torch.int32, device="cpu").to(device)
+
+    def _put(self, layout: LowLatencyLayout, phase: int, parity: int) -> PutPath | None:
+        """The put path of ``(phase, parity)`` (``None`` without one)."""
+        if not self.put_path:
+            return None
+        if self._put_kernels is None:
+            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+            self._put_kernels = (
+                requires_nvshmem(ll_dispatch_put_kernel),
+                requires_nvshmem(ll_combine_put_kernel),
+            )
+        payload = self.buffer.header.payload
+        if phase == _DISPATCH:
+            return PutPath(
+                self._reach,
+                self._pes,
+                payload + layout.topk(parity),
+                payload + layout.dispatch_outbox,
+                payload + layout.mine(_DISPATCH),
+                self._put_kernels[0],
+            )
+        return PutPath(
+            self._reach,
+            self._pes,
+            0,
+            payload + layout.combine_outbox,
+            payload + layout.mine(_COMBINE),
+            self._put_kernels[1],
+        )
+
+    def layout(self, capacity: int, hidden: int, num_topk: int, num_experts: int) -> LowLatencyLayout:
+        """The payload layout of calls of these sizes (with the put path's areas on it)."""
+        return LowLatencyLayout(
+            self.num_ranks, capacity, hidden, num_topk, self.put_path, num_experts // self.num_ranks
+        )
 
     # ---- state --------------------------------------------------------------------------------
     @property
@@ -124,6 +180,10 @@ class NvlinkLowLatency:
         mode a rank that misses it is masked). Synchronizes the stream, so a timeout raises (or
         warns, in shrink mode) here."""
         self._buffers.clear()
+        if self.put_path:
+            self.buffer.barrier(Operation.LOW_LATENCY_CLEAN)  # on the host
+            self.buffer.check_error()
+            return
         launch_masked_barrier(
             peers=self._wait_peers(),
             rank_mask=self._mask_device,
@@ -220,7 +280,7 @@ class NvlinkLowLatency:
         num_ranks = self.num_ranks
         num_local_experts = request.num_experts // num_ranks
         num_rows = num_ranks * capacity
-        layout = LowLatencyLayout(num_ranks, capacity, hidden, num_topk)
+        layout = self.layout(capacity, hidden, num_topk, request.num_experts)
         self._prepare(layout)
         x_format = XFormat.for_low_latency(request.use_fp8, request.use_ue8m0)
         stamped = self.calls.stamp(
@@ -282,6 +342,7 @@ class NvlinkLowLatency:
         words = self._words(layout, _DISPATCH, parity)
         peers = self._wait_peers()
         local = self.buffer.local
+        put = self._put(layout, _DISPATCH, parity)
 
         def run(phase: Phase) -> None:
             launch_ll_dispatch(
@@ -304,6 +365,7 @@ class NvlinkLowLatency:
                 num_sms=self.num_sms,
                 check=check,
                 shrink=self.enable_shrink,
+                put=put,
             )
 
         return self._run(
@@ -317,7 +379,7 @@ class NvlinkLowLatency:
         capacity, hidden = handle.num_max_dispatch_tokens_per_rank, handle.hidden
         num_tokens, num_topk = request.topk_idx.shape
         parity = handle.buffer_parity
-        layout = LowLatencyLayout(self.num_ranks, capacity, hidden, num_topk)
+        layout = self.layout(capacity, hidden, num_topk, handle.num_experts)
         self._prepare(layout)
         stamped = self.calls.stamp(
             CallFingerprint.for_low_latency_combine(
@@ -336,6 +398,7 @@ class NvlinkLowLatency:
         words = self._words(layout, _COMBINE, parity)
         peers = self._wait_peers()
         local = self.buffer.local
+        put = self._put(layout, _COMBINE, parity)
 
         def run(phase: Phase) -> None:
             launch_ll_combine(
@@ -356,6 +419,7 @@ class NvlinkLowLatency:
                 num_sms=self.num_sms,
                 check=check,
                 shrink=self.enable_shrink,
+                put=put,
             )
 
         return self._run(LowLatencyCombineResult(out, None), run, request.return_recv_hook)

@@ -378,6 +378,10 @@ class SymmetricBuffer:
         initial_payload_bytes: payload bytes to allocate now (grown later when needed).
         count_table: reserve the normal-mode count table in the header.
         allocator: how the buffer is allocated and the peers mapped (``Allocator``).
+        store_ranks: the ranks this rank reaches by loads and stores (``None``: all). With fewer
+            (``Allocator.NVSHMEM`` across nodes: the low-latency put path), the others' table
+            entries may be 0 (never dereferenced) and the buffer's barriers run on the host over
+            ``torch.distributed`` instead of on the device.
     """
 
     def __init__(
@@ -388,6 +392,7 @@ class SymmetricBuffer:
         initial_payload_bytes: int,
         count_table: bool,
         allocator: Allocator = Allocator.SYMMETRIC_MEMORY,
+        store_ranks: list[int] | None = None,
     ) -> None:
         import torch.distributed as dist
 
@@ -416,6 +421,8 @@ class SymmetricBuffer:
         # with the buffer; NVSHMEM gives addresses only.
         self.peer_buffers: list[torch.Tensor] = []
         self._peers: SymmetricPeers | None = None
+        self.store_ranks = list(range(self.num_ranks)) if store_ranks is None else sorted(store_ranks)
+        self.host_barriers = len(self.store_ranks) < self.num_ranks
         self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
         self.barrier(Operation.INIT)
         torch.cuda.current_stream(device).synchronize()
@@ -477,7 +484,7 @@ class SymmetricBuffer:
         buffer.zero_()
         table = build_peer_table(buffer, pes)
         addresses = table.tolist()  # synchronizes the stream: the zeroed buffer and the table
-        unreachable = [rank for rank, address in enumerate(addresses) if address == 0]
+        unreachable = [rank for rank in self.store_ranks if addresses[rank] == 0]
         if unreachable:
             raise RuntimeError(
                 f"backend 'nvshmem': rank {self.rank} cannot reach the buffers of ranks {unreachable} by "
@@ -532,7 +539,15 @@ class SymmetricBuffer:
         return self.epoch
 
     def barrier(self, operation: Operation) -> None:
-        """Barrier over every rank on the current stream; ``operation`` names it in a timeout."""
+        """Barrier over every rank on the current stream; ``operation`` names it in a timeout. With
+        ``host_barriers`` (some ranks reached by puts only): the stream synchronized, then
+        ``torch.distributed``'s barrier over the group."""
+        if self.host_barriers:
+            import torch.distributed as dist
+
+            torch.cuda.current_stream(self.device).synchronize()
+            dist.barrier(group=self.group)
+            return
         from epcomm.kernels.barrier import launch_barrier
 
         launch_barrier(peers=self.peers, epoch=self.next_epoch(), operation_code=int(operation))
