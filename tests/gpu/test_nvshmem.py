@@ -3,7 +3,9 @@
 Across simulated nodes (``EPCOMM_RANKS_PER_NODE``): the hierarchical normal mode over NVSHMEM legs
 (put-with-signal between nodes, even where a store would reach; NVLink stores within), every
 setting of the CPU tier's hierarchical check, bit for bit, with the legs' bytes equal to the
-scheme's. Several processes on one GPU run in NVSHMEM's multi-process-per-GPU mode: correctness only."""
+scheme's (also with blocks larger than a slot, in rounds), async calls, a mismatched call and a
+skipped dispatch; and the low-latency kernels' put path (puts to the ranks of other nodes). Several
+processes on one GPU run in NVSHMEM's multi-process-per-GPU mode: correctness only."""
 
 from __future__ import annotations
 
