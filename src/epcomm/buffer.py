@@ -71,8 +71,11 @@ class Buffer(LowLatencyMethods):
             tokens per node, ``dispatch`` takes them and returns DeepEP's internode 10-tuple handle
             (``epcomm.handles.InternodeHandle``), combine reduces per node as DeepEP does.
         low_latency_mode: enable the low-latency calls.
-        num_qps_per_rank, allow_nvlink_for_low_latency_mode, allow_mnnvl, use_fabric, comm:
-            DeepEP's RDMA options; accepted for compatibility.
+        allow_nvlink_for_low_latency_mode: with ``backend="nvshmem"`` in multi-node mode, ``False``
+            sends every low-latency message through NVSHMEM puts, to the ranks of this node too
+            (DeepEP's meaning); other backends accept it for compatibility.
+        num_qps_per_rank, allow_mnnvl, use_fabric, comm: DeepEP's RDMA options; accepted for
+            compatibility.
         explicitly_destroy: resources are released only by ``destroy()``.
         enable_shrink: shrink mode (elastic serving): the rank mask (``low_latency_update_mask_buffer``,
             ``low_latency_query_mask_buffer``, ``low_latency_clean_mask_buffer``), and low-latency
@@ -149,6 +152,7 @@ class Buffer(LowLatencyMethods):
             num_nvl_bytes,
             low_latency_mode,
             num_rdma_bytes,
+            allow_nvlink_for_low_latency_mode=bool(allow_nvlink_for_low_latency_mode),
         )
         self.backend_name: str = self._backend.name
         self._comm_stream: torch.cuda.Stream | None = None

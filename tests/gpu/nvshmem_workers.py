@@ -94,12 +94,18 @@ MULTI_NODE_LOW_LATENCY_SETTINGS = [
 
 def nvshmem_multi_node_low_latency(pgi: ProcessGroupInfo, ranks_per_node: int) -> list[str]:
     """Low-latency mode of a multi-node NVSHMEM Buffer (nodes of ``ranks_per_node`` ranks: peers of
-    other nodes through the put path) against the reference backend: every option, then a CUDA
+    other nodes through the put path) against the reference backend: every option, then BF16 and
+    FP8 with ``allow_nvlink_for_low_latency_mode=False`` (every peer through puts), then a CUDA
     graph replayed with new data; the failed checks."""
-    kwargs = {"settings": Settings(ranks_per_node=ranks_per_node)}
+    kwargs: dict[str, Any] = {"settings": Settings(ranks_per_node=ranks_per_node)}
     settings = [
         dict(s, num_experts=s["num_experts"] * pgi.world_size // 4) for s in MULTI_NODE_LOW_LATENCY_SETTINGS
     ]
     failures = compare_low_latency(pgi, settings, transport="nvshmem", buffer_kwargs=kwargs)
+    no_nvlink = dict(kwargs, allow_nvlink_for_low_latency_mode=False)
+    failures += [
+        f"allow_nvlink_for_low_latency_mode=False: {line}"
+        for line in compare_low_latency(pgi, settings[:2], transport="nvshmem", buffer_kwargs=no_nvlink)
+    ]
     failures += graph_replay(pgi, 32, 1024, 4 * pgi.world_size, 4, "nvshmem", kwargs)
     return failures

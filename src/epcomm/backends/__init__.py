@@ -25,6 +25,7 @@ def create_backend(
     num_nvl_bytes: int = 0,
     low_latency_mode: bool = False,
     num_rdma_bytes: int = 0,
+    allow_nvlink_for_low_latency_mode: bool = True,
 ) -> Backend:
     """Build the backend ``choice`` names (``AUTO`` picks from the devices, never from the group).
 
@@ -39,6 +40,8 @@ def create_backend(
         low_latency_mode: whether the low-latency buffer is needed.
         num_rdma_bytes: size of the low-latency (and internode) buffer; with a group of several
             nodes, ``> 0`` selects multi-node mode (``epcomm.topology``).
+        allow_nvlink_for_low_latency_mode: ``NVSHMEM`` in multi-node mode: stores to the ranks of
+            this node in the low-latency calls (``False``: puts to every other rank).
 
     Returns:
         The backend.
@@ -82,7 +85,14 @@ def create_backend(
                 + ("; shrink mode: low-latency calls on torch.distributed" if enable_shrink else ""),
             )
             return NvshmemMultiNodeBackend(
-                group, settings, num_ranks_per_node, enable_shrink, num_rdma_bytes, low_latency_mode, device
+                group,
+                settings,
+                num_ranks_per_node,
+                enable_shrink,
+                num_rdma_bytes,
+                low_latency_mode,
+                device,
+                allow_nvlink_for_low_latency_mode,
             )
         from epcomm.backends.nvlink.backend import nvlink_placement
 

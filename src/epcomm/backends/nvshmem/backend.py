@@ -36,6 +36,8 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
             needs more).
         low_latency_mode: whether the low-latency buffer is needed.
         device: this rank's GPU.
+        allow_nvlink: the low-latency calls store to the ranks of this node (``False``: puts to
+            every other rank, DeepEP's ``allow_nvlink_for_low_latency_mode=False``).
     """
 
     def __init__(
@@ -47,6 +49,7 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
         num_rdma_bytes: int,
         low_latency_mode: bool,
         device: torch.device,
+        allow_nvlink: bool = True,
     ) -> None:
         super().__init__(
             group,
@@ -70,7 +73,11 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
                 num_rdma_bytes,
                 count_table=False,
                 allocator=Allocator.NVSHMEM,
-                store_ranks=[r for r in range(topology.num_ranks) if topology.node_of(r) == node],
+                store_ranks=(
+                    [r for r in range(topology.num_ranks) if topology.node_of(r) == node]
+                    if allow_nvlink
+                    else [rank]
+                ),
             )
             self.put_low_latency = NvlinkLowLatency(buffer, put_pes=group_pes(group))
 
