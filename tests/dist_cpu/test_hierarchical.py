@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from epcomm.testing import parallel_launch
+
 from .cases import RunOnRanks
 from .workers_hierarchical import (
     SETTINGS,
@@ -49,10 +51,11 @@ def test_async_calls_equal_plain_calls(
     assert not failures, "\n".join(failures[:20])
 
 
-def test_a_skipped_dispatch_is_a_named_timeout(run_on_ranks: RunOnRanks) -> None:
+def test_a_skipped_dispatch_is_a_named_timeout() -> None:
     # 2 nodes of 2; rank 1 skips. Ranks 0 (its node) and 3 (its RDMA peer) wait for it; rank 2 waits
     # for one of them: each raises PeerTimeoutError naming the dispatch, within a few timeouts.
-    outcomes = run_on_ranks(4, hierarchical_skipped_dispatch, 2, 1)
+    # Fresh processes: the timed-out messages leave the group's connections closed.
+    outcomes = parallel_launch(4, hierarchical_skipped_dispatch, 2, 1, backend="gloo", timeout_s=120)
     assert outcomes[1] == {"kind": "skipped"}
     for rank in (0, 2, 3):
         outcome = outcomes[rank]

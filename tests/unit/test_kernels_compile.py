@@ -587,3 +587,23 @@ def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
             assert "put_signal" not in ptx
         if phase & Phase.RECEIVE:
             _assert_light_wait(ptx)
+
+
+def test_low_latency_dispatch_send_compiles_at_256_ranks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past ``HOISTED_PEERS`` destinations the send phase loops over them instead of unrolling
+    (unrolled, 256 destinations took minutes to compile): both paths compile for EP256."""
+    pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel (nvidia-nvshmem-cu13) is not installed")
+    from epcomm.kernels.nvshmem_primitives import device_library
+
+    num_ranks = 256
+    _compile(_dispatch_launch(Phase.SEND, True, False, False, 7168, num_ranks, monkeypatch))
+    put = PutPath(
+        torch.zeros(num_ranks, dtype=torch.int32),
+        torch.zeros(num_ranks, dtype=torch.int32),
+        1 << 20,
+        1 << 21,
+        1 << 19,
+        ll_dispatch_module.ll_dispatch_put_kernel,
+    )
+    call = _dispatch_launch(Phase.SEND, True, False, False, 7168, num_ranks, monkeypatch, put=put)
+    _compile(call, (("libnvshmem_device", device_library()),))

@@ -545,38 +545,86 @@ def _send_tokens(
             tl.store(local_ptr + mine_offset + MINE_HEAD + token * NUM_TOPK + k_cols, topk, mask=k_mask)
             tl.debug_barrier()
             fence_acq_rel_sys()
-        for step in tl.static_range(NUM_RANKS):
-            dst = (step + rank + pid) % NUM_RANKS
-            if tl.load(mask_ptr + dst) == 0:
-                hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
-                if NUM_RANKS <= HOISTED_PEERS:
-                    peer = bases[step]
-                else:
-                    peer = peer_pointer(peer_table, dst)
-                if PUT:
-                    if tl.load(reach_ptr + dst) != 0:
-                        _store_message(
-                            peer, staging_offset + message, topk_offset + (rank * CAPACITY + token) * NUM_TOPK,
-                            topk, k_cols, k_mask, words, out_cols, scale_words, group_cols, hits, X_WORDS,
-                            NUM_GROUPS, USE_FP8, True,
-                        )  # fmt: skip
-                    elif hits > 0:
-                        # Another node: one put of the message, only where the token has an expert.
-                        puts.put_bytes(
-                            local_ptr,
-                            peer,
-                            staging_offset + message,
-                            outbox,
-                            (X_WORDS + NUM_GROUPS * USE_FP8) * 4,
-                            tl.load(pe_ptr + dst),
-                        )
-                else:
-                    _store_message(
-                        peer, staging_offset + message, 0, topk, k_cols, k_mask, words, out_cols, scale_words,
-                        group_cols, hits, X_WORDS, NUM_GROUPS, USE_FP8, False,
-                    )  # fmt: skip
+        else:
+            outbox = local_ptr  # unused without the put path
+        # Destinations rotated by program and rank. Up to HOISTED_PEERS: unrolled, the addresses
+        # from registers; more: a loop (unrolled, 256 destinations took 3 minutes to compile).
+        if NUM_RANKS <= HOISTED_PEERS:
+            for step in tl.static_range(NUM_RANKS):
+                _send_one(
+                    bases[step], local_ptr, mask_ptr, reach_ptr, pe_ptr, (step + rank + pid) % NUM_RANKS, rank,
+                    token, topk, k_cols, k_mask, words, out_cols, scale_words, group_cols, message, outbox,
+                    staging_offset, topk_offset, NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, NUM_GROUPS,
+                    USE_FP8, PUT,
+                )  # fmt: skip
+        else:
+            for step in range(NUM_RANKS):
+                dst = (step + rank + pid) % NUM_RANKS
+                _send_one(
+                    peer_pointer(peer_table, dst), local_ptr, mask_ptr, reach_ptr, pe_ptr, dst, rank, token,
+                    topk, k_cols, k_mask, words, out_cols, scale_words, group_cols, message, outbox,
+                    staging_offset, topk_offset, NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, NUM_GROUPS,
+                    USE_FP8, PUT,
+                )  # fmt: skip
     if PUT:
         puts.put_quiet()  # this program's puts are complete before it arrives
+
+
+@triton.jit
+def _send_one(
+    peer,
+    local_ptr,
+    mask_ptr,
+    reach_ptr,
+    pe_ptr,
+    dst,
+    rank,
+    token,
+    topk,
+    k_cols,
+    k_mask,
+    words,
+    out_cols,
+    scale_words,
+    group_cols,
+    message,
+    outbox,
+    staging_offset,
+    topk_offset,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    NUM_GROUPS: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    PUT: tl.constexpr,
+):
+    """One token's message to destination ``dst`` (``peer``: word 0 of its buffer in this process),
+    unless it is masked: stores, or on the put path for a rank of another node one put of the
+    message where the token has one of its experts there."""
+    if tl.load(mask_ptr + dst) == 0:
+        hits = tl.sum(((topk >= 0) & (topk // NUM_LOCAL_EXPERTS == dst)).to(tl.int32), axis=0)
+        if PUT:
+            if tl.load(reach_ptr + dst) != 0:
+                _store_message(
+                    peer, staging_offset + message, topk_offset + (rank * CAPACITY + token) * NUM_TOPK, topk,
+                    k_cols, k_mask, words, out_cols, scale_words, group_cols, hits, X_WORDS, NUM_GROUPS,
+                    USE_FP8, True,
+                )  # fmt: skip
+            elif hits > 0:
+                puts.put_bytes(
+                    local_ptr,
+                    peer,
+                    staging_offset + message,
+                    outbox,
+                    (X_WORDS + NUM_GROUPS * USE_FP8) * 4,
+                    tl.load(pe_ptr + dst),
+                )
+        else:
+            _store_message(
+                peer, staging_offset + message, 0, topk, k_cols, k_mask, words, out_cols, scale_words,
+                group_cols, hits, X_WORDS, NUM_GROUPS, USE_FP8, False,
+            )  # fmt: skip
 
 
 @triton.jit
