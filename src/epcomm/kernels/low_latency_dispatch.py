@@ -738,14 +738,25 @@ def _expand_received(
     tl.store(recv_count_ptr + expert, count)
     if HAS_CUMULATIVE_STATS:
         tl.store(cumulative_stats_ptr + expert, tl.load(cumulative_stats_ptr + expert) + count)
-    begin = 0
-    for src in tl.static_range(NUM_RANKS):
-        per_source = tl.sum(tl.where(src_of_row == src, hit, 0), axis=0)
+    layout_range = recv_layout_range_ptr + expert * NUM_RANKS
+    if NUM_RANKS <= HOISTED_PEERS:
+        begin = 0
+        for src in tl.static_range(NUM_RANKS):
+            per_source = tl.sum(tl.where(src_of_row == src, hit, 0), axis=0)
+            tl.store(layout_range + src, (begin.to(tl.int64) << 32) | per_source.to(tl.int64))
+            begin += per_source
+    else:
+        # One pass over the rows instead of one per source (256 sources: 256 block reductions):
+        # each source's first row stores its begin (the hits before it), then its last row adds
+        # its count (the hits up to it, minus the begin).
+        before = position + 1 - hit  # hits in the rows before each row
+        tl.store(layout_range + src_of_row, before.to(tl.int64) << 32, mask=row_mask & (token_of_row == 0))
+        tl.debug_barrier()
+        last = row_mask & (token_of_row == CAPACITY - 1)
+        begins = tl.load(layout_range + src_of_row, mask=last, other=0)
         tl.store(
-            recv_layout_range_ptr + expert * NUM_RANKS + src,
-            (begin.to(tl.int64) << 32) | per_source.to(tl.int64),
+            layout_range + src_of_row, begins | ((position + 1).to(tl.int64) - (begins >> 32)), mask=last
         )
-        begin += per_source
     tl.debug_barrier()
     words = tl.arange(0, X_BLOCK)
     word_mask = words < X_WORDS
