@@ -227,11 +227,25 @@ def graph_replay(
     return failures
 
 
-def shrink_masked_rank(pgi: ProcessGroupInfo) -> list[str]:
-    """Every rank masks the last rank, which then stops calling; the others still get correct results."""
+def shrink_masked_rank(
+    pgi: ProcessGroupInfo, transport: str = "nvlink", buffer_kwargs: dict[str, Any] | None = None
+) -> list[str]:
+    """Every rank masks the last rank, which then stops calling; the others still get correct
+    results (``transport`` under test; both Buffers made with ``buffer_kwargs`` too)."""
     capacity, hidden, num_experts, num_topk = 32, 512, 8 * pgi.world_size, 4
-    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts, enable_shrink=True)
+    nvlink, reference = _buffers(
+        pgi, capacity, hidden, num_experts, transport, enable_shrink=True, **(buffer_kwargs or {})
+    )
     dead = pgi.world_size - 1
+    if transport == "nvshmem":
+        # The put path's buffer grows at its first call (a collective of every rank): one call of
+        # every rank first, as a serving engine warms up before any rank can fail.
+        x, topk_idx, weights = _inputs(pgi, capacity, hidden, num_experts, num_topk, 8)
+        recv_x, _, handle, _, _ = nvlink.low_latency_dispatch(
+            x, topk_idx, capacity, num_experts, use_fp8=False
+        )
+        nvlink.low_latency_combine(recv_x, topk_idx, weights, handle)
+        torch.cuda.synchronize()
     for buffer in (nvlink, reference):
         buffer.low_latency_update_mask_buffer(dead, True)
     status = torch.zeros(pgi.world_size, dtype=torch.int32, device=pgi.device)

@@ -25,6 +25,7 @@ import triton.language as tl
 import triton_interpreter  # TRITON_INTERPRET check, numpy-2 fix, CPU primitives; before any kernel import
 from triton_interpreter import symmetric_peers
 
+import epcomm.kernels.barrier as barrier_kernels
 import epcomm.kernels.low_latency_combine as combine_kernels
 import epcomm.kernels.low_latency_dispatch as dispatch_kernels
 from epcomm import quant
@@ -32,7 +33,7 @@ from epcomm.backends.nvlink.normal import HostRecord
 from epcomm.backends.nvlink.symmetric_buffer import HeaderLayout, LowLatencyLayout
 from epcomm.errors import InconsistentCallError
 from epcomm.fingerprint import CallFingerprint, XFormat
-from epcomm.kernels.barrier import launch_masked_barrier
+from epcomm.kernels.barrier import BarrierPut, launch_masked_barrier
 from epcomm.kernels.low_latency_combine import launch_ll_combine
 from epcomm.kernels.low_latency_dispatch import (
     CallCheck,
@@ -57,6 +58,7 @@ def _scalar_range(*bounds: object) -> object:
 
 
 combine_kernels.range = _scalar_range  # type: ignore[attr-defined]
+barrier_kernels.range = _scalar_range  # type: ignore[attr-defined]
 dispatch_kernels.range = _scalar_range  # type: ignore[attr-defined]
 
 DISPATCH_OP, COMBINE_OP = 8, 9  # Operation.LOW_LATENCY_DISPATCH / LOW_LATENCY_COMBINE
@@ -989,6 +991,32 @@ def check_shrink_waits() -> None:
     assert buffers[2][1] == 5, "released at rank 2 before it was masked"
 
 
+def check_put_barrier() -> None:
+    """The masked barrier's put path (the multi-node low-latency buffer): uint64 flags (the epoch in
+    the low word), a store to the rank of this node and an NVSHMEM signal (here a CPU stand-in) to
+    the ranks of other nodes; a rank of another node that never arrives is named, or masked in
+    shrink mode."""
+    timeout = 200_000_000
+    # 4 ranks, nodes {0, 1} and {2, 3}; rank 1 runs the barrier, ranks 0 and 2 already arrived.
+    buffers = [torch.zeros(64, dtype=torch.int32) for _ in range(4)]
+    buffers[1][0], buffers[1][4] = 6, 6  # ranks 0 and 2 released epoch 6 at rank 1 (words 2 * s)
+    error = torch.zeros(4 + 4, dtype=torch.int32)
+    peers = symmetric_peers(buffers, 1, error, timeout)
+    put = BarrierPut(
+        torch.tensor([1, 1, 0, 0], dtype=torch.int32),
+        torch.arange(4, dtype=torch.int32),
+        barrier_kernels.masked_barrier_put_kernel,
+    )
+    mask = torch.zeros(4, dtype=torch.int32)
+    launch_masked_barrier(peers=peers, rank_mask=mask, epoch=6, operation_code=10, shrink=False, put=put)
+    assert [buffer[2:4].tolist() for buffer in buffers] == [[6, 0]] * 4, buffers  # rank 1's flag everywhere
+    assert error.tolist() == [1, 10, 3, 1, 0, 0, 0, 0], error  # rank 3 (another node) never came
+    error.zero_()
+    launch_masked_barrier(peers=peers, rank_mask=mask, epoch=6, operation_code=10, shrink=True, put=put)
+    assert error.tolist() == [0, 0, 0, 0, 0, 0, 0, 10], error
+    assert mask.tolist() == [0, 0, 0, 1], mask
+
+
 CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_send": check_dispatch_send,
     "dispatch_combine": check_dispatch_combine,
@@ -998,6 +1026,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "wait": check_wait,
     "one_launch": check_one_launch,
     "shrink_waits": check_shrink_waits,
+    "put_barrier": check_put_barrier,
 }
 
 if __name__ == "__main__":

@@ -209,6 +209,36 @@ def test_masked_barrier_compiles(num_ranks: int, shrink: bool, monkeypatch: pyte
     _assert_light_wait(ptx)
 
 
+@pytest.mark.parametrize("shrink", [False, True])
+def test_masked_barrier_put_kernel_compiles(shrink: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The put path of the masked barrier: NVSHMEM signals to the ranks of other nodes, a bounded
+    wait on the low words of uint64 flags."""
+    pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel (nvidia-nvshmem-cu13) is not installed")
+    from epcomm.kernels.barrier import BarrierPut
+    from epcomm.kernels.nvshmem_primitives import device_library
+
+    num_ranks = 16
+    (call,) = _launches(
+        barrier_module,
+        barrier_module.launch_masked_barrier,
+        monkeypatch,
+        peers=_peers(num_ranks),
+        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
+        epoch=3,
+        operation_code=10,
+        shrink=shrink,
+        put=BarrierPut(
+            torch.zeros(num_ranks, dtype=torch.int32),
+            torch.zeros(num_ranks, dtype=torch.int32),
+            barrier_module.masked_barrier_put_kernel,
+        ),
+    )
+    assert call[0] is barrier_module.masked_barrier_put_kernel
+    ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
+    assert "signal_op" in ptx
+    _assert_light_wait(ptx)
+
+
 @pytest.mark.parametrize(
     ("hidden", "num_bias", "num_ranks"), [(7168, 0, 4), (4096, 2, 8), (7168, 0, 2), (7168, 1, 16)]
 )

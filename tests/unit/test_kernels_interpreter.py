@@ -45,6 +45,7 @@ CHECKS = [
             "wait",
             "one_launch",
             "shrink_waits",
+            "put_barrier",
         )
     ),
 ]

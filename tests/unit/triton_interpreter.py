@@ -126,6 +126,11 @@ def _cpu_put_quiet():
     pass
 
 
+@triton.jit
+def _cpu_put_signal(local, remote, signal_word, value, pe):
+    tl.store(remote + signal_word, value.to(tl.int32))
+
+
 def use_cpu_puts() -> None:
     """Replace the NVSHMEM puts of ``epcomm.kernels.puts`` (which the kernels call through that
     module) with copies through the peer's address in the peer table."""
@@ -134,6 +139,7 @@ def use_cpu_puts() -> None:
     puts.put_bytes = _cpu_put_bytes
     puts.put_block = _cpu_put_block
     puts.put_quiet = _cpu_put_quiet
+    puts.put_signal = _cpu_put_signal
 
 
 def symmetric_peers(

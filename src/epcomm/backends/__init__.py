@@ -81,8 +81,7 @@ def create_backend(
             log_once(
                 "nvshmem-multi-node",
                 "epcomm: NVSHMEM backend, multi-node mode: hierarchical normal mode and low-latency kernels "
-                "(NVSHMEM puts across nodes, NVLink stores within)"
-                + ("; shrink mode: low-latency calls on torch.distributed" if enable_shrink else ""),
+                "(NVSHMEM puts across nodes, NVLink stores within)",
             )
             return NvshmemMultiNodeBackend(
                 group,

@@ -32,6 +32,7 @@ __all__ = [
     "put_nbi_block",
     "put_signal_block",
     "quiet",
+    "signal_op",
     "signal_wait_until",
 ]
 
@@ -90,6 +91,21 @@ def put_nbi_block(dst, src, size_bytes, pe, _semantic=None):  # type: ignore[no-
         "",
         [dst, src, size_bytes, pe],
         {(_I64, _I64, _I64, _I32): ("nvshmemx_putmem_nbi_block", _I32)},
+        is_pure=False,
+        _semantic=_semantic,
+    )
+
+
+@core.extern
+def signal_op(signal, value, op, pe, _semantic=None):  # type: ignore[no-untyped-def]
+    """``nvshmemx_signal_op``: apply ``op`` (``SIGNAL_SET`` / ``SIGNAL_ADD``) with ``value`` to the
+    symmetric uint64 ``signal`` (an int64 address) on PE ``pe``, after this thread's earlier puts
+    to that PE only where a fence or quiet orders them."""
+    return core.extern_elementwise(
+        "",
+        "",
+        [signal, value, op, pe],
+        {(_I64, _U64, _I32, _I32): ("nvshmemx_signal_op", _I32)},
         is_pure=False,
         _semantic=_semantic,
     )

@@ -15,7 +15,7 @@ import triton.language as tl
 
 from epcomm.kernels import nvshmem_primitives as nv
 
-__all__ = ["put_block", "put_bytes", "put_quiet"]
+__all__ = ["put_block", "put_bytes", "put_quiet", "put_signal"]
 
 
 @triton.jit
@@ -44,3 +44,9 @@ def put_bytes(local, remote, dst_word, src, num_bytes, pe):
 def put_quiet():
     """NVSHMEM quiet: every put this program issued is complete (visible at its PE)."""
     nv.quiet()
+
+
+@triton.jit
+def put_signal(local, remote, signal_word, value, pe):
+    """NVSHMEM signal: ``value`` set at the uint64 at ``signal_word`` of the buffer on PE ``pe``."""
+    nv.signal_op((local + signal_word).to(tl.int64), tl.cast(value, tl.uint64), nv.SIGNAL_SET, pe)

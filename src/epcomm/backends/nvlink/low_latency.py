@@ -73,8 +73,8 @@ class NvlinkLowLatency:
 
     Put path (multi-node, ``put_pes``): the ranks outside ``buffer.store_ranks`` (other nodes) are
     reached by NVSHMEM puts (``kernels.low_latency_dispatch.PutPath``), the others by stores; the
-    kernels are the put variants, launched through ``requires_nvshmem``; ``clean``'s barrier is
-    the buffer's host barrier.
+    kernels are the put variants, launched through ``requires_nvshmem``, and so is ``clean``'s
+    barrier (``SymmetricBuffer.barrier_put``).
 
     Arguments:
         buffer: the symmetric buffer (``num_rdma_bytes`` of payload, validated against the size hint).
@@ -117,8 +117,6 @@ class NvlinkLowLatency:
         self.put_path = put_pes is not None
         self._put_kernels: tuple[Any, Any] | None = None
         if put_pes is not None:
-            if enable_shrink:
-                raise ValueError("shrink mode is not available on the low-latency put path")
             reach = [int(rank in buffer.store_ranks) for rank in range(self.num_ranks)]
             self._reach = torch.tensor(reach, dtype=torch.int32, device="cpu").to(device)
             self._pes = torch.tensor(put_pes, dtype=torch.int32, device="cpu").to(device)
@@ -180,16 +178,13 @@ class NvlinkLowLatency:
         mode a rank that misses it is masked). Synchronizes the stream, so a timeout raises (or
         warns, in shrink mode) here."""
         self._buffers.clear()
-        if self.put_path:
-            self.buffer.barrier(Operation.LOW_LATENCY_CLEAN)  # on the host
-            self.buffer.check_error()
-            return
         launch_masked_barrier(
             peers=self._wait_peers(),
             rank_mask=self._mask_device,
             epoch=self.buffer.next_epoch(),
             operation_code=int(Operation.LOW_LATENCY_CLEAN),
             shrink=self.enable_shrink,
+            put=self.buffer.barrier_put,
         )
         torch.cuda.current_stream(self.device).synchronize()
         self.buffer.check_error()

@@ -108,20 +108,22 @@ class HeaderLayout:
     Arguments:
         num_ranks: ranks of the group.
         count_table: whether the buffer holds the normal-mode count table.
+        wide_flags: uint64 barrier flags (the put path's: NVSHMEM signals), two words each.
     """
 
     num_ranks: int
     count_table: bool
+    wide_flags: bool = False
 
     @property
     def flags(self) -> int:
-        """Barrier flags: ``flag_block(num_ranks)`` words."""
+        """Barrier flags: ``flag_block(num_ranks)`` words (twice that with ``wide_flags``)."""
         return 0
 
     @property
     def counter(self) -> int:
         """The push kernel's done counter (zero between pushes)."""
-        return align(flag_block(self.num_ranks))
+        return align((2 if self.wide_flags else 1) * flag_block(self.num_ranks))
 
     @property
     def table(self) -> int:
@@ -380,8 +382,8 @@ class SymmetricBuffer:
         allocator: how the buffer is allocated and the peers mapped (``Allocator``).
         store_ranks: the ranks this rank reaches by loads and stores (``None``: all). With fewer
             (``Allocator.NVSHMEM`` across nodes: the low-latency put path), the others' table
-            entries may be 0 (never dereferenced) and the buffer's barriers run on the host over
-            ``torch.distributed`` instead of on the device.
+            entries may be 0 (never dereferenced) and the buffer's barriers signal them through
+            NVSHMEM (``barrier_put``).
     """
 
     def __init__(
@@ -400,7 +402,11 @@ class SymmetricBuffer:
         self.device = device
         self.rank = dist.get_rank(group)
         self.num_ranks = dist.get_world_size(group)
-        self.header = HeaderLayout(self.num_ranks, count_table)
+        self.store_ranks = list(range(self.num_ranks)) if store_ranks is None else sorted(store_ranks)
+        # Some ranks reached by puts only (the multi-node put path): barriers with NVSHMEM signals.
+        self.put_barriers = len(self.store_ranks) < self.num_ranks
+        self.header = HeaderLayout(self.num_ranks, count_table, wide_flags=self.put_barriers)
+        self._barrier_put: Any = None
         self.timeout_ns = int(timeout_s * 1e9)
         self.timeout_s = timeout_s
         self.epoch = 0
@@ -421,8 +427,6 @@ class SymmetricBuffer:
         # with the buffer; NVSHMEM gives addresses only.
         self.peer_buffers: list[torch.Tensor] = []
         self._peers: SymmetricPeers | None = None
-        self.store_ranks = list(range(self.num_ranks)) if store_ranks is None else sorted(store_ranks)
-        self.host_barriers = len(self.store_ranks) < self.num_ranks
         self._allocate(max(initial_payload_bytes, 1 << 20) // 4)
         self.barrier(Operation.INIT)
         torch.cuda.current_stream(device).synchronize()
@@ -538,18 +542,41 @@ class SymmetricBuffer:
         self.epoch += 1
         return self.epoch
 
+    @property
+    def barrier_put(self) -> Any:
+        """The put path of this buffer's barriers (``kernels.barrier.BarrierPut``), or ``None`` when
+        every rank is reached by stores."""
+        if not self.put_barriers:
+            return None
+        if self._barrier_put is None:
+            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+            from epcomm.backends.nvshmem.runtime import group_pes
+            from epcomm.kernels.barrier import BarrierPut, masked_barrier_put_kernel
+
+            reach = [int(rank in self.store_ranks) for rank in range(self.num_ranks)]
+            self._barrier_put = BarrierPut(
+                torch.tensor(reach, dtype=torch.int32, device="cpu").to(self.device),
+                torch.tensor(group_pes(self.group), dtype=torch.int32, device="cpu").to(self.device),
+                requires_nvshmem(masked_barrier_put_kernel),
+            )
+        return self._barrier_put
+
     def barrier(self, operation: Operation) -> None:
-        """Barrier over every rank on the current stream; ``operation`` names it in a timeout. With
-        ``host_barriers`` (some ranks reached by puts only): the stream synchronized, then
-        ``torch.distributed``'s barrier over the group."""
-        if self.host_barriers:
-            import torch.distributed as dist
+        """Barrier over every rank on the current stream; ``operation`` names it in a timeout (with
+        ``barrier_put``, NVSHMEM signals to the ranks reached by puts only)."""
+        from epcomm.kernels.barrier import launch_barrier, launch_masked_barrier
 
-            torch.cuda.current_stream(self.device).synchronize()
-            dist.barrier(group=self.group)
+        if self.put_barriers:
+            launch_masked_barrier(
+                peers=self.peers,
+                rank_mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device),
+                epoch=self.next_epoch(),
+                operation_code=int(operation),
+                shrink=False,
+                put=self.barrier_put,
+            )
             return
-        from epcomm.kernels.barrier import launch_barrier
-
         launch_barrier(peers=self.peers, epoch=self.next_epoch(), operation_code=int(operation))
 
     def check_error(self) -> None:

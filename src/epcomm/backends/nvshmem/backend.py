@@ -3,8 +3,9 @@
 path (``backends.nvlink.low_latency``): peers of this node through stores, peers of other nodes
 through NVSHMEM puts, one NVSHMEM symmetric buffer of ``num_rdma_bytes`` over the whole job.
 
-Shrink mode keeps the low-latency calls on ``torch.distributed`` (the reference backend's), as
-the put path has no shrink mode yet.
+The low-latency buffer's barriers (its init, growth and ``clean_low_latency_buffer``) run on the
+device too, with NVSHMEM signals to the ranks of other nodes, bounded; in shrink mode a rank that
+misses one is masked, as in one NVLink domain.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
         group: the process group (every process of the job, spanning several nodes).
         settings: the ``Buffer``'s options.
         num_ranks_per_node: ranks per node.
-        enable_shrink: shrink mode (low-latency calls then on ``torch.distributed``).
+        enable_shrink: shrink mode (the low-latency waits mask a rank that misses them).
         num_rdma_bytes: size of the leg buffer and of the low-latency buffer (grown when a call
             needs more).
         low_latency_mode: whether the low-latency buffer is needed.
@@ -63,7 +64,7 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
             name="nvshmem",
         )
         self.put_low_latency: NvlinkLowLatency | None = None
-        if low_latency_mode and not enable_shrink:
+        if low_latency_mode:
             topology, rank = self.topology, self.rank
             node = topology.node_of(rank)
             buffer = SymmetricBuffer(
@@ -79,7 +80,9 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
                     else [rank]
                 ),
             )
-            self.put_low_latency = NvlinkLowLatency(buffer, put_pes=group_pes(group))
+            self.put_low_latency = NvlinkLowLatency(
+                buffer, enable_shrink, settings.shrink_timeout_s, put_pes=group_pes(group)
+            )
 
     def _low_latency_engine(self) -> LowLatencyEngine:
         if self.put_low_latency is not None:
@@ -89,7 +92,7 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
     def clean_low_latency_buffer(
         self, num_max_dispatch_tokens_per_rank: int, hidden: int, num_experts: int
     ) -> None:
-        """Drop the result buffers, then a barrier over the group (the put path's, on the host)."""
+        """Drop the result buffers, then a barrier over the unmasked ranks (``NvlinkLowLatency.clean``)."""
         if self.put_low_latency is None:
             super().clean_low_latency_buffer(num_max_dispatch_tokens_per_rank, hidden, num_experts)
             return
