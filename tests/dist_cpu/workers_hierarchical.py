@@ -189,6 +189,19 @@ def _buffer(pgi: ProcessGroupInfo, settings: Settings, transport: str) -> Buffer
     return Buffer(pgi.group, num_rdma_bytes=RDMA_BYTES, backend=transport, settings=settings)
 
 
+def _dispatch(buffer: Buffer, x: torch.Tensor, topk_idx: torch.Tensor, num_experts: int) -> Any:
+    """``get_dispatch_layout``, then a plain dispatch of ``x`` with it."""
+    layout = buffer.get_dispatch_layout(topk_idx, num_experts)
+    return buffer.dispatch(
+        x,
+        num_tokens_per_rank=layout[0],
+        num_tokens_per_rdma_rank=layout[1],
+        num_tokens_per_expert=layout[2],
+        is_token_in_rank=layout[3],
+        topk_idx=topk_idx,
+    )
+
+
 def hierarchical_inconsistent_call(
     pgi: ProcessGroupInfo, ranks_per_node: int, odd_rank: int, transport: str = "hierarchical"
 ) -> dict[str, Any]:
@@ -201,18 +214,10 @@ def hierarchical_inconsistent_call(
     buffer = _buffer(pgi, settings, transport)
     num_experts = 4 * pgi.world_size
     routing = make_routing(8, num_experts, 2, seed=5, rank=pgi.rank, device=pgi.device)
-    layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
 
     def call(hidden: int) -> Any:
         x = torch.ones(8, hidden, dtype=torch.bfloat16, device=pgi.device)
-        return buffer.dispatch(
-            x,
-            num_tokens_per_rank=layout[0],
-            num_tokens_per_rdma_rank=layout[1],
-            num_tokens_per_expert=layout[2],
-            is_token_in_rank=layout[3],
-            topk_idx=routing.topk_idx,
-        )
+        return _dispatch(buffer, x, routing.topk_idx, num_experts)
 
     outcome: dict[str, Any] = {"kind": None, "message": ""}
     try:
@@ -294,15 +299,7 @@ def hierarchical_skipped_dispatch(
     x = torch.ones(8, 64, dtype=torch.bfloat16, device=pgi.device)
 
     def dispatch() -> Any:
-        layout = buffer.get_dispatch_layout(routing.topk_idx, num_experts)
-        return buffer.dispatch(
-            x,
-            num_tokens_per_rank=layout[0],
-            num_tokens_per_rdma_rank=layout[1],
-            num_tokens_per_expert=layout[2],
-            is_token_in_rank=layout[3],
-            topk_idx=routing.topk_idx,
-        )
+        return _dispatch(buffer, x, routing.topk_idx, num_experts)
 
     dispatch()
     if pgi.rank == skipper:

@@ -191,9 +191,9 @@ def test_barrier_compiles_with_system_scope_ordering(num_ranks: int, monkeypatch
     _assert_system_scope_ordering(_compile(call).asm["ptx"])
 
 
-@pytest.mark.parametrize("shrink", [False, True])
-@pytest.mark.parametrize("num_ranks", [2, 16])
-def test_masked_barrier_compiles(num_ranks: int, shrink: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def _masked_barrier_launch(
+    num_ranks: int, shrink: bool, monkeypatch: pytest.MonkeyPatch, put: Any = None
+) -> Any:
     (call,) = _launches(
         barrier_module,
         barrier_module.launch_masked_barrier,
@@ -203,8 +203,15 @@ def test_masked_barrier_compiles(num_ranks: int, shrink: bool, monkeypatch: pyte
         epoch=3,
         operation_code=10,
         shrink=shrink,
+        put=put,
     )
-    ptx = _compile(call).asm["ptx"]
+    return call
+
+
+@pytest.mark.parametrize("shrink", [False, True])
+@pytest.mark.parametrize("num_ranks", [2, 16])
+def test_masked_barrier_compiles(num_ranks: int, shrink: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    ptx = _compile(_masked_barrier_launch(num_ranks, shrink, monkeypatch)).asm["ptx"]
     _assert_system_scope_ordering(ptx)
     _assert_light_wait(ptx)
 
@@ -218,21 +225,12 @@ def test_masked_barrier_put_kernel_compiles(shrink: bool, monkeypatch: pytest.Mo
     from epcomm.kernels.nvshmem_primitives import device_library
 
     num_ranks = 16
-    (call,) = _launches(
-        barrier_module,
-        barrier_module.launch_masked_barrier,
-        monkeypatch,
-        peers=_peers(num_ranks),
-        rank_mask=torch.zeros(num_ranks, dtype=torch.int32),
-        epoch=3,
-        operation_code=10,
-        shrink=shrink,
-        put=BarrierPut(
-            torch.zeros(num_ranks, dtype=torch.int32),
-            torch.zeros(num_ranks, dtype=torch.int32),
-            barrier_module.masked_barrier_put_kernel,
-        ),
+    put = BarrierPut(
+        torch.zeros(num_ranks, dtype=torch.int32),
+        torch.zeros(num_ranks, dtype=torch.int32),
+        barrier_module.masked_barrier_put_kernel,
     )
+    call = _masked_barrier_launch(num_ranks, shrink, monkeypatch, put)
     assert call[0] is barrier_module.masked_barrier_put_kernel
     ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
     assert "signal_op" in ptx
