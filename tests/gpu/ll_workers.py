@@ -292,10 +292,13 @@ def skip_low_latency(pgi: ProcessGroupInfo, timeout_s: float) -> str:
     return "no error"
 
 
-def two_outstanding(pgi: ProcessGroupInfo) -> list[str]:
-    """Two dispatches issued before either is consumed (two micro-batches): both stay valid."""
+def two_outstanding(
+    pgi: ProcessGroupInfo, transport: str = "nvlink", buffer_kwargs: dict[str, Any] | None = None
+) -> list[str]:
+    """Two dispatches issued before either is consumed (two micro-batches): both stay valid
+    (``transport`` under test; both Buffers made with ``buffer_kwargs`` too)."""
     capacity, hidden, num_experts, num_topk = 32, 1024, 8 * pgi.world_size, 4
-    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts)
+    nvlink, reference = _buffers(pgi, capacity, hidden, num_experts, transport, **(buffer_kwargs or {}))
     batches = [_inputs(pgi, capacity, hidden, num_experts, num_topk, seed) for seed in (11, 12)]
     pending = []
     for x, topk_idx, _ in batches:

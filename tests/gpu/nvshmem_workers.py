@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from ll_workers import compare_low_latency, graph_replay, shrink_masked_rank
+from ll_workers import compare_low_latency, graph_replay, shrink_masked_rank, two_outstanding
 from nvlink_workers import compare_normal_mode
 
 import epcomm
@@ -96,7 +96,8 @@ def nvshmem_multi_node_low_latency(pgi: ProcessGroupInfo, ranks_per_node: int) -
     """Low-latency mode of a multi-node NVSHMEM Buffer (nodes of ``ranks_per_node`` ranks: peers of
     other nodes through the put path) against the reference backend: every option, then BF16 and
     FP8 with ``allow_nvlink_for_low_latency_mode=False`` (every peer through puts), a CUDA graph
-    replayed with new data, and shrink mode with the last rank masked; the failed checks."""
+    replayed with new data, two outstanding dispatches with the wait statistics, and shrink mode
+    with the last rank masked; the failed checks."""
     kwargs: dict[str, Any] = {"settings": Settings(ranks_per_node=ranks_per_node)}
     settings = [
         dict(s, num_experts=s["num_experts"] * pgi.world_size // 4) for s in MULTI_NODE_LOW_LATENCY_SETTINGS
@@ -108,5 +109,6 @@ def nvshmem_multi_node_low_latency(pgi: ProcessGroupInfo, ranks_per_node: int) -
         for line in compare_low_latency(pgi, settings[:2], transport="nvshmem", buffer_kwargs=no_nvlink)
     ]
     failures += graph_replay(pgi, 32, 1024, 4 * pgi.world_size, 4, "nvshmem", kwargs)
+    failures += [f"two outstanding: {line}" for line in two_outstanding(pgi, "nvshmem", kwargs)]
     failures += [f"shrink: {line}" for line in shrink_masked_rank(pgi, "nvshmem", kwargs)]
     return failures
