@@ -12,6 +12,12 @@ bounded wait for every unmasked expert rank, a comparison of their fingerprints
 w[t, k] * row[t, k]`` in float32 in slot order, one bf16 write. ``SEND`` alone runs up to 4 programs
 per SM of 8 warps, one item per step; ``BOTH`` waits inside the signalling kernel, so its grid is at
 most one program per SM (every program resident) and each program moves 4 items per step instead.
+
+Put path (``ll_combine_put_kernel``, multi-node: ``low_latency_dispatch.PutPath``): an item for a
+rank of another node copies its row into this rank's outbox (at the row's place in ``x``) and puts
+it to the token's slot there; one item per step; each program completes its puts (quiet) before it
+arrives, and the last program puts the fingerprint to each such rank with the sequence number as
+the signal in its uint64 flag (``ll_arrive_and_signal``).
 """
 
 from __future__ import annotations
@@ -312,7 +318,7 @@ def ll_combine_put_kernel(
     FP_WORDS: tl.constexpr,
 ):
     """Expert ranks of other nodes (``reach_ptr[r] == 0``) get their rows by NVSHMEM puts from a
-    copy in this rank's buffer, the others by stores (the module docstring, "Put path"); launched
+    copy in this rank's buffer, the others by stores (the module docstring's "Put path"); launched
     through ``requires_nvshmem``."""
     _ll_combine(
         peer_table, local_ptr, x_ptr, gather_idx_ptr, mask_ptr, arrival_ptr, send_seq_ptr, recv_expected_ptr,

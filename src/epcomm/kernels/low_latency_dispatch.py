@@ -30,6 +30,17 @@ to raise ``InconsistentCallError``. The payload was already sent: the receiver i
 ``BOTH`` waits inside the kernel that signals, so every program must be resident at once: its grid
 is at most one program per SM (a program always fits on an SM), and its programs read the sequence
 numbers they expect before they arrive (the last program advances them after every arrival).
+
+Put path (``ll_dispatch_put_kernel``, multi-node: ``PutPath``): the ranks of other nodes
+(``reach[r] == 0``) are reached by NVSHMEM puts (``kernels.puts``), the others by stores as above,
+and every flag is a uint64 (the sequence number in its low word; ``FLAG_STRIDE`` 2). The top-k rows
+go to an area apart from the messages (``PutPath.topk``), for every peer. A send program writes each
+token's message once into this rank's outbox and its top-k row into its ``mine`` words, then puts
+the message (payload and scales only) to each destination of another node that holds one of the
+token's experts, and completes its puts (quiet) before it arrives. The last program then puts, to
+each unmasked destination of another node, the call's top-k rows and the count, completes them,
+and puts the fingerprint with the sequence number as the signal (put-with-signal: the flag after
+the words). A receiver reads the top-k rows apart and finds the same messages as on the store path.
 """
 
 from __future__ import annotations
@@ -448,7 +459,7 @@ def ll_dispatch_put_kernel(
     FP_WORDS: tl.constexpr,
 ):
     """Peers of other nodes (``reach_ptr[r] == 0``) through NVSHMEM puts, the others through stores
-    (the module docstring, "Put path"); launched through ``requires_nvshmem``."""
+    (the module docstring's "Put path"); launched through ``requires_nvshmem``."""
     _ll_dispatch(
         peer_table, local_ptr, x_ptr, topk_idx_ptr, mask_ptr, combine_gather_idx_ptr, arrival_ptr, send_seq_ptr,
         recv_expected_ptr, scratch_ptr, recv_x_ptr, recv_scales_ptr, recv_count_ptr, recv_src_info_ptr,
