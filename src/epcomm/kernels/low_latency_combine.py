@@ -376,8 +376,8 @@ def _send_rows(
                             # Another node: a copy of the row in this rank's buffer, then one put.
                             outbox = local_ptr + outbox_offset + row * X_WORDS
                             tl.store(outbox + words, data, mask=word_mask)
+                            fence_acq_rel_sys()  # each thread's copy visible to the NIC, then all of them
                             tl.debug_barrier()
-                            fence_acq_rel_sys()
                             puts.put_bytes(
                                 local_ptr,
                                 peer,

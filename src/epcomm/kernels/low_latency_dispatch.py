@@ -554,8 +554,8 @@ def _send_tokens(
             if USE_FP8:
                 tl.store(outbox + X_WORDS + group_cols, scale_words, mask=group_cols < NUM_GROUPS)
             tl.store(local_ptr + mine_offset + MINE_HEAD + token * NUM_TOPK + k_cols, topk, mask=k_mask)
+            fence_acq_rel_sys()  # each thread's copy visible to the NIC, then all of them
             tl.debug_barrier()
-            fence_acq_rel_sys()
         else:
             outbox = local_ptr  # unused without the put path
         # Destinations rotated by program and rank. Up to HOISTED_PEERS: unrolled, the addresses
@@ -854,6 +854,37 @@ def ll_signal(
 
 
 @triton.jit
+def _put_rows_and_count(
+    peer_table,
+    local_ptr,
+    pe_ptr,
+    rank,
+    count_offset,
+    topk_offset,
+    mine_offset,
+    count,
+    peer,
+    NUM_TOPK: tl.constexpr,
+    CAPACITY: tl.constexpr,
+):
+    """The put path's end of a dispatch send phase for one peer of another node: this rank's
+    ``count`` top-k rows and its count, from its ``mine`` words (non-blocking: the caller completes
+    them with one quiet for all peers)."""
+    pe = tl.load(pe_ptr + peer)
+    remote = peer_pointer(peer_table, peer)
+    mine = local_ptr + mine_offset
+    puts.put_bytes(
+        local_ptr,
+        remote,
+        topk_offset + rank * CAPACITY * NUM_TOPK,
+        mine + MINE_HEAD,
+        count * NUM_TOPK * 4,
+        pe,
+    )
+    puts.put_bytes(local_ptr, remote, count_offset + rank, mine, 4, pe)
+
+
+@triton.jit
 def _put_signal(
     peer_table,
     local_ptr,
@@ -862,48 +893,26 @@ def _put_signal(
     pe_ptr,
     rank,
     flag_offset,
-    count_offset,
     fp_offset,
-    topk_offset,
     mine_offset,
-    count,
     peer,
-    HAS_COUNT: tl.constexpr,
-    NUM_TOPK: tl.constexpr,
-    CAPACITY: tl.constexpr,
     FP_WORDS: tl.constexpr,
 ):
-    """The put path's end of a send phase for one unmasked peer of another node: this rank's
-    top-k rows (``count`` of them) and count (``HAS_COUNT``), completed, then its fingerprint with
-    the next sequence number in the peer's uint64 flag for this rank (put-with-signal: the flag
-    after the words); advances the sequence state as ``ll_signal``. The sources are this rank's
-    ``mine`` words (``MINE_HEAD``: count at word 0, fingerprint at ``MINE_FINGERPRINT``)."""
-    pe = tl.load(pe_ptr + peer)
-    remote = peer_pointer(peer_table, peer)
-    mine = local_ptr + mine_offset
-    if HAS_COUNT:
-        puts.put_bytes(
-            local_ptr,
-            remote,
-            topk_offset + rank * CAPACITY * NUM_TOPK,
-            mine + MINE_HEAD,
-            count * NUM_TOPK * 4,
-            pe,
-        )
-        puts.put_bytes(local_ptr, remote, count_offset + rank, mine, 4, pe)
-        puts.put_quiet()
+    """The put path's signal to one unmasked peer of another node: this rank's fingerprint (from
+    its ``mine`` words) with the next sequence number in the peer's uint64 flag for this rank
+    (put-with-signal: the flag after the words); advances the sequence state as ``ll_signal``."""
     sequence = tl.load(send_seq_ptr + peer) + 1
     tl.store(send_seq_ptr + peer, sequence)
     tl.store(recv_expected_ptr + peer, tl.load(recv_expected_ptr + peer) + 1)
     puts.put_block(
         local_ptr,
-        remote,
+        peer_pointer(peer_table, peer),
         fp_offset + rank * FP_WORDS,
-        mine + MINE_FINGERPRINT,
+        local_ptr + mine_offset + MINE_FINGERPRINT,
         FP_WORDS * 4,
         flag_offset + 2 * rank,
         sequence,
-        pe,
+        tl.load(pe_ptr + peer),
     )
 
 
@@ -942,8 +951,10 @@ def ll_arrive_and_signal(
     reads them after its acquire.
 
     With ``PUT``, a peer with ``reach_ptr[peer] == 0`` (another node) gets those words by NVSHMEM
-    puts instead (``_put_signal``: the top-k rows too, from this rank's ``mine`` words, which the
-    last program fills first); every program completed its own puts (quiet) before it arrived.
+    puts instead, from this rank's ``mine`` words, which the last program fills first: the top-k
+    rows and the count to every such peer (``_put_rows_and_count``), one quiet, then the
+    fingerprint with the signal to each (``_put_signal``); every program completed its own puts
+    (quiet) before it arrived.
 
     Ordering: each program's stores (its threads', peers' memory over NVLink included) are ordered
     before its arrival by the block barrier, and the arrival is a release (acq_rel, system scope).
@@ -961,23 +972,30 @@ def ll_arrive_and_signal(
             mine = local_ptr + mine_offset
             tl.store(mine, count)
             tl.store(mine + MINE_FINGERPRINT + fp_cols, fingerprint)
+            fence_acq_rel_sys()  # each thread's copy visible to the NIC, then all of them
             tl.debug_barrier()
-            fence_acq_rel_sys()
         for peer in range(NUM_RANKS):
             if tl.load(mask_ptr + peer) == 0:
                 if PUT:
                     if tl.load(reach_ptr + peer) != 0:
                         _store_words(peer_table, peer, rank, count_offset, count, fp_offset, fingerprint,
                                      fp_cols, HAS_COUNT, FP_WORDS)  # fmt: skip
-                    else:
-                        _put_signal(
-                            peer_table, local_ptr, send_seq_ptr, recv_expected_ptr, pe_ptr, rank, flag_offset,
-                            count_offset, fp_offset, topk_offset, mine_offset, count, peer, HAS_COUNT, NUM_TOPK,
-                            CAPACITY, FP_WORDS,
-                        )  # fmt: skip
+                    elif HAS_COUNT:
+                        _put_rows_and_count(peer_table, local_ptr, pe_ptr, rank, count_offset, topk_offset,
+                                            mine_offset, count, peer, NUM_TOPK, CAPACITY)  # fmt: skip
                 else:
                     _store_words(peer_table, peer, rank, count_offset, count, fp_offset, fingerprint, fp_cols,
                                  HAS_COUNT, FP_WORDS)  # fmt: skip
+        if PUT:
+            # Every top-k row and count complete (one quiet for all peers), then each peer's
+            # fingerprint with the sequence number as the signal.
+            if HAS_COUNT:
+                puts.put_quiet()
+            for peer in range(NUM_RANKS):
+                if tl.load(mask_ptr + peer) == 0:
+                    if tl.load(reach_ptr + peer) == 0:
+                        _put_signal(peer_table, local_ptr, send_seq_ptr, recv_expected_ptr, pe_ptr, rank,
+                                    flag_offset, fp_offset, mine_offset, peer, FP_WORDS)  # fmt: skip
         tl.debug_barrier()
         for peer in range(NUM_RANKS):
             if PUT:
