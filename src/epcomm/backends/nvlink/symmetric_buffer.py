@@ -344,6 +344,7 @@ class Operation(enum.IntEnum):
     LOW_LATENCY_DISPATCH = 8
     LOW_LATENCY_COMBINE = 9
     LOW_LATENCY_CLEAN = 10
+    GROW = 11
 
 
 _OPERATION_NAMES = {
@@ -357,6 +358,7 @@ _OPERATION_NAMES = {
     Operation.LOW_LATENCY_DISPATCH: "low_latency_dispatch (receive)",
     Operation.LOW_LATENCY_COMBINE: "low_latency_combine (receive)",
     Operation.LOW_LATENCY_CLEAN: "clean_low_latency_buffer (barrier)",
+    Operation.GROW: "buffer growth (barrier before a collective allocation)",
 }
 
 
@@ -531,11 +533,11 @@ class SymmetricBuffer:
         new_words = int(payload_words * GROWTH_FACTOR) // ALIGN_WORDS * ALIGN_WORDS + ALIGN_WORDS
         get_logger().info("epcomm NVLink buffer: growing payload to %.1f MB", new_words * 4 / 1e6)
         torch.cuda.current_stream(self.device).synchronize()
-        self.barrier(Operation.INIT)
+        self.barrier(Operation.GROW)
         torch.cuda.current_stream(self.device).synchronize()
         self.check_error()
         self._allocate(new_words)
-        self.barrier(Operation.INIT)
+        self.barrier(Operation.GROW)
 
     def next_epoch(self) -> int:
         """A value larger than every earlier epoch of this buffer."""
