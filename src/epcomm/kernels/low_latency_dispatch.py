@@ -873,14 +873,15 @@ def _put_rows_and_count(
     pe = tl.load(pe_ptr + peer)
     remote = peer_pointer(peer_table, peer)
     mine = local_ptr + mine_offset
-    puts.put_bytes(
-        local_ptr,
-        remote,
-        topk_offset + rank * CAPACITY * NUM_TOPK,
-        mine + MINE_HEAD,
-        count * NUM_TOPK * 4,
-        pe,
-    )
+    if count > 0:
+        puts.put_bytes(
+            local_ptr,
+            remote,
+            topk_offset + rank * CAPACITY * NUM_TOPK,
+            mine + MINE_HEAD,
+            count * NUM_TOPK * 4,
+            pe,
+        )
     puts.put_bytes(local_ptr, remote, count_offset + rank, mine, 4, pe)
 
 
