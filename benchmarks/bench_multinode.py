@@ -27,6 +27,16 @@ twice) is ``FAIL`` and the exit status is 1. A backend without counters (``last_
     python benchmarks/bench_multinode.py --tokens 4096 --hidden 7168 --experts 256   # DeepSeek-V3
     python benchmarks/bench_multinode.py --backend nvshmem --shared-gpu   # NVSHMEM legs, one GPU: counters only
 
+``--mode low-latency`` runs the decode shape instead: ``low_latency_dispatch`` (FP8) and
+``low_latency_combine`` (BF16) of ``--tokens`` tokens a rank (the capacity), each timed as a CUDA
+graph replay on GPUs (eager on CPU), with the bytes each rank sends across nodes counted from the
+all-gathered routing (no counters in that mode): epcomm's put path (one message per (token,
+destination rank of another node), the top-k rows to each such rank, one BF16 row per (token,
+top-k slot) back), per (token, expert) as DeepEP, and the minimum (each token once per other node
+it needs; one partial per (token, node) back).
+
+    python benchmarks/bench_multinode.py --mode low-latency --tokens 128 --hidden 7168   # decode
+
 Rows are appended to ``results/bench_multinode.jsonl`` (``$OUT/bench_multinode.jsonl`` when ``OUT``
 is set; ``--out`` names another file, ``--out ''`` none).
 """
@@ -59,9 +69,14 @@ from epcomm.quant import per_token_cast_to_fp8
 from epcomm.testing import SHARED_GPU, ProcessGroupInfo, parallel_launch
 from epcomm.topology import NodeTopology
 from epcomm.traffic import CallBytes
-from model_multinode import group_limited_routing, minimum_inter_node_rows
+from model_multinode import (
+    deepep_low_latency_message_bytes,
+    group_limited_routing,
+    low_latency_messages,
+    minimum_inter_node_rows,
+)
 from report import append_jsonl, environment_info, results_path
-from timing import median, time_op
+from timing import capture_graph, median, time_op
 
 OPS = ("dispatch", "combine")
 
@@ -318,6 +333,161 @@ def summarize(spec: BenchSpec, results: Sequence[RankResult]) -> tuple[str, list
     return "\n".join(text), records
 
 
+def low_latency_bytes(
+    all_topk: Sequence[torch.Tensor], spec: BenchSpec, rank: int
+) -> dict[str, dict[str, int]]:
+    """Bytes ``rank`` sends across nodes in one low-latency dispatch (FP8) and combine (BF16), by
+    scheme, counted from every rank's routing: ``epcomm`` (the put path: a message of ``hidden``
+    FP8 bytes and ``hidden / 128`` float32 scales per (token, destination rank of another node)
+    holding one of its experts, then the call's top-k rows, count and fingerprint to every rank of
+    another node; combine: one BF16 row per (token, top-k slot) of another node's token),
+    ``deepep`` (one message per (token, expert), ``model_multinode.deepep_low_latency_message_bytes``),
+    ``minimum`` (each token once per other node it needs, and one BF16 partial per (token, node)
+    back, from the rank with the token's local index, as in normal mode)."""
+    topology = NodeTopology(spec.world_size, spec.ranks_per_node)
+    per_expert, per_rank = low_latency_messages(all_topk, spec.num_experts, spec.world_size)
+    node = torch.arange(spec.world_size) // spec.ranks_per_node
+    other = node != node[rank]
+    message = spec.hidden + spec.hidden // 128 * 4
+    row = spec.hidden * 2
+    deepep_dispatch, deepep_combine = deepep_low_latency_message_bytes(spec.hidden)
+    remote_ranks = int(other.sum())
+    topk = all_topk[rank]
+    return {
+        "dispatch": {
+            "epcomm": int(per_rank[rank][other].sum()) * message
+            + remote_ranks * (topk.size(0) * topk.size(1) * 4 + 4 + 32),
+            "deepep": int(per_expert[rank][other].sum()) * deepep_dispatch,
+            "minimum": minimum_inter_node_rows(topk, spec.num_experts, topology, rank) * message,
+        },
+        "combine": {
+            "epcomm": int(per_expert[:, rank][other].sum()) * row,
+            "deepep": int(per_expert[:, rank][other].sum()) * deepep_combine,
+            "minimum": _combine_minimum_rows(all_topk, spec, rank) * row,
+        },
+    }
+
+
+def low_latency_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> dict[str, Any]:
+    """One rank of ``--mode low-latency``: FP8 dispatch and BF16 combine of ``num_tokens`` tokens (the
+    capacity), each timed as a replayed CUDA graph on GPUs (eager on CPU); the bytes by routing."""
+    me, device = pgi.rank, pgi.device
+    topk_idx = group_limited_routing(
+        spec.num_tokens,
+        spec.num_experts,
+        spec.num_topk,
+        spec.num_nodes,
+        spec.max_nodes,
+        seed=spec.seed,
+        rank=me,
+    )
+    group_device = device if pgi.backend == "nccl" else torch.device("cpu")
+    gathered = [torch.empty_like(topk_idx, device=group_device) for _ in range(spec.world_size)]
+    dist.all_gather(gathered, topk_idx.to(group_device), group=pgi.group)
+    all_topk = [t.cpu() for t in gathered]
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + me)
+    x = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
+    topk_idx = topk_idx.to(device)
+    weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
+    cuda = device.type == "cuda"
+    one = torch.ones(1, dtype=torch.int32, device=group_device)
+
+    def barrier() -> None:
+        dist.barrier(group=pgi.group)
+
+    def device_barrier() -> None:
+        if cuda and pgi.backend != "nccl":
+            torch.cuda.synchronize(device)
+        dist.all_reduce(one, group=pgi.group)
+
+    size = Buffer.get_low_latency_rdma_size_hint(
+        spec.num_tokens, spec.hidden, spec.world_size, spec.num_experts
+    )
+    settings = Settings(ranks_per_node=spec.ranks_per_node)
+    with Buffer(
+        pgi.group, num_rdma_bytes=max(size, spec.num_rdma_bytes), low_latency_mode=True, backend=spec.backend,
+        settings=settings,
+    ) as buffer:  # fmt: skip
+        state: dict[str, Any] = {}
+
+        def dispatch() -> Any:
+            state["dispatch"] = buffer.low_latency_dispatch(x, topk_idx, spec.num_tokens, spec.num_experts)
+            return state["dispatch"]
+
+        (x_fp8, scales), _, handle, _, _ = dispatch()  # also grows the buffer, on every rank
+        expert_out = (x_fp8.float() * scales.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+
+        def combine() -> Any:
+            return buffer.low_latency_combine(expert_out, topk_idx, weights, handle)
+
+        combine()
+        if cuda:
+            dispatch_graph, _ = capture_graph(dispatch)
+            combine_graph, _ = capture_graph(combine)
+            ops = {"dispatch": lambda _: dispatch_graph.replay(), "combine": lambda _: combine_graph.replay()}
+        else:
+            ops = {"dispatch": lambda _: dispatch(), "combine": lambda _: combine()}
+        times = {
+            name: median(
+                time_op(
+                    op, num_slots=1, warmup=spec.warmup, iters=spec.iters, barrier=barrier, cuda=cuda,
+                    device_barrier=device_barrier,
+                )
+            )
+            for name, op in ops.items()
+        }  # fmt: skip
+        torch.cuda.synchronize() if cuda else None
+    return {"rank": me, "time_us": times, "bytes": low_latency_bytes(all_topk, spec, me)}
+
+
+def summarize_low_latency(
+    spec: BenchSpec, results: Sequence[dict[str, Any]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The decode table (one line per rank and op, then one per op over ranks) and JSON rows."""
+    header = ["rank", "node", "op", "us", "epcomm MB", "(t,e) MB", "min MB"]
+    lines: list[list[str]] = []
+    records: list[dict[str, Any]] = []
+    for op in OPS:
+        for result in results:
+            counted = result["bytes"][op]
+            lines.append(
+                [str(result["rank"]), str(result["rank"] // spec.ranks_per_node), op,
+                 f"{result['time_us'][op]:.1f}", _mb(counted["epcomm"]), _mb(counted["deepep"]),
+                 _mb(counted["minimum"])]
+            )  # fmt: skip
+        times = [r["time_us"][op] for r in results]
+        lines.append(["all", "-", op, f"{max(times):.1f}", "", "", ""])
+        records.append(
+            {
+                "mode": "low-latency",
+                "layout": f"{spec.num_nodes}x{spec.ranks_per_node}",
+                "backend": spec.backend,
+                "op": op,
+                "shape": {
+                    "tokens": spec.num_tokens,
+                    "hidden": spec.hidden,
+                    "experts": spec.num_experts,
+                    "topk": spec.num_topk,
+                    "max_nodes": spec.max_nodes,
+                },
+                "time_us": max(times),
+                "time_us_ranks": times,
+                "inter_node_bytes_ranks": [r["bytes"][op]["epcomm"] for r in results],
+                "per_token_expert_bytes_ranks": [r["bytes"][op]["deepep"] for r in results],
+                "min_inter_node_bytes_ranks": [r["bytes"][op]["minimum"] for r in results],
+                "iters": spec.iters,
+                "warmup": spec.warmup,
+            }
+        )
+    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
+    text = [
+        " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
+        "-+-".join("-" * w for w in widths),
+    ]
+    text += [" | ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
+    return "\n".join(text), records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Command line; exit status 1 when a dedup check fails or a run raised."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -326,6 +496,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default="reference",
         help="Buffer backend, or hierarchical: the hierarchical algorithm over torch.distributed, whose "
         "counters are the bytes it sent (default %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("normal", "low-latency"),
+        default="normal",
+        help="normal: dispatch and combine (prefill); low-latency: the decode ops (default %(default)s)",
     )
     parser.add_argument("--layouts", default="2x2", help="NODESxRANKS_PER_NODE,... (default %(default)s)")
     parser.add_argument("--tokens", type=int, default=256, help="tokens per rank (DeepSeek-V3: 4096)")
@@ -379,10 +555,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"median of {spec.iters} (after {spec.warmup})",
             flush=True,
         )
+        low_latency = args.mode == "low-latency"
         try:
             results = parallel_launch(
                 spec.world_size,
-                bench_worker,
+                low_latency_worker if low_latency else bench_worker,
                 spec,
                 backend=placement,
                 timeout_s=args.timeout,
@@ -390,6 +567,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (RuntimeError, TimeoutError) as error:
             print(f"FAILED: {error}", flush=True)
             status = 1
+            continue
+        if low_latency:
+            table, records = summarize_low_latency(spec, results)
+            print(
+                "MB = 1e6 bytes the rank sends across nodes, counted from the routing: epcomm's put path, "
+                "(t,e) = per (token, expert) as DeepEP, min = each token once per node; us = median per "
+                "rank (graph replay on GPUs; all: max over ranks)"
+            )
+            print(table, flush=True)
+            if out:
+                env = environment_info(spec.world_size, "cuda" if on_gpu else "cpu")
+                append_jsonl(out, [{**env, **record} for record in records])
             continue
         table, records = summarize(spec, results)
         print(

@@ -40,3 +40,25 @@ def test_dedup_check() -> None:
     table, records = summarize(SPEC, [none, _result(1, 2, 2)])
     assert [r["dedup_check"] for r in records] == ["n/a", "n/a"]
     assert "n/a" in table
+
+
+def test_low_latency_bytes_count_each_scheme() -> None:
+    """2 nodes of 1 rank, 4 experts (2 a rank), 3 tokens a rank, hidden 128: hand-counted bytes."""
+    import torch
+
+    from bench_multinode import low_latency_bytes
+
+    spec = BenchSpec("reference", 2, 1, 3, 128, 4, 2, 2, True, 0, 1, 0, 1 << 20)
+    topk = [
+        torch.tensor([[0, 2], [2, 3], [0, 1]]),  # rank 0: tokens 0 and 1 need rank 1 (1 and 2 experts)
+        torch.tensor([[0, 1], [2, 3], [-1, 3]]),  # rank 1: token 0 needs rank 0 (2 experts)
+    ]
+    message, row = 128 + 4, 256  # FP8 row and one float32 scale; a BF16 row
+    counted = low_latency_bytes(topk, spec, 0)
+    # Dispatch: 2 messages to rank 1, then 3 top-k rows of 2 ids, the count and the fingerprint.
+    assert counted["dispatch"]["epcomm"] == 2 * message + (3 * 2 * 4 + 4 + 32)
+    assert counted["dispatch"]["deepep"] == 3 * (128 + 4 + 16)  # (token, expert) pairs on rank 1
+    assert counted["dispatch"]["minimum"] == 2 * message  # 2 tokens need the other node
+    # Combine: rows back for rank 1's (token, expert) pairs on rank 0: token 0, experts 0 and 1.
+    assert counted["combine"]["epcomm"] == counted["combine"]["deepep"] == 2 * row
+    assert counted["combine"]["minimum"] == 1 * row  # one partial for that token
