@@ -785,6 +785,24 @@ def check_put_path() -> None:
     _run_round(world, (3, 1, 2), [(0, 0, 0)] * 3, 1, seed=97)
 
 
+def check_row_blocks() -> None:
+    """The receive phase scans the rows in blocks when there are more than ``RECEIVE_ROWS_BLOCK``
+    (here lowered to 8): 3 ranks of capacity 5 (15 rows, 2 blocks) and 12 ranks of capacity 3
+    (36 rows, 5 blocks, the layout ranges of sources split across blocks), on the store path and
+    the put path: outputs as in one block."""
+    saved = dispatch_kernels.RECEIVE_ROWS_BLOCK
+    dispatch_kernels.RECEIVE_ROWS_BLOCK = 8
+    try:
+        for ranks_per_node in (None, 1):
+            world = World(3, 5, 256, 3, 6, seed=21, ranks_per_node=ranks_per_node)
+            _run_round(world, (5, 3, 4), [(0, 0, 0)] * 3, 0, seed=22)
+            _run_round(world, (2, 5, 0), [(0, 0, 1), (0, 0, 1), (1, 1, 0)], 1, seed=23, both_rank=0)
+        world = World(12, 3, 128, 3, 24, seed=24, ranks_per_node=4)
+        _run_round(world, (3, 2, 3, 1, 0, 3, 2, 3, 3, 1, 2, 3), [(0,) * 12] * 12, 0, seed=25)
+    finally:
+        dispatch_kernels.RECEIVE_ROWS_BLOCK = saved
+
+
 def check_fingerprints() -> None:
     """One rank's calls differ (another hidden, num_topk or capacity in both operations; another
     call number or handle in combine only): every receiver treats each source whose call differs
@@ -1023,6 +1041,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "dispatch_fp8": check_dispatch_fp8,
     "fingerprints": check_fingerprints,
     "put_path": check_put_path,
+    "row_blocks": check_row_blocks,
     "wait": check_wait,
     "one_launch": check_one_launch,
     "shrink_waits": check_shrink_waits,

@@ -42,6 +42,7 @@ CHECKS = [
             "dispatch_fp8",
             "fingerprints",
             "put_path",
+            "row_blocks",
             "wait",
             "one_launch",
             "shrink_waits",

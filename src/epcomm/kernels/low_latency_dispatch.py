@@ -88,6 +88,10 @@ __all__ = [
 ]
 
 
+# Most rows a receive program scans at once: 4096 is 8 values a thread per row vector at 16
+# warps; more sources' rows (EP256 at 128 tokens: 32768) are scanned in blocks of this many.
+RECEIVE_ROWS_BLOCK = 4096
+
 # The put path's ``mine`` words (per op, in this rank's buffer): the count at word 0, the
 # fingerprint at word MINE_FINGERPRINT, the top-k rows from word MINE_HEAD (dispatch).
 MINE_FINGERPRINT = tl.constexpr(8)
@@ -708,73 +712,36 @@ def _expand_received(
     ``PUT`` the top-k rows are read from the area apart (``topk_offset``)."""
     NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
     NUM_GROUPS: tl.constexpr = HIDDEN // 128
-    rows = tl.arange(0, ROWS_BLOCK)
-    row_mask = rows < NUM_ROWS
-    src_of_row = rows // CAPACITY
-    token_of_row = rows % CAPACITY
-    source_unmasked = tl.load(mask_ptr + src_of_row, mask=row_mask, other=1) == 0
-    # A source whose call differs (ll_compare_fingerprints) sent nothing this call can use.
-    source_unmasked &= tl.load(differs_ptr + src_of_row, mask=row_mask, other=1) == 0
-    # Each unmasked source wrote its count before releasing its flag (acquired above): only its
-    # slots [src, 0 : count] are this call's; later slots are stale and not read.
-    source_count = tl.load(
-        local_ptr + count_offset + src_of_row,
-        mask=row_mask & source_unmasked,
-        other=0,
-        cache_modifier=".cg",
-    )
-    real = row_mask & source_unmasked & (token_of_row < source_count)
     staging = local_ptr + staging_offset
-    global_expert = rank * NUM_LOCAL_EXPERTS + expert
-    hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
-    # Bit k: top-k slot k names this expert (a token listing it twice gets one row, and both slots
-    # point at it in combine_gather_idx, as in the reference backend).
-    hit_slots = tl.zeros([ROWS_BLOCK], dtype=tl.int64)
-    for k in tl.static_range(NUM_TOPK):
-        if PUT:
-            topk_word = local_ptr + topk_offset + rows.to(tl.int64) * NUM_TOPK + k
-        else:
-            topk_word = staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k
-        topk = tl.load(topk_word, mask=real, other=-1, cache_modifier=".cg")
-        is_hit = topk == global_expert
-        hit_slots = hit_slots | (is_hit.to(tl.int64) << k)
-        hit = hit | is_hit.to(tl.int32)
-    position = tl.cumsum(hit, axis=0) - 1
-    count = tl.sum(hit, axis=0)
-    tl.store(scratch_ptr + expert * NUM_ROWS + position, rows, mask=hit > 0)
-    gather_row = (expert * NUM_ROWS + position).to(tl.int64)
-    gather_base = combine_gather_idx_ptr + (src_of_row * CAPACITY + token_of_row).to(tl.int64) * NUM_TOPK
-    for k in tl.static_range(NUM_TOPK):
-        tl.store(gather_base + k, gather_row, mask=((hit_slots >> k) & 1) != 0)
+    layout_range = recv_layout_range_ptr + expert * NUM_RANKS
+    # The rows in blocks of ROWS_BLOCK (one block up to RECEIVE_ROWS_BLOCK rows), hits numbered
+    # across blocks.
+    if NUM_ROWS <= ROWS_BLOCK:
+        count = _scan_rows(
+            0, 0, local_ptr, mask_ptr, differs_ptr, scratch_ptr, combine_gather_idx_ptr, layout_range, expert,
+            rank, count_offset, staging_offset, topk_offset, NUM_RANKS, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN,
+            NUM_TOPK, ROWS_BLOCK, MESSAGE_WORDS, X_WORDS, USE_FP8, PUT, NUM_RANKS <= HOISTED_PEERS,
+        )  # fmt: skip
+    else:
+        count = tl.zeros([], tl.int32)
+        for start in range(0, NUM_ROWS, ROWS_BLOCK):
+            count = _scan_rows(
+                start, count, local_ptr, mask_ptr, differs_ptr, scratch_ptr, combine_gather_idx_ptr, layout_range,
+                expert, rank, count_offset, staging_offset, topk_offset, NUM_RANKS, NUM_LOCAL_EXPERTS, CAPACITY,
+                HIDDEN, NUM_TOPK, ROWS_BLOCK, MESSAGE_WORDS, X_WORDS, USE_FP8, PUT, False,
+            )  # fmt: skip
     tl.store(recv_count_ptr + expert, count)
     if HAS_CUMULATIVE_STATS:
         tl.store(cumulative_stats_ptr + expert, tl.load(cumulative_stats_ptr + expert) + count)
-    layout_range = recv_layout_range_ptr + expert * NUM_RANKS
-    if NUM_RANKS <= HOISTED_PEERS:
-        begin = 0
-        for src in tl.static_range(NUM_RANKS):
-            per_source = tl.sum(tl.where(src_of_row == src, hit, 0), axis=0)
-            tl.store(layout_range + src, (begin.to(tl.int64) << 32) | per_source.to(tl.int64))
-            begin += per_source
-    else:
-        # One pass over the rows instead of one per source (256 sources: 256 block reductions):
-        # each source's first row stores its begin (the hits before it), then its last row adds
-        # its count (the hits up to it, minus the begin).
-        before = position + 1 - hit  # hits in the rows before each row
-        tl.store(layout_range + src_of_row, before.to(tl.int64) << 32, mask=row_mask & (token_of_row == 0))
-        tl.debug_barrier()
-        last = row_mask & (token_of_row == CAPACITY - 1)
-        begins = tl.load(layout_range + src_of_row, mask=last, other=0)
-        tl.store(
-            layout_range + src_of_row, begins | ((position + 1).to(tl.int64) - (begins >> 32)), mask=last
-        )
     tl.debug_barrier()
     words = tl.arange(0, X_BLOCK)
     word_mask = words < X_WORDS
     groups = tl.arange(0, G_BLOCK)
     group_mask = groups < NUM_GROUPS
-    # Rows past the count: -1, one vector store.
-    tl.store(recv_src_info_ptr + expert * NUM_ROWS + rows, -1, mask=row_mask & (rows >= count))
+    # Rows past the count: -1, one vector store per block.
+    for start in tl.static_range(0, NUM_ROWS, ROWS_BLOCK):
+        rows = start + tl.arange(0, ROWS_BLOCK)
+        tl.store(recv_src_info_ptr + expert * NUM_ROWS + rows, -1, mask=(rows < NUM_ROWS) & (rows >= count))
     # Copy 4 messages per step, all loads in flight before the stores.
     steps = tl.arange(0, 4)
     for first in range(0, count, 4):
@@ -817,6 +784,99 @@ def _expand_received(
                     scales,
                     mask=valid[:, None] & group_mask[None, :],
                 )
+
+
+@triton.jit
+def _scan_rows(
+    start,
+    base,
+    local_ptr,
+    mask_ptr,
+    differs_ptr,
+    scratch_ptr,
+    combine_gather_idx_ptr,
+    layout_range,
+    expert,
+    rank,
+    count_offset,
+    staging_offset,
+    topk_offset,
+    NUM_RANKS: tl.constexpr,
+    NUM_LOCAL_EXPERTS: tl.constexpr,
+    CAPACITY: tl.constexpr,
+    HIDDEN: tl.constexpr,
+    NUM_TOPK: tl.constexpr,
+    ROWS_BLOCK: tl.constexpr,
+    MESSAGE_WORDS: tl.constexpr,
+    X_WORDS: tl.constexpr,
+    USE_FP8: tl.constexpr,
+    PUT: tl.constexpr,
+    PER_SOURCE_SUMS: tl.constexpr,
+):
+    """Rows ``[start, start + ROWS_BLOCK)`` of the receive phase for local expert ``expert``: find
+    the rows naming it, number them from ``base`` (the hits of the earlier rows) in (source,
+    token) order into ``scratch``, point their top-k slots at them in ``combine_gather_idx``, and
+    write each source's ``(begin << 32) | count`` into ``layout_range``; returns ``base`` plus this
+    block's hits. ``PER_SOURCE_SUMS`` (one block, few sources): a sum per source; else each
+    source's first row stores its begin, then its last row adds its count."""
+    NUM_ROWS: tl.constexpr = NUM_RANKS * CAPACITY
+    NUM_GROUPS: tl.constexpr = HIDDEN // 128
+    rows = start + tl.arange(0, ROWS_BLOCK)
+    row_mask = rows < NUM_ROWS
+    src_of_row = rows // CAPACITY
+    token_of_row = rows % CAPACITY
+    source_unmasked = tl.load(mask_ptr + src_of_row, mask=row_mask, other=1) == 0
+    # A source whose call differs (ll_compare_fingerprints) sent nothing this call can use.
+    source_unmasked &= tl.load(differs_ptr + src_of_row, mask=row_mask, other=1) == 0
+    # Each unmasked source wrote its count before releasing its flag (acquired above): only its
+    # slots [src, 0 : count] are this call's; later slots are stale and not read.
+    source_count = tl.load(
+        local_ptr + count_offset + src_of_row,
+        mask=row_mask & source_unmasked,
+        other=0,
+        cache_modifier=".cg",
+    )
+    real = row_mask & source_unmasked & (token_of_row < source_count)
+    staging = local_ptr + staging_offset
+    global_expert = rank * NUM_LOCAL_EXPERTS + expert
+    hit = tl.zeros([ROWS_BLOCK], dtype=tl.int32)
+    # Bit k: top-k slot k names this expert (a token listing it twice gets one row, and both slots
+    # point at it in combine_gather_idx, as in the reference backend).
+    hit_slots = tl.zeros([ROWS_BLOCK], dtype=tl.int64)
+    for k in tl.static_range(NUM_TOPK):
+        if PUT:
+            topk_word = local_ptr + topk_offset + rows.to(tl.int64) * NUM_TOPK + k
+        else:
+            topk_word = staging + rows.to(tl.int64) * MESSAGE_WORDS + X_WORDS + NUM_GROUPS * USE_FP8 + k
+        topk = tl.load(topk_word, mask=real, other=-1, cache_modifier=".cg")
+        is_hit = topk == global_expert
+        hit_slots = hit_slots | (is_hit.to(tl.int64) << k)
+        hit = hit | is_hit.to(tl.int32)
+    position = base + tl.cumsum(hit, axis=0) - 1
+    tl.store(scratch_ptr + expert * NUM_ROWS + position, rows, mask=hit > 0)
+    gather_row = (expert * NUM_ROWS + position).to(tl.int64)
+    gather_base = combine_gather_idx_ptr + (src_of_row * CAPACITY + token_of_row).to(tl.int64) * NUM_TOPK
+    for k in tl.static_range(NUM_TOPK):
+        tl.store(gather_base + k, gather_row, mask=((hit_slots >> k) & 1) != 0)
+    if PER_SOURCE_SUMS:
+        begin = 0
+        for src in tl.static_range(NUM_RANKS):
+            per_source = tl.sum(tl.where(src_of_row == src, hit, 0), axis=0)
+            tl.store(layout_range + src, (begin.to(tl.int64) << 32) | per_source.to(tl.int64))
+            begin += per_source
+    else:
+        # One pass over the rows instead of one reduction per source (256 sources: 256 block
+        # reductions); a source's first row is in this block or an earlier one.
+        before = position + 1 - hit  # hits in the rows before each row
+        tl.store(layout_range + src_of_row, before.to(tl.int64) << 32, mask=row_mask & (token_of_row == 0))
+        tl.debug_barrier()
+        last = row_mask & (token_of_row == CAPACITY - 1)
+        begins = tl.load(layout_range + src_of_row, mask=last, other=0)
+        tl.store(
+            layout_range + src_of_row, begins | ((position + 1).to(tl.int64) - (begins >> 32)), mask=last
+        )
+    tl.debug_barrier()
+    return base + tl.sum(hit, axis=0)
 
 
 @triton.jit
@@ -1424,7 +1484,7 @@ def launch_ll_dispatch(
             "HIDDEN": hidden,
             "NUM_TOPK": num_topk,
             "K_BLOCK": next_pow2(num_topk),
-            "ROWS_BLOCK": next_pow2(num_ranks * capacity),
+            "ROWS_BLOCK": min(next_pow2(num_ranks * capacity), RECEIVE_ROWS_BLOCK),
             "MESSAGE_WORDS": message_words,
             "X_WORDS": x_words,
             "X_BLOCK": next_pow2(x_words),
