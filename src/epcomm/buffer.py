@@ -223,10 +223,18 @@ class Buffer(LowLatencyMethods):
 
     @staticmethod
     def get_low_latency_rdma_size_hint(
-        num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+        num_max_dispatch_tokens_per_rank: int,
+        hidden: int,
+        num_ranks: int,
+        num_experts: int,
+        across_nodes: bool = False,
     ) -> int:
-        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes."""
-        return low_latency_rdma_size_hint(num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts)
+        """Bytes of ``num_rdma_bytes`` the low-latency mode needs for these sizes (an int, a multiple
+        of 128); ``across_nodes``: for ``backend="nvshmem"`` in multi-node mode, whose put path needs
+        more (with less, its buffer grows at the first call of each size, a collective)."""
+        return low_latency_rdma_size_hint(
+            num_max_dispatch_tokens_per_rank, hidden, num_ranks, num_experts, across_nodes
+        )
 
     @staticmethod
     def is_sm90_compiled() -> bool:

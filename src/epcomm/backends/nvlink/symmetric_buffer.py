@@ -310,7 +310,11 @@ class LowLatencyLayout:
 
 
 def low_latency_rdma_size_hint(
-    num_max_dispatch_tokens_per_rank: int, hidden: int, num_ranks: int, num_experts: int
+    num_max_dispatch_tokens_per_rank: int,
+    hidden: int,
+    num_ranks: int,
+    num_experts: int,
+    across_nodes: bool = False,
 ) -> int:
     """Bytes of ``num_rdma_bytes`` low-latency mode needs: the real size of ``LowLatencyLayout``
     for ``min(num_experts, MAX_LOW_LATENCY_TOPK)`` top-k slots (DeepEP's formula asks for ~17x
@@ -321,12 +325,16 @@ def low_latency_rdma_size_hint(
         hidden: hidden size (a multiple of 128).
         num_ranks: ranks of the group.
         num_experts: total experts.
+        across_nodes: the layout of the put path (``backend="nvshmem"`` in multi-node mode), whose
+            send copies make it larger; a smaller buffer grows at the first call of each size.
 
     Returns:
         int, a multiple of 128.
     """
     num_topk = max(1, min(num_experts, MAX_LOW_LATENCY_TOPK))
-    layout = LowLatencyLayout(num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_topk)
+    layout = LowLatencyLayout(
+        num_ranks, num_max_dispatch_tokens_per_rank, hidden, num_topk, across_nodes, num_experts // num_ranks
+    )
     return layout.total_words * 4
 
 
