@@ -303,11 +303,15 @@ def hierarchical_skipped_dispatch(
 
     dispatch()
     if pgi.rank == skipper:
-        time.sleep(4 * timeout_s)
+        time.sleep(5 * timeout_s)
         return {"kind": "skipped"}
     start = time.monotonic()
     try:
         dispatch()
     except PeerTimeoutError as error:
-        return {"kind": "PeerTimeoutError", "message": str(error), "seconds": time.monotonic() - start}
+        seconds = time.monotonic() - start
+        # Stay until every rank has given up on its own: a rank that exits closes its connections,
+        # and a peer still waiting for it would see a lost peer instead of its own timeout.
+        time.sleep(2 * timeout_s)
+        return {"kind": "PeerTimeoutError", "message": str(error), "seconds": seconds}
     return {"kind": None, "seconds": time.monotonic() - start}
