@@ -1062,7 +1062,14 @@ def ll_arrive_and_signal(
             if PUT:
                 if tl.load(reach_ptr + peer) != 0:
                     ll_signal(
-                        peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer, 2
+                        peer_table,
+                        mask_ptr,
+                        send_seq_ptr,
+                        recv_expected_ptr,
+                        rank,
+                        flag_offset,
+                        peer,
+                        FLAG_STRIDE,
                     )
             else:
                 ll_signal(peer_table, mask_ptr, send_seq_ptr, recv_expected_ptr, rank, flag_offset, peer)
