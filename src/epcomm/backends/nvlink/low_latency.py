@@ -71,24 +71,20 @@ class NvlinkLowLatency:
     ``shrink_timeout_s``) masks it there and logs it in the host-mapped error word; the host warns
     (``PeerMaskedWarning``) when it next looks: at the next call, ``clean``, or a query of the mask.
 
-    Put path (multi-node, ``put_pes``): the ranks outside ``buffer.store_ranks`` (other nodes) are
-    reached by NVSHMEM puts (``kernels.low_latency_dispatch.PutPath``), the others by stores; the
-    kernels are the put variants, launched through ``requires_nvshmem``, and so is ``clean``'s
-    barrier (``SymmetricBuffer.barrier_put``).
+    Put path (a buffer with ``barrier_put``: multi-node NVSHMEM): the ranks outside
+    ``buffer.store_ranks`` (other nodes) are reached by NVSHMEM puts
+    (``kernels.low_latency_dispatch.PutPath``, with the buffer's ``reach`` and ``pes``), the others
+    by stores; the kernels are the put variants, launched through ``requires_nvshmem``, and so is
+    ``clean``'s barrier.
 
     Arguments:
         buffer: the symmetric buffer (``num_rdma_bytes`` of payload, validated against the size hint).
         enable_shrink: a peer that misses a wait is masked instead of failing the call.
         shrink_timeout_s: the wait's bound in shrink mode (``EPCOMM_SHRINK_TIMEOUT_S``).
-        put_pes: every rank's NVSHMEM PE, for the put path (``None``: every peer by stores).
     """
 
     def __init__(
-        self,
-        buffer: SymmetricBuffer,
-        enable_shrink: bool = False,
-        shrink_timeout_s: float = 3.0,
-        put_pes: list[int] | None = None,
+        self, buffer: SymmetricBuffer, enable_shrink: bool = False, shrink_timeout_s: float = 3.0
     ) -> None:
         self.buffer = buffer
         self.device = device = buffer.device
@@ -114,12 +110,8 @@ class NvlinkLowLatency:
         self._buffers = ResultBuffers()
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._generation = buffer.generation
-        self.put_path = put_pes is not None
+        self.put_path = buffer.put_barriers
         self._put_kernels: tuple[Any, Any] | None = None
-        if put_pes is not None:
-            reach = [int(rank in buffer.store_ranks) for rank in range(self.num_ranks)]
-            self._reach = torch.tensor(reach, dtype=torch.int32, device="cpu").to(device)
-            self._pes = torch.tensor(put_pes, dtype=torch.int32, device="cpu").to(device)
 
     def _put(self, layout: LowLatencyLayout, phase: int, parity: int) -> PutPath | None:
         """The put path of ``(phase, parity)`` (``None`` without one)."""
@@ -133,18 +125,19 @@ class NvlinkLowLatency:
                 requires_nvshmem(ll_combine_put_kernel),
             )
         payload = self.buffer.header.payload
+        reach, pes = self.buffer.barrier_put.reach, self.buffer.barrier_put.pes
         if phase == _DISPATCH:
             return PutPath(
-                self._reach,
-                self._pes,
+                reach,
+                pes,
                 payload + layout.topk(parity),
                 payload + layout.dispatch_outbox,
                 payload + layout.mine(_DISPATCH),
                 self._put_kernels[0],
             )
         return PutPath(
-            self._reach,
-            self._pes,
+            reach,
+            pes,
             0,
             payload + layout.combine_outbox,
             payload + layout.mine(_COMBINE),

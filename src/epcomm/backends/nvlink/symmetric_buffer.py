@@ -578,13 +578,14 @@ class SymmetricBuffer:
         from epcomm.kernels.barrier import launch_barrier, launch_masked_barrier
 
         if self.put_barriers:
+            put = self.barrier_put
             launch_masked_barrier(
                 peers=self.peers,
-                rank_mask=torch.zeros(self.num_ranks, dtype=torch.int32, device=self.device),
+                rank_mask=torch.zeros_like(put.reach),
                 epoch=self.next_epoch(),
                 operation_code=int(operation),
                 shrink=False,
-                put=self.barrier_put,
+                put=put,
             )
             return
         launch_barrier(peers=self.peers, epoch=self.next_epoch(), operation_code=int(operation))

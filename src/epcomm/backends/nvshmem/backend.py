@@ -19,7 +19,6 @@ from epcomm.backends.hierarchical import HierarchicalBackend
 from epcomm.backends.nvlink.low_latency import NvlinkLowLatency
 from epcomm.backends.nvlink.symmetric_buffer import Allocator, SymmetricBuffer
 from epcomm.backends.nvshmem.legs import NvshmemLegs
-from epcomm.backends.nvshmem.runtime import group_pes
 from epcomm.env import Settings
 
 __all__ = ["NvshmemMultiNodeBackend"]
@@ -80,9 +79,7 @@ class NvshmemMultiNodeBackend(HierarchicalBackend):
                     else [rank]
                 ),
             )
-            self.put_low_latency = NvlinkLowLatency(
-                buffer, enable_shrink, settings.shrink_timeout_s, put_pes=group_pes(group)
-            )
+            self.put_low_latency = NvlinkLowLatency(buffer, enable_shrink, settings.shrink_timeout_s)
 
     def _low_latency_engine(self) -> LowLatencyEngine:
         if self.put_low_latency is not None:
