@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -65,7 +65,7 @@ import torch.distributed as dist
 from epcomm import Buffer
 from epcomm.backends.hierarchical import hierarchical_buffer
 from epcomm.env import Settings
-from epcomm.quant import per_token_cast_to_fp8
+from epcomm.quant import per_token_cast_back, per_token_cast_to_fp8
 from epcomm.testing import SHARED_GPU, ProcessGroupInfo, parallel_launch
 from epcomm.topology import NodeTopology
 from epcomm.traffic import CallBytes
@@ -143,10 +143,24 @@ def _combine_minimum_rows(all_topk: Sequence[torch.Tensor], spec: BenchSpec, ran
     return total
 
 
-def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
-    """One rank: route, dispatch and combine ``--iters`` times each, read the counters."""
-    me, device = pgi.rank, pgi.device
-    topology = NodeTopology(spec.world_size, spec.ranks_per_node)
+@dataclass(frozen=True)
+class _Rank:
+    """One rank's set-up: its routing (on its device) and every rank's (all-gathered, on the CPU),
+    BF16 ``x``, top-k weights, the generator that drew them, and ``time(op)``: the median of
+    ``timing.time_op`` over ``--iters`` calls (host barrier, then a device barrier, each)."""
+
+    topk_idx: torch.Tensor
+    all_topk: list[torch.Tensor]
+    x: torch.Tensor
+    weights: torch.Tensor
+    generator: torch.Generator
+    time: Callable[[Callable[[int], object]], float]
+
+
+def _set_up(pgi: ProcessGroupInfo, spec: BenchSpec) -> _Rank:
+    """Route this rank's tokens (``group_limited_routing``), gather every rank's routing, draw the
+    inputs and build the timer (``_Rank``)."""
+    device = pgi.device
     topk_idx = group_limited_routing(
         spec.num_tokens,
         spec.num_experts,
@@ -154,18 +168,15 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
         spec.num_nodes,
         spec.max_nodes,
         seed=spec.seed,
-        rank=me,
+        rank=pgi.rank,
     )
     # gloo groups (CPU, or ranks sharing a GPU) move CPU tensors; NCCL moves the GPU's.
     group_device = device if pgi.backend == "nccl" else torch.device("cpu")
     gathered = [torch.empty_like(topk_idx, device=group_device) for _ in range(spec.world_size)]
     dist.all_gather(gathered, topk_idx.to(group_device), group=pgi.group)
-    all_topk = [t.cpu() for t in gathered]
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + me)
-    x_bf16 = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
-    x: Any = per_token_cast_to_fp8(x_bf16) if spec.fp8 else x_bf16
-    topk_idx = topk_idx.to(device)
-    topk_weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
+    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + pgi.rank)
+    x = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
+    weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
     cuda = device.type == "cuda"
     one = torch.ones(1, dtype=torch.int32, device=group_device)
 
@@ -177,6 +188,29 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
             torch.cuda.synchronize(device)  # a gloo all-reduce does not order the GPU's stream
         dist.all_reduce(one, group=pgi.group)
 
+    def time(op: Callable[[int], object]) -> float:
+        return median(
+            time_op(
+                op,
+                num_slots=1,
+                warmup=spec.warmup,
+                iters=spec.iters,
+                barrier=barrier,
+                cuda=cuda,
+                device_barrier=device_barrier,
+            )
+        )
+
+    return _Rank(topk_idx.to(device), [t.cpu() for t in gathered], x, weights, generator, time)
+
+
+def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
+    """One rank: route, dispatch and combine ``--iters`` times each, read the counters."""
+    me, device = pgi.rank, pgi.device
+    topology = NodeTopology(spec.world_size, spec.ranks_per_node)
+    rank = _set_up(pgi, spec)
+    topk_idx, all_topk = rank.topk_idx, rank.all_topk
+    x: Any = per_token_cast_to_fp8(rank.x) if spec.fp8 else rank.x
     settings = Settings(ranks_per_node=spec.ranks_per_node)
     if spec.backend == "hierarchical":
         made = hierarchical_buffer(pgi.group, spec.num_rdma_bytes, settings)
@@ -194,32 +228,19 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
                 is_token_in_rank=in_rank,
                 num_tokens_per_expert=per_expert,
                 topk_idx=topk_idx,
-                topk_weights=topk_weights,
+                topk_weights=rank.weights,
             )
 
-        def timed(op: Any) -> float:
-            return median(
-                time_op(
-                    op,
-                    num_slots=1,
-                    warmup=spec.warmup,
-                    iters=spec.iters,
-                    barrier=barrier,
-                    cuda=cuda,
-                    device_barrier=device_barrier,
-                )
-            )
-
-        times = {"dispatch": timed(dispatch)}
+        times = {"dispatch": rank.time(dispatch)}
         calls: dict[str, CallBytes | None] = {"dispatch": buffer.last_call_bytes()}
         recv_x, _, _, _, handle, _ = state["out"]
         rows = recv_x[0] if isinstance(recv_x, tuple) else recv_x
-        y = torch.randn(rows.size(0), spec.hidden, generator=generator).to(torch.bfloat16).to(device)
+        y = torch.randn(rows.size(0), spec.hidden, generator=rank.generator).to(torch.bfloat16).to(device)
 
         def combine(_: int) -> None:
             buffer.combine(y, handle)
 
-        times["combine"] = timed(combine)
+        times["combine"] = rank.time(combine)
         calls["combine"] = buffer.last_call_bytes()
     minimum = {
         "dispatch": minimum_inter_node_rows(all_topk[me], spec.num_experts, topology, me),
@@ -371,54 +392,25 @@ def low_latency_bytes(
 def low_latency_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> dict[str, Any]:
     """One rank of ``--mode low-latency``: FP8 dispatch and BF16 combine of ``num_tokens`` tokens (the
     capacity), each timed as a replayed CUDA graph on GPUs (eager on CPU); the bytes by routing."""
-    me, device = pgi.rank, pgi.device
-    topk_idx = group_limited_routing(
-        spec.num_tokens,
-        spec.num_experts,
-        spec.num_topk,
-        spec.num_nodes,
-        spec.max_nodes,
-        seed=spec.seed,
-        rank=me,
-    )
-    group_device = device if pgi.backend == "nccl" else torch.device("cpu")
-    gathered = [torch.empty_like(topk_idx, device=group_device) for _ in range(spec.world_size)]
-    dist.all_gather(gathered, topk_idx.to(group_device), group=pgi.group)
-    all_topk = [t.cpu() for t in gathered]
-    generator = torch.Generator().manual_seed(spec.seed * 1_000_003 + me)
-    x = torch.randn(spec.num_tokens, spec.hidden, generator=generator).to(torch.bfloat16).to(device)
-    topk_idx = topk_idx.to(device)
-    weights = (torch.rand(spec.num_tokens, spec.num_topk, generator=generator) + 0.5).to(device)
-    cuda = device.type == "cuda"
-    one = torch.ones(1, dtype=torch.int32, device=group_device)
-
-    def barrier() -> None:
-        dist.barrier(group=pgi.group)
-
-    def device_barrier() -> None:
-        if cuda and pgi.backend != "nccl":
-            torch.cuda.synchronize(device)
-        dist.all_reduce(one, group=pgi.group)
-
+    rank = _set_up(pgi, spec)
     size = Buffer.get_low_latency_rdma_size_hint(
-        spec.num_tokens, spec.hidden, spec.world_size, spec.num_experts
+        spec.num_tokens, spec.hidden, spec.world_size, spec.num_experts, across_nodes=True
     )
     settings = Settings(ranks_per_node=spec.ranks_per_node)
+    cuda = pgi.device.type == "cuda"
     with Buffer(
         pgi.group, num_rdma_bytes=max(size, spec.num_rdma_bytes), low_latency_mode=True, backend=spec.backend,
         settings=settings,
     ) as buffer:  # fmt: skip
-        state: dict[str, Any] = {}
 
         def dispatch() -> Any:
-            state["dispatch"] = buffer.low_latency_dispatch(x, topk_idx, spec.num_tokens, spec.num_experts)
-            return state["dispatch"]
+            return buffer.low_latency_dispatch(rank.x, rank.topk_idx, spec.num_tokens, spec.num_experts)
 
-        (x_fp8, scales), _, handle, _, _ = dispatch()  # also grows the buffer, on every rank
-        expert_out = (x_fp8.float() * scales.repeat_interleave(128, dim=-1)).to(torch.bfloat16)
+        (x_fp8, scales), _, handle, _, _ = dispatch()
+        expert_out = per_token_cast_back(x_fp8, scales)
 
         def combine() -> Any:
-            return buffer.low_latency_combine(expert_out, topk_idx, weights, handle)
+            return buffer.low_latency_combine(expert_out, rank.topk_idx, rank.weights, handle)
 
         combine()
         if cuda:
@@ -427,17 +419,8 @@ def low_latency_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> dict[str, Any]
             ops = {"dispatch": lambda _: dispatch_graph.replay(), "combine": lambda _: combine_graph.replay()}
         else:
             ops = {"dispatch": lambda _: dispatch(), "combine": lambda _: combine()}
-        times = {
-            name: median(
-                time_op(
-                    op, num_slots=1, warmup=spec.warmup, iters=spec.iters, barrier=barrier, cuda=cuda,
-                    device_barrier=device_barrier,
-                )
-            )
-            for name, op in ops.items()
-        }  # fmt: skip
-        torch.cuda.synchronize() if cuda else None
-    return {"rank": me, "time_us": times, "bytes": low_latency_bytes(all_topk, spec, me)}
+        times = {name: rank.time(op) for name, op in ops.items()}
+    return {"rank": pgi.rank, "time_us": times, "bytes": low_latency_bytes(rank.all_topk, spec, pgi.rank)}
 
 
 def summarize_low_latency(
