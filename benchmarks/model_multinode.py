@@ -817,11 +817,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{'BF16' if args.bf16_dispatch else 'FP8'} dispatch, BF16 combine, seed {args.seed}"
     )
     print(format_model_tables(rows))
-    out = results_path("model_multinode.jsonl") if args.out is None else args.out
-    if out:
-        env: dict[str, Any] = environment_info(0, "cpu")
-        append_jsonl(out, [{**env, **asdict(row)} for row in rows])
-        print(f"rows appended to {out}")
+    _append_rows(args.out, "model_multinode.jsonl", rows)
     return 0
 
 
@@ -851,12 +847,18 @@ def _main_low_latency(args: argparse.Namespace) -> int:
         f"(NICs) per node, FP8 dispatch, BF16 combine, seed {args.seed}"
     )
     print(format_low_latency_tables(rows))
-    out = results_path("model_multinode_ll.jsonl") if args.out is None else args.out
-    if out:
-        env: dict[str, Any] = environment_info(0, "cpu")
-        append_jsonl(out, [{**env, **asdict(row)} for row in rows])
-        print(f"rows appended to {out}")
+    _append_rows(args.out, "model_multinode_ll.jsonl", rows)
     return 0
+
+
+def _append_rows(out: str | None, default_name: str, rows: Sequence[Any]) -> None:
+    """Append ``rows`` (dataclasses) as JSON lines to ``out`` (``None``: ``results/default_name``;
+    ``""``: nowhere), each with the environment."""
+    path = results_path(default_name) if out is None else out
+    if path:
+        env: dict[str, Any] = environment_info(0, "cpu")
+        append_jsonl(path, [{**env, **asdict(row)} for row in rows])
+        print(f"rows appended to {path}")
 
 
 if __name__ == "__main__":
