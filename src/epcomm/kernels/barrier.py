@@ -117,6 +117,9 @@ def _masked_barrier(
     )
 
 
+# Two entry points over one body, not one kernel with a flag: requires_nvshmem registers a kernel by
+# name for NVSHMEM's module initialisation after it compiles, which the store path must not get
+# (it runs where NVSHMEM is absent).
 _BARRIER_RUNTIME = ["rank", "epoch", "timeout_ns", "error_address", "operation_code", "flag_offset"]
 
 

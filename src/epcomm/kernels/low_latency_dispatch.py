@@ -304,6 +304,9 @@ def _ll_dispatch(
             )
 
 
+# Two entry points over one body, not one kernel with a flag: requires_nvshmem registers a kernel by
+# name for NVSHMEM's module initialisation after it compiles, which the store path must not get
+# (it runs where NVSHMEM is absent).
 _DISPATCH_RUNTIME = [
     "num_tokens",
     "rank",
