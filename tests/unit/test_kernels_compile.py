@@ -586,16 +586,18 @@ def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
 ) -> None:
     """The put path of both low-latency ops (peers of other nodes through NVSHMEM puts): a send
     phase issues non-blocking puts, completes them (quiet) and signals by put-with-signal; a
-    receive phase issues none and waits on the low words of the uint64 flags."""
+    receive phase issues none and waits on the low words of the uint64 flags. A receive launch is
+    the store entry point with ``PUT``: its module refers to no NVSHMEM symbol, and NVSHMEM's module
+    initialisation (which ``requires_nvshmem`` runs on the put entry points) fails on such a module."""
     pytest.importorskip("nvidia.nvshmem", reason="the NVSHMEM wheel (nvidia-nvshmem-cu13) is not installed")
     from epcomm.kernels.nvshmem_primitives import device_library
 
     num_ranks = 4
-    for kernel, launch_of in (
-        (ll_dispatch_module.ll_dispatch_put_kernel, lambda put: _dispatch_launch(
-            phase, True, False, False, 7168, num_ranks, monkeypatch, put=put)),
-        (ll_combine_module.ll_combine_put_kernel, lambda put: _combine_launch(
-            phase, num_ranks, monkeypatch, put=put)),
+    for kernel, store_kernel, launch_of in (
+        (ll_dispatch_module.ll_dispatch_put_kernel, ll_dispatch_module.ll_dispatch_kernel,
+         lambda put: _dispatch_launch(phase, True, False, False, 7168, num_ranks, monkeypatch, put=put)),
+        (ll_combine_module.ll_combine_put_kernel, ll_combine_module.ll_combine_kernel,
+         lambda put: _combine_launch(phase, num_ranks, monkeypatch, put=put)),
     ):  # fmt: skip
         put = PutPath(
             torch.zeros(num_ranks, dtype=torch.int32),
@@ -606,13 +608,16 @@ def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
             kernel,
         )
         call = launch_of(put)
-        assert call[0] is kernel
         ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
         if phase & Phase.SEND:
+            assert call[0] is kernel
             assert "nvshmemi_transfer_put_signal" in ptx or "put_signal" in ptx
             assert "quiet" in ptx
         else:
-            assert "put_signal" not in ptx
+            assert call[0] is store_kernel
+            assert call[3]["PUT"] is True
+            assert call[3]["FLAG_STRIDE"] == 2
+            assert "nvshmem" not in ptx
         if phase & Phase.RECEIVE:
             _assert_light_wait(ptx)
 

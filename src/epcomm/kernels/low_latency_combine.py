@@ -31,6 +31,7 @@ from epcomm.fingerprint import FINGERPRINT_WORDS
 from epcomm.kernels import puts
 from epcomm.kernels.launch import launch
 from epcomm.kernels.low_latency_dispatch import (
+    PUT_FLAG_STRIDE,
     CallCheck,
     LowLatencyWords,
     Phase,
@@ -192,7 +193,8 @@ def _ll_combine(
 
 # Two entry points over one body, not one kernel with a flag: requires_nvshmem registers a kernel by
 # name for NVSHMEM's module initialisation after it compiles, which the store path must not get
-# (it runs where NVSHMEM is absent).
+# (it runs where NVSHMEM is absent). The put path's receive launch is the store entry point
+# compiled with ``PUT`` (it issues no NVSHMEM call: low_latency_dispatch's note at its kernels).
 _COMBINE_RUNTIME = [
     "num_tokens",
     "rank",
@@ -257,15 +259,18 @@ def ll_combine_kernel(
     HAS_WAIT_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
+    PUT: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr,
 ):
-    """Every peer through stores (one NVLink domain): the module docstring."""
+    """Every peer through stores (one NVLink domain): the module docstring; with ``PUT``, the put
+    path's receive launch (``FLAG_STRIDE`` ``PUT_FLAG_STRIDE``), which issues no put."""
     _ll_combine(
         peer_table, local_ptr, x_ptr, gather_idx_ptr, mask_ptr, arrival_ptr, send_seq_ptr, recv_expected_ptr,
         topk_idx_ptr, topk_weights_ptr, out_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens, rank,
         timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
         outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
         NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
-        False, 1,
+        PUT, FLAG_STRIDE,
     )  # fmt: skip
 
 
@@ -329,7 +334,7 @@ def ll_combine_put_kernel(
         timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
         outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
         NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
-        True, 2,
+        True, PUT_FLAG_STRIDE,
     )  # fmt: skip
 
 
@@ -525,8 +530,11 @@ def launch_ll_combine(
     programs, warps, items = combine_grid(phase, num_ranks * capacity * num_topk, num_tokens, num_sms)
     if put is not None:
         items = 1  # one put per item
+    # The put path's receive issues no put: the store entry point with PUT.
+    kernel = ll_combine_kernel if put is None or phase == Phase.RECEIVE else put.kernel
+    entry_constexprs = {"PUT": put is not None, "FLAG_STRIDE": PUT_FLAG_STRIDE.value if put else 1}
     launch(
-        put.kernel if put is not None else ll_combine_kernel,
+        kernel,
         (programs,),
         (
             peers.peer_table,
@@ -572,6 +580,7 @@ def launch_ll_combine(
             "HAS_WAIT_STATS": wait_stats is not None,
             "SHRINK": shrink,
             "FP_WORDS": FINGERPRINT_WORDS,
+            **(entry_constexprs if kernel is ll_combine_kernel else {}),
         },
         warps,
     )

@@ -96,6 +96,8 @@ RECEIVE_ROWS_BLOCK = 4096
 # fingerprint at word MINE_FINGERPRINT, the top-k rows from word MINE_HEAD (dispatch).
 MINE_FINGERPRINT = tl.constexpr(8)
 MINE_HEAD = tl.constexpr(16)
+# int32 words per flag on the put path: NVSHMEM signals are uint64 (the sequence number in the low word).
+PUT_FLAG_STRIDE = tl.constexpr(2)
 
 
 class Phase(IntEnum):
@@ -306,7 +308,9 @@ def _ll_dispatch(
 
 # Two entry points over one body, not one kernel with a flag: requires_nvshmem registers a kernel by
 # name for NVSHMEM's module initialisation after it compiles, which the store path must not get
-# (it runs where NVSHMEM is absent).
+# (it runs where NVSHMEM is absent). The put path's receive launch issues no NVSHMEM call, and
+# NVSHMEM's module initialisation fails on a module without its device symbols ("named symbol not
+# found"): that launch is the store entry point compiled with ``PUT`` (``launch_ll_dispatch``).
 _DISPATCH_RUNTIME = [
     "num_tokens",
     "rank",
@@ -386,8 +390,11 @@ def ll_dispatch_kernel(
     HAS_WAIT_STATS: tl.constexpr,
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
+    PUT: tl.constexpr,
+    FLAG_STRIDE: tl.constexpr,
 ):
-    """Every peer through stores (one NVLink domain): the module docstring."""
+    """Every peer through stores (one NVLink domain): the module docstring; with ``PUT``, the put
+    path's receive launch (``FLAG_STRIDE`` ``PUT_FLAG_STRIDE``), which issues no put."""
     _ll_dispatch(
         peer_table, local_ptr, x_ptr, topk_idx_ptr, mask_ptr, combine_gather_idx_ptr, arrival_ptr, send_seq_ptr,
         recv_expected_ptr, scratch_ptr, recv_x_ptr, recv_scales_ptr, recv_count_ptr, recv_src_info_ptr,
@@ -396,7 +403,7 @@ def ll_dispatch_kernel(
         record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
         PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
         MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
-        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, False, 1,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, PUT, FLAG_STRIDE,
     )  # fmt: skip
 
 
@@ -475,7 +482,7 @@ def ll_dispatch_put_kernel(
         record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
         PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
         MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
-        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, True, 2,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, True, PUT_FLAG_STRIDE,
     )  # fmt: skip
 
 
@@ -1446,8 +1453,11 @@ def launch_ll_dispatch(
     x_words, g_block = _fp8_blocks(hidden, use_fp8)
     programs, warps = dispatch_grid(phase, num_tokens, num_local_experts, num_sms)
     reach = put.reach if put is not None else rank_mask
+    # The put path's receive issues no put: the store entry point with PUT.
+    kernel = ll_dispatch_kernel if put is None or phase == Phase.RECEIVE else put.kernel
+    entry_constexprs = {"PUT": put is not None, "FLAG_STRIDE": PUT_FLAG_STRIDE.value if put else 1}
     launch(
-        put.kernel if put is not None else ll_dispatch_kernel,
+        kernel,
         (programs,),
         (
             peers.peer_table,
@@ -1507,6 +1517,7 @@ def launch_ll_dispatch(
             "HAS_WAIT_STATS": outputs.wait_stats is not None,
             "SHRINK": shrink,
             "FP_WORDS": FINGERPRINT_WORDS,
+            **(entry_constexprs if kernel is ll_dispatch_kernel else {}),
         },
         warps,
     )
