@@ -3,7 +3,7 @@ and with 2 / 4 ranks sharing the GPU.
 
 Each (round, ranks, tree) runs in a fresh process tree with ``PYTHONPATH=<tree>`` (the trees are
 ``src`` folders, e.g. an older commit unpacked with ``git archive``), through the public API only,
-so any two versions compare. Per op it reports rank 0's device time per call (``GPU us``: busy time
+so any two versions compare; odd rounds run the trees in the other order. Per op it reports rank 0's device time per call (``GPU us``: busy time
 of the call's GPU activity under ``torch.profiler``, ``benchmarks/device_time.py``) for dispatch
 BF16 / FP8, cached dispatch and combine (prefill shape: 4096 tokens a rank, hidden 7168, top-8 of
 256 experts, 24 SMs), and the CUDA-event time of a replayed CUDA graph for low-latency dispatch
@@ -146,7 +146,8 @@ def _driver(args: argparse.Namespace) -> None:
     rows: list[dict[str, Any]] = []
     for round_index in range(args.rounds):
         for num_ranks in ranks:
-            for tree in args.trees:
+            # Odd rounds run the trees in the other order: neither always runs first.
+            for tree in args.trees if round_index % 2 == 0 else args.trees[::-1]:
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([tree, str(ROOT / "benchmarks")]))
                 command = [
                     sys.executable,
