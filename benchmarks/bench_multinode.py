@@ -95,6 +95,8 @@ class BenchSpec:
         warmup, iters: untimed and timed calls per op.
         seed: routing seed.
         num_rdma_bytes: the ``Buffer``'s RDMA bytes (``> 0``: multi-node mode).
+        num_sms: ``Buffer.set_num_sms`` of the normal mode (its default ``Config``s): DeepEP's
+            benchmarks and the prefill shape use 24.
     """
 
     backend: str
@@ -110,6 +112,7 @@ class BenchSpec:
     iters: int
     seed: int
     num_rdma_bytes: int
+    num_sms: int = 24
 
     @property
     def world_size(self) -> int:
@@ -212,6 +215,7 @@ def bench_worker(pgi: ProcessGroupInfo, spec: BenchSpec) -> RankResult:
     topk_idx, all_topk = rank.topk_idx, rank.all_topk
     x: Any = per_token_cast_to_fp8(rank.x) if spec.fp8 else rank.x
     settings = Settings(ranks_per_node=spec.ranks_per_node)
+    Buffer.set_num_sms(spec.num_sms)
     if spec.backend == "hierarchical":
         made = hierarchical_buffer(pgi.group, spec.num_rdma_bytes, settings)
     else:
@@ -322,6 +326,7 @@ def summarize(spec: BenchSpec, results: Sequence[RankResult]) -> tuple[str, list
                 "backend": spec.backend,
                 "op": op,
                 "dispatch_dtype": "fp8" if spec.fp8 else "bf16",
+                "num_sms": spec.num_sms,
                 "shape": {
                     "tokens": spec.num_tokens,
                     "hidden": spec.hidden,
@@ -497,6 +502,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rdma-bytes", type=int, default=1 << 30, help="num_rdma_bytes of the Buffers")
+    parser.add_argument(
+        "--num-sms", type=int, default=24, help="Buffer.set_num_sms of the normal mode (default %(default)s)"
+    )
     parser.add_argument("--cpu", action="store_true", help="gloo on CPU even with GPUs")
     parser.add_argument(
         "--shared-gpu",
@@ -525,6 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.iters,
             args.seed,
             args.rdma_bytes,
+            args.num_sms,
         )
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         shared = args.shared_gpu and gpus >= 1 and not args.cpu
