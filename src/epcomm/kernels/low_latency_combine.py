@@ -100,7 +100,6 @@ def _ll_combine(
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
     PUT: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -148,7 +147,7 @@ def _ll_combine(
             0,
             NUM_TOPK,
             PUT,
-            FLAG_STRIDE,
+            PUT_FLAG_STRIDE if PUT else 1,
             CAPACITY,
         )
     if PHASE & 2:
@@ -173,7 +172,7 @@ def _ll_combine(
                 HAS_WAIT_STATS,
                 SHRINK,
                 FP_WORDS,
-                FLAG_STRIDE,
+                PUT_FLAG_STRIDE if PUT else 1,
             )
         _reduce_rows(
             local_ptr,
@@ -260,17 +259,16 @@ def ll_combine_kernel(
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
     PUT: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr,
 ):
     """Every peer through stores (one NVLink domain): the module docstring; with ``PUT``, the put
-    path's receive launch (``FLAG_STRIDE`` ``PUT_FLAG_STRIDE``), which issues no put."""
+    path's receive launch (flags ``PUT_FLAG_STRIDE`` words apart), which issues no put."""
     _ll_combine(
         peer_table, local_ptr, x_ptr, gather_idx_ptr, mask_ptr, arrival_ptr, send_seq_ptr, recv_expected_ptr,
         topk_idx_ptr, topk_weights_ptr, out_ptr, wait_stats_ptr, differs_ptr, reach_ptr, pe_ptr, num_tokens, rank,
         timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
         outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
         NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
-        PUT, FLAG_STRIDE,
+        PUT,
     )  # fmt: skip
 
 
@@ -334,7 +332,7 @@ def ll_combine_put_kernel(
         timeout_ns, error_address, operation_code, flag_offset, staging_offset, fp_offset, record_address,
         outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7, PHASE, ITEMS, NUM_RANKS, R_BLOCK,
         NUM_LOCAL_EXPERTS, CAPACITY, NUM_TOPK, X_WORDS, X_BLOCK, HIDDEN, H_BLOCK, HAS_WAIT_STATS, SHRINK, FP_WORDS,
-        True, PUT_FLAG_STRIDE,
+        True,
     )  # fmt: skip
 
 
@@ -532,7 +530,6 @@ def launch_ll_combine(
         items = 1  # one put per item
     # The put path's receive issues no put: the store entry point with PUT.
     kernel = ll_combine_kernel if put is None or phase == Phase.RECEIVE else put.kernel
-    entry_constexprs = {"PUT": put is not None, "FLAG_STRIDE": PUT_FLAG_STRIDE.value if put else 1}
     launch(
         kernel,
         (programs,),
@@ -580,7 +577,7 @@ def launch_ll_combine(
             "HAS_WAIT_STATS": wait_stats is not None,
             "SHRINK": shrink,
             "FP_WORDS": FINGERPRINT_WORDS,
-            **(entry_constexprs if kernel is ll_combine_kernel else {}),
+            **({"PUT": put is not None} if kernel is ll_combine_kernel else {}),
         },
         warps,
     )

@@ -185,7 +185,6 @@ def _ll_dispatch(
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
     PUT: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr,
 ):
     pid = tl.program_id(0)
     grid = tl.num_programs(0)
@@ -243,7 +242,7 @@ def _ll_dispatch(
             topk_offset,
             NUM_TOPK,
             PUT,
-            FLAG_STRIDE,
+            PUT_FLAG_STRIDE if PUT else 1,
             CAPACITY,
         )
     if PHASE & 2:
@@ -268,7 +267,7 @@ def _ll_dispatch(
                 HAS_WAIT_STATS,
                 SHRINK,
                 FP_WORDS,
-                FLAG_STRIDE,
+                PUT_FLAG_STRIDE if PUT else 1,
             )
         for expert in range(pid, NUM_LOCAL_EXPERTS, grid):
             _expand_received(
@@ -391,10 +390,9 @@ def ll_dispatch_kernel(
     SHRINK: tl.constexpr,
     FP_WORDS: tl.constexpr,
     PUT: tl.constexpr,
-    FLAG_STRIDE: tl.constexpr,
 ):
     """Every peer through stores (one NVLink domain): the module docstring; with ``PUT``, the put
-    path's receive launch (``FLAG_STRIDE`` ``PUT_FLAG_STRIDE``), which issues no put."""
+    path's receive launch (flags ``PUT_FLAG_STRIDE`` words apart), which issues no put."""
     _ll_dispatch(
         peer_table, local_ptr, x_ptr, topk_idx_ptr, mask_ptr, combine_gather_idx_ptr, arrival_ptr, send_seq_ptr,
         recv_expected_ptr, scratch_ptr, recv_x_ptr, recv_scales_ptr, recv_count_ptr, recv_src_info_ptr,
@@ -403,7 +401,7 @@ def ll_dispatch_kernel(
         record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
         PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
         MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
-        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, PUT, FLAG_STRIDE,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, PUT,
     )  # fmt: skip
 
 
@@ -482,7 +480,7 @@ def ll_dispatch_put_kernel(
         record_address, topk_offset, outbox_offset, mine_offset, fp0, fp1, fp2, fp3, fp4, fp5, fp6, fp7,
         PHASE, NUM_RANKS, R_BLOCK, NUM_LOCAL_EXPERTS, CAPACITY, HIDDEN, NUM_TOPK, K_BLOCK, ROWS_BLOCK,
         MESSAGE_WORDS, X_WORDS, X_BLOCK, G_BLOCK, USE_FP8, ROUND_SCALE, USE_UE8M0, SCALE_COLUMNS,
-        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, True, PUT_FLAG_STRIDE,
+        HAS_CUMULATIVE_STATS, HAS_WAIT_STATS, SHRINK, FP_WORDS, True,
     )  # fmt: skip
 
 
@@ -1455,7 +1453,6 @@ def launch_ll_dispatch(
     reach = put.reach if put is not None else rank_mask
     # The put path's receive issues no put: the store entry point with PUT.
     kernel = ll_dispatch_kernel if put is None or phase == Phase.RECEIVE else put.kernel
-    entry_constexprs = {"PUT": put is not None, "FLAG_STRIDE": PUT_FLAG_STRIDE.value if put else 1}
     launch(
         kernel,
         (programs,),
@@ -1517,7 +1514,7 @@ def launch_ll_dispatch(
             "HAS_WAIT_STATS": outputs.wait_stats is not None,
             "SHRINK": shrink,
             "FP_WORDS": FINGERPRINT_WORDS,
-            **(entry_constexprs if kernel is ll_dispatch_kernel else {}),
+            **({"PUT": put is not None} if kernel is ll_dispatch_kernel else {}),
         },
         warps,
     )

@@ -11,8 +11,6 @@ over NVSHMEM memory.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 import triton
 import triton.language as tl
@@ -34,19 +32,6 @@ def peer_table_kernel(base, pes, table, num_ranks, BLOCK: tl.constexpr):
     tl.store(table + offsets, address, mask=mask)
 
 
-_LAUNCHABLE: dict[str, Any] = {}
-
-
-def _launchable() -> Any:
-    """``peer_table_kernel`` wrapped by PyTorch's ``requires_nvshmem`` (links the device library and
-    initialises NVSHMEM's device state in each module it compiles); made once per process."""
-    if "kernel" not in _LAUNCHABLE:
-        from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
-
-        _LAUNCHABLE["kernel"] = requires_nvshmem(peer_table_kernel)
-    return _LAUNCHABLE["kernel"]
-
-
 def build_peer_table(buffer: torch.Tensor, pes: list[int]) -> torch.Tensor:
     """The peer table of the NVSHMEM symmetric ``buffer`` for the group whose rank ``r`` is PE ``pes[r]``.
 
@@ -61,5 +46,7 @@ def build_peer_table(buffer: torch.Tensor, pes: list[int]) -> torch.Tensor:
     """
     table = torch.empty(len(pes), dtype=torch.int64, device=buffer.device)
     pe_tensor = torch.tensor(pes, dtype=torch.int32, device="cpu").to(buffer.device)
-    _launchable()[(1,)](buffer.data_ptr(), pe_tensor, table, len(pes), BLOCK=next_pow2(max(len(pes), 2)))
+    nv.launchable(peer_table_kernel)[(1,)](
+        buffer.data_ptr(), pe_tensor, table, len(pes), BLOCK=next_pow2(max(len(pes), 2))
+    )
     return table

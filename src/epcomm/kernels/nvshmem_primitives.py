@@ -15,7 +15,9 @@ docstrings give other values (``SIGNAL_SET = 0`` hangs a wait loop).
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
+from typing import Any
 
 from triton.language import core
 
@@ -26,6 +28,7 @@ __all__ = [
     "SIGNAL_SET",
     "device_library",
     "fence",
+    "launchable",
     "my_pe",
     "n_pes",
     "peer_address",
@@ -40,6 +43,17 @@ SIGNAL_SET = 9  # nvshmemx_signal_op_t
 SIGNAL_ADD = 10
 CMP_EQ = 0  # nvshmem_cmp_type: EQ, NE, GT, LE, LT, GE
 CMP_GE = 5
+
+
+@functools.cache
+def launchable(kernel: Any) -> Any:
+    """``kernel`` (a ``triton.jit`` function calling NVSHMEM) wrapped by PyTorch's
+    ``requires_nvshmem``, which links the device library and initialises NVSHMEM's device state in
+    each module it compiles; one wrapper per kernel and process. A kernel whose module calls no
+    NVSHMEM function must not be wrapped: that initialisation fails on it."""
+    from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
+
+    return requires_nvshmem(kernel)
 
 
 def device_library(directory: str | None = None) -> str:

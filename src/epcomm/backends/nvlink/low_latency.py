@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -55,6 +55,7 @@ from epcomm.kernels.low_latency_dispatch import (
     launch_ll_dispatch,
     ll_dispatch_put_kernel,
 )
+from epcomm.kernels.nvshmem_primitives import launchable
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
 __all__ = ["NvlinkLowLatency"]
@@ -111,19 +112,11 @@ class NvlinkLowLatency:
         self.num_sms = torch.cuda.get_device_properties(device).multi_processor_count
         self._generation = buffer.generation
         self.put_path = buffer.put_barriers
-        self._put_kernels: tuple[Any, Any] | None = None
 
     def _put(self, layout: LowLatencyLayout, phase: int, parity: int) -> PutPath | None:
         """The put path of ``(phase, parity)`` (``None`` without one)."""
         if not self.put_path:
             return None
-        if self._put_kernels is None:
-            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
-
-            self._put_kernels = (
-                requires_nvshmem(ll_dispatch_put_kernel),
-                requires_nvshmem(ll_combine_put_kernel),
-            )
         payload = self.buffer.header.payload
         reach, pes = self.buffer.barrier_put.reach, self.buffer.barrier_put.pes
         if phase == _DISPATCH:
@@ -133,7 +126,7 @@ class NvlinkLowLatency:
                 payload + layout.topk(parity),
                 payload + layout.dispatch_outbox,
                 payload + layout.mine(_DISPATCH),
-                self._put_kernels[0],
+                launchable(ll_dispatch_put_kernel),
             )
         return PutPath(
             reach,
@@ -141,7 +134,7 @@ class NvlinkLowLatency:
             0,
             payload + layout.combine_outbox,
             payload + layout.mine(_COMBINE),
-            self._put_kernels[1],
+            launchable(ll_combine_put_kernel),
         )
 
     def layout(self, capacity: int, hidden: int, num_topk: int, num_experts: int) -> LowLatencyLayout:

@@ -559,16 +559,15 @@ class SymmetricBuffer:
         if not self.put_barriers:
             return None
         if self._barrier_put is None:
-            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
-
             from epcomm.backends.nvshmem.runtime import group_pes
             from epcomm.kernels.barrier import BarrierPut, masked_barrier_put_kernel
+            from epcomm.kernels.nvshmem_primitives import launchable
 
             reach = [int(rank in self.store_ranks) for rank in range(self.num_ranks)]
             self._barrier_put = BarrierPut(
                 torch.tensor(reach, dtype=torch.int32, device="cpu").to(self.device),
                 torch.tensor(group_pes(self.group), dtype=torch.int32, device="cpu").to(self.device),
-                requires_nvshmem(masked_barrier_put_kernel),
+                launchable(masked_barrier_put_kernel),
             )
         return self._barrier_put
 

@@ -36,6 +36,7 @@ from epcomm.backends.nvshmem.runtime import group_pes, nvshmem_symmetric_memory,
 from epcomm.errors import PeerTimeoutError
 from epcomm.kernels.leg_exchange import launch_leg_exchange, leg_put_kernel, leg_store_kernel
 from epcomm.kernels.nvshmem_peers import build_peer_table
+from epcomm.kernels.nvshmem_primitives import launchable
 from epcomm.topology import NodeTopology
 
 __all__ = ["NvshmemLegs"]
@@ -129,7 +130,6 @@ class NvshmemLegs:
         # Host-mapped error word [flag, operation, peer, rank], read without synchronizing.
         self.error_word = torch.zeros(4, dtype=torch.int32, device="cpu", pin_memory=device.type == "cuda")
         self._error_flag = ctypes.c_int32.from_address(self.error_word.data_ptr())
-        self._put_kernel: Any = None
         # Rounds run over both legs (the legs' own counters give their flags' values: the ranks of a
         # leg run the same rounds, the ranks of another leg maybe more).
         self.rounds = 0
@@ -155,11 +155,7 @@ class NvshmemLegs:
 
     def _launch(self, put: bool, **arguments: Any) -> None:
         """``launch_leg_exchange`` with the leg's kernel (put-with-signal or stores)."""
-        if put and self._put_kernel is None:
-            from torch.distributed._symmetric_memory._nvshmem_triton import requires_nvshmem
-
-            self._put_kernel = requires_nvshmem(leg_put_kernel)
-        launch_leg_exchange(**arguments, kernel=self._put_kernel if put else leg_store_kernel)
+        launch_leg_exchange(**arguments, kernel=launchable(leg_put_kernel) if put else leg_store_kernel)
 
     def _synchronize(self) -> None:
         torch.cuda.current_stream(self.device).synchronize()
