@@ -14,7 +14,7 @@ import triton.language as tl
 
 from epcomm.kernels import puts
 from epcomm.kernels.launch import launch
-from epcomm.kernels.low_latency_dispatch import wait_sources
+from epcomm.kernels.low_latency_dispatch import PUT_FLAG_STRIDE, wait_sources
 from epcomm.kernels.primitives import peer_pointer, signal_release_sys, wait_epoch
 from epcomm.kernels.symmetric_peers import SymmetricPeers
 
@@ -87,12 +87,14 @@ def _masked_barrier(
             if PUT:
                 # uint64 flags (two words each); a rank of another node gets an NVSHMEM signal.
                 if tl.load(reach_ptr + peer) != 0:
-                    signal_release_sys(peer_pointer(peer_table, peer) + flag_offset + 2 * rank, epoch)
+                    signal_release_sys(
+                        peer_pointer(peer_table, peer) + flag_offset + PUT_FLAG_STRIDE * rank, epoch
+                    )
                 else:
                     puts.put_signal(
                         local,
                         peer_pointer(peer_table, peer),
-                        flag_offset + 2 * rank,
+                        flag_offset + PUT_FLAG_STRIDE * rank,
                         epoch,
                         tl.load(pe_ptr + peer),
                     )
@@ -113,7 +115,7 @@ def _masked_barrier(
         R_BLOCK,
         False,
         SHRINK,
-        2 if PUT else 1,
+        PUT_FLAG_STRIDE if PUT else 1,
     )
 
 

@@ -52,7 +52,7 @@ from epcomm._logging import get_logger
 from epcomm._math import align_up
 from epcomm.errors import PeerTimeoutError
 from epcomm.fingerprint import FINGERPRINT_WORDS
-from epcomm.kernels.low_latency_dispatch import MINE_HEAD
+from epcomm.kernels.low_latency_dispatch import MINE_HEAD, PUT_FLAG_STRIDE
 from epcomm.kernels.symmetric_peers import SymmetricPeers, flag_block
 
 __all__ = [
@@ -123,7 +123,7 @@ class HeaderLayout:
     @property
     def counter(self) -> int:
         """The push kernel's done counter (zero between pushes)."""
-        return align((2 if self.wide_flags else 1) * flag_block(self.num_ranks))
+        return align((PUT_FLAG_STRIDE.value if self.wide_flags else 1) * flag_block(self.num_ranks))
 
     @property
     def table(self) -> int:
@@ -237,7 +237,9 @@ class LowLatencyLayout:
     @property
     def flag_stride(self) -> int:
         """Words of one (phase, parity)'s flags or one parity's counts: ``S``."""
-        return align_up(max(4, (2 if self.put_path else 1) * flag_block(self.num_ranks)), 4)
+        return align_up(
+            max(4, (PUT_FLAG_STRIDE.value if self.put_path else 1) * flag_block(self.num_ranks)), 4
+        )
 
     def flags(self, phase: int, parity: int) -> int:
         """Sequence flags of ``phase`` (0 dispatch, 1 combine) and ``parity``."""
