@@ -74,6 +74,7 @@ from model_multinode import (
     group_limited_routing,
     low_latency_messages,
     minimum_inter_node_rows,
+    text_table,
 )
 from report import append_jsonl, environment_info, results_path
 from timing import capture_graph, median, time_op
@@ -350,13 +351,7 @@ def summarize(spec: BenchSpec, results: Sequence[RankResult]) -> tuple[str, list
                 "warmup": spec.warmup,
             }
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    text = [
-        " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
-        "-+-".join("-" * w for w in widths),
-    ]
-    text += [" | ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    return "\n".join(text), records
+    return text_table(header, lines), records
 
 
 def low_latency_bytes(
@@ -467,13 +462,7 @@ def summarize_low_latency(
                 "warmup": spec.warmup,
             }
         )
-    widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
-    text = [
-        " | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True)),
-        "-+-".join("-" * w for w in widths),
-    ]
-    text += [" | ".join(c.rjust(w) for c, w in zip(line, widths, strict=True)) for line in lines]
-    return "\n".join(text), records
+    return text_table(header, lines), records
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -86,6 +86,7 @@ __all__ = [
     "minimum_inter_node_rows",
     "model_call_bytes",
     "model_rows",
+    "text_table",
     "tokens_in_rank",
 ]
 
@@ -386,7 +387,8 @@ def _cell(value: float | None, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+def text_table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: the header, a rule, then ``lines`` (rows of cells), columns right-aligned."""
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(header)]
     out = [" | ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     out.append("-+-".join("-" * w for w in widths))
@@ -397,7 +399,7 @@ def _table(header: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
 def format_model_tables(rows: Sequence[ModelRow]) -> str:
     """Two tables: MB per NIC per scheme, then times (us) at the NIC bandwidth and at DeepEP's."""
     gbps = rows[0].nic_gbps if rows else LINE_RATE_GBPS
-    bytes_table = _table(
+    bytes_table = text_table(
         ["EP", "nodes", "op", "row B", "hier MB", "min MB", "flat MB", "hier max", "flat max", "NVLink MB"],
         [
             [
@@ -415,7 +417,7 @@ def format_model_tables(rows: Sequence[ModelRow]) -> str:
             for r in rows
         ],
     )
-    time_table = _table(
+    time_table = text_table(
         [
             "EP",
             "op",
@@ -686,7 +688,7 @@ def format_low_latency_tables(rows: Sequence[LowLatencyRow]) -> str:
     """Two tables: messages and MB per NIC under both schemes, then the times (us) at the NIC
     bandwidth beside DeepEP's published ones."""
     gbps = rows[0].nic_gbps if rows else LINE_RATE_GBPS
-    bytes_table = _table(
+    bytes_table = text_table(
         [
             "EP",
             "nodes",
@@ -717,7 +719,7 @@ def format_low_latency_tables(rows: Sequence[LowLatencyRow]) -> str:
             for r in rows
         ],
     )
-    time_table = _table(
+    time_table = text_table(
         [
             "EP",
             "routing",
