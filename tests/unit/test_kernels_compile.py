@@ -580,6 +580,13 @@ def test_leg_put_kernel_compiles_with_the_nvshmem_device_library(monkeypatch: py
     assert "ld.acquire.sys" in ptx  # the bounded wait on the signal
 
 
+def _put_path(num_ranks: int, kernel: Any) -> PutPath:
+    """A put path as the backend builds it (every peer through puts; the offsets are never
+    dereferenced here)."""
+    zeros = torch.zeros(num_ranks, dtype=torch.int32)
+    return PutPath(zeros, zeros, 1 << 20, 1 << 21, 1 << 19, kernel)
+
+
 @pytest.mark.parametrize("phase", list(Phase))
 def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
     phase: Phase, monkeypatch: pytest.MonkeyPatch
@@ -599,15 +606,7 @@ def test_low_latency_put_kernels_compile_with_the_nvshmem_device_library(
         (ll_combine_module.ll_combine_put_kernel, ll_combine_module.ll_combine_kernel,
          lambda put: _combine_launch(phase, num_ranks, monkeypatch, put=put)),
     ):  # fmt: skip
-        put = PutPath(
-            torch.zeros(num_ranks, dtype=torch.int32),
-            torch.zeros(num_ranks, dtype=torch.int32),
-            1 << 20,
-            1 << 21,
-            1 << 19,
-            kernel,
-        )
-        call = launch_of(put)
+        call = launch_of(_put_path(num_ranks, kernel))
         ptx = _compile(call, (("libnvshmem_device", device_library()),)).asm["ptx"]
         if phase & Phase.SEND:
             assert call[0] is kernel
@@ -629,13 +628,6 @@ def test_low_latency_dispatch_send_compiles_at_256_ranks(monkeypatch: pytest.Mon
 
     num_ranks = 256
     _compile(_dispatch_launch(Phase.SEND, True, False, False, 7168, num_ranks, monkeypatch))
-    put = PutPath(
-        torch.zeros(num_ranks, dtype=torch.int32),
-        torch.zeros(num_ranks, dtype=torch.int32),
-        1 << 20,
-        1 << 21,
-        1 << 19,
-        ll_dispatch_module.ll_dispatch_put_kernel,
-    )
+    put = _put_path(num_ranks, ll_dispatch_module.ll_dispatch_put_kernel)
     call = _dispatch_launch(Phase.SEND, True, False, False, 7168, num_ranks, monkeypatch, put=put)
     _compile(call, (("libnvshmem_device", device_library()),))
