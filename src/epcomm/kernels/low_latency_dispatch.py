@@ -33,7 +33,7 @@ numbers they expect before they arrive (the last program advances them after eve
 
 Put path (``ll_dispatch_put_kernel``, multi-node: ``PutPath``): the ranks of other nodes
 (``reach[r] == 0``) are reached by NVSHMEM puts (``kernels.puts``), the others by stores as above,
-and every flag is a uint64 (the sequence number in its low word; ``FLAG_STRIDE`` 2). The top-k rows
+and every flag is a uint64 (the sequence number in its low word; ``PUT_FLAG_STRIDE`` words apart). The top-k rows
 go to an area apart from the messages (``PutPath.topk``), for every peer. A send program writes each
 token's message once into this rank's outbox and its top-k row into its ``mine`` words, then puts
 the message (payload and scales only) to each destination of another node that holds one of the
