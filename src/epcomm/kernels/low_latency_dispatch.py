@@ -33,14 +33,16 @@ numbers they expect before they arrive (the last program advances them after eve
 
 Put path (``ll_dispatch_put_kernel``, multi-node: ``PutPath``): the ranks of other nodes
 (``reach[r] == 0``) are reached by NVSHMEM puts (``kernels.puts``), the others by stores as above,
-and every flag is a uint64 (the sequence number in its low word; ``PUT_FLAG_STRIDE`` words apart). The top-k rows
-go to an area apart from the messages (``PutPath.topk``), for every peer. A send program writes each
-token's message once into this rank's outbox and its top-k row into its ``mine`` words, then puts
-the message (payload and scales only) to each destination of another node that holds one of the
-token's experts, and completes its puts (quiet) before it arrives. The last program then puts, to
-each unmasked destination of another node, the call's top-k rows and the count, completes them,
-and puts the fingerprint with the sequence number as the signal (put-with-signal: the flag after
-the words). A receiver reads the top-k rows apart and finds the same messages as on the store path.
+and every flag is a uint64 (the sequence number in its low word; ``PUT_FLAG_STRIDE`` words apart).
+The top-k rows go to an area apart from the messages (``PutPath.topk``), for every peer. A send
+program writes each token's message once into this rank's outbox and its top-k row into its
+``mine`` words, then puts the message (payload and scales only) to each destination of another node
+that holds one of the token's experts, and completes its puts (quiet) before it arrives. The last
+program then puts, to each unmasked destination of another node, the call's top-k rows and the
+count, completes them, and puts the fingerprint with the sequence number as the signal
+(put-with-signal: the flag after the words). A receiver reads the top-k rows apart and finds the
+same messages as on the store path. The put path's receive launch is ``ll_dispatch_kernel`` with
+``PUT`` (it issues no put).
 """
 
 from __future__ import annotations
