@@ -289,7 +289,7 @@ def hierarchical_skipped_dispatch(
     timeouts. Returns what this rank raised, and when."""
     import time
 
-    from epcomm.errors import PeerTimeoutError
+    from epcomm.errors import PeerLostError, PeerTimeoutError
 
     timeout_s = 3.0
     settings = Settings(ranks_per_node=ranks_per_node, timeout_s=timeout_s)
@@ -308,10 +308,10 @@ def hierarchical_skipped_dispatch(
     start = time.monotonic()
     try:
         dispatch()
-    except PeerTimeoutError as error:
+    except (PeerTimeoutError, PeerLostError) as error:
         seconds = time.monotonic() - start
         # Stay until every rank has given up on its own: a rank that exits closes its connections,
         # and a peer still waiting for it would see a lost peer instead of its own timeout.
         time.sleep(2 * timeout_s)
-        return {"kind": "PeerTimeoutError", "message": str(error), "seconds": seconds}
+        return {"kind": type(error).__name__, "message": str(error), "seconds": seconds}
     return {"kind": None, "seconds": time.monotonic() - start}
