@@ -7,8 +7,9 @@ so any two versions compare; odd rounds run the trees in the other order. Per op
 0's device time per call (``GPU us``: busy time of the call's GPU activity under ``torch.profiler``,
 ``benchmarks/device_time.py``) for dispatch BF16 / FP8, cached dispatch and combine (prefill
 shape: 4096 tokens a rank, hidden 7168, top-8 of 256 experts, 24 SMs), and the CUDA-event time of
-a replayed CUDA graph for low-latency dispatch (FP8) and combine (BF16) at 128 tokens a rank. With ranks sharing the GPU their kernels
-time-slice: the numbers compare the two trees under the same conditions, they are not NVLink speed.
+a replayed CUDA graph for low-latency dispatch (FP8) and combine (BF16) at 128 tokens a rank. With
+ranks sharing the GPU their kernels time-slice: the numbers compare the two trees under the same
+conditions, they are not NVLink speed.
 
 Usage (repo root, GPU machine):
     mkdir -p /tmp/old && git archive OLD src | tar -x -C /tmp/old

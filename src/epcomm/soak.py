@@ -307,10 +307,6 @@ def _worker(pgi: ProcessGroupInfo, cfg: SoakConfig, launched_at: float) -> SoakR
     seconds = time.monotonic() - start
     for buffer in buffers:
         buffer.destroy()
-    # Ranks sharing a GPU map each other's buffers through CUDA IPC: a rank that exits while a peer
-    # still maps its buffer makes torch warn "Producer process has been terminated before all shared
-    # CUDA tensors released" (seen at 4 ranks). Every rank leaves once all have dropped theirs.
-    dist.barrier(group=pgi.group)
     return SoakReport(
         done, num_mismatches, mismatches, seconds, slowest_s, slowest_iteration, dict(phases.seconds)
     )

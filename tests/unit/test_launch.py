@@ -16,6 +16,7 @@ from epcomm.testing._selftest_workers import (
     raise_on_rank_worker,
     raise_then_finish_worker,
     sleep_worker,
+    still_running_worker,
 )
 
 
@@ -56,6 +57,14 @@ def test_allreduce_results_in_rank_order(world_size: int) -> None:
         assert r["payload"].numel() == numel
         if numel:
             assert float(r["payload"][0]) == rank
+    _assert_no_live_children()
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+def test_a_rank_that_finished_first_stays_until_every_rank_reported() -> None:
+    # Ranks on GPUs map each other's buffers through CUDA IPC: none may exit while a peer still works.
+    results = parallel_launch(2, still_running_worker, 1.5, backend="gloo", timeout_s=120)
+    assert results == [True, True]
     _assert_no_live_children()
 
 

@@ -73,6 +73,29 @@ def raise_then_finish_worker(pgi: ProcessGroupInfo, bad_rank: int, seconds: floa
     return pgi.rank
 
 
+def still_running_worker(pgi: ProcessGroupInfo, seconds: float) -> bool:
+    """Rank 0 returns at once; the others return after ``seconds`` whether rank 0's process is then
+    still running (Linux ``/proc``: neither gone nor a zombie).
+
+    Arguments:
+        pgi: This rank's process group info.
+        seconds: How long the other ranks work before they look.
+
+    Returns:
+        ``True`` on rank 0; elsewhere whether rank 0's process was still running.
+    """
+    pids: list[int] = [0] * pgi.world_size
+    dist.all_gather_object(pids, os.getpid(), group=pgi.group)
+    if pgi.rank == 0:
+        return True
+    time.sleep(seconds)
+    try:
+        state = Path(f"/proc/{pids[0]}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def _fail_deliberately(message: str) -> None:
     raise ValueError(message)
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import multiprocessing
 import multiprocessing.process
 import multiprocessing.queues
@@ -221,8 +222,16 @@ def _launch_child(
     timeout_s: float,
     blob: bytes,
     result_q: _Queue,
+    all_reported: Any,
 ) -> None:
-    """Entry point of a :func:`parallel_launch` child: init, run once, report, tear down."""
+    """Entry point of a :func:`parallel_launch` child: init, run once, report, wait until every rank
+    has reported (``all_reported``, a ``multiprocessing`` event, at most ``_JOIN_TIMEOUT_S``), tear down.
+
+    The wait is for ranks on GPUs: they map each other's buffers through CUDA IPC, and a rank that
+    exits while a peer still maps its buffer makes torch warn "Producer process has been terminated
+    before all shared CUDA tensors released". A rank reports after its worker returned and its
+    garbage is collected, so once every rank has reported none maps another's buffer.
+    """
     try:
         try:
             pgi = _child_init(rank, world_size, port, backend, timeout_s)
@@ -231,10 +240,12 @@ def _launch_child(
             return
         try:
             kind, payload = _child_call(pgi, blob)
+            gc.collect()
         except BaseException:
             result_q.put((0, rank, _ERROR, traceback.format_exc()))
             raise
         result_q.put((0, rank, kind, payload))
+        all_reported.wait(_JOIN_TIMEOUT_S)
     finally:
         _destroy_group()
 
@@ -418,8 +429,8 @@ def parallel_launch(
 
     Each child sets ``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` and
     ``LOCAL_WORLD_SIZE`` (and ``OMP_NUM_THREADS=1`` unless already set; the rest of the environment is
-    inherited unchanged), initializes the default group, runs the worker, sends back its return value and
-    destroys the group.
+    inherited unchanged), initializes the default group, runs the worker, sends back its return value and,
+    once every rank has sent its own (ranks on GPUs map each other's buffers), destroys the group.
 
     Arguments:
         world_size: Number of processes to start.
@@ -460,13 +471,14 @@ def parallel_launch(
     for attempt in range(_PORT_ATTEMPTS):
         port = find_free_port()
         result_q: _Queue = ctx.Queue()
+        all_reported = ctx.Event()
         procs: list[multiprocessing.process.BaseProcess] = []
         clean = False
         try:
             for rank in range(world_size):
                 p = ctx.Process(
                     target=_launch_child,
-                    args=(rank, world_size, port, resolved, timeout_s, blob, result_q),
+                    args=(rank, world_size, port, resolved, timeout_s, blob, result_q, all_reported),
                     name=f"epcomm-rank{rank}",
                     daemon=True,
                 )
@@ -474,6 +486,8 @@ def parallel_launch(
                 procs.append(p)
             outcome = _collect(result_q, procs, run_id=0, deadline=deadline, failure_grace_s=failure_grace_s)
             clean = not outcome.errors and not outcome.missing
+            if clean:
+                all_reported.set()
         finally:
             # Results are drained (by _collect) before joining: a child cannot exit before its message left
             # the queue's pipe. Finished children get time to exit on their own; others are killed.
